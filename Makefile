@@ -1,0 +1,55 @@
+# make demo / make test install what is missing (idempotent), then run.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := bubblewrap libseccomp2 python3 util-linux procps iproute2 curl
+
+.PHONY: setup system venv demo test lint unit containment bench clean
+
+setup: system venv
+
+system:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@id -u stockade >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent \
+	  --shell /usr/sbin/nologin stockade
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c 'import stockade, pyseccomp, sqlalchemy, alembic, pydantic'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: setup
+	@echo "== stockade doctor"; $(VENV)/bin/stockade doctor
+	@echo; echo "== stockade run examples/demo/job.yaml"
+	$(VENV)/bin/stockade run examples/demo/job.yaml --workspace examples/demo
+	@echo; echo "== stockade jobs"; $(VENV)/bin/stockade jobs --limit 5
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: setup lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+containment: setup
+	$(VENV)/bin/pytest -q tests/containment
+
+bench: setup
+	$(PY) benchmarks/job_start.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

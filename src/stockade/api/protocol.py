@@ -1,0 +1,96 @@
+"""Messages between a runner and the control plane, and the Protocol the control plane offers.
+
+``runner`` and ``control`` never import each other: both import these types only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DENIED = "denied"
+    ERROR = "error"
+
+
+class FailureReason(str, Enum):
+    """Why a job did not succeed (DESIGN.md: every arrow can fail)."""
+
+    SCRIPT_FAILURE = "script_failure"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    POLICY_DENIED = "policy_denied"
+    RUNNER_LOST = "runner_lost"
+    EGRESS_VIOLATION = "egress_violation"
+    IMAGE_UNVERIFIED = "image_unverified"
+    SECRET_UNAVAILABLE = "secret_unavailable"
+    SECRET_LEAK = "secret_leak"
+    CANCELED = "canceled"
+    SYSTEM_ERROR = "system_error"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A job handed to a runner: run attempt ``attempt`` of ``spec_json``."""
+
+    job_id: str
+    attempt: int
+    runner_id: str
+    spec_json: str
+    lease_expires_at: float
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """How one step ended: ``succeeded``, ``failed``, ``timed_out``, ``oom`` or ``canceled``."""
+
+    name: str
+    status: str
+    exit_code: int | None
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class ArtifactReport:
+    """An artifact stored under the state directory."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A runner's report of a finished attempt."""
+
+    job_id: str
+    attempt: int
+    runner_id: str
+    status: JobStatus
+    failure_reason: FailureReason | None
+    exit_code: int | None
+    steps: tuple[StepReport, ...]
+    artifacts: tuple[ArtifactReport, ...]
+    duration_s: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class ControlPlane(Protocol):
+    """What a runner may ask of the control plane."""
+
+    def claim(self, runner_id: str, labels: tuple[str, ...],
+              job_id: str | None = None) -> Assignment | None:
+        """Lease the next queued job this runner may take (or exactly ``job_id``)."""
+        ...
+
+    def complete(self, completion: Completion) -> bool:
+        """Record a finished attempt; False if the runner no longer holds the job."""
+        ...

@@ -1,0 +1,45 @@
+"""Audit event values and the hash chain over them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audit record: ``actor`` did ``action`` at ``at`` (epoch seconds) to ``job_id``."""
+
+    actor: str
+    action: str
+    at: float
+    job_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def canonical(self) -> str:
+        """The stable JSON form the hash covers."""
+        return json.dumps(
+            {"actor": self.actor, "action": self.action, "at": round(self.at, 6),
+             "job_id": self.job_id, "detail": self.detail},
+            sort_keys=True, separators=(",", ":"),
+        )
+
+
+def chain_hash(prev_hash: str, event: AuditEvent) -> str:
+    """The hash of ``event`` chained after the record whose hash is ``prev_hash``."""
+    return hashlib.sha256(f"{prev_hash}\n{event.canonical()}".encode()).hexdigest()
+
+
+def verify_chain(records: Iterable[tuple[AuditEvent, str, str]]) -> int | None:
+    """Check ``(event, prev_hash, hash)`` records in order; the index of the first bad one."""
+    expected_prev = GENESIS
+    for i, (event, prev, digest) in enumerate(records):
+        if prev != expected_prev or chain_hash(prev, event) != digest:
+            return i
+        expected_prev = digest
+    return None

@@ -1,0 +1,1 @@
+"""The ``stockade`` command: a thin shell over the packages; one module per subcommand."""

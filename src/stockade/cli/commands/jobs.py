@@ -1,0 +1,41 @@
+"""``stockade jobs``: the newest jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+HELP = "list recent jobs"
+DESCRIPTION = "List the newest jobs with their status, failure reason and duration."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``[--limit N] [--json]``."""
+    p.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
+    p.add_argument("--json", action="store_true", help="one JSON array on stdout")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the table."""
+    from stockade.cli.context import open_control
+
+    _, control = open_control()
+    rows = control.jobs(max(1, args.limit))
+    if args.json:
+        sys.stdout.write(json.dumps([
+            {"job_id": j.id, "name": j.name, "status": j.status,
+             "failure_reason": j.failure_reason, "created_at": j.created_at}
+            for j in rows]) + "\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("JOB", "NAME", "STATUS", "REASON", "CREATED", "DURATION", box=None)
+    for j in rows:
+        took = f"{j.finished_at - j.started_at:.1f}s" if j.finished_at and j.started_at else "-"
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created_at))
+        table.add_row(j.id, j.name, j.status, j.failure_reason or "", created, took)
+    Console().print(table) if rows else print("no jobs yet; run one with: stockade run job.yaml")
+    return 0

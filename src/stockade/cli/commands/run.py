@@ -1,0 +1,61 @@
+"""``stockade run FILE``: one job, end to end, through the embedded control plane."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+HELP = "run one job locally in a hardened sandbox"
+DESCRIPTION = """\
+Run the job spec FILE once, locally: it is admitted, queued, claimed by an in-process runner
+and executed in a fresh bubblewrap sandbox; the workspace (--workspace, default: the current
+directory) is copied into the sandbox, never mounted. Live logs go to stderr; with --json one
+JSON object with the result is printed on stdout at the end.
+
+Exit codes: 0 succeeded, 1 failed (script, timeout, oom, ...), 2 invalid spec or usage,
+3 denied by policy, 4 infrastructure error."""
+
+EXIT_BY_STATUS = {"succeeded": 0, "failed": 1, "denied": 3, "error": 4}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``FILE [--workspace DIR] [--json]``."""
+    p.add_argument("file", metavar="FILE", type=Path, help="the job spec (YAML)")
+    p.add_argument("--workspace", metavar="DIR", type=Path, default=None,
+                   help="directory copied to /workspace (default: current directory)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the job and report it."""
+    from stockade.cli.context import open_control
+    from stockade.errors import UsageError
+    from stockade.ids import new_runner_id
+    from stockade.runner import Runner
+    from stockade.sandbox import get_backend
+    from stockade.spec import load_spec
+
+    spec = load_spec(args.file)
+    workspace = (args.workspace or Path.cwd()).absolute()
+    if not workspace.is_dir():
+        raise UsageError(f"workspace {workspace} is not a directory",
+                         hint="pass --workspace DIR with an existing directory")
+    settings, control = open_control()
+    job = control.submit(spec)
+    if job.status == "queued":
+        runner = Runner(settings, get_backend("bwrap", settings), control,
+                        new_runner_id(f"local-{os.uname().nodename}"),
+                        live=sys.stderr.buffer)
+        runner.run_one(workspace, job_id=job.id)
+    view = control.view(job.id)
+    assert view is not None
+    result = view.result()
+    if job.status == "denied":
+        sys.stderr.write(f"stockade: job {job.id} denied ({job.failure_reason}): "
+                         f"{result.get('message', '')}\n")
+    if args.json:
+        sys.stdout.write(json.dumps(result, separators=(",", ":")) + "\n")
+    return EXIT_BY_STATUS.get(result["status"], 4)

@@ -1,0 +1,27 @@
+"""Opening the embedded control plane for commands that need it."""
+
+from __future__ import annotations
+
+import getpass
+
+from stockade.config import Settings, ensure_home, load_settings
+from stockade.control import ControlService, JobView
+from stockade.errors import UsageError
+from stockade.store.sqlite import SqliteStore
+
+
+def open_control() -> tuple[Settings, ControlService]:
+    """Settings, the state directory, and the control service over the embedded store."""
+    settings = load_settings()
+    ensure_home(settings)
+    store = SqliteStore(settings.db_path)
+    return settings, ControlService(store, actor=f"cli:{getpass.getuser()}")
+
+
+def require_job(control: ControlService, id_or_prefix: str) -> JobView:
+    """The job, or a UsageError naming the fix."""
+    view = control.view(id_or_prefix)
+    if view is None:
+        raise UsageError(f"no job matches {id_or_prefix!r} (or the prefix is ambiguous)",
+                         hint="list jobs with: stockade jobs")
+    return view

@@ -1,0 +1,71 @@
+"""Entry point: argument parsing, settings, and the one handler mapping errors to exit codes.
+
+Exit codes (stable): 0 job succeeded; 1 job failed; 2 invalid spec or usage; 3 denied by policy;
+4 infrastructure error (the sandbox could not start, the state directory is unusable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stockade import __version__
+from stockade.errors import StockadeError
+
+COMMANDS = {
+    "run": "stockade.cli.commands.run",
+    "jobs": "stockade.cli.commands.jobs",
+    "show": "stockade.cli.commands.show",
+    "logs": "stockade.cli.commands.logs",
+    "doctor": "stockade.cli.commands.doctor",
+}
+
+DESCRIPTION = """\
+stockade runs CI jobs in hardened, ephemeral sandboxes and records what they did.
+
+State lives in $STOCKADE_HOME (default ~/.local/share/stockade, mode 0700).
+Exit codes: 0 succeeded, 1 job failed, 2 invalid spec or usage, 3 denied by policy,
+4 infrastructure error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"stockade: error: {message}\nhint: stockade {{command}} --help\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line grammar; each command module adds its own arguments."""
+    parser = _Parser(prog="stockade", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"stockade {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(handler=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except StockadeError as e:
+        sys.stderr.write(f"stockade: {e.diagnostics()}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("stockade: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

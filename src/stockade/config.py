@@ -1,0 +1,118 @@
+"""Runner and control-plane settings: read once, passed down.
+
+Sources, later ones winning: built-in defaults, the TOML file (``$STOCKADE_CONFIG`` or
+``$STOCKADE_HOME/config.toml``), then ``STOCKADE_*`` variables. Only this module and the CLI
+read ``os.environ``. Job specs can never change these settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from stockade.errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of one stockade installation (state directory, caps, sandbox user)."""
+
+    home: Path
+    log_cap_bytes: int = 64 * MiB
+    sandbox_user: str = "stockade"
+    cgroup_name: str = "stockade"
+    runtime_dir: str = "/run/stockade"
+    artifact_max_file_bytes: int = 512 * MiB
+    artifact_max_total_bytes: int = 1024 * MiB
+
+    @property
+    def db_path(self) -> Path:
+        """The embedded SQLite database."""
+        return self.home / "stockade.db"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Where stored job logs live."""
+        return self.home / "logs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where collected artifacts live, one directory per job."""
+        return self.home / "artifacts"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Derived files (compiled seccomp filter, synthetic /etc)."""
+        return self.home / "cache"
+
+
+_ENV = {
+    "STOCKADE_LOG_CAP": "log_cap_bytes",
+    "STOCKADE_SANDBOX_USER": "sandbox_user",
+    "STOCKADE_CGROUP_NAME": "cgroup_name",
+    "STOCKADE_RUNTIME_DIR": "runtime_dir",
+    "STOCKADE_ARTIFACT_MAX_FILE": "artifact_max_file_bytes",
+    "STOCKADE_ARTIFACT_MAX_TOTAL": "artifact_max_total_bytes",
+}
+
+
+def default_home(environ: dict[str, str]) -> Path:
+    """``$STOCKADE_HOME`` or ``~/.local/share/stockade``."""
+    if environ.get("STOCKADE_HOME"):
+        return Path(environ["STOCKADE_HOME"]).absolute()
+    return Path(environ.get("HOME", "/root")) / ".local" / "share" / "stockade"
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, the TOML file and ``STOCKADE_*`` variables."""
+    env = dict(os.environ) if environ is None else environ
+    home = default_home(env)
+    settings = Settings(home=home)
+    path = Path(env["STOCKADE_CONFIG"]) if env.get("STOCKADE_CONFIG") else home / "config.toml"
+    if path.exists():
+        settings = _apply(settings, _read_toml(path), str(path))
+    overrides = {name: env[var] for var, name in _ENV.items() if env.get(var)}
+    return _apply(settings, overrides, "environment")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read settings: {e}", hint="fix or remove the file") from e
+
+
+def _apply(settings: Settings, values: dict[str, Any], source: str) -> Settings:
+    known = {f.name: f.type for f in fields(Settings) if f.name != "home"}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown setting {key!r}", hint=f"known settings: {', '.join(known)}"
+            )
+        if known[key] == "int":
+            try:
+                changes[key] = int(value)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{source}: {key} must be an integer, not {value!r}") from e
+        else:
+            changes[key] = str(value)
+    return replace(settings, **changes)
+
+
+def ensure_home(settings: Settings) -> None:
+    """Create the state directory tree, private to its owner (0700)."""
+    try:
+        for d in (settings.home, settings.logs_dir, settings.artifacts_dir, settings.cache_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(settings.home, 0o700)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create the state directory {settings.home}: {e.strerror}",
+            hint="set STOCKADE_HOME to a writable directory",
+        ) from e

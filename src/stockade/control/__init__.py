@@ -1,0 +1,10 @@
+"""The control plane core: admission, queue, leases and job state.
+
+:class:`~stockade.control.service.ControlService` is the only writer of job state. ``stockade
+run`` uses it in-process over the embedded SQLite store; ``stockade server`` will put the same
+service behind HTTP.
+"""
+
+from stockade.control.service import ControlService, JobView
+
+__all__ = ["ControlService", "JobView"]

@@ -1,0 +1,137 @@
+"""Admission, claiming and completion of jobs, each one transaction with its audit event."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from stockade.api.protocol import Assignment, Completion, FailureReason, JobStatus
+from stockade.audit import AuditEvent
+from stockade.ids import new_job_id
+from stockade.spec import JobSpec
+from stockade.store.interface import ArtifactRow, JobRow, StepRow, Store
+
+LEASE_GRACE_S = 300.0
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job with its steps and artifacts, as ``show`` and ``--json`` present it."""
+
+    job: JobRow
+    steps: list[StepRow]
+    artifacts: list[ArtifactRow]
+
+    def result(self) -> dict[str, Any]:
+        """The result object of the CLI contract."""
+        extra = json.loads(self.job.result_json) if self.job.result_json else {}
+        return {
+            "job_id": self.job.id,
+            "name": self.job.name,
+            "status": self.job.status,
+            "failure_reason": self.job.failure_reason,
+            "exit_code": self.job.exit_code,
+            "attempt": self.job.attempt,
+            "steps": [{"name": s.name, "status": s.status, "exit_code": s.exit_code,
+                       "duration_s": round(s.duration_s, 3)} for s in self.steps],
+            "artifacts": [{"path": a.path, "sha256": a.sha256, "size": a.size}
+                          for a in self.artifacts],
+            "egress": {"allowed": [], "denied": []},
+            "duration_s": extra.get("duration_s"),
+            "created_at": self.job.created_at,
+            **{k: v for k, v in extra.items() if k != "duration_s"},
+        }
+
+
+class ControlService:
+    """The control plane over a :class:`~stockade.store.interface.Store`."""
+
+    def __init__(self, store: Store, actor: str, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.actor = actor
+        self.clock = clock
+
+    def _event(self, action: str, job_id: str, actor: str | None = None,
+               **detail: Any) -> AuditEvent:
+        return AuditEvent(actor or self.actor, action, self.clock(), job_id, detail)
+
+    def submit(self, spec: JobSpec) -> JobRow:
+        """Admit ``spec`` (queued) or deny it (denied, with the reason); return the job."""
+        now = self.clock()
+        job_id = new_job_id()
+        reason, message = self._admission(spec)
+        status = JobStatus.DENIED if reason else JobStatus.QUEUED
+        extra = json.dumps({"message": message}) if message else None
+        job = JobRow(
+            id=job_id, name=spec.name, spec_json=spec.model_dump_json(),
+            labels_json=json.dumps(list(spec.labels)), status=status.value,
+            failure_reason=reason.value if reason else None, exit_code=None, attempt=0,
+            runner_id=None, lease_expires_at=None, created_at=now, started_at=None,
+            finished_at=now if reason else None, result_json=extra,
+        )
+        action = "job.denied" if reason else "job.admitted"
+        detail = {"name": spec.name, **({"reason": reason.value, "message": message}
+                                        if reason else {})}
+        self.store.insert_job(job, self._event(action, job_id, **detail))
+        return job
+
+    def _admission(self, spec: JobSpec) -> tuple[FailureReason | None, str]:
+        if spec.secrets:
+            return (FailureReason.SECRET_UNAVAILABLE,
+                    f"secrets {', '.join(spec.secrets)} were requested but no secret broker "
+                    "is configured on this installation")
+        return None, ""
+
+    def claim(self, runner_id: str, labels: tuple[str, ...],
+              job_id: str | None = None) -> Assignment | None:
+        """Lease the oldest queued job whose labels this runner has (or exactly ``job_id``)."""
+
+        def eligible(job: JobRow) -> bool:
+            if job_id is not None:
+                return job.id == job_id
+            return set(json.loads(job.labels_json)) <= set(labels)
+
+        def event(job: JobRow) -> AuditEvent:
+            return self._event("job.claimed", job.id, actor=f"runner:{runner_id}",
+                               attempt=job.attempt)
+
+        job = self.store.claim_next(runner_id, self.clock() + LEASE_GRACE_S, event, eligible)
+        if job is None:
+            return None
+        spec_timeout = JobSpec.model_validate_json(job.spec_json).timeout
+        return Assignment(job.id, job.attempt, runner_id, job.spec_json,
+                          (job.lease_expires_at or 0) + spec_timeout)
+
+    def complete(self, c: Completion) -> bool:
+        """Record a runner's outcome of an attempt it still holds."""
+        changes = {
+            "status": c.status.value,
+            "failure_reason": c.failure_reason.value if c.failure_reason else None,
+            "exit_code": c.exit_code, "finished_at": self.clock(), "lease_expires_at": None,
+            "result_json": json.dumps({"duration_s": round(c.duration_s, 3), **c.details}),
+        }
+        steps = [StepRow(i, s.name, s.status, s.exit_code, s.duration_s)
+                 for i, s in enumerate(c.steps)]
+        artifacts = [ArtifactRow(a.path, a.sha256, a.size) for a in c.artifacts]
+        event = self._event(f"job.{c.status.value}", c.job_id, actor=f"runner:{c.runner_id}",
+                            attempt=c.attempt, failure_reason=changes["failure_reason"],
+                            exit_code=c.exit_code)
+        return self.store.finish_job(c.job_id, c.runner_id, changes, steps, artifacts, event)
+
+    def view(self, id_or_prefix: str) -> JobView | None:
+        """A job by id or unique prefix, with steps and artifacts."""
+        job = self.store.get_job(id_or_prefix)
+        if job is None:
+            return None
+        return JobView(job, self.store.job_steps(job.id), self.store.job_artifacts(job.id))
+
+    def audit_trail(self, job_id: str) -> list[AuditEvent]:
+        """The audit events of one job, oldest first."""
+        return [event for event, _, _ in self.store.audit_records(job_id)]
+
+    def jobs(self, limit: int = 20) -> list[JobRow]:
+        """The newest jobs."""
+        return self.store.list_jobs(limit)

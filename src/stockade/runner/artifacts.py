@@ -1,0 +1,92 @@
+"""Collecting artifacts from a finished job's workspace: globs, no symlinks, size caps, sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from stockade.api.protocol import ArtifactReport
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What was stored and what was refused (with the reason)."""
+
+    stored: list[ArtifactReport]
+    refused: list[str]
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """``dist/**`` style globs: ``*``/``?`` stay within a path segment, ``**`` spans segments.
+
+    A pattern ending in ``/`` or naming a directory selects everything below it.
+    """
+    pattern = pattern.strip("/") if pattern.endswith("/") else pattern
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(f"^{out}(?:/.*)?$", re.DOTALL)
+
+
+def collect(workspace: Path, patterns: tuple[str, ...], dest: Path,
+            max_file: int, max_total: int) -> Collected:
+    """Copy the regular files of ``workspace`` matching ``patterns`` into ``dest``."""
+    if not patterns:
+        return Collected([], [])
+    regexes = [glob_regex(p) for p in patterns]
+    stored: list[ArtifactReport] = []
+    refused: list[str] = []
+    total = 0
+    for rel in _walk(workspace):
+        if not any(r.match(rel) for r in regexes):
+            continue
+        src = workspace / rel
+        mode = os.lstat(src).st_mode
+        if stat.S_ISLNK(mode):
+            refused.append(f"{rel}: is a symlink; artifacts are never followed out of the workspace")
+            continue
+        if not stat.S_ISREG(mode):
+            continue
+        size = os.lstat(src).st_size
+        if size > max_file or total + size > max_total:
+            refused.append(f"{rel}: {size} bytes exceeds the artifact size cap")
+            continue
+        stored.append(_copy(src, dest / rel, rel))
+        total += size
+    return Collected(stored, refused)
+
+
+def _walk(root: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
+    return sorted(found)
+
+
+def _copy(src: Path, dst: Path, rel: str) -> ArtifactReport:
+    dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(1024 * 1024):
+            digest.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+    os.chmod(dst, 0o600)
+    return ArtifactReport(rel, digest.hexdigest(), size)

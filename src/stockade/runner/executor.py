@@ -1,0 +1,176 @@
+"""Running one claimed job: prepare, steps, artifacts, teardown, report."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from stockade.api.protocol import (
+    Assignment,
+    Completion,
+    ControlPlane,
+    FailureReason,
+    JobStatus,
+    StepReport,
+)
+from stockade.config import Settings
+from stockade.errors import StockadeError, UsageError
+from stockade.runner.artifacts import collect
+from stockade.runner.logs import JobLog
+from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExit, StepRun
+from stockade.spec import JobSpec
+from stockade.spec.units import format_size
+
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def step_env(spec: JobSpec, job_id: str, attempt: int, step: str) -> dict[str, str]:
+    """The whole environment of a step: documented CI/STOCKADE_* variables and the spec's env."""
+    return {
+        **spec.env,
+        "CI": "true",
+        "STOCKADE": "true",
+        "STOCKADE_JOB_ID": job_id,
+        "STOCKADE_JOB_NAME": spec.name,
+        "STOCKADE_ATTEMPT": str(attempt),
+        "STOCKADE_STEP": step,
+        "STOCKADE_WORKSPACE": "/workspace",
+        "HOME": "/tmp",
+        "TMPDIR": "/tmp",
+        "USER": "ci",
+        "LOGNAME": "ci",
+        "LANG": "C.UTF-8",
+        "PATH": BASE_PATH,
+    }
+
+
+class Runner:
+    """An in-process runner that executes jobs it claims from a control plane."""
+
+    def __init__(self, settings: Settings, backend: Backend, control: ControlPlane,
+                 runner_id: str, labels: tuple[str, ...] = (),
+                 live: BinaryIO | None = None) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.control = control
+        self.runner_id = runner_id
+        self.labels = labels
+        self.live = live
+
+    def run_one(self, workspace: Path | None, job_id: str | None = None) -> Completion | None:
+        """Claim one job (``job_id`` if given), execute it, report it; None if none was queued."""
+        assignment = self.control.claim(self.runner_id, self.labels, job_id)
+        if assignment is None:
+            return None
+        completion = self.execute(assignment, workspace)
+        if not self.control.complete(completion):
+            raise StockadeError(f"job {assignment.job_id} is no longer leased to this runner")
+        return completion
+
+    def execute(self, a: Assignment, workspace: Path | None) -> Completion:
+        """Run the assignment end to end; every failure becomes a reason, never an exception."""
+        spec = JobSpec.model_validate_json(a.spec_json)
+        started = time.monotonic()
+        log = JobLog(self.settings.logs_dir / f"{a.job_id}.log", self.settings.log_cap_bytes,
+                     self.live)
+        details: dict[str, Any] = {"runner_id": self.runner_id, "sandbox": self.backend.name}
+        steps: list[StepReport] = []
+        artifacts = []
+        status, reason, exit_code = JobStatus.SUCCEEDED, None, 0
+        sandbox: Sandbox | None = None
+        try:
+            log.note(f"job {spec.name} ({a.job_id}) attempt {a.attempt} on {self.runner_id}")
+            sandbox = self.backend.prepare(self._request(spec, a, workspace))
+            status, reason, exit_code = self._run_steps(spec, a, sandbox, log, steps, started)
+            collected = collect(sandbox.workspace, spec.artifacts,
+                                self.settings.artifacts_dir / a.job_id,
+                                self.settings.artifact_max_file_bytes,
+                                self.settings.artifact_max_total_bytes)
+            artifacts = collected.stored
+            for problem in collected.refused:
+                log.note(f"artifact refused: {problem}")
+            if collected.refused:
+                details["artifacts_refused"] = collected.refused
+            details["memory_peak_bytes"] = sandbox.memory_peak()
+        except KeyboardInterrupt:
+            status, reason, exit_code = JobStatus.FAILED, FailureReason.CANCELED, None
+            log.note("canceled by the user")
+        except UsageError as e:
+            status, reason, exit_code = JobStatus.ERROR, FailureReason.SYSTEM_ERROR, None
+            details["error"] = e.diagnostics()
+            log.note(f"error: {e.diagnostics()}")
+        except StockadeError as e:
+            status, reason, exit_code = JobStatus.ERROR, FailureReason.SYSTEM_ERROR, None
+            details["error"] = e.diagnostics()
+            log.note(f"sandbox error: {e.diagnostics()}")
+        finally:
+            if sandbox is not None:
+                leftovers = sandbox.teardown()
+                if leftovers:
+                    details["leftovers"] = leftovers
+                    for item in leftovers:
+                        log.note(f"TEARDOWN FAILED: {item}")
+                    status, reason = JobStatus.ERROR, FailureReason.SYSTEM_ERROR
+        duration = time.monotonic() - started
+        self._summary(log, spec, status, reason, steps, artifacts, duration)
+        details["log_truncated"] = log.dropped > 0
+        log.close()
+        return Completion(a.job_id, a.attempt, self.runner_id, status, reason, exit_code,
+                          tuple(steps), tuple(artifacts), duration, details)
+
+    def _request(self, spec: JobSpec, a: Assignment, workspace: Path | None) -> SandboxRequest:
+        r = spec.resources
+        return SandboxRequest(job_id=a.job_id, cpus=r.cpus, memory_bytes=r.memory, pids=r.pids,
+                              tmp_bytes=r.tmp, workspace_bytes=r.workspace,
+                              workspace_src=workspace)
+
+    def _run_steps(self, spec: JobSpec, a: Assignment, sandbox: Sandbox, log: JobLog,
+                   steps: list[StepReport], started: float
+                   ) -> tuple[JobStatus, FailureReason | None, int | None]:
+        deadline = started + spec.timeout
+        for step in spec.steps:
+            remaining = deadline - time.monotonic()
+            timeout = min(step.timeout or math.inf, remaining)
+            log.note(f"step {step.name}")
+            exit = sandbox.run(StepRun(step.name, step.run,
+                                       step_env(spec, a.job_id, a.attempt, step.name),
+                                       max(timeout, 0.0)), log.output)
+            log.flush_partial()
+            step_status, reason = _classify(exit)
+            steps.append(StepReport(step.name, step_status, exit.exit_code, exit.duration_s))
+            if reason is not None:
+                log.note(_explain(step.name, exit, reason, timeout, spec))
+                return JobStatus.FAILED, reason, exit.exit_code
+            log.note(f"step {step.name} succeeded in {exit.duration_s:.2f}s")
+        return JobStatus.SUCCEEDED, None, 0
+
+    def _summary(self, log: JobLog, spec: JobSpec, status: JobStatus,
+                 reason: FailureReason | None, steps: list[StepReport],
+                 artifacts: list[Any], duration: float) -> None:
+        outcome = status.value + (f" ({reason.value})" if reason else "")
+        log.note(f"job {spec.name}: {outcome} in {duration:.2f}s, "
+                 f"{len(steps)}/{len(spec.steps)} steps run, {len(artifacts)} artifacts")
+        for art in artifacts:
+            log.note(f"artifact {art.path} {format_size(art.size)} sha256:{art.sha256[:16]}…")
+
+
+def _classify(exit: StepExit) -> tuple[str, FailureReason | None]:
+    if exit.oom_killed and exit.exit_code != 0:
+        return "oom", FailureReason.OOM
+    if exit.timed_out:
+        return "timed_out", FailureReason.TIMEOUT
+    if exit.exit_code != 0:
+        return "failed", FailureReason.SCRIPT_FAILURE
+    return "succeeded", None
+
+
+def _explain(name: str, exit: StepExit, reason: FailureReason, timeout: float,
+             spec: JobSpec) -> str:
+    if reason is FailureReason.OOM:
+        return (f"step {name} was killed: out of memory (limit "
+                f"{format_size(spec.resources.memory)}, /tmp and /workspace count against it)")
+    if reason is FailureReason.TIMEOUT:
+        return f"step {name} timed out after {timeout:.0f}s; all its processes were killed"
+    return f"step {name} failed with exit code {exit.exit_code}"

@@ -1,0 +1,280 @@
+"""The bubblewrap backend: one hardened ``bwrap`` per step inside one per-job cgroup.
+
+Per job the runner (root) creates ``<runtime>/<job>/`` with two size-limited tmpfs mounts owned
+by the sandbox user (``ws`` → ``/workspace``, ``tmp`` → ``/tmp``; both persist across steps and
+count against the job's memory limit) and the job's cgroup. Per step it starts bwrap as the
+unprivileged sandbox user, which enters the cgroup first (see ``cgroups.py``). Inside: fresh
+user/pid/net/ipc/uts/mount/cgroup namespaces, uid 1000, no capabilities, no_new_privs, the
+seccomp filter, read-only root (host ``/usr`` + synthetic ``/etc``), a fresh ``/proc``, a
+minimal read-only ``/dev``. When the step's shell exits, its pid namespace dies with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import select
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from stockade.config import Settings
+from stockade.errors import SandboxError
+from stockade.sandbox import mounts, rootfs, seccomp
+from stockade.sandbox.cgroups import JobCgroup, Limits
+from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, StepExit, StepRun
+from stockade.sandbox.workspace import copy_workspace
+
+SCRIPT_PATH = "/run/stockade/step.sh"
+SHM_BYTES = 64 * 1024 * 1024
+
+
+class BwrapBackend:
+    """Prepares bubblewrap sandboxes; cheap to construct, heavy work happens once, lazily."""
+
+    name = "bwrap"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime_dir = Path(settings.runtime_dir)
+        self._bpf: bytes | None = None
+        self._etc: Path | None = None
+
+    def bwrap_path(self) -> str:
+        """The bwrap binary; SandboxError if it is not installed."""
+        path = shutil.which("bwrap", path="/usr/bin:/usr/local/bin:/bin")
+        if not path:
+            raise SandboxError("bubblewrap (bwrap) is not installed",
+                               hint="apt-get install bubblewrap, or run make demo")
+        return path
+
+    def sandbox_user(self) -> pwd.struct_passwd:
+        """The unprivileged host account the sandboxes run as."""
+        try:
+            user = pwd.getpwnam(self.settings.sandbox_user)
+        except KeyError:
+            raise SandboxError(
+                f"the sandbox user {self.settings.sandbox_user!r} does not exist",
+                hint="useradd --system --no-create-home --shell /usr/sbin/nologin stockade "
+                "(make demo does this)",
+            ) from None
+        if user.pw_uid == 0:
+            raise SandboxError("the sandbox user must not be root",
+                               hint="set sandbox_user to an unprivileged account")
+        return user
+
+    def seccomp_bpf(self) -> bytes:
+        """The compiled seccomp filter (cached)."""
+        if self._bpf is None:
+            self._bpf = seccomp.load_bpf(self.settings.cache_dir)
+        return self._bpf
+
+    def etc_dir(self) -> Path:
+        """The synthetic /etc (built once)."""
+        if self._etc is None:
+            self._ensure_runtime_dir()
+            self._etc = rootfs.synthetic_etc(self.runtime_dir)
+        return self._etc
+
+    def _ensure_runtime_dir(self) -> None:
+        try:
+            self.runtime_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+            os.chmod(self.runtime_dir, 0o711)
+        except OSError as e:
+            raise SandboxError(f"cannot create {self.runtime_dir}: {e.strerror}",
+                               hint="run stockade as root or set STOCKADE_RUNTIME_DIR") from e
+
+    def check(self) -> list[Finding]:
+        """Host checks for ``stockade doctor`` (see ``checks.py``)."""
+        from stockade.sandbox.checks import check_host
+
+        return check_host(self)
+
+    def prepare(self, request: SandboxRequest) -> BwrapSandbox:
+        """Create the job's tmpfs mounts, workspace copy and cgroup."""
+        if os.geteuid() != 0:
+            raise SandboxError(
+                "stockade must run as root to confine jobs (cgroup limits, unprivileged "
+                "sandbox user)", hint="run it with sudo, or see stockade doctor")
+        sandbox = BwrapSandbox(self, request, self.sandbox_user(), self.bwrap_path())
+        try:
+            sandbox.setup()
+        except BaseException:
+            sandbox.teardown()
+            raise
+        return sandbox
+
+
+class BwrapSandbox:
+    """One job's prepared bubblewrap sandbox."""
+
+    def __init__(self, backend: BwrapBackend, request: SandboxRequest,
+                 user: pwd.struct_passwd, bwrap: str) -> None:
+        self.backend = backend
+        self.request = request
+        self.user = user
+        self.bwrap = bwrap
+        self.job_dir = backend.runtime_dir / request.job_id
+        self.cgroup = JobCgroup(request.job_id, backend.settings.cgroup_name)
+        self._mounted: list[Path] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._killed = False
+        self._shell = ["/usr/bin/bash", "-e", "-o", "pipefail"] if Path(
+            "/usr/bin/bash").exists() else ["/bin/sh", "-e"]
+
+    @property
+    def workspace(self) -> Path:
+        """The host path of the job's workspace tmpfs."""
+        return self.job_dir / "ws"
+
+    def setup(self) -> None:
+        """Mount the tmpfs, copy the workspace, create the cgroup."""
+        r = self.request
+        self.backend.etc_dir()
+        try:
+            self.job_dir.mkdir(mode=0o711)
+            for name, size in (("ws", r.workspace_bytes), ("tmp", r.tmp_bytes)):
+                point = self.job_dir / name
+                point.mkdir(mode=0o700)
+                mounts.mount_tmpfs(point, size, self.user.pw_uid, self.user.pw_gid)
+                self._mounted.append(point)
+        except OSError as e:
+            raise SandboxError(f"cannot prepare {self.job_dir}: {e}",
+                               hint="run stockade as root; see stockade doctor") from e
+        if r.workspace_src is not None:
+            copy_workspace(r.workspace_src, self.workspace, self.user.pw_uid, self.user.pw_gid,
+                           r.workspace_bytes)
+        self.cgroup.create(Limits(memory_bytes=r.memory_bytes, pids=r.pids, cpus=r.cpus))
+
+    def argv(self, seccomp_fd: int, script_fd: int, status_fd: int) -> list[str]:
+        """The bwrap command line of one step (no secrets ever go here)."""
+        etc = self.backend.etc_dir()
+        return [
+            self.bwrap,
+            "--unshare-all", "--unshare-user", "--disable-userns",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--uid", str(rootfs.JOB_UID), "--gid", str(rootfs.JOB_GID),
+            "--hostname", self.request.job_id,
+            "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+            "--ro-bind", str(etc), "/etc",
+            "--proc", "/proc",
+            "--dev", "/dev", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
+            "--remount-ro", "/dev",
+            "--bind", str(self.workspace), "/workspace",
+            "--bind", str(self.job_dir / "tmp"), "/tmp",
+            "--ro-bind-data", str(script_fd), SCRIPT_PATH,
+            "--remount-ro", "/",
+            "--chdir", "/workspace",
+            "--json-status-fd", str(status_fd),
+            "--seccomp", str(seccomp_fd),
+            "--", *self._shell, SCRIPT_PATH,
+        ]
+
+    def run(self, step: StepRun, sink: OutputSink) -> StepExit:
+        """Run one step to completion or to its timeout, streaming output to ``sink``."""
+        start = time.monotonic()
+        self._killed = False
+        ooms_before = self.cgroup.oom_kills()
+        seccomp_fd = _memfd("seccomp", self.backend.seccomp_bpf())
+        script_fd = _memfd("script", step.script.encode())
+        status_r, status_w = os.pipe()
+        procs_fds = self.cgroup.procs_fds()
+
+        def enter_cgroup() -> None:
+            for fd in procs_fds:  # runs as the sandbox user; the fds were opened by root
+                os.write(fd, b"0")
+
+        try:
+            self._proc = subprocess.Popen(
+                self.argv(seccomp_fd, script_fd, status_w), env=dict(step.env),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[],
+                pass_fds=(seccomp_fd, script_fd, status_w), preexec_fn=enter_cgroup,
+                start_new_session=True, cwd="/",
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SandboxError(f"cannot start bwrap: {e}") from e
+        finally:
+            for fd in (seccomp_fd, script_fd, status_w):
+                os.close(fd)
+        assert self._proc.stdout is not None
+        timed_out = self._pump(self._proc.stdout.fileno(), sink, start + step.timeout)
+        self._proc.stdout.close()
+        returncode = self._proc.wait()
+        status = _read_status(status_r)
+        if "child-pid" not in status and not (timed_out or self._killed):
+            raise SandboxError(f"bwrap could not start the step (exit {returncode}); "
+                               "see the log above", hint="run stockade doctor")
+        oom = self.cgroup.oom_kills() > ooms_before
+        code = status.get("exit-code")
+        return StepExit(exit_code=None if (timed_out or self._killed or code is None) else code,
+                        timed_out=timed_out, oom_killed=oom,
+                        duration_s=time.monotonic() - start)
+
+    def _pump(self, fd: int, sink: OutputSink, deadline: float) -> bool:
+        """Copy output to ``sink`` until EOF; kill the job at ``deadline``. True if it timed out."""
+        timed_out = False
+        while True:
+            wait = None if timed_out else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([fd], [], [], wait)
+            if not ready:
+                timed_out = True
+                self.kill()
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return timed_out
+            sink(chunk)
+
+    def kill(self) -> None:
+        """Kill every process of the job: the cgroup first, then bwrap itself."""
+        self._killed = True
+        self.cgroup.kill_all()
+        if self._proc and self._proc.poll() is None:
+            self._proc.kill()
+
+    def memory_peak(self) -> int:
+        """The job's peak memory use (bytes)."""
+        return self.cgroup.memory_peak()
+
+    def teardown(self) -> list[str]:
+        """Kill, unmount, remove; verify nothing of the job is left and report what is."""
+        leftovers = self.cgroup.remove()
+        for point in reversed(self._mounted):
+            try:
+                mounts.unmount(point)
+            except OSError as e:
+                leftovers.append(f"cannot unmount {point}: {e.strerror}")
+        self._mounted = []
+        leftovers += [f"mount left behind: {m}" for m in mounts.mounts_under(self.job_dir)]
+        if not leftovers:
+            shutil.rmtree(self.job_dir, ignore_errors=True)
+            if self.job_dir.exists():
+                leftovers.append(f"directory left behind: {self.job_dir}")
+        return leftovers
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read_status(fd: int) -> dict[str, int]:
+    """Merge bwrap's JSON status documents (``child-pid``, then ``exit-code``)."""
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read()
+    status: dict[str, int] = {}
+    for line in raw.decode(errors="replace").splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            status.update({k: v for k, v in doc.items() if isinstance(v, int)})
+    return status

@@ -1,0 +1,213 @@
+"""Per-job cgroups on cgroup v2 and on the v1/hybrid layout: limits, OOM count, kill, removal.
+
+The runner (root) creates ``<root>/<controller>/stockade/<job>`` (v1) or
+``<root>/stockade/<job>`` (v2), writes the limits, and opens each ``cgroup.procs`` for writing.
+The sandbox launcher, already running as the unprivileged sandbox user, writes ``0`` to those
+open files to enter the cgroup before it executes bwrap: the kernel checks the credentials of
+whoever opened the file, so the job's processes never need write access to any cgroup file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stockade.errors import SandboxError
+
+ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a job's cgroup enforces."""
+
+    memory_bytes: int
+    pids: int
+    cpus: float
+
+
+def layout(root: Path = ROOT) -> str:
+    """``v2`` (unified), ``v1`` (legacy or hybrid with v1 controllers) or ``none``."""
+    if (root / "cgroup.controllers").exists():
+        return "v2"
+    if all((root / c / "cgroup.procs").exists() for c in ("memory", "pids", "cpu")):
+        return "v1"
+    return "none"
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read_procs(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _rmdir(path: Path, deadline: float) -> None:
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+class JobCgroup:
+    """The cgroup(s) of one job; call :meth:`remove` when the job is over."""
+
+    def __init__(self, name: str, parent: str, root: Path = ROOT) -> None:
+        self.layout = layout(root)
+        if self.layout == "none":
+            raise SandboxError(
+                "no usable cgroup hierarchy: memory, pids and cpu controllers are missing",
+                hint="mount cgroup v2 at /sys/fs/cgroup or the v1 controllers under it",
+            )
+        self.root = root
+        if self.layout == "v1":
+            self.dirs = {c: root / c / parent / name for c in V1_CONTROLLERS if (root / c).is_dir()}
+        else:
+            self.dirs = {"unified": root / parent / name}
+        self.parent = parent
+        self._procs_fds: list[int] = []
+
+    @property
+    def _main(self) -> Path:
+        return self.dirs["memory" if self.layout == "v1" else "unified"]
+
+    def create(self, limits: Limits) -> None:
+        """Make the directories, write the limits and open the ``cgroup.procs`` files."""
+        try:
+            if self.layout == "v2":
+                self._enable_v2_controllers()
+            for d in self.dirs.values():
+                d.parent.mkdir(exist_ok=True)
+                d.mkdir()
+            self._write_limits(limits)
+            self._procs_fds = [os.open(d / "cgroup.procs", os.O_WRONLY) for d in self.dirs.values()]
+        except OSError as e:
+            self.remove()
+            raise SandboxError(
+                f"cannot set up the job cgroup {self._main}: {e.strerror}",
+                hint="run stockade as root on a host with the memory, pids and cpu controllers",
+            ) from e
+
+    def _enable_v2_controllers(self) -> None:
+        wanted = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+        _write(self.root / "cgroup.subtree_control", wanted)
+        parent = self.root / self.parent
+        parent.mkdir(exist_ok=True)
+        _write(parent / "cgroup.subtree_control", wanted)
+
+    def _write_limits(self, limits: Limits) -> None:
+        quota = max(1000, int(limits.cpus * CPU_PERIOD_US))
+        if self.layout == "v1":
+            mem = self.dirs["memory"]
+            _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+            if (mem / "memory.memsw.limit_in_bytes").exists():
+                _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+            _write(self.dirs["pids"] / "pids.max", str(limits.pids))
+            _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+        else:
+            d = self.dirs["unified"]
+            _write(d / "memory.max", str(limits.memory_bytes))
+            if (d / "memory.swap.max").exists():
+                _write(d / "memory.swap.max", "0")
+            _write(d / "pids.max", str(limits.pids))
+            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+
+    @property
+    def swap_limited(self) -> bool:
+        """Whether swap is limited too (v1 needs ``swapaccount=1``)."""
+        if self.layout == "v1":
+            return (self.dirs["memory"] / "memory.memsw.limit_in_bytes").exists()
+        return (self.dirs["unified"] / "memory.swap.max").exists()
+
+    def procs_fds(self) -> list[int]:
+        """Open ``cgroup.procs`` files; writing ``0`` to each moves the writer into the job."""
+        return list(self._procs_fds)
+
+    def pids(self) -> list[int]:
+        """The processes currently in the job's cgroup."""
+        return _read_procs(self._main / "cgroup.procs")
+
+    def oom_kills(self) -> int:
+        """How many processes of the job the kernel's OOM killer has killed so far."""
+        name = "memory.oom_control" if self.layout == "v1" else "memory.events"
+        try:
+            for line in (self._main / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except FileNotFoundError:
+            pass
+        return 0
+
+    def memory_peak(self) -> int:
+        """The job's peak memory use in bytes (0 if the kernel does not report it)."""
+        name = "memory.max_usage_in_bytes" if self.layout == "v1" else "memory.peak"
+        try:
+            return int((self._main / name).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def kill_all(self, timeout: float = 5.0) -> bool:
+        """SIGKILL every process of the job; True once the cgroup is empty."""
+        deadline = time.monotonic() + timeout
+        while self.pids():
+            if time.monotonic() > deadline:
+                return False
+            if self.layout == "v2":
+                _write(self._main / "cgroup.kill", "1")
+            else:
+                self._freeze_and_kill()
+            time.sleep(0.002)
+        return True
+
+    def _freeze_and_kill(self) -> None:
+        freezer = self.dirs.get("freezer")
+        if freezer:  # frozen processes cannot fork while we kill them
+            _write(freezer / "freezer.state", "FROZEN")
+        for pid in self.pids():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        if freezer:
+            _write(freezer / "freezer.state", "THAWED")
+
+    def remove(self) -> list[str]:
+        """Close the open files, kill what is left and remove the directories; return leftovers."""
+        for fd in self._procs_fds:
+            os.close(fd)
+        self._procs_fds = []
+        leftovers = []
+        try:
+            if self._main.exists() and not self.kill_all():
+                leftovers.append(f"processes still in {self._main}: {self.pids()}")
+        except OSError as e:
+            leftovers.append(f"cannot kill the processes in {self._main}: {e.strerror}")
+        deadline = time.monotonic() + 5
+        for d in self.dirs.values():
+            try:
+                _rmdir(d, deadline)
+            except OSError as e:
+                leftovers.append(f"cgroup {d} not removed: {e.strerror}")
+        return leftovers

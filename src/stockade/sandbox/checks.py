@@ -1,0 +1,158 @@
+"""Host checks for ``stockade doctor``: what the hardening baseline needs and what is active.
+
+The last check runs a real probe job through the backend and asserts, from inside the sandbox,
+that the controls are in force (uid, capabilities, no_new_privs, seccomp, namespaces, limits).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stockade.errors import StockadeError
+from stockade.sandbox import cgroups, seccomp
+from stockade.sandbox.interface import Finding, SandboxRequest, StepRun
+
+if TYPE_CHECKING:
+    from stockade.sandbox.bwrap import BwrapBackend
+
+PROBE_SCRIPT = r"""
+fail() { echo "PROBE-FAIL $*"; exit 1; }
+[ "$(id -u)" = 1000 ] || fail "uid is $(id -u), not 1000"
+grep -q '^CapEff:[[:space:]]*0000000000000000$' /proc/self/status || fail "capabilities left"
+grep -q '^NoNewPrivs:[[:space:]]*1$' /proc/self/status || fail "no_new_privs not set"
+grep -q '^Seccomp:[[:space:]]*2$' /proc/self/status || fail "seccomp filter not loaded"
+[ "$(hostname)" = "$EXPECT_HOST" ] || fail "hostname is $(hostname)"
+[ "$(cat /proc/1/comm)" = bwrap ] || fail "not in a fresh pid namespace"
+[ ! -e /sys/class ] || fail "/sys is visible"
+touch /probe 2>/dev/null && fail "root filesystem is writable"
+touch /usr/probe 2>/dev/null && fail "/usr is writable"
+unshare -U true 2>/dev/null && fail "a user namespace could be created"
+[ "$(ls /sys/class/net 2>/dev/null | wc -l)" -le 1 ] || fail "host network visible"
+echo PROBE-OK
+"""
+
+
+def _finding(control: str, ok: bool, detail: str, remedy: str = "",
+             required: bool = True) -> Finding:
+    return Finding(control, ok, detail, "" if ok else remedy, required)
+
+
+def check_host(backend: BwrapBackend) -> list[Finding]:
+    """All findings, in the order a person would fix them."""
+    findings = [
+        _finding("architecture", seccomp.machine() in seccomp.SUPPORTED_ARCHES,
+                 seccomp.machine(), "stockade supports x86_64 and aarch64"),
+        _finding("running as root", os.geteuid() == 0, f"euid {os.geteuid()}",
+                 "run stockade as root: it creates cgroups and drops to the sandbox user"),
+    ]
+    findings += [_bwrap(backend), _user(backend), _userns(), _seccomp(backend)]
+    findings += _cgroups()
+    if all(f.ok for f in findings if f.required):
+        findings.append(_probe(backend))
+    else:
+        findings.append(_finding("end-to-end probe", False, "skipped: fix the problems above",
+                                 "fix the failed checks above"))
+    return findings
+
+
+def _bwrap(backend: BwrapBackend) -> Finding:
+    try:
+        path = backend.bwrap_path()
+        version = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                 check=False).stdout.strip()
+        return _finding("bubblewrap", True, f"{path} ({version})")
+    except StockadeError as e:
+        return _finding("bubblewrap", False, e.message, e.hint)
+
+
+def _user(backend: BwrapBackend) -> Finding:
+    try:
+        user = backend.sandbox_user()
+        return _finding("unprivileged sandbox user", True,
+                        f"{user.pw_name} (uid {user.pw_uid}): an escape lands unprivileged")
+    except StockadeError as e:
+        return _finding("unprivileged sandbox user", False, e.message, e.hint)
+
+
+def _userns() -> Finding:
+    limit = _read_int(Path("/proc/sys/user/max_user_namespaces"))
+    clone = _read_int(Path("/proc/sys/kernel/unprivileged_userns_clone"), default=1)
+    apparmor = _read_int(Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
+                         default=0)
+    ok = limit > 0 and clone == 1 and apparmor == 0
+    return _finding("user namespaces", ok,
+                    f"max_user_namespaces={limit}, unprivileged_userns_clone={clone}, "
+                    f"apparmor_restrict_unprivileged_userns={apparmor}",
+                    "sysctl user.max_user_namespaces=10000 kernel.unprivileged_userns_clone=1 "
+                    "kernel.apparmor_restrict_unprivileged_userns=0")
+
+
+def _seccomp(backend: BwrapBackend) -> Finding:
+    try:
+        bpf = backend.seccomp_bpf()
+        return _finding("seccomp filter", True,
+                        f"libseccomp profile compiled for {seccomp.machine()} "
+                        f"({len(bpf) // 8} BPF instructions, Moby default plus extra refusals)")
+    except StockadeError as e:
+        return _finding("seccomp filter", False, e.message, e.hint)
+
+
+def _cgroups() -> list[Finding]:
+    layout = cgroups.layout()
+    remedy = "mount cgroup v2 at /sys/fs/cgroup, or the v1 memory, pids and cpu controllers"
+    found = [_finding("cgroups", layout != "none", f"layout {layout}", remedy)]
+    if layout == "v1":
+        memsw = Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+        swap_used = _swap_total() > 0
+        found.append(_finding(
+            "swap limit", memsw or not swap_used,
+            "memory+swap limited (memsw)" if memsw else
+            ("no swap accounting, but no swap is active" if not swap_used
+             else "swap is active and not limited"),
+            "boot with swapaccount=1 or turn swap off", required=swap_used))
+        found.append(_finding("freezer", Path("/sys/fs/cgroup/freezer").is_dir(),
+                              "used to stop fork bombs while killing them",
+                              "mount the v1 freezer controller", required=False))
+    return found
+
+
+def _probe(backend: BwrapBackend) -> Finding:
+    job = f"doctor-{uuid.uuid4().hex[:8]}"
+    out = bytearray()
+    try:
+        box = backend.prepare(SandboxRequest(job, 0.5, 256 << 20, 64, 16 << 20, 16 << 20, None))
+        try:
+            exit = box.run(StepRun("probe", PROBE_SCRIPT,
+                                   {"PATH": "/usr/bin:/bin", "EXPECT_HOST": job}, 30), out.extend)
+        finally:
+            leftovers = box.teardown()
+    except StockadeError as e:
+        return _finding("end-to-end probe", False, e.message, e.hint or "see the checks above")
+    text = out.decode(errors="replace").strip()
+    ok = exit.exit_code == 0 and "PROBE-OK" in text and not leftovers
+    detail = ("a probe job saw uid 1000, no capabilities, no_new_privs, seccomp, fresh "
+              "namespaces, read-only root; nothing was left behind") if ok else (
+        text.splitlines()[-1] if text else f"exit {exit.exit_code}") + (
+        f"; leftovers: {leftovers}" if leftovers else "")
+    return _finding("end-to-end probe", ok, detail, "see the failing control above")
+
+
+def _read_int(path: Path, default: int = 0) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return default
+
+
+def _swap_total() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("SwapTotal:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,93 @@
+"""The sandbox seam: what every execution backend (bwrap today, OCI runtimes later) provides."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+OutputSink = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class SandboxRequest:
+    """Everything a backend needs to prepare one job's sandbox."""
+
+    job_id: str
+    cpus: float
+    memory_bytes: int
+    pids: int
+    tmp_bytes: int
+    workspace_bytes: int
+    workspace_src: Path | None
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """One step to run in a prepared sandbox."""
+
+    name: str
+    script: str
+    env: Mapping[str, str]
+    timeout: float
+
+
+@dataclass(frozen=True)
+class StepExit:
+    """How a step ended. ``exit_code`` is None if the step was killed before it exited."""
+
+    exit_code: int | None
+    timed_out: bool
+    oom_killed: bool
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of ``stockade doctor``: a hardening control, whether it is active, the remedy."""
+
+    control: str
+    ok: bool
+    detail: str
+    remedy: str = ""
+    required: bool = True
+
+
+class Sandbox(Protocol):
+    """A prepared per-job sandbox: run steps in it, then tear it down."""
+
+    @property
+    def workspace(self) -> Path:
+        """The host path of the job's workspace copy (valid until teardown)."""
+        ...
+
+    def run(self, step: StepRun, sink: OutputSink) -> StepExit:
+        """Run ``step``, streaming its combined output to ``sink``; kill it at its timeout."""
+        ...
+
+    def kill(self) -> None:
+        """Kill every process of the job now (from another thread)."""
+        ...
+
+    def memory_peak(self) -> int:
+        """The job's peak memory use in bytes, 0 if unknown."""
+        ...
+
+    def teardown(self) -> list[str]:
+        """Kill, unmount and remove everything of the job; return what could not be removed."""
+        ...
+
+
+class Backend(Protocol):
+    """An execution engine: checks the host and prepares sandboxes."""
+
+    name: str
+
+    def check(self) -> list[Finding]:
+        """What this host supports and what is active, for ``stockade doctor``."""
+        ...
+
+    def prepare(self, request: SandboxRequest) -> Sandbox:
+        """Create the job's sandbox (filesystems, cgroup); raise SandboxError if it cannot."""
+        ...

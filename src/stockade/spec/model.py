@@ -1,0 +1,203 @@
+"""Pydantic models of job spec v1, strict: unknown keys and wrong types are errors."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    PlainSerializer,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+from stockade.spec.units import format_duration, parse_duration, parse_size
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV = ("CI", "HOME", "PATH", "HOSTNAME", "USER", "LOGNAME")
+
+
+def _duration(value: Any) -> float:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a duration; write it as a string such as 90s or 5m")
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0s")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{value!r} is not a size; use e.g. 512Mi or 2Gi")
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError("must be larger than 0")
+    return size
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name; use 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration), PlainSerializer(format_duration)]
+Size = Annotated[int, BeforeValidator(_size)]
+Name = Annotated[StrictStr, AfterValidator(_name)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Step(_Strict):
+    """One step: a shell script run in the job's sandbox."""
+
+    name: Name
+    run: StrictStr = Field(min_length=1)
+    timeout: Duration | None = None
+
+    @field_validator("run")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the script is empty; write the commands this step runs")
+        return v
+
+
+class Resources(_Strict):
+    """Limits enforced on the whole job (all steps and their processes)."""
+
+    cpus: float = Field(default=1.0, gt=0, le=256)
+    memory: Size = 2 * 1024**3
+    pids: StrictInt = Field(default=1024, ge=16, le=32768)
+    tmp: Size = 512 * 1024**2
+    workspace: Size = 1024**3
+    timeout: Duration = 1800.0
+
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpus(cls, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{v!r} is not a number of CPUs; use e.g. 1, 2 or 0.5")
+        return float(v)
+
+
+DEFAULT_RESOURCES = Resources()
+
+
+class EgressMode(str, Enum):
+    """How the job may reach the network."""
+
+    NONE = "none"
+    BLOCK = "block"
+    AUDIT = "audit"
+
+
+class EgressSpec(_Strict):
+    """The job's network policy (``none``: no network at all)."""
+
+    mode: EgressMode = EgressMode.NONE
+    allow: tuple[StrictStr, ...] = ()
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> EgressMode:
+        try:
+            return EgressMode(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an egress mode; use none, block or audit") from None
+
+    @model_validator(mode="after")
+    def _available(self) -> EgressSpec:
+        if self.mode is not EgressMode.NONE:
+            raise ValueError(
+                f"egress mode {self.mode.value!r} needs the egress proxy, which this version "
+                "does not ship yet; use mode: none"
+            )
+        if self.allow:
+            raise ValueError("allow entries need egress mode block or audit")
+        return self
+
+
+class JobSpec(_Strict):
+    """A whole job: what to run, with which limits, and what to keep."""
+
+    name: Name
+    image: StrictStr = "host"
+    steps: tuple[Step, ...] = Field(min_length=1, max_length=200)
+    env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    secrets: tuple[StrictStr, ...] = ()
+    egress: EgressSpec = EgressSpec()
+    resources: Resources = DEFAULT_RESOURCES
+    artifacts: tuple[StrictStr, ...] = ()
+    labels: tuple[StrictStr, ...] = ()
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if v != "host":
+            raise ValueError(
+                f"image {v!r} is not available: this version runs jobs on image 'host' only "
+                "(the host's /usr, read-only); remove the key or write image: host"
+            )
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a valid variable name; use [A-Za-z_][A-Za-z0-9_]*")
+            if key in RESERVED_ENV or key.startswith("STOCKADE_"):
+                raise ValueError(f"{key!r} is set by stockade and cannot be overridden")
+            if "\0" in value:
+                raise ValueError(f"the value of {key} contains a NUL byte")
+        return v
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in v:
+            parts = pattern.split("/")
+            if not pattern or pattern.startswith("/") or ".." in parts:
+                raise ValueError(
+                    f"{pattern!r} must be a glob relative to the workspace without '..', "
+                    "e.g. dist/** or reports/*.xml"
+                )
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid secret name; use [A-Za-z_][A-Za-z0-9_]*")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_steps(cls, v: tuple[Step, ...]) -> tuple[Step, ...]:
+        seen: set[str] = set()
+        for step in v:
+            if step.name in seen:
+                raise ValueError(f"two steps are named {step.name!r}; give each step its own name")
+            seen.add(step.name)
+        return v
+
+    @property
+    def timeout(self) -> float:
+        """The wall-clock limit of the whole job, in seconds."""
+        return self.resources.timeout

@@ -1,0 +1,97 @@
+"""The store seam: row types and the Protocol every backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from stockade.audit import AuditEvent
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job as stored."""
+
+    id: str
+    name: str
+    spec_json: str
+    labels_json: str
+    status: str
+    failure_reason: str | None
+    exit_code: int | None
+    attempt: int
+    runner_id: str | None
+    lease_expires_at: float | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result_json: str | None
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """A finished step of a job."""
+
+    idx: int
+    name: str
+    status: str
+    exit_code: int | None
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class ArtifactRow:
+    """A collected artifact of a job."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+class Store(Protocol):
+    """Transactions the control plane needs; each call is one transaction with its audit event."""
+
+    def insert_job(self, job: JobRow, event: AuditEvent) -> None:
+        """Add a new job."""
+        ...
+
+    def update_job(self, job_id: str, expect_status: str, changes: dict[str, Any],
+                   event: AuditEvent) -> bool:
+        """Apply ``changes`` if the job is in ``expect_status``; False if it was not."""
+        ...
+
+    def claim_next(self, runner_id: str, lease_until: float,
+                   event_for: Callable[[JobRow], AuditEvent],
+                   eligible: Callable[[JobRow], bool]) -> JobRow | None:
+        """Atomically move the oldest eligible queued job to ``running`` for ``runner_id``."""
+        ...
+
+    def finish_job(self, job_id: str, runner_id: str, changes: dict[str, Any],
+                   steps: list[StepRow], artifacts: list[ArtifactRow], event: AuditEvent) -> bool:
+        """Record a job's outcome with its steps and artifacts, if ``runner_id`` still holds it."""
+        ...
+
+    def get_job(self, id_or_prefix: str) -> JobRow | None:
+        """A job by id or unique id prefix."""
+        ...
+
+    def list_jobs(self, limit: int) -> list[JobRow]:
+        """The newest jobs first."""
+        ...
+
+    def job_steps(self, job_id: str) -> list[StepRow]:
+        """The steps of a job, in order."""
+        ...
+
+    def job_artifacts(self, job_id: str) -> list[ArtifactRow]:
+        """The artifacts of a job."""
+        ...
+
+    def audit_records(self, job_id: str | None = None) -> list[tuple[AuditEvent, str, str]]:
+        """``(event, prev_hash, hash)`` in order, optionally only those of one job."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
