@@ -84,7 +84,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read settings: {e}", hint="fix or remove the file") from e
+        raise ConfigError(f"{path}: cannot read settings: {e}",
+                          hint="fix or remove the file") from e
 
 
 def _apply(settings: Settings, values: dict[str, Any], source: str) -> Settings:

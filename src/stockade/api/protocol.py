@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     """Where a job is in its life."""
 
     QUEUED = "queued"
@@ -21,7 +21,7 @@ class JobStatus(str, Enum):
     ERROR = "error"
 
 
-class FailureReason(str, Enum):
+class FailureReason(StrEnum):
     """Why a job did not succeed (DESIGN.md: every arrow can fail)."""
 
     SCRIPT_FAILURE = "script_failure"

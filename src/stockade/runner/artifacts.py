@@ -56,7 +56,7 @@ def collect(workspace: Path, patterns: tuple[str, ...], dest: Path,
         src = workspace / rel
         mode = os.lstat(src).st_mode
         if stat.S_ISLNK(mode):
-            refused.append(f"{rel}: is a symlink; artifacts are never followed out of the workspace")
+            refused.append(f"{rel}: is a symlink; artifacts never follow links")
             continue
         if not stat.S_ISREG(mode):
             continue

@@ -78,7 +78,9 @@ class Runner:
         details: dict[str, Any] = {"runner_id": self.runner_id, "sandbox": self.backend.name}
         steps: list[StepReport] = []
         artifacts = []
-        status, reason, exit_code = JobStatus.SUCCEEDED, None, 0
+        status: JobStatus = JobStatus.SUCCEEDED
+        reason: FailureReason | None = None
+        exit_code: int | None = 0
         sandbox: Sandbox | None = None
         try:
             log.note(f"job {spec.name} ({a.job_id}) attempt {a.attempt} on {self.runner_id}")

@@ -9,6 +9,7 @@ whoever opened the file, so the job's processes never need write access to any c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -186,10 +187,8 @@ class JobCgroup:
         if freezer:  # frozen processes cannot fork while we kill them
             _write(freezer / "freezer.state", "FROZEN")
         for pid in self.pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
         if freezer:
             _write(freezer / "freezer.state", "THAWED")
 

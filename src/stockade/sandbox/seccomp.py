@@ -37,7 +37,8 @@ def compile_bpf() -> bytes:
         import pyseccomp as sc
     except (ImportError, OSError) as e:
         raise SandboxError(
-            f"libseccomp is not usable: {e}", hint="install libseccomp2 (apt-get install libseccomp2)"
+            f"libseccomp is not usable: {e}",
+            hint="install libseccomp2 (apt-get install libseccomp2)",
         ) from e
     f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)

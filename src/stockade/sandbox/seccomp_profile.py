@@ -10,7 +10,7 @@ argument conditions are in :data:`CONDITIONAL`; the list is data, compiled by ``
 
 from __future__ import annotations
 
-ALLOW: tuple[str, ...] = tuple("""
+_ALLOW_TEXT = """
 accept accept4 access adjtimex alarm bind brk cachestat capget capset chdir chmod chown
 clock_adjtime clock_getres clock_gettime clock_nanosleep close close_range connect
 copy_file_range creat dup dup2 dup3 epoll_create epoll_create1 epoll_ctl epoll_pwait
@@ -45,7 +45,8 @@ timer_create timer_delete timer_getoverrun timer_gettime timer_settime timerfd_c
 timerfd_gettime timerfd_settime times tkill truncate umask uname unlink unlinkat utime
 utimensat utimes vfork vmsplice wait4 waitid write writev
 arch_prctl
-""".split())
+"""
+ALLOW: tuple[str, ...] = tuple(_ALLOW_TEXT.split())
 
 # Namespace flags a clone() may not carry (CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|
 # NEWNET): a job cannot make namespaces, so it cannot get capabilities in a new user namespace.
@@ -54,7 +55,7 @@ AF_VSOCK = 40
 PERSONALITY_ALLOWED = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 
 # Refused on purpose, listed so that tests can check each one is really refused.
-REFUSED: tuple[str, ...] = tuple("""
+_REFUSED_TEXT = """
 mount umount2 pivot_root chroot unshare setns clone3 add_key keyctl request_key bpf
 perf_event_open userfaultfd open_by_handle_at name_to_handle_at io_uring_setup io_uring_enter
 io_uring_register kexec_load kexec_file_load init_module finit_module delete_module acct
@@ -62,4 +63,5 @@ swapon swapoff reboot sethostname setdomainname settimeofday clock_settime quota
 vhangup iopl ioperm fsopen fsmount fsconfig fspick move_mount open_tree mount_setattr
 lookup_dcookie fanotify_init kcmp pidfd_getfd process_madvise mbind set_mempolicy
 get_mempolicy move_pages migrate_pages
-""".split())
+"""
+REFUSED: tuple[str, ...] = tuple(_REFUSED_TEXT.split())

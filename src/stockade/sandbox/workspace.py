@@ -37,7 +37,7 @@ def copy_workspace(src: Path, dst: Path, uid: int, gid: int, limit: int) -> None
 
 
 def _raise_copy_error(src: Path, e: object, limit: int) -> None:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
         raise UsageError(
             f"workspace {src} does not fit into the job's workspace limit ({limit} bytes)",
             hint="raise resources.workspace in the job spec or pass a smaller --workspace",

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    PlainSerializer,
     ConfigDict,
     Field,
+    PlainSerializer,
     StrictInt,
     StrictStr,
     field_validator,
@@ -98,7 +98,7 @@ class Resources(_Strict):
 DEFAULT_RESOURCES = Resources()
 
 
-class EgressMode(str, Enum):
+class EgressMode(StrEnum):
     """How the job may reach the network."""
 
     NONE = "none"
@@ -160,7 +160,8 @@ class JobSpec(_Strict):
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
         for key, value in v.items():
             if not _ENV_NAME.match(key):
-                raise ValueError(f"{key!r} is not a valid variable name; use [A-Za-z_][A-Za-z0-9_]*")
+                raise ValueError(
+                    f"{key!r} is not a valid variable name; use [A-Za-z_][A-Za-z0-9_]*")
             if key in RESERVED_ENV or key.startswith("STOCKADE_"):
                 raise ValueError(f"{key!r} is set by stockade and cannot be overridden")
             if "\0" in value:

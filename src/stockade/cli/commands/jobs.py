@@ -29,13 +29,13 @@ def main(args: argparse.Namespace) -> int:
              "failure_reason": j.failure_reason, "created_at": j.created_at}
             for j in rows]) + "\n")
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("JOB", "NAME", "STATUS", "REASON", "CREATED", "DURATION", box=None)
+    if not rows:
+        print("no jobs yet; run one with: stockade run job.yaml")
+        return 0
+    print(f"{'JOB':<19} {'NAME':<24} {'STATUS':<10} {'REASON':<18} {'CREATED':<19} DURATION")
     for j in rows:
         took = f"{j.finished_at - j.started_at:.1f}s" if j.finished_at and j.started_at else "-"
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created_at))
-        table.add_row(j.id, j.name, j.status, j.failure_reason or "", created, took)
-    Console().print(table) if rows else print("no jobs yet; run one with: stockade run job.yaml")
+        print(f"{j.id:<19} {j.name:<24} {j.status:<10} {j.failure_reason or '-':<18} "
+              f"{created:<19} {took}")
     return 0

@@ -1,0 +1,78 @@
+"""Shared fixtures: a private STOCKADE_HOME and a helper that runs the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+STOCKADE = str(Path(sys.executable).parent / "stockade")
+
+
+@dataclass
+class JobRun:
+    """The outcome of one ``stockade run --json`` as a user sees it."""
+
+    rc: int
+    result: dict[str, Any]
+    stdout: str
+    stderr: str
+    home: Path
+
+    @property
+    def log(self) -> str:
+        """The stored log of the job."""
+        path = self.home / "logs" / f"{self.result['job_id']}.log"
+        return path.read_text(errors="replace")
+
+    @property
+    def step_status(self) -> list[str]:
+        """The status of each step that ran."""
+        return [s["status"] for s in self.result["steps"]]
+
+
+@pytest.fixture(scope="session")
+def stockade_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One state directory for the session (the database is migrated once)."""
+    return tmp_path_factory.mktemp("stockade-home") / "home"
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment a user would run the CLI with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+    env["STOCKADE_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def run_cli(home: Path, *args: str, timeout: float = 300, **env: str
+            ) -> subprocess.CompletedProcess[str]:
+    """Run ``stockade ARGS`` as a subprocess."""
+    return subprocess.run([STOCKADE, *args], capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(home, **env), stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def run_job(stockade_home: Path, tmp_path: Path) -> Iterator[Any]:
+    """``run_job(spec_yaml, workspace=None, **env)`` → :class:`JobRun`."""
+
+    def run(spec: str, workspace: Path | None = None, timeout: float = 300,
+            **env: str) -> JobRun:
+        spec_path = tmp_path / "job.yaml"
+        spec_path.write_text(spec)
+        ws = workspace or tmp_path / "ws"
+        ws.mkdir(exist_ok=True)
+        proc = run_cli(stockade_home, "run", str(spec_path), "--workspace", str(ws), "--json",
+                       timeout=timeout, **env)
+        lines = proc.stdout.splitlines()
+        result = json.loads(lines[-1]) if lines else {}
+        return JobRun(proc.returncode, result, proc.stdout, proc.stderr, stockade_home)
+
+    yield run
