@@ -32,6 +32,16 @@ class JobRun:
         path = self.home / "logs" / f"{self.result['job_id']}.log"
         return path.read_text(errors="replace")
 
+    def output(self, step: str) -> str:
+        """What ``step`` printed (from the stored log, timestamps removed)."""
+        text = self.log.split(f"==> step {step}\n", 1)[1]
+        lines = []
+        for line in text.splitlines():
+            if line[9:].startswith(f"==> step {step} "):
+                break
+            lines.append(line[9:])
+        return "\n".join(lines)
+
     @property
     def step_status(self) -> list[str]:
         """The status of each step that ran."""

@@ -50,7 +50,8 @@ def test_script_failure_stops_at_the_failing_step(run_job) -> None:
 
 
 def test_pipefail_and_errexit(run_job) -> None:
-    run = run_job("name: p\nsteps:\n  - name: a\n    run: |\n      false | true\n      echo SHOULD-NOT-PRINT\n")
+    run = run_job("name: p\nsteps:\n  - name: a\n    run: |\n"
+                  "      false | true\n      echo SHOULD-NOT-PRINT\n")
     assert run.rc == 1 and "SHOULD-NOT-PRINT" not in run.log
 
 

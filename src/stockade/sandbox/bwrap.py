@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stockade.config import Settings
 from stockade.errors import SandboxError
-from stockade.sandbox import mounts, rootfs, seccomp
+from stockade.sandbox import mounts, reaper, rootfs, seccomp
 from stockade.sandbox.cgroups import JobCgroup, Limits
 from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, StepExit, StepRun
 from stockade.sandbox.workspace import copy_workspace
@@ -98,6 +98,7 @@ class BwrapBackend:
             raise SandboxError(
                 "stockade must run as root to confine jobs (cgroup limits, unprivileged "
                 "sandbox user)", hint="run it with sudo, or see stockade doctor")
+        reaper.become_subreaper()
         sandbox = BwrapSandbox(self, request, self.sandbox_user(), self.bwrap_path())
         try:
             sandbox.setup()
@@ -206,6 +207,8 @@ class BwrapSandbox:
         self._proc.stdout.close()
         returncode = self._proc.wait()
         status = _read_status(status_r)
+        if "child-pid" in status:  # bwrap's own init can outlive bwrap by a moment: reap it
+            reaper.reap([status["child-pid"]], time.monotonic() + 5)
         if "child-pid" not in status and not (timed_out or self._killed):
             raise SandboxError(f"bwrap could not start the step (exit {returncode}); "
                                "see the log above", hint="run stockade doctor")

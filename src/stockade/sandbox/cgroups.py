@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.errors import SandboxError
+from stockade.sandbox.reaper import reap
 
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
@@ -170,9 +171,15 @@ class JobCgroup:
             return 0
 
     def kill_all(self, timeout: float = 5.0) -> bool:
-        """SIGKILL every process of the job; True once the cgroup is empty."""
+        """SIGKILL every process of the job; True once the cgroup is empty and all are reaped.
+
+        Killed processes whose parent died first are re-parented to the runner (a child
+        subreaper, see ``reaper.py``), which reaps them here so that none lingers as a zombie.
+        """
         deadline = time.monotonic() + timeout
-        while self.pids():
+        seen: set[int] = set()
+        while pids := self.pids():
+            seen.update(pids)
             if time.monotonic() > deadline:
                 return False
             if self.layout == "v2":
@@ -180,7 +187,7 @@ class JobCgroup:
             else:
                 self._freeze_and_kill()
             time.sleep(0.002)
-        return True
+        return reap(seen, deadline)
 
     def _freeze_and_kill(self) -> None:
         freezer = self.dirs.get("freezer")

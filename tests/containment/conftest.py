@@ -1,0 +1,201 @@
+"""The host guard: canaries a hostile job must not reach, and checks that nothing is left.
+
+Every containment test runs its probe as a real job through ``stockade run`` and then asserts,
+besides what the probe reported from inside, that the host is unaffected: the canary file was
+not read or changed, the host process is unseen and alive, the loopback listeners were never
+reached, the hostname is unchanged, no process of the sandbox user survives, no cgroup, mount or
+directory of the job remains, and no sandboxed process ever ran as host root.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import socket
+import subprocess
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import JobRun
+
+SANDBOX_UID = pwd.getpwnam("stockade").pw_uid
+
+
+class Listener:
+    """TCP and UDP listeners on 127.0.0.1 that count whatever reaches them."""
+
+    def __init__(self) -> None:
+        self.tcp = socket.socket()
+        self.tcp.bind(("127.0.0.1", 0))
+        self.tcp.listen(16)
+        self.tcp.settimeout(0.2)
+        self.port = self.tcp.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", self.port))
+        self.udp.settimeout(0.2)
+        self.hits = 0
+        self._stop = False
+        self._threads = [threading.Thread(target=self._accept, daemon=True),
+                         threading.Thread(target=self._recv, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.tcp.accept()
+                self.hits += 1
+                conn.close()
+            except OSError:
+                continue
+
+    def _recv(self) -> None:
+        while not self._stop:
+            try:
+                self.udp.recv(65536)
+                self.hits += 1
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop = True
+        for t in self._threads:
+            t.join()
+        self.tcp.close()
+        self.udp.close()
+
+
+class UidSampler:
+    """Samples the host uids of every process in any stockade job cgroup while a job runs."""
+
+    PATTERNS = ("/sys/fs/cgroup/pids/stockade/*/cgroup.procs",
+                "/sys/fs/cgroup/stockade/*/cgroup.procs")
+
+    def __init__(self) -> None:
+        self.uids: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            for pattern in self.PATTERNS:
+                for procs in glob.glob(pattern):
+                    for pid in _read(procs).split():
+                        uid = _host_uid(int(pid))
+                        if uid is not None:
+                            self.uids.append(uid)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _host_uid(pid: int) -> int | None:
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith("Uid:"):
+            return min(int(x) for x in line.split()[1:])
+    return None
+
+
+def sandbox_user_processes() -> list[int]:
+    """Host processes running as the sandbox user."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _host_uid(int(entry)) == SANDBOX_UID:
+            found.append(int(entry))
+    return found
+
+
+class HostGuard:
+    """Everything a hostile job might try to reach, and the checks that it did not."""
+
+    def __init__(self, root: Path) -> None:
+        self.token = "CANARY-" + secrets.token_hex(16)
+        self.canary = Path("/root") / f"stockade-canary-{secrets.token_hex(4)}"
+        self.canary.write_text(self.token + "\n")
+        self.canary.chmod(0o644)  # world-readable on purpose: only the sandbox may stop a read
+        self.victim = subprocess.Popen(["sleep", "3600"])
+        self.listener = Listener()
+        self.hostname = socket.gethostname()
+        self.sampler = UidSampler()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What the attacker knows about the host, handed to the job in its spec."""
+        return {"CANARY": str(self.canary), "HOST_PID": str(self.victim.pid),
+                "PORT": str(self.listener.port)}
+
+    def spec_env(self) -> str:
+        """The ``env:`` line of a spec carrying :attr:`env`."""
+        return "env: {" + ", ".join(f'{k}: "{v}"' for k, v in self.env.items()) + "}\n"
+
+    def assert_unaffected(self, run: JobRun) -> None:
+        """The host-side half of every containment test."""
+        job = run.result.get("job_id", "")
+        assert job, f"no result: rc={run.rc} stderr={run.stderr[-2000:]}"
+        texts = [run.stdout, run.stderr, run.log]
+        art_dir = run.home / "artifacts" / job
+        if art_dir.exists():
+            texts += [p.read_text(errors="replace") for p in art_dir.rglob("*") if p.is_file()]
+        assert not any(self.token in t for t in texts), "the host canary was read"
+        assert self.canary.read_text() == self.token + "\n", "the host canary was changed"
+        assert self.victim.poll() is None, "the host process was killed"
+        assert self.listener.hits == 0, "a host loopback listener was reached"
+        assert socket.gethostname() == self.hostname, "the host hostname changed"
+        assert 0 not in self.sampler.uids, "a sandboxed process ran as host root"
+        assert set(self.sampler.uids) <= {SANDBOX_UID}, set(self.sampler.uids)
+        assert sandbox_user_processes() == [], "processes of the sandbox user survived"
+        assert not glob.glob(f"/sys/fs/cgroup/*/stockade/{job}"), "a job cgroup remains"
+        assert not glob.glob(f"/sys/fs/cgroup/stockade/{job}"), "a job cgroup remains"
+        assert not Path(f"/run/stockade/{job}").exists(), "the job directory remains"
+        assert job not in Path("/proc/self/mountinfo").read_text(), "a job mount remains"
+        assert "leftovers" not in run.result, run.result.get("leftovers")
+
+    def close(self) -> None:
+        self.sampler.stop()
+        self.listener.close()
+        self.victim.kill()
+        self.victim.wait()
+        self.canary.unlink()
+
+
+@pytest.fixture
+def host() -> Iterator[HostGuard]:
+    """A fresh :class:`HostGuard` per test."""
+    guard = HostGuard(Path("/root"))
+    yield guard
+    guard.close()
+
+
+@pytest.fixture
+def hostile(run_job: Any, host: HostGuard) -> Any:
+    """``hostile(script, **opts)``: run ``script`` as one step, check the host, return the run."""
+
+    def run(script: str, *, resources: str = "", step: str = "", extra: str = "",
+            workspace: Path | None = None, **env: str) -> JobRun:
+        body = "\n".join("      " + line for line in textwrap.dedent(script).strip().splitlines())
+        spec = (f"name: hostile\n{host.spec_env()}{resources}{extra}steps:\n"
+                f"  - name: probe\n{step}    run: |\n{body}\n")
+        started = time.monotonic()
+        result = run_job(spec, workspace=workspace, **env)
+        result.elapsed = time.monotonic() - started  # type: ignore[attr-defined]
+        host.assert_unaffected(result)
+        return result
+
+    return run

@@ -1,0 +1,105 @@
+"""Bombs: forks, memory, disk and output are bounded; the host and the runner survive."""
+
+from __future__ import annotations
+
+import resource
+
+from tests.containment.conftest import sandbox_user_processes
+
+
+def written(log: str) -> list[int]:
+    """The byte counts of dd's "N bytes (...) copied" lines."""
+    return [int(line.split()[1]) for line in log.splitlines()
+            if "bytes" in line and "copied" in line]
+
+
+def test_fork_bomb_hits_the_pids_limit(hostile) -> None:
+    run = hostile("""
+        set +e
+        bomb() { bomb | bomb & }
+        bomb
+        sleep 3
+        echo SURVIVED
+    """, resources="resources: {pids: 64}\n", step="    timeout: 20s\n")
+    assert run.result["status"] in ("failed", "succeeded")
+    assert run.elapsed < 60
+    assert sandbox_user_processes() == []
+
+
+def test_python_fork_bomb_hits_the_pids_limit(hostile) -> None:
+    run = hostile("""
+        python3 - <<'PY'
+        import os
+        n = 0
+        for _ in range(100000):
+            try:
+                if os.fork() == 0:
+                    import time; time.sleep(30); os._exit(0)
+                n += 1
+            except OSError as e:
+                print("FORK-REFUSED after", n, e)
+                break
+        PY
+    """, resources="resources: {pids: 64}\n", step="    timeout: 20s\n")
+    assert "FORK-REFUSED after" in run.log
+    forks = int(run.log.split("FORK-REFUSED after")[1].split()[0])
+    assert forks < 64
+
+
+def test_memory_bomb_is_an_oom(hostile) -> None:
+    run = hostile("""
+        python3 -c '
+        chunks = []
+        while True:
+            chunks.append(bytearray(16 * 1024 * 1024))
+        '
+    """, resources="resources: {memory: 128Mi}\n")
+    assert run.result["failure_reason"] == "oom"
+
+
+def test_tmp_disk_bomb_hits_the_tmp_limit(hostile) -> None:
+    run = hostile("""
+        dd if=/dev/zero of=/tmp/fill bs=1M count=1000 2>&1 | grep -e space -e copied || true
+        echo DONE
+    """, resources="resources: {tmp: 32Mi, memory: 512Mi}\n")
+    assert "No space left on device" in run.log and "DONE" in run.log
+    assert written(run.log) == [32 << 20]
+
+
+def test_workspace_disk_bomb_hits_the_workspace_limit(hostile) -> None:
+    run = hostile("""
+        dd if=/dev/zero of=fill bs=1M count=1000 2>&1 | grep -e space -e copied || true
+        dd if=/dev/zero of=/dev/shm/fill bs=1M count=1000 2>&1 | grep -e space -e copied || true
+        echo DONE
+    """, resources="resources: {workspace: 32Mi, memory: 512Mi}\n")
+    assert run.log.count("No space left on device") == 2 and "DONE" in run.log
+    assert written(run.log) == [32 << 20, 64 << 20]  # the workspace limit, then /dev/shm's
+
+
+def test_inode_bomb_is_bounded(hostile) -> None:
+    run = hostile("""
+        python3 - <<'PY'
+        import os
+        n = 0
+        try:
+            while n < 3_000_000:
+                open(f"/tmp/f{n}", "w").close()
+                n += 1
+        except OSError as e:
+            print("STOPPED", n, e)
+        PY
+    """, resources="resources: {tmp: 16Mi, memory: 1Gi}\n", step="    timeout: 60s\n")
+    assert "STOPPED" in run.log or run.result["failure_reason"] in ("oom", "timeout")
+
+
+def test_output_bomb_is_capped_and_runner_memory_stays_bounded(hostile) -> None:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run = hostile("head -c 300000000 /dev/zero | tr '\\0' 'A'; seq 1 2000000",
+                  STOCKADE_LOG_CAP=str(4 << 20))
+    assert run.rc == 0
+    assert run.result["log_truncated"] is True
+    log_size = (run.home / "logs" / f"{run.result['job_id']}.log").stat().st_size
+    assert 4 << 20 <= log_size < (4 << 20) + 4096
+    assert "log truncated at 4194304 bytes" in run.log
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert max(before, peak_kib) < 300 * 1024, f"runner peak RSS {peak_kib} KiB"

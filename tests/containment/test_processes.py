@@ -1,0 +1,59 @@
+"""Hostile jobs against host processes, and processes that try to outlive their job."""
+
+from __future__ import annotations
+
+
+def test_host_processes_are_invisible(hostile, host) -> None:
+    run = hostile("""
+        ls /proc | grep -E '^[0-9]+$' | wc -l
+        test -e /proc/$HOST_PID && echo SEES-HOST-PID
+        for p in /proc/[0-9]*; do cat $p/cmdline 2>/dev/null | tr '\\0' ' '; echo; done
+        echo DONE
+    """)
+    assert "DONE" in run.log and "SEES-HOST-PID" not in run.log
+    assert "sleep 3600" not in run.log
+
+
+def test_kill_everything_spares_the_host(hostile, host) -> None:
+    run = hostile("kill -9 $HOST_PID 2>/dev/null && echo KILLED; kill -9 -1; echo AFTER")
+    assert "KILLED" not in run.log
+    assert host.victim.poll() is None
+
+
+def test_ptrace_of_a_host_process_fails(hostile) -> None:
+    run = hostile("""
+        python3 - <<'PY'
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        r = libc.ptrace(16, int(os.environ["HOST_PID"]), 0, 0)  # PTRACE_ATTACH
+        print("ATTACH", r, os.strerror(ctypes.get_errno()))
+        PY
+    """)
+    assert "ATTACH -1 No such process" in run.log
+
+
+def test_daemonized_processes_do_not_survive(hostile) -> None:
+    run = hostile("""
+        setsid sh -c 'trap "" TERM HUP; sleep 300' </dev/null >/dev/null 2>&1 &
+        nohup sleep 300 >/dev/null 2>&1 &
+        ( ( sleep 300 & ) & )
+        echo SPAWNED
+    """)
+    assert run.rc == 0 and "SPAWNED" in run.log  # the guard checks that none survived
+
+
+def test_timeout_kills_the_whole_tree(hostile) -> None:
+    run = hostile("""
+        for i in 1 2 3; do setsid sh -c 'trap "" TERM INT HUP; while :; do sleep 1; done' & done
+        trap '' TERM INT
+        while :; do sleep 1; done
+    """, step="    timeout: 2s\n")
+    assert run.result["failure_reason"] == "timeout"
+    assert run.elapsed < 30
+
+
+def test_sandbox_processes_are_not_host_root(hostile, host) -> None:
+    run = hostile("sleep 1; echo DONE")
+    assert "DONE" in run.log
+    assert host.sampler.uids, "the sampler saw no sandboxed process"
+    assert 0 not in host.sampler.uids
