@@ -8,7 +8,6 @@ read ``os.environ``. Job specs can never change these settings.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -81,6 +80,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # only when a settings file exists: keeps CLI start-up lean
+
     try:
         return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:

@@ -11,7 +11,7 @@ from typing import Any
 from stockade.api.protocol import Assignment, Completion, FailureReason, JobStatus
 from stockade.audit import AuditEvent
 from stockade.ids import new_job_id
-from stockade.spec import JobSpec
+from stockade.spec import Job
 from stockade.store.interface import ArtifactRow, JobRow, StepRow, Store
 
 LEASE_GRACE_S = 300.0
@@ -58,7 +58,7 @@ class ControlService:
                **detail: Any) -> AuditEvent:
         return AuditEvent(actor or self.actor, action, self.clock(), job_id, detail)
 
-    def submit(self, spec: JobSpec) -> JobRow:
+    def submit(self, spec: Job) -> JobRow:
         """Admit ``spec`` (queued) or deny it (denied, with the reason); return the job."""
         now = self.clock()
         job_id = new_job_id()
@@ -66,7 +66,7 @@ class ControlService:
         status = JobStatus.DENIED if reason else JobStatus.QUEUED
         extra = json.dumps({"message": message}) if message else None
         job = JobRow(
-            id=job_id, name=spec.name, spec_json=spec.model_dump_json(),
+            id=job_id, name=spec.name, spec_json=spec.to_json(),
             labels_json=json.dumps(list(spec.labels)), status=status.value,
             failure_reason=reason.value if reason else None, exit_code=None, attempt=0,
             runner_id=None, lease_expires_at=None, created_at=now, started_at=None,
@@ -78,7 +78,7 @@ class ControlService:
         self.store.insert_job(job, self._event(action, job_id, **detail))
         return job
 
-    def _admission(self, spec: JobSpec) -> tuple[FailureReason | None, str]:
+    def _admission(self, spec: Job) -> tuple[FailureReason | None, str]:
         if spec.secrets:
             return (FailureReason.SECRET_UNAVAILABLE,
                     f"secrets {', '.join(spec.secrets)} were requested but no secret broker "
@@ -98,12 +98,14 @@ class ControlService:
             return self._event("job.claimed", job.id, actor=f"runner:{runner_id}",
                                attempt=job.attempt)
 
-        job = self.store.claim_next(runner_id, self.clock() + LEASE_GRACE_S, event, eligible)
+        def lease_until(job: JobRow) -> float:
+            return self.clock() + Job.from_json(job.spec_json).timeout + LEASE_GRACE_S
+
+        job = self.store.claim_next(runner_id, lease_until, event, eligible)
         if job is None:
             return None
-        spec_timeout = JobSpec.model_validate_json(job.spec_json).timeout
         return Assignment(job.id, job.attempt, runner_id, job.spec_json,
-                          (job.lease_expires_at or 0) + spec_timeout)
+                          job.lease_expires_at or 0.0)
 
     def complete(self, c: Completion) -> bool:
         """Record a runner's outcome of an attempt it still holds."""

@@ -20,13 +20,13 @@ from stockade.errors import StockadeError, UsageError
 from stockade.runner.artifacts import collect
 from stockade.runner.logs import JobLog
 from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExit, StepRun
-from stockade.spec import JobSpec
+from stockade.spec import Job
 from stockade.spec.units import format_size
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 
 
-def step_env(spec: JobSpec, job_id: str, attempt: int, step: str) -> dict[str, str]:
+def step_env(spec: Job, job_id: str, attempt: int, step: str) -> dict[str, str]:
     """The whole environment of a step: documented CI/STOCKADE_* variables and the spec's env."""
     return {
         **spec.env,
@@ -71,7 +71,7 @@ class Runner:
 
     def execute(self, a: Assignment, workspace: Path | None) -> Completion:
         """Run the assignment end to end; every failure becomes a reason, never an exception."""
-        spec = JobSpec.model_validate_json(a.spec_json)
+        spec = Job.from_json(a.spec_json)
         started = time.monotonic()
         log = JobLog(self.settings.logs_dir / f"{a.job_id}.log", self.settings.log_cap_bytes,
                      self.live)
@@ -122,13 +122,13 @@ class Runner:
         return Completion(a.job_id, a.attempt, self.runner_id, status, reason, exit_code,
                           tuple(steps), tuple(artifacts), duration, details)
 
-    def _request(self, spec: JobSpec, a: Assignment, workspace: Path | None) -> SandboxRequest:
+    def _request(self, spec: Job, a: Assignment, workspace: Path | None) -> SandboxRequest:
         r = spec.resources
         return SandboxRequest(job_id=a.job_id, cpus=r.cpus, memory_bytes=r.memory, pids=r.pids,
                               tmp_bytes=r.tmp, workspace_bytes=r.workspace,
                               workspace_src=workspace)
 
-    def _run_steps(self, spec: JobSpec, a: Assignment, sandbox: Sandbox, log: JobLog,
+    def _run_steps(self, spec: Job, a: Assignment, sandbox: Sandbox, log: JobLog,
                    steps: list[StepReport], started: float
                    ) -> tuple[JobStatus, FailureReason | None, int | None]:
         deadline = started + spec.timeout
@@ -148,7 +148,7 @@ class Runner:
             log.note(f"step {step.name} succeeded in {exit.duration_s:.2f}s")
         return JobStatus.SUCCEEDED, None, 0
 
-    def _summary(self, log: JobLog, spec: JobSpec, status: JobStatus,
+    def _summary(self, log: JobLog, spec: Job, status: JobStatus,
                  reason: FailureReason | None, steps: list[StepReport],
                  artifacts: list[Any], duration: float) -> None:
         outcome = status.value + (f" ({reason.value})" if reason else "")
@@ -169,7 +169,7 @@ def _classify(exit: StepExit) -> tuple[str, FailureReason | None]:
 
 
 def _explain(name: str, exit: StepExit, reason: FailureReason, timeout: float,
-             spec: JobSpec) -> str:
+             spec: Job) -> str:
     if reason is FailureReason.OOM:
         return (f"step {name} was killed: out of memory (limit "
                 f"{format_size(spec.resources.memory)}, /tmp and /workspace count against it)")

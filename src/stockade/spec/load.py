@@ -1,43 +1,28 @@
-"""Reading a job spec from YAML: size cap, duplicate keys refused, errors with paths."""
+"""Loading a job spec file: size cap, then a cache of validated specs, then full validation.
+
+Validation (YAML + pydantic) costs more than starting a sandbox, so the validated form of a
+spec is cached in ``$STOCKADE_HOME/cache/specs/`` keyed by the sha256 of the file's bytes and
+of the validator's own source: an unchanged spec is validated once, and any change to the
+spec or to stockade's validation rules misses the cache.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
-from typing import Any
 
-import yaml
-from pydantic import ValidationError
-
+from stockade import __version__
 from stockade.errors import SpecError
-from stockade.spec.model import JobSpec
+from stockade.spec.job import Job
 
 MAX_SPEC_BYTES = 1024 * 1024
-
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _StrictLoader(_Loader):  # type: ignore[misc,valid-type]
-    """A safe loader that refuses duplicate mapping keys instead of keeping the last one."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+CACHE_ENTRIES = 256
+_VALIDATOR_SOURCES = ("model.py", "parse.py", "units.py", "job.py")
 
 
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping
-)
-
-
-def load_spec(path: Path) -> JobSpec:
-    """Read and validate the job spec at ``path``."""
+def load_spec(path: Path, cache_dir: Path | None = None) -> Job:
+    """Read and validate the job spec at ``path`` (``SpecError`` if it is invalid)."""
     try:
         with path.open("rb") as f:
             data = f.read(MAX_SPEC_BYTES + 1)
@@ -45,64 +30,37 @@ def load_spec(path: Path) -> JobSpec:
         raise SpecError(str(path), [f"cannot read the file: {e.strerror}"]) from e
     if len(data) > MAX_SPEC_BYTES:
         raise SpecError(str(path), [f"the file is larger than {MAX_SPEC_BYTES} bytes"])
-    return parse_spec(data, source=str(path))
+    entry = cache_dir / f"{_cache_key(data)}.json" if cache_dir else None
+    if entry is not None:
+        try:
+            return Job.from_json(entry.read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # missing or unreadable: validate again
+    from stockade.spec.parse import parse_spec
+
+    job = parse_spec(data, source=str(path)).to_job()
+    if entry is not None:
+        _store(entry, job)
+    return job
 
 
-def parse_spec(data: bytes | str, *, source: str = "<spec>") -> JobSpec:
-    """Validate a job spec given as YAML text."""
+def _cache_key(data: bytes) -> str:
+    h = hashlib.sha256(__version__.encode())
+    here = Path(__file__).parent
+    for name in _VALIDATOR_SOURCES:
+        h.update((here / name).read_bytes())
+    h.update(data)
+    return h.hexdigest()
+
+
+def _store(entry: Path, job: Job) -> None:
     try:
-        doc = yaml.load(data, Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        raise SpecError(source, [f"not valid YAML: {_yaml_problem(e)}"]) from e
-    if not isinstance(doc, dict):
-        raise SpecError(
-            source, ["the spec must be a mapping with at least 'name' and 'steps', e.g.\n"
-                     "    name: build\n    steps:\n      - name: test\n        run: make test"]
-        )
-    try:
-        return JobSpec.model_validate(doc)
-    except ValidationError as e:
-        problems = [_problem(err) for err in e.errors()]
-        raise SpecError(source, [p for p in problems if p]) from e
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    problem = getattr(e, "problem", None) or str(e)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-    return f"{problem}{where}"
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part.startswith("function-") or part.startswith("lax-") or part in ("str", "int"):
-            continue
-        else:
-            out += f".{part}" if out else part
-    return out or "(top level)"
-
-
-def _problem(err: Any) -> str | None:
-    loc = _path(tuple(err["loc"]))
-    kind, msg = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        return f"{loc}: unknown key; remove it or check its spelling (see the job spec in README)"
-    if kind == "missing":
-        return f"{loc}: required key is missing"
-    if kind == "too_short" and loc == "steps":
-        if err.get("input"):
-            return None  # pydantic's echo of the item errors already reported
-        return "steps: at least one step is needed, e.g. - {name: test, run: make test}"
-    if kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    elif kind.endswith("_type"):
-        got = err.get("input")
-        msg = f"{msg[0].lower()}{msg[1:]}, got {type(got).__name__} {got!r}"
-        if kind == "string_type" and isinstance(got, (int, float, bool)):
-            msg += f"; quote it: '{got}'"
-    else:
-        msg = f"{msg[0].lower()}{msg[1:]}"
-    return f"{loc}: {msg}"
+        entry.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(job.to_json())
+        os.replace(tmp, entry)
+        entries = sorted(entry.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for old in entries[:-CACHE_ENTRIES]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a cache that cannot be written only costs time

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from stockade.spec.job import Job, JobEgress, JobResources, JobStep
 from stockade.spec.units import format_duration, parse_duration, parse_size
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -198,7 +199,14 @@ class JobSpec(_Strict):
             seen.add(step.name)
         return v
 
-    @property
-    def timeout(self) -> float:
-        """The wall-clock limit of the whole job, in seconds."""
-        return self.resources.timeout
+    def to_job(self) -> Job:
+        """The validated spec as stockade's internal, pydantic-free value."""
+        r = self.resources
+        return Job(
+            name=self.name, image=self.image,
+            steps=tuple(JobStep(s.name, s.run, s.timeout) for s in self.steps),
+            resources=JobResources(r.cpus, r.memory, r.pids, r.tmp, r.workspace, r.timeout),
+            env=dict(self.env), secrets=self.secrets,
+            egress=JobEgress(self.egress.mode.value, self.egress.allow),
+            artifacts=self.artifacts, labels=self.labels,
+        )

@@ -61,7 +61,7 @@ class Store(Protocol):
         """Apply ``changes`` if the job is in ``expect_status``; False if it was not."""
         ...
 
-    def claim_next(self, runner_id: str, lease_until: float,
+    def claim_next(self, runner_id: str, lease_until: Callable[[JobRow], float],
                    event_for: Callable[[JobRow], AuditEvent],
                    eligible: Callable[[JobRow], bool]) -> JobRow | None:
         """Atomically move the oldest eligible queued job to ``running`` for ``runner_id``."""

@@ -103,7 +103,7 @@ class SqliteStore:
                          (*changes.values(), job_id, *cond_args))
         return cur.rowcount == 1
 
-    def claim_next(self, runner_id: str, lease_until: float,
+    def claim_next(self, runner_id: str, lease_until: Callable[[JobRow], float],
                    event_for: Callable[[JobRow], AuditEvent],
                    eligible: Callable[[JobRow], bool]) -> JobRow | None:
         """Move the oldest eligible queued job to running for ``runner_id`` (one transaction)."""
@@ -114,7 +114,7 @@ class SqliteStore:
             if job is None:
                 return None
             changes = {"status": "running", "runner_id": runner_id, "attempt": job.attempt + 1,
-                       "lease_expires_at": lease_until, "started_at": time.time()}
+                       "lease_expires_at": lease_until(job), "started_at": time.time()}
             self._update(db, job.id, "status = 'queued'", (), changes)
             claimed = JobRow(**{**job.__dict__, **changes})
             self._append_audit(db, event_for(claimed))

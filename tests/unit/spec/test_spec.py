@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from stockade.errors import SpecError
-from stockade.spec import DEFAULT_RESOURCES, parse_spec
+from stockade.spec import Job, load_spec
+from stockade.spec.model import DEFAULT_RESOURCES
+from stockade.spec.parse import parse_spec
 from stockade.spec.units import format_duration, parse_duration, parse_size
 
 MINIMAL = "name: t\nsteps:\n  - name: a\n    run: echo hi\n"
@@ -25,7 +27,7 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
     assert spec.resources == DEFAULT_RESOURCES
     assert (spec.resources.cpus, spec.resources.memory, spec.resources.pids) == (1.0, 2 << 30, 1024)
     assert (spec.resources.tmp, spec.resources.workspace) == (512 << 20, 1 << 30)
-    assert spec.timeout == 1800
+    assert spec.to_job().timeout == 1800
 
 
 def test_bad_duration_names_path_and_fix() -> None:
@@ -65,11 +67,28 @@ def test_several_problems_are_all_reported() -> None:
     assert len(found) == 2
 
 
-def test_spec_round_trips_through_json() -> None:
-    spec = parse_spec(MINIMAL + "    timeout: 1h30m\nresources: {timeout: 90s, memory: 1G}\n")
-    again = type(spec).model_validate_json(spec.model_dump_json())
-    assert again == spec
-    assert again.steps[0].timeout == 5400
+def test_job_round_trips_through_json() -> None:
+    job = parse_spec(MINIMAL + "    timeout: 1h30m\nresources: {timeout: 90s, memory: 1G}\n"
+                     "artifacts: [dist/**]\nenv: {A: b}\n").to_job()
+    again = Job.from_json(job.to_json())
+    assert again == job
+    assert again.steps[0].timeout == 5400 and again.timeout == 90
+    assert again.resources.memory == 10**9
+
+
+def test_validated_specs_are_cached_by_content(tmp_path) -> None:
+    path, cache = tmp_path / "job.yaml", tmp_path / "cache"
+    path.write_text(MINIMAL)
+    first = load_spec(path, cache)
+    entries = list(cache.glob("*.json"))
+    assert len(entries) == 1
+    assert load_spec(path, cache) == first
+    path.write_text(MINIMAL + "bogus: 1\n")  # a changed file misses the cache
+    with pytest.raises(SpecError):
+        load_spec(path, cache)
+    entries[0].write_text("{not json")  # a damaged entry is revalidated, not trusted
+    path.write_text(MINIMAL)
+    assert load_spec(path, cache) == first
 
 
 @pytest.mark.parametrize("text, seconds", [

@@ -64,16 +64,16 @@ def test_claim_takes_the_oldest_eligible_job_once(tmp_path: Path) -> None:
     store.insert_job(job("j1", 1.0, '["gpu"]'), ev("job.admitted", "j1"))
     def no_gpu(j: JobRow) -> bool:
         return "gpu" not in j.labels_json
-    claimed = store.claim_next("r1", 100.0, lambda j: ev("job.claimed", j.id), no_gpu)
+    claimed = store.claim_next("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id), no_gpu)
     assert claimed is not None and claimed.id == "j2" and claimed.attempt == 1
-    assert store.claim_next("r2", 100.0, lambda j: ev("job.claimed", j.id), no_gpu) is None
+    assert store.claim_next("r2", lambda j: 100.0, lambda j: ev("job.claimed", j.id), no_gpu) is None
     assert store.get_job("j2").status == "running"  # type: ignore[union-attr]
 
 
 def test_finish_is_fenced_by_runner(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
     store.insert_job(job("j1", 1.0), ev("job.admitted"))
-    store.claim_next("r1", 100.0, lambda j: ev("job.claimed"), lambda j: True)
+    store.claim_next("r1", lambda j: 100.0, lambda j: ev("job.claimed"), lambda j: True)
     assert not store.finish_job("j1", "r2", {"status": "succeeded"}, [], [], ev("x"))
     assert store.finish_job("j1", "r1", {"status": "succeeded"}, [], [], ev("job.succeeded"))
 

@@ -38,12 +38,12 @@ def main(args: argparse.Namespace) -> int:
     from stockade.sandbox import get_backend
     from stockade.spec import load_spec
 
-    spec = load_spec(args.file)
+    settings, control = open_control()
+    spec = load_spec(args.file, settings.cache_dir / "specs")
     workspace = (args.workspace or Path.cwd()).absolute()
     if not workspace.is_dir():
         raise UsageError(f"workspace {workspace} is not a directory",
                          hint="pass --workspace DIR with an existing directory")
-    settings, control = open_control()
     job = control.submit(spec)
     if job.status == "queued":
         runner = Runner(settings, get_backend("bwrap", settings), control,

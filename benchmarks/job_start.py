@@ -1,0 +1,126 @@
+"""Job start-up cost, measured side by side against a raw hardened ``bwrap ... true``.
+
+(a) In-process sandbox start: prepare (tmpfs mounts, cgroup), spawn, first instruction of a
+    trivial step, teardown (kill, unmount, remove, verify) -- as the runner does it per job.
+(b) ``stockade run`` of a trivial job end to end (CLI start, spec, SQLite transactions,
+    sandbox, result) as a subprocess.
+
+Each baseline run is a raw bwrap with the same hardening flags and seccomp filter, started as
+the same unprivileged user, interleaved with the measured runs so that both see the same
+machine load. Prints medians and ratios. Run as root: ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from stockade.config import ensure_home, load_settings
+from stockade.sandbox.bwrap import BwrapBackend, BwrapSandbox, _memfd
+from stockade.sandbox.interface import SandboxRequest, StepRun
+
+STOCKADE = str(Path(sys.executable).parent / "stockade")
+
+
+def raw_bwrap(backend: BwrapBackend, box: BwrapSandbox) -> Callable[[], None]:
+    """A raw hardened bwrap running ``true``: the same command line, filter and user as a
+    step of ``box`` (whose job directory provides the bind sources), minus everything stockade
+    does around it (no cgroup, no mounts, no teardown)."""
+    user = backend.sandbox_user()
+
+    def run() -> None:
+        seccomp_fd = _memfd("seccomp", backend.seccomp_bpf())
+        script_fd = _memfd("script", b"true\n")
+        status_r, status_w = os.pipe()
+        subprocess.run(box.argv(seccomp_fd, script_fd, status_w), env={"PATH": "/usr/bin:/bin"}, user=user.pw_uid,
+                       group=user.pw_gid, extra_groups=[], check=True,
+                       pass_fds=(seccomp_fd, script_fd, status_w), stdout=subprocess.DEVNULL)
+        for fd in (seccomp_fd, script_fd, status_w, status_r):
+            os.close(fd)
+
+    return run
+
+
+def in_process(backend: BwrapBackend, n: int) -> None:
+    """One sandbox per iteration: prepare, run ``true``, teardown."""
+    step = StepRun("bench", "true\n", {"PATH": "/usr/bin:/bin"}, 30)
+
+    def start() -> None:
+        box = backend.prepare(SandboxRequest(f"bench-{os.getpid()}-{time.monotonic_ns()}", 1,
+                                             256 << 20, 64, 16 << 20, 16 << 20, None))
+        try:
+            exit = box.run(step, lambda _: None)
+            assert exit.exit_code == 0, exit
+        finally:
+            assert box.teardown() == []
+
+    probe = backend.prepare(SandboxRequest("bench-argv", 1, 256 << 20, 64, 16 << 20,
+                                           16 << 20, None))
+    baseline = raw_bwrap(backend, probe)
+    try:
+        compare("(a) sandbox start in the runner", start, baseline, n)
+    finally:
+        probe.teardown()
+
+
+def end_to_end(backend: BwrapBackend, n: int) -> None:
+    """``stockade run`` of a one-step ``true`` job."""
+    work = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
+    spec = work / "job.yaml"
+    spec.write_text("name: trivial\nsteps:\n  - {name: t, run: 'true'}\n")
+    env = {**os.environ, "STOCKADE_HOME": str(work / "home")}
+
+    def run() -> None:
+        subprocess.run([STOCKADE, "run", str(spec), "--workspace", str(work / "ws")],
+                       env=env, check=True, stderr=subprocess.DEVNULL)
+
+    (work / "ws").mkdir()
+    run()  # create and migrate the database once, outside the measurement
+    probe = backend.prepare(SandboxRequest("bench-e2e", 1, 256 << 20, 64, 16 << 20,
+                                           16 << 20, None))
+    try:
+        compare("(b) stockade run end to end", run, raw_bwrap(backend, probe), n)
+    finally:
+        probe.teardown()
+
+
+def compare(title: str, subject: Callable[[], None], baseline: Callable[[], None],
+            n: int) -> None:
+    """Interleave ``n`` runs of each, print the medians and their ratio."""
+    for _ in range(5):  # warm caches
+        subject()
+        baseline()
+    a, b = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        subject()
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        baseline()
+        b.append(time.perf_counter() - t)
+    ma, mb = statistics.median(a), statistics.median(b)
+    print(f"{title}: median {ma * 1000:.2f} ms vs raw hardened bwrap {mb * 1000:.2f} ms "
+          f"-> ratio {ma / mb:.2f}x  (n={n}, p90 {sorted(a)[int(n * 0.9)] * 1000:.2f} ms)")
+
+
+def main() -> None:
+    """Run both measurements."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=200, help="runs of (a); (b) runs n/4")
+    args = parser.parse_args()
+    settings = load_settings()
+    ensure_home(settings)
+    backend = BwrapBackend(settings)
+    in_process(backend, args.n)
+    end_to_end(backend, max(20, args.n // 4))
+
+
+if __name__ == "__main__":
+    main()
