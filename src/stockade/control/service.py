@@ -107,6 +107,15 @@ class ControlService:
         return Assignment(job.id, job.attempt, runner_id, job.spec_json,
                           job.lease_expires_at or 0.0)
 
+    def fail_lost(self, dead_runner_jobs: list[str]) -> list[str]:
+        """Fail jobs whose runner died (lease expired, or its sandbox found orphaned)."""
+
+        def event(job: JobRow) -> AuditEvent:
+            return self._event("job.runner_lost", job.id, attempt=job.attempt,
+                               runner_id=job.runner_id)
+
+        return self.store.fail_lost(self.clock(), dead_runner_jobs, event)
+
     def complete(self, c: Completion) -> bool:
         """Record a runner's outcome of an attempt it still holds."""
         changes = {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stockade.config import Settings
 from stockade.errors import SandboxError
-from stockade.sandbox import mounts, reaper, rootfs, seccomp
+from stockade.sandbox import mounts, orphans, reaper, rootfs, seccomp
 from stockade.sandbox.cgroups import JobCgroup, Limits
 from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, StepExit, StepRun
 from stockade.sandbox.workspace import copy_workspace
@@ -92,6 +92,14 @@ class BwrapBackend:
 
         return check_host(self)
 
+    def reap_orphans(self) -> list[str]:
+        """Tear down what runners that died left behind; return the job ids cleaned up."""
+        from stockade.sandbox.orphans import reap_orphans
+
+        if os.geteuid() != 0 or not self.runtime_dir.is_dir():
+            return []
+        return reap_orphans(self.runtime_dir, self.settings.cgroup_name)
+
     def prepare(self, request: SandboxRequest) -> BwrapSandbox:
         """Create the job's tmpfs mounts, workspace copy and cgroup."""
         if os.geteuid() != 0:
@@ -120,6 +128,7 @@ class BwrapSandbox:
         self.job_dir = backend.runtime_dir / request.job_id
         self.cgroup = JobCgroup(request.job_id, backend.settings.cgroup_name)
         self._mounted: list[Path] = []
+        self._lock: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._killed = False
         self._shell = ["/usr/bin/bash", "-e", "-o", "pipefail"] if Path(
@@ -136,6 +145,7 @@ class BwrapSandbox:
         self.backend.etc_dir()
         try:
             self.job_dir.mkdir(mode=0o711)
+            self._lock = orphans.hold_lock(self.job_dir)
             for name, size in (("ws", r.workspace_bytes), ("tmp", r.tmp_bytes)):
                 point = self.job_dir / name
                 point.mkdir(mode=0o700)
@@ -255,6 +265,9 @@ class BwrapSandbox:
         self._mounted = []
         leftovers += [f"mount left behind: {m}" for m in mounts.mounts_under(self.job_dir)]
         if not leftovers:
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
             shutil.rmtree(self.job_dir, ignore_errors=True)
             if self.job_dir.exists():
                 leftovers.append(f"directory left behind: {self.job_dir}")

@@ -88,6 +88,10 @@ class Backend(Protocol):
         """What this host supports and what is active, for ``stockade doctor``."""
         ...
 
+    def reap_orphans(self) -> list[str]:
+        """Tear down sandboxes whose runner died; return their job ids."""
+        ...
+
     def prepare(self, request: SandboxRequest) -> Sandbox:
         """Create the job's sandbox (filesystems, cgroup); raise SandboxError if it cannot."""
         ...

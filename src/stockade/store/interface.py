@@ -72,6 +72,11 @@ class Store(Protocol):
         """Record a job's outcome with its steps and artifacts, if ``runner_id`` still holds it."""
         ...
 
+    def fail_lost(self, now: float, lost_ids: list[str],
+                  event_for: Callable[[JobRow], AuditEvent]) -> list[str]:
+        """Fail running jobs whose lease expired or whose runner is known dead."""
+        ...
+
     def get_job(self, id_or_prefix: str) -> JobRow | None:
         """A job by id or unique id prefix."""
         ...

@@ -134,6 +134,21 @@ class SqliteStore:
             self._append_audit(db, event)
             return True
 
+    def fail_lost(self, now: float, lost_ids: list[str],
+                  event_for: Callable[[JobRow], AuditEvent]) -> list[str]:
+        """Mark running jobs with an expired lease (or in ``lost_ids``) failed: runner_lost."""
+        with self._tx() as db:
+            marks = ", ".join("?" for _ in lost_ids) or "NULL"
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'running' AND "
+                              f"(lease_expires_at < ? OR id IN ({marks}))", (now, *lost_ids))
+            lost = [_job_row(r) for r in rows]
+            for job in lost:
+                self._update(db, job.id, "status = 'running'", (), {
+                    "status": "failed", "failure_reason": "runner_lost", "finished_at": now,
+                    "lease_expires_at": None})
+                self._append_audit(db, event_for(job))
+            return [job.id for job in lost]
+
     def get_job(self, id_or_prefix: str) -> JobRow | None:
         """A job by id or unique prefix (None if unknown or ambiguous)."""
         rows = self._db.execute(

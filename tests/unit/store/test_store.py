@@ -66,7 +66,8 @@ def test_claim_takes_the_oldest_eligible_job_once(tmp_path: Path) -> None:
         return "gpu" not in j.labels_json
     claimed = store.claim_next("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id), no_gpu)
     assert claimed is not None and claimed.id == "j2" and claimed.attempt == 1
-    assert store.claim_next("r2", lambda j: 100.0, lambda j: ev("job.claimed", j.id), no_gpu) is None
+    again = store.claim_next("r2", lambda j: 100.0, lambda j: ev("job.claimed", j.id), no_gpu)
+    assert again is None
     assert store.get_job("j2").status == "running"  # type: ignore[union-attr]
 
 

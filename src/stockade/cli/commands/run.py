@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -44,11 +45,15 @@ def main(args: argparse.Namespace) -> int:
     if not workspace.is_dir():
         raise UsageError(f"workspace {workspace} is not a directory",
                          hint="pass --workspace DIR with an existing directory")
+    backend = get_backend("bwrap", settings)
+    for lost in control.fail_lost(backend.reap_orphans()):
+        sys.stderr.write(f"stockade: job {lost} lost its runner; marked failed (runner_lost)\n")
     job = control.submit(spec)
     if job.status == "queued":
-        runner = Runner(settings, get_backend("bwrap", settings), control,
-                        new_runner_id(f"local-{os.uname().nodename}"),
-                        live=sys.stderr.buffer)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # cancel, then tear down
+        signal.signal(signal.SIGHUP, signal.default_int_handler)
+        runner = Runner(settings, backend, control,
+                        new_runner_id(f"local-{os.uname().nodename}"), live=sys.stderr.buffer)
         runner.run_one(workspace, job_id=job.id)
     view = control.view(job.id)
     assert view is not None

@@ -1,0 +1,75 @@
+"""Finding and removing what a runner that died left behind: job directories, mounts, cgroups.
+
+A live runner holds an exclusive ``flock`` on ``<runtime>/<job>/.lock`` for the whole job; the
+kernel drops it when the runner dies, however it dies. Anything of a job whose lock can be
+taken is therefore an orphan and is torn down the way a normal teardown would.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from stockade.sandbox import mounts
+from stockade.sandbox.cgroups import ROOT, JobCgroup
+
+LOCK_NAME = ".lock"
+_JOB_DIR = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
+_GRACE_S = 30.0  # a directory without a lock may be one being created right now
+
+
+def hold_lock(job_dir: Path) -> int:
+    """Create and lock ``job_dir/.lock``; keep the returned fd open while the job lives."""
+    fd = os.open(job_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _is_orphan(job_dir: Path) -> bool:
+    try:
+        fd = os.open(job_dir / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            return time.time() - job_dir.stat().st_mtime > _GRACE_S
+        except FileNotFoundError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _cgroup_names(parent: str) -> set[str]:
+    names: set[str] = set()
+    for base in (ROOT / "memory" / parent, ROOT / "pids" / parent, ROOT / parent):
+        if base.is_dir():
+            names.update(p.name for p in base.iterdir() if p.is_dir())
+    return names
+
+
+def reap_orphans(runtime_dir: Path, cgroup_parent: str) -> list[str]:
+    """Tear down every orphaned job under ``runtime_dir``; return their ids."""
+    candidates = {p.name for p in runtime_dir.iterdir()
+                  if p.is_dir() and _JOB_DIR.match(p.name) and not p.name.startswith("etc-")}
+    candidates |= _cgroup_names(cgroup_parent)
+    reaped = []
+    for name in sorted(candidates):
+        job_dir = runtime_dir / name
+        if job_dir.is_dir() and not _is_orphan(job_dir):
+            continue
+        JobCgroup(name, cgroup_parent).remove()
+        for point in reversed(mounts.mounts_under(job_dir)):
+            try:
+                mounts.unmount(Path(point))
+            except OSError:
+                continue
+        shutil.rmtree(job_dir, ignore_errors=True)
+        reaped.append(name)
+    return reaped
