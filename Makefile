@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 venv: $(VENV)/.installed
+	@$(PY) -m compileall -q src >/dev/null
 
 demo: setup
 	@echo "== stockade doctor"; $(VENV)/bin/stockade doctor
@@ -49,6 +50,7 @@ containment: setup
 	$(VENV)/bin/pytest -q tests/containment
 
 bench: setup
+	@command -v podman >/dev/null || (apt-get install -y -qq podman runc busybox-static >/dev/null)
 	$(PY) benchmarks/job_start.py
 
 clean:

@@ -3,7 +3,11 @@
 (a) In-process sandbox start: prepare (tmpfs mounts, cgroup), spawn, first instruction of a
     trivial step, teardown (kill, unmount, remove, verify) -- as the runner does it per job.
 (b) ``stockade run`` of a trivial job end to end (CLI start, spec, SQLite transactions,
-    sandbox, result) as a subprocess.
+    sandbox, result) as a subprocess; once with the validated spec cached (an unchanged spec,
+    the usual case) and once with a spec that changes every run (validation every time).
+(c) if podman is installed: a locked-down ``podman run`` of a tiny busybox image (imported
+    from Debian's busybox-static, runc, no network, all capabilities dropped, read-only,
+    no-new-privileges, pids and memory limits), the comparison target of (b).
 
 Each baseline run is a raw bwrap with the same hardening flags and seccomp filter, started as
 the same unprivileged user, interleaved with the measured runs so that both see the same
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,8 +44,9 @@ def raw_bwrap(backend: BwrapBackend, box: BwrapSandbox) -> Callable[[], None]:
         seccomp_fd = _memfd("seccomp", backend.seccomp_bpf())
         script_fd = _memfd("script", b"true\n")
         status_r, status_w = os.pipe()
-        subprocess.run(box.argv(seccomp_fd, script_fd, status_w), env={"PATH": "/usr/bin:/bin"}, user=user.pw_uid,
-                       group=user.pw_gid, extra_groups=[], check=True,
+        subprocess.run(box.argv(seccomp_fd, script_fd, status_w),
+                       env={"PATH": "/usr/bin:/bin"}, user=user.pw_uid, group=user.pw_gid,
+                       extra_groups=[], check=True,
                        pass_fds=(seccomp_fd, script_fd, status_w), stdout=subprocess.DEVNULL)
         for fd in (seccomp_fd, script_fd, status_w, status_r):
             os.close(fd)
@@ -71,24 +77,57 @@ def in_process(backend: BwrapBackend, n: int) -> None:
 
 
 def end_to_end(backend: BwrapBackend, n: int) -> None:
-    """``stockade run`` of a one-step ``true`` job."""
+    """``stockade run`` of a one-step ``true`` job, with the spec cached and not."""
     work = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     spec = work / "job.yaml"
-    spec.write_text("name: trivial\nsteps:\n  - {name: t, run: 'true'}\n")
     env = {**os.environ, "STOCKADE_HOME": str(work / "home")}
+    (work / "ws").mkdir()
+    counter = iter(range(10**9))
 
-    def run() -> None:
+    def run(changing: bool = False) -> None:
+        suffix = f"# run {next(counter)}\n" if changing else ""
+        spec.write_text(f"name: trivial\nsteps:\n  - {{name: t, run: 'true'}}\n{suffix}")
         subprocess.run([STOCKADE, "run", str(spec), "--workspace", str(work / "ws")],
                        env=env, check=True, stderr=subprocess.DEVNULL)
 
-    (work / "ws").mkdir()
     run()  # create and migrate the database once, outside the measurement
     probe = backend.prepare(SandboxRequest("bench-e2e", 1, 256 << 20, 64, 16 << 20,
                                            16 << 20, None))
+    baseline = raw_bwrap(backend, probe)
     try:
-        compare("(b) stockade run end to end", run, raw_bwrap(backend, probe), n)
+        compare("(b) stockade run, spec cached", run, baseline, n)
+        compare("(b) stockade run, spec validated", lambda: run(True), baseline, n)
+        podman = podman_run(work)
+        if podman:
+            compare("(c) locked-down podman run", podman, baseline, n)
+        else:
+            print("(c) podman is not installed: apt-get install podman runc busybox-static")
     finally:
         probe.teardown()
+
+
+def podman_run(work: Path) -> Callable[[], None] | None:
+    """A locked-down ``podman run`` of a tiny image, or None if podman is missing."""
+    if not (shutil.which("podman") and shutil.which("runc") and Path("/bin/busybox").exists()):
+        return None
+    root = work / "tiny" / "bin"
+    root.mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "busybox")
+    os.symlink("busybox", root / "true")
+    image = "localhost/stockade-bench-tiny:latest"
+    tar = subprocess.run(["tar", "-C", str(root.parent), "-c", "."], capture_output=True,
+                         check=True).stdout
+    subprocess.run(["podman", "import", "-", image], input=tar, check=True,
+                   capture_output=True)
+    argv = ["podman", "--runtime", "runc", "run", "--rm", "--network", "none",
+            "--cap-drop", "all", "--read-only", "--security-opt", "no-new-privileges",
+            "--pids-limit", "64", "--memory", "256m", "--ulimit", "nofile=1024:1024",
+            "--ulimit", "nproc=1024:1024", image, "/bin/true"]
+
+    def run() -> None:
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+    return run
 
 
 def compare(title: str, subject: Callable[[], None], baseline: Callable[[], None],
