@@ -73,10 +73,18 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     home = default_home(env)
     settings = Settings(home=home)
     path = Path(env["STOCKADE_CONFIG"]) if env.get("STOCKADE_CONFIG") else home / "config.toml"
-    if path.exists():
+    if _exists(path):
         settings = _apply(settings, _read_toml(path), str(path))
     overrides = {name: env[var] for var, name in _ENV.items() if env.get(var)}
     return _apply(settings, overrides, "environment")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError as e:
+        raise ConfigError(f"cannot look for the settings file {path}: {e.strerror}",
+                          hint="set STOCKADE_HOME to a directory you can access") from e
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
 from tests.conftest import STOCKADE, cli_env, run_cli
@@ -193,3 +195,34 @@ def test_help_documents_the_commands(stockade_home: Path) -> None:
 def test_console_script_is_installed() -> None:
     assert os.access(STOCKADE, os.X_OK)
     assert cli_env(Path("/x"))["STOCKADE_HOME"] == "/x"
+
+
+def test_without_root_stockade_refuses_to_run_jobs() -> None:
+    home = Path(tempfile.mkdtemp(prefix="stockade-nobody-"))
+    os.chown(home, 65534, 65534)
+    spec = home / "job.yaml"
+    spec.write_text("name: x\nsteps:\n  - {name: a, run: 'true'}\n")
+    os.chown(spec, 65534, 65534)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    env = cli_env(home / "state", STOCKADE_RUNTIME_DIR=str(home / "run"))
+    run = subprocess.run([*as_nobody, STOCKADE, "run", str(spec), "--workspace", str(home),
+                          "--json"], capture_output=True, text=True, env=env, cwd=home)
+    assert run.returncode == 4, run.stderr
+    assert "must run as root" in json.loads(run.stdout)["error"]
+    doctor = subprocess.run([*as_nobody, STOCKADE, "doctor"], capture_output=True, text=True,
+                            env=env, cwd=home)
+    assert doctor.returncode == 4
+    assert "FAIL running as root" in doctor.stdout
+    assert "cannot run jobs with the full hardening baseline" in doctor.stdout
+    shutil.rmtree(home)
+
+
+def test_an_inaccessible_state_directory_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    env = cli_env(private / "home")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           STOCKADE, "jobs"], capture_output=True, text=True, env=env, cwd="/")
+    assert proc.returncode == 2
+    assert "set STOCKADE_HOME to a directory you can access" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -60,11 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     except StockadeError as e:
         sys.stderr.write(f"stockade: {e.diagnostics()}\n")
         return e.exit_code
+    except BrokenPipeError:
+        return 0
+    except OSError as e:  # a host problem no module translated: still no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        sys.stderr.write(f"stockade: {e.strerror or e}{where}\n")
+        return 4
     except KeyboardInterrupt:
         sys.stderr.write("stockade: interrupted\n")
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

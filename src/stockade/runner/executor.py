@@ -116,7 +116,7 @@ class Runner:
                         log.note(f"TEARDOWN FAILED: {item}")
                     status, reason = JobStatus.ERROR, FailureReason.SYSTEM_ERROR
         duration = time.monotonic() - started
-        self._summary(log, spec, status, reason, steps, artifacts, duration)
+        self._summary(log, spec, a.job_id, status, reason, steps, artifacts, duration)
         details["log_truncated"] = log.dropped > 0
         log.close()
         return Completion(a.job_id, a.attempt, self.runner_id, status, reason, exit_code,
@@ -148,7 +148,7 @@ class Runner:
             log.note(f"step {step.name} succeeded in {exit.duration_s:.2f}s")
         return JobStatus.SUCCEEDED, None, 0
 
-    def _summary(self, log: JobLog, spec: Job, status: JobStatus,
+    def _summary(self, log: JobLog, spec: Job, job_id: str, status: JobStatus,
                  reason: FailureReason | None, steps: list[StepReport],
                  artifacts: list[Any], duration: float) -> None:
         outcome = status.value + (f" ({reason.value})" if reason else "")
@@ -156,6 +156,8 @@ class Runner:
                  f"{len(steps)}/{len(spec.steps)} steps run, {len(artifacts)} artifacts")
         for art in artifacts:
             log.note(f"artifact {art.path} {format_size(art.size)} sha256:{art.sha256[:16]}…")
+        if artifacts:
+            log.note(f"artifacts stored in {self.settings.artifacts_dir / job_id}")
 
 
 def _classify(exit: StepExit) -> tuple[str, FailureReason | None]:

@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
         return 0 if ok else 4
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     for f in findings:
         mark = "[green]ok  [/]" if f.ok else ("[red]FAIL[/]" if f.required else "[yellow]warn[/]")
         console.print(f"{mark} {f.control}: {f.detail}")
