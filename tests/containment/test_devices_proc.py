@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 
 
 def test_dev_is_minimal_and_read_only(hostile) -> None:
@@ -54,3 +55,15 @@ def test_no_extra_file_descriptors_are_inherited(hostile) -> None:
     targets = [ln.split("->")[1].strip() for ln in lines]
     assert len(targets) == 4, targets  # stdin, stdout, stderr and ls's own directory fd
     assert not any("cgroup" in t or "memfd" in t for t in targets)
+
+
+def test_host_sysv_ipc_is_invisible(hostile) -> None:
+    made = subprocess.run(["ipcmk", "-M", "4096"], capture_output=True, text=True, check=True)
+    shm_id = made.stdout.split(":")[-1].strip()
+    try:
+        run = hostile(f"ipcs -m; ipcrm -m {shm_id} 2>&1 || echo CANNOT-REMOVE; echo DONE")
+        assert "DONE" in run.log and "CANNOT-REMOVE" in run.log
+        listed = subprocess.run(["ipcs", "-m", "-i", shm_id], capture_output=True, text=True)
+        assert listed.returncode == 0  # still there on the host
+    finally:
+        subprocess.run(["ipcrm", "-m", shm_id], check=False)

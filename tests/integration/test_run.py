@@ -106,8 +106,8 @@ def test_step_timeout(run_job) -> None:
 
 
 def test_job_timeout_spans_steps(run_job) -> None:
-    run = run_job("name: t\nresources: {timeout: 2s}\nsteps:\n"
-                  "  - {name: a, run: 'sleep 1.2'}\n  - {name: b, run: 'sleep 30'}\n")
+    run = run_job("name: t\nresources: {timeout: 4s}\nsteps:\n"
+                  "  - {name: a, run: 'sleep 1'}\n  - {name: b, run: 'sleep 30'}\n")
     assert (run.rc, run.result["failure_reason"]) == (1, "timeout")
     assert run.step_status == ["succeeded", "timed_out"]
 
