@@ -50,3 +50,24 @@ def test_artifact_special_files_do_not_hang_collection(hostile) -> None:
 def test_artifact_globs_cannot_climb_out(run_job, tmp_path: Path) -> None:
     run = run_job("name: climb\nartifacts: ['../**']\nsteps:\n  - {name: a, run: 'true'}\n")
     assert run.rc == 2
+
+
+def test_hostile_artifact_trees_do_not_break_collection(hostile) -> None:
+    run = hostile("""
+        mkdir -p out && cd out && echo ok > plain.txt
+        python3 - <<'PY'
+        import os
+        open(b"bad-\\xff-name", "w").close()
+        os.makedirs("deep", exist_ok=True)
+        os.chdir("deep")
+        for _ in range(3000):  # deeper than Python's recursion limit
+            os.mkdir("d")
+            os.chdir("d")
+        open("bottom.txt", "w").write("deep")
+        PY
+    """, extra="artifacts: ['out/**']\n")
+    assert run.rc == 0, run.result
+    paths = [a["path"] for a in run.result["artifacts"]]
+    assert "out/plain.txt" in paths
+    refused = " ".join(run.result.get("artifacts_refused", []))
+    assert "not valid UTF-8" in refused

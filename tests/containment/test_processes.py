@@ -57,3 +57,10 @@ def test_sandbox_processes_are_not_host_root(hostile, host) -> None:
     assert "DONE" in run.log
     assert host.sampler.uids, "the sampler saw no sandboxed process"
     assert 0 not in host.sampler.uids
+
+
+def test_closing_the_output_does_not_escape_the_timeout(hostile) -> None:
+    run = hostile("exec >/dev/null 2>&1 </dev/null; trap '' TERM; sleep 300",
+                  step="    timeout: 2s\n")
+    assert run.result["failure_reason"] == "timeout"
+    assert run.elapsed < 30

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,32 +49,48 @@ def collect(workspace: Path, patterns: tuple[str, ...], dest: Path,
     stored: list[ArtifactReport] = []
     refused: list[str] = []
     total = 0
-    for rel in _walk(workspace):
+    for rel, entry in _walk(workspace, refused):
         if not any(r.match(rel) for r in regexes):
             continue
-        src = workspace / rel
-        mode = os.lstat(src).st_mode
-        if stat.S_ISLNK(mode):
+        if entry.is_symlink():
             refused.append(f"{rel}: is a symlink; artifacts never follow links")
             continue
-        if not stat.S_ISREG(mode):
+        if not entry.is_file(follow_symlinks=False):
             continue
-        size = os.lstat(src).st_size
+        size = entry.stat(follow_symlinks=False).st_size
         if size > max_file or total + size > max_total:
             refused.append(f"{rel}: {size} bytes exceeds the artifact size cap")
             continue
-        stored.append(_copy(src, dest / rel, rel))
+        try:
+            rel.encode()
+        except UnicodeEncodeError:
+            refused.append(f"{rel!r}: the file name is not valid UTF-8")
+            continue
+        stored.append(_copy(Path(entry.path), dest / rel, rel))
         total += size
     return Collected(stored, refused)
 
 
-def _walk(root: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
-    return sorted(found)
+def _walk(root: Path, refused: list[str]) -> list[tuple[str, os.DirEntry[str]]]:
+    """Every entry below ``root`` without following links, iteratively (no recursion limit)."""
+    found: list[tuple[str, os.DirEntry[str]]] = []
+    stack = [("", str(root))]
+    while stack:
+        rel_dir, path = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError as e:
+            shown = rel_dir if len(rel_dir) < 200 else f"{rel_dir[:100]}…{rel_dir[-60:]}"
+            refused.append(f"{shown or '.'}: cannot be read ({e.strerror})")
+            continue
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((rel, entry.path))
+            else:
+                found.append((rel, entry))
+    return sorted(found, key=lambda item: item[0])
 
 
 def _copy(src: Path, dst: Path, rel: str) -> ArtifactReport:

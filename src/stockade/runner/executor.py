@@ -16,7 +16,7 @@ from stockade.api.protocol import (
     StepReport,
 )
 from stockade.config import Settings
-from stockade.errors import StockadeError, UsageError
+from stockade.errors import StockadeError
 from stockade.runner.artifacts import collect
 from stockade.runner.logs import JobLog
 from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExit, StepRun
@@ -99,14 +99,14 @@ class Runner:
         except KeyboardInterrupt:
             status, reason, exit_code = JobStatus.FAILED, FailureReason.CANCELED, None
             log.note("canceled by the user")
-        except UsageError as e:
-            status, reason, exit_code = JobStatus.ERROR, FailureReason.SYSTEM_ERROR, None
-            details["error"] = e.diagnostics()
-            log.note(f"error: {e.diagnostics()}")
         except StockadeError as e:
             status, reason, exit_code = JobStatus.ERROR, FailureReason.SYSTEM_ERROR, None
             details["error"] = e.diagnostics()
-            log.note(f"sandbox error: {e.diagnostics()}")
+            log.note(f"error: {e.diagnostics()}")
+        except Exception as e:  # noqa: BLE001 - the job boundary: record it, never lose the job
+            status, reason, exit_code = JobStatus.ERROR, FailureReason.SYSTEM_ERROR, None
+            details["error"] = f"internal error: {type(e).__name__}: {e}"
+            log.note(f"internal error: {type(e).__name__}: {e}")
         finally:
             if sandbox is not None:
                 leftovers = sandbox.teardown()

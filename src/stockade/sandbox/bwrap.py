@@ -94,11 +94,9 @@ class BwrapBackend:
 
     def reap_orphans(self) -> list[str]:
         """Tear down what runners that died left behind; return the job ids cleaned up."""
-        from stockade.sandbox.orphans import reap_orphans
-
         if os.geteuid() != 0 or not self.runtime_dir.is_dir():
             return []
-        return reap_orphans(self.runtime_dir, self.settings.cgroup_name)
+        return orphans.reap_orphans(self.runtime_dir, self.settings.cgroup_name)
 
     def prepare(self, request: SandboxRequest) -> BwrapSandbox:
         """Create the job's tmpfs mounts, workspace copy and cgroup."""
@@ -213,9 +211,15 @@ class BwrapSandbox:
             for fd in (seccomp_fd, script_fd, status_w):
                 os.close(fd)
         assert self._proc.stdout is not None
-        timed_out = self._pump(self._proc.stdout.fileno(), sink, start + step.timeout)
+        deadline = start + step.timeout
+        timed_out = self._pump(self._proc.stdout.fileno(), sink, deadline)
         self._proc.stdout.close()
-        returncode = self._proc.wait()
+        try:  # the step may have closed its output and still be running
+            returncode = self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.kill()
+            returncode = self._proc.wait()
         status = _read_status(status_r)
         if "child-pid" in status:  # bwrap's own init can outlive bwrap by a moment: reap it
             reaper.reap([status["child-pid"]], time.monotonic() + 5)
