@@ -103,7 +103,7 @@ class Runner:
             status, reason, exit_code = JobStatus.ERROR, FailureReason.SYSTEM_ERROR, None
             details["error"] = e.diagnostics()
             log.note(f"error: {e.diagnostics()}")
-        except Exception as e:  # noqa: BLE001 - the job boundary: record it, never lose the job
+        except Exception as e:  # the job boundary: record it, never lose the job
             status, reason, exit_code = JobStatus.ERROR, FailureReason.SYSTEM_ERROR, None
             details["error"] = f"internal error: {type(e).__name__}: {e}"
             log.note(f"internal error: {type(e).__name__}: {e}")
