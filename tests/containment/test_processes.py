@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+
 
 def test_host_processes_are_invisible(hostile, host) -> None:
     run = hostile("""
@@ -64,3 +66,24 @@ def test_closing_the_output_does_not_escape_the_timeout(hostile) -> None:
                   step="    timeout: 2s\n")
     assert run.result["failure_reason"] == "timeout"
     assert run.elapsed < 30
+
+
+def test_core_dumps_are_disabled(hostile) -> None:
+    before = resource.getrlimit(resource.RLIMIT_CORE)
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    resource.setrlimit(resource.RLIMIT_CORE, unlimited)  # the runner itself may dump cores
+    try:
+        run = core_probe(hostile)
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, before)
+    assert "core limit: 0 hard 0" in run.log
+    assert "RAISED" not in run.log and "NO-CORE" in run.log
+
+
+def core_probe(hostile):
+    return hostile("""
+        echo "core limit: $(ulimit -c) hard $(ulimit -H -c)"
+        ulimit -c unlimited 2>/dev/null && echo RAISED
+        sh -c 'kill -SEGV $$' || true
+        ls core* 2>/dev/null || echo NO-CORE
+    """)

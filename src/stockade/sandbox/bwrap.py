@@ -6,7 +6,8 @@ count against the job's memory limit) and the job's cgroup. Per step it starts b
 unprivileged sandbox user, which enters the cgroup first (see ``cgroups.py``). Inside: fresh
 user/pid/net/ipc/uts/mount/cgroup namespaces, uid 1000, no capabilities, no_new_privs, the
 seccomp filter, read-only root (host ``/usr`` + synthetic ``/etc``), a fresh ``/proc``, a
-minimal read-only ``/dev``. When the step's shell exits, its pid namespace dies with it.
+minimal read-only ``/dev``, no core dumps. When the step's shell exits, its pid namespace dies
+with it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import resource
 import select
 import shutil
 import subprocess
@@ -193,16 +195,18 @@ class BwrapSandbox:
         status_r, status_w = os.pipe()
         procs_fds = self.cgroup.procs_fds()
 
-        def enter_cgroup() -> None:
+        def in_child() -> None:
             for fd in procs_fds:  # runs as the sandbox user; the fds were opened by root
                 os.write(fd, b"0")
+            # no core dumps: a core_pattern pipe helper would run on the host, as root
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
         try:
             self._proc = subprocess.Popen(
                 self.argv(seccomp_fd, script_fd, status_w), env=dict(step.env),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[],
-                pass_fds=(seccomp_fd, script_fd, status_w), preexec_fn=enter_cgroup,
+                pass_fds=(seccomp_fd, script_fd, status_w), preexec_fn=in_child,
                 start_new_session=True, cwd="/",
             )
         except (OSError, subprocess.SubprocessError) as e:
