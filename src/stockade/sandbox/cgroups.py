@@ -182,7 +182,7 @@ class JobCgroup:
             seen.update(pids)
             if time.monotonic() > deadline:
                 return False
-            if self.layout == "v2":
+            if (self._main / "cgroup.kill").exists():  # cgroup v2 on Linux 5.14 and newer
                 _write(self._main / "cgroup.kill", "1")
             else:
                 self._freeze_and_kill()
@@ -190,14 +190,22 @@ class JobCgroup:
         return reap(seen, deadline)
 
     def _freeze_and_kill(self) -> None:
-        freezer = self.dirs.get("freezer")
-        if freezer:  # frozen processes cannot fork while we kill them
-            _write(freezer / "freezer.state", "FROZEN")
+        """Freeze the job (frozen processes cannot fork), SIGKILL each process, thaw."""
+        if self.layout == "v1":
+            state, frozen, thawed = "freezer.state", "FROZEN", "THAWED"
+            freezer = self.dirs.get("freezer")
+        else:
+            state, frozen, thawed = "cgroup.freeze", "1", "0"
+            freezer = self._main
+        if freezer and not (freezer / state).exists():
+            freezer = None
+        if freezer:
+            _write(freezer / state, frozen)
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         if freezer:
-            _write(freezer / "freezer.state", "THAWED")
+            _write(freezer / state, thawed)
 
     def remove(self) -> list[str]:
         """Close the open files, kill what is left and remove the directories; return leftovers."""
