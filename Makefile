@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := bubblewrap libseccomp2 python3 util-linux procps iproute2 curl
+APT_PACKAGES := bubblewrap libseccomp2 python3 util-linux procps iproute2 curl socat openssl gcc
 
 .PHONY: setup system venv demo test lint unit containment bench clean
 

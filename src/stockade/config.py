@@ -28,6 +28,10 @@ class Settings:
     runtime_dir: str = "/run/stockade"
     artifact_max_file_bytes: int = 512 * MiB
     artifact_max_total_bytes: int = 1024 * MiB
+    egress_hosts_file: str = ""
+    egress_max_connections: int = 64
+    egress_header_timeout_s: float = 10.0
+    egress_idle_timeout_s: float = 300.0
 
     @property
     def db_path(self) -> Path:
@@ -57,6 +61,10 @@ _ENV = {
     "STOCKADE_RUNTIME_DIR": "runtime_dir",
     "STOCKADE_ARTIFACT_MAX_FILE": "artifact_max_file_bytes",
     "STOCKADE_ARTIFACT_MAX_TOTAL": "artifact_max_total_bytes",
+    "STOCKADE_EGRESS_HOSTS_FILE": "egress_hosts_file",
+    "STOCKADE_EGRESS_MAX_CONNECTIONS": "egress_max_connections",
+    "STOCKADE_EGRESS_HEADER_TIMEOUT": "egress_header_timeout_s",
+    "STOCKADE_EGRESS_IDLE_TIMEOUT": "egress_idle_timeout_s",
 }
 
 
@@ -105,11 +113,12 @@ def _apply(settings: Settings, values: dict[str, Any], source: str) -> Settings:
             raise ConfigError(
                 f"{source}: unknown setting {key!r}", hint=f"known settings: {', '.join(known)}"
             )
-        if known[key] == "int":
+        if known[key] in ("int", "float"):
+            kind = int if known[key] == "int" else float
             try:
-                changes[key] = int(value)
+                changes[key] = kind(value)
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"{source}: {key} must be an integer, not {value!r}") from e
+                raise ConfigError(f"{source}: {key} must be a number, not {value!r}") from e
         else:
             changes[key] = str(value)
     return replace(settings, **changes)

@@ -68,6 +68,27 @@ class ArtifactReport:
 
 
 @dataclass(frozen=True)
+class EgressRecord:
+    """One connection attempt through the egress proxy and what became of it."""
+
+    host: str
+    port: int
+    address: str | None
+    allowed: bool
+    reason: str
+    audit_only: bool  # allowed only because the mode is audit: block mode would refuse it
+    bytes_up: int
+    bytes_down: int
+    duration_s: float
+    at: float
+
+    @property
+    def destination(self) -> str:
+        """``host:port`` (IPv6 literals bracketed)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Completion:
     """A runner's report of a finished attempt."""
 
@@ -81,6 +102,7 @@ class Completion:
     artifacts: tuple[ArtifactReport, ...]
     duration_s: float
     details: dict[str, Any] = field(default_factory=dict)
+    egress: tuple[EgressRecord, ...] = ()
 
 
 class ControlPlane(Protocol):

@@ -8,7 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stockade.api.protocol import Assignment, Completion, FailureReason, JobStatus
+from stockade.api.protocol import (
+    Assignment,
+    Completion,
+    EgressRecord,
+    FailureReason,
+    JobStatus,
+)
 from stockade.audit import AuditEvent
 from stockade.ids import new_job_id
 from stockade.spec import Job
@@ -39,11 +45,28 @@ class JobView:
                        "duration_s": round(s.duration_s, 3)} for s in self.steps],
             "artifacts": [{"path": a.path, "sha256": a.sha256, "size": a.size}
                           for a in self.artifacts],
-            "egress": {"allowed": [], "denied": []},
+            "egress": extra.get("egress", {"allowed": [], "denied": []}),
             "duration_s": extra.get("duration_s"),
             "created_at": self.job.created_at,
-            **{k: v for k, v in extra.items() if k != "duration_s"},
+            **{k: v for k, v in extra.items() if k not in ("duration_s", "egress")},
         }
+
+
+def egress_summary(records: tuple[EgressRecord, ...]) -> dict[str, list[str]]:
+    """The ``egress`` object of a result: destinations allowed, denied, audit-only."""
+    return {
+        "allowed": sorted({r.destination for r in records if r.allowed}),
+        "denied": sorted({r.destination for r in records if not r.allowed}),
+        "audit_would_deny": sorted({r.destination for r in records if r.audit_only}),
+    }
+
+
+def egress_detail(r: EgressRecord, attempt: int) -> dict[str, Any]:
+    """The audit detail of one egress decision."""
+    return {"attempt": attempt, "host": r.host, "port": r.port, "address": r.address,
+            "decision": "allowed" if r.allowed else "denied", "reason": r.reason,
+            "audit_only": r.audit_only, "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
+            "duration_s": round(r.duration_s, 3)}
 
 
 class ControlService:
@@ -117,20 +140,25 @@ class ControlService:
         return self.store.fail_lost(self.clock(), dead_runner_jobs, event)
 
     def complete(self, c: Completion) -> bool:
-        """Record a runner's outcome of an attempt it still holds."""
+        """Record a runner's outcome of an attempt it still holds, with its egress decisions."""
+        details = {"duration_s": round(c.duration_s, 3), **c.details,
+                   "egress": egress_summary(c.egress)}
         changes = {
             "status": c.status.value,
             "failure_reason": c.failure_reason.value if c.failure_reason else None,
             "exit_code": c.exit_code, "finished_at": self.clock(), "lease_expires_at": None,
-            "result_json": json.dumps({"duration_s": round(c.duration_s, 3), **c.details}),
+            "result_json": json.dumps(details),
         }
         steps = [StepRow(i, s.name, s.status, s.exit_code, s.duration_s)
                  for i, s in enumerate(c.steps)]
         artifacts = [ArtifactRow(a.path, a.sha256, a.size) for a in c.artifacts]
-        event = self._event(f"job.{c.status.value}", c.job_id, actor=f"runner:{c.runner_id}",
-                            attempt=c.attempt, failure_reason=changes["failure_reason"],
-                            exit_code=c.exit_code)
-        return self.store.finish_job(c.job_id, c.runner_id, changes, steps, artifacts, event)
+        actor = f"runner:{c.runner_id}"
+        events = [AuditEvent(actor, "egress.allowed" if r.allowed else "egress.denied", r.at,
+                             c.job_id, egress_detail(r, c.attempt)) for r in c.egress]
+        events.append(self._event(f"job.{c.status.value}", c.job_id, actor=actor,
+                                  attempt=c.attempt, failure_reason=changes["failure_reason"],
+                                  exit_code=c.exit_code))
+        return self.store.finish_job(c.job_id, c.runner_id, changes, steps, artifacts, events)
 
     def view(self, id_or_prefix: str) -> JobView | None:
         """A job by id or unique prefix, with steps and artifacts."""

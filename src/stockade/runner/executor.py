@@ -11,6 +11,7 @@ from stockade.api.protocol import (
     Assignment,
     Completion,
     ControlPlane,
+    EgressRecord,
     FailureReason,
     JobStatus,
     StepReport,
@@ -18,6 +19,7 @@ from stockade.api.protocol import (
 from stockade.config import Settings
 from stockade.errors import StockadeError
 from stockade.runner.artifacts import collect
+from stockade.runner.egress import EgressSession, proxy_env
 from stockade.runner.logs import JobLog
 from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExit, StepRun
 from stockade.spec import Job
@@ -82,10 +84,15 @@ class Runner:
         reason: FailureReason | None = None
         exit_code: int | None = 0
         sandbox: Sandbox | None = None
+        egress: EgressSession | None = None
+        records: tuple[EgressRecord, ...] = ()
         try:
             log.note(f"job {spec.name} ({a.job_id}) attempt {a.attempt} on {self.runner_id}")
             sandbox = self.backend.prepare(self._request(spec, a, workspace))
-            status, reason, exit_code = self._run_steps(spec, a, sandbox, log, steps, started)
+            if sandbox.egress_listener is not None:
+                egress = EgressSession(self.settings, spec, sandbox, log)
+            status, reason, exit_code = self._run_steps(spec, a, sandbox, log, steps, started,
+                                                        egress)
             collected = collect(sandbox.workspace, spec.artifacts,
                                 self.settings.artifacts_dir / a.job_id,
                                 self.settings.artifact_max_file_bytes,
@@ -108,6 +115,8 @@ class Runner:
             details["error"] = f"internal error: {type(e).__name__}: {e}"
             log.note(f"internal error: {type(e).__name__}: {e}")
         finally:
+            if egress is not None:
+                records = egress.close()
             if sandbox is not None:
                 leftovers = sandbox.teardown()
                 if leftovers:
@@ -120,27 +129,29 @@ class Runner:
         details["log_truncated"] = log.dropped > 0
         log.close()
         return Completion(a.job_id, a.attempt, self.runner_id, status, reason, exit_code,
-                          tuple(steps), tuple(artifacts), duration, details)
+                          tuple(steps), tuple(artifacts), duration, details, records)
 
     def _request(self, spec: Job, a: Assignment, workspace: Path | None) -> SandboxRequest:
         r = spec.resources
         return SandboxRequest(job_id=a.job_id, cpus=r.cpus, memory_bytes=r.memory, pids=r.pids,
                               tmp_bytes=r.tmp, workspace_bytes=r.workspace,
-                              workspace_src=workspace)
+                              workspace_src=workspace, egress=spec.egress.mode != "none")
 
     def _run_steps(self, spec: Job, a: Assignment, sandbox: Sandbox, log: JobLog,
-                   steps: list[StepReport], started: float
+                   steps: list[StepReport], started: float, egress: EgressSession | None
                    ) -> tuple[JobStatus, FailureReason | None, int | None]:
         deadline = started + spec.timeout
+        extra_env = proxy_env(sandbox.proxy_url) if sandbox.proxy_url else {}
         for step in spec.steps:
+            if egress is not None and egress.violated:
+                return JobStatus.FAILED, FailureReason.EGRESS_VIOLATION, None
             remaining = deadline - time.monotonic()
             timeout = min(step.timeout or math.inf, remaining)
             log.note(f"step {step.name}")
-            exit = sandbox.run(StepRun(step.name, step.run,
-                                       step_env(spec, a.job_id, a.attempt, step.name),
-                                       max(timeout, 0.0)), log.output)
+            env = {**step_env(spec, a.job_id, a.attempt, step.name), **extra_env}
+            exit = sandbox.run(StepRun(step.name, step.run, env, max(timeout, 0.0)), log.output)
             log.flush_partial()
-            step_status, reason = _classify(exit)
+            step_status, reason = _classify(exit, egress is not None and egress.violated)
             steps.append(StepReport(step.name, step_status, exit.exit_code, exit.duration_s))
             if reason is not None:
                 log.note(_explain(step.name, exit, reason, timeout, spec))
@@ -160,7 +171,9 @@ class Runner:
             log.note(f"artifacts stored in {self.settings.artifacts_dir / job_id}")
 
 
-def _classify(exit: StepExit) -> tuple[str, FailureReason | None]:
+def _classify(exit: StepExit, violated: bool) -> tuple[str, FailureReason | None]:
+    if violated:
+        return "killed", FailureReason.EGRESS_VIOLATION
     if exit.oom_killed and exit.exit_code != 0:
         return "oom", FailureReason.OOM
     if exit.timed_out:
@@ -175,6 +188,8 @@ def _explain(name: str, exit: StepExit, reason: FailureReason, timeout: float,
     if reason is FailureReason.OOM:
         return (f"step {name} was killed: out of memory (limit "
                 f"{format_size(spec.resources.memory)}, /tmp and /workspace count against it)")
+    if reason is FailureReason.EGRESS_VIOLATION:
+        return f"step {name} was killed: it tried to reach a destination the policy denies"
     if reason is FailureReason.TIMEOUT:
         return f"step {name} timed out after {timeout:.0f}s; all its processes were killed"
     return f"step {name} failed with exit code {exit.exit_code}"

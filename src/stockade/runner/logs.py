@@ -7,6 +7,7 @@ so a flood of output (or one endless line) never makes the runner buffer more th
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +27,7 @@ class JobLog:
         self.written = 0
         self.dropped = 0
         self._partial = b""
+        self._lock = threading.RLock()  # the egress proxy's thread writes notes too
 
     def _emit(self, data: bytes) -> None:
         if self.written >= self.cap:
@@ -45,13 +47,18 @@ class JobLog:
 
     def note(self, text: str) -> None:
         """A line from stockade itself (step headers, summaries), marked with ``==>``."""
-        self.flush_partial()
-        self._emit(self._stamp() + b"==> " + text.encode() + b"\n")
-        if self.live is not None:
-            self.live.flush()
+        with self._lock:
+            self.flush_partial()
+            self._emit(self._stamp() + b"==> " + text.encode() + b"\n")
+            if self.live is not None:
+                self.live.flush()
 
     def output(self, chunk: bytes) -> None:
         """Raw output of a step; split into timestamped lines."""
+        with self._lock:
+            self._output(chunk)
+
+    def _output(self, chunk: bytes) -> None:
         data = self._partial + chunk
         lines = data.split(b"\n")
         self._partial = lines.pop()

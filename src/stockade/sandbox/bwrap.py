@@ -18,6 +18,7 @@ import pwd
 import resource
 import select
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +32,19 @@ from stockade.sandbox.workspace import copy_workspace
 
 SCRIPT_PATH = "/run/stockade/step.sh"
 SHM_BYTES = 64 * 1024 * 1024
+EGRESS_SOCKET = "/run/stockade/egress.sock"
+PROXY_PORT = 3128
+PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
+# Inside the sandbox a forwarder exposes the proxy's socket on 127.0.0.1:3128 (the network
+# namespace has only its own loopback), and the step starts once it listens. It is only a
+# convenience for proxy-aware clients: the policy is enforced by the proxy, outside.
+FORWARDER = (
+    f"socat -lf /dev/null TCP4-LISTEN:{PROXY_PORT},bind=127.0.0.1,reuseaddr,fork,"
+    f"max-children=64 UNIX-CONNECT:{EGRESS_SOCKET} &\n"
+    f"i=0; until grep -q '0100007F:{PROXY_PORT:04X} 00000000:0000 0A' /proc/net/tcp; do\n"
+    "  i=$((i+1)); [ $i -gt 1000 ] && break; sleep 0.002; done\n"
+    'exec "$@"\n'
+)
 
 
 class BwrapBackend:
@@ -129,6 +143,7 @@ class BwrapSandbox:
         self.cgroup = JobCgroup(request.job_id, backend.settings.cgroup_name)
         self._mounted: list[Path] = []
         self._lock: int | None = None
+        self._egress: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._killed = False
         self._shell = ["/usr/bin/bash", "-e", "-o", "pipefail"] if Path(
@@ -138,6 +153,33 @@ class BwrapSandbox:
     def workspace(self) -> Path:
         """The host path of the job's workspace tmpfs."""
         return self.job_dir / "ws"
+
+    @property
+    def egress_socket(self) -> Path | None:
+        """The host path of this job's egress socket (bind-mounted into the sandbox)."""
+        return self.job_dir / "egress.sock" if self.request.egress else None
+
+    @property
+    def egress_listener(self) -> socket.socket | None:
+        """The listening egress socket, connectable by the sandbox user only."""
+        return self._egress
+
+    @property
+    def proxy_url(self) -> str | None:
+        """The forwarder's address inside the sandbox."""
+        return PROXY_URL if self.request.egress else None
+
+    def _listen_egress(self, path: Path) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chown(path, self.user.pw_uid, self.user.pw_gid)
+            os.chmod(path, 0o600)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        self._egress = sock
 
     def setup(self) -> None:
         """Mount the tmpfs, copy the workspace, create the cgroup."""
@@ -151,6 +193,8 @@ class BwrapSandbox:
                 point.mkdir(mode=0o700)
                 mounts.mount_tmpfs(point, size, self.user.pw_uid, self.user.pw_gid)
                 self._mounted.append(point)
+            if self.egress_socket is not None:
+                self._listen_egress(self.egress_socket)
         except OSError as e:
             raise SandboxError(f"cannot prepare {self.job_dir}: {e}",
                                hint="run stockade as root; see stockade doctor") from e
@@ -162,6 +206,11 @@ class BwrapSandbox:
     def argv(self, seccomp_fd: int, script_fd: int, status_fd: int) -> list[str]:
         """The bwrap command line of one step (no secrets ever go here)."""
         etc = self.backend.etc_dir()
+        command = [*self._shell, SCRIPT_PATH]
+        egress: list[str] = []
+        if self.egress_socket is not None:
+            egress = ["--ro-bind", str(self.egress_socket), EGRESS_SOCKET]
+            command = ["/bin/sh", "-c", FORWARDER, "forwarder", *command]
         return [
             self.bwrap,
             "--unshare-all", "--unshare-user", "--disable-userns",
@@ -178,11 +227,12 @@ class BwrapSandbox:
             "--bind", str(self.workspace), "/workspace",
             "--bind", str(self.job_dir / "tmp"), "/tmp",
             "--ro-bind-data", str(script_fd), SCRIPT_PATH,
+            *egress,
             "--remount-ro", "/",
             "--chdir", "/workspace",
             "--json-status-fd", str(status_fd),
             "--seccomp", str(seccomp_fd),
-            "--", *self._shell, SCRIPT_PATH,
+            "--", *command,
         ]
 
     def run(self, step: StepRun, sink: OutputSink) -> StepExit:
@@ -265,6 +315,9 @@ class BwrapSandbox:
     def teardown(self) -> list[str]:
         """Kill, unmount, remove; verify nothing of the job is left and report what is."""
         leftovers = self.cgroup.remove()
+        if self._egress is not None:
+            self._egress.close()
+            self._egress = None
         for point in reversed(self._mounted):
             try:
                 mounts.unmount(point)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ class SandboxRequest:
     tmp_bytes: int
     workspace_bytes: int
     workspace_src: Path | None
+    egress: bool = False  # reach the runner's egress proxy through a socket (see bwrap.py)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,16 @@ class Sandbox(Protocol):
     @property
     def workspace(self) -> Path:
         """The host path of the job's workspace copy (valid until teardown)."""
+        ...
+
+    @property
+    def egress_listener(self) -> socket.socket | None:
+        """The listening socket the runner's egress proxy serves for this job (or None)."""
+        ...
+
+    @property
+    def proxy_url(self) -> str | None:
+        """The proxy URL for HTTP_PROXY/HTTPS_PROXY inside the sandbox (or None)."""
         ...
 
     def run(self, step: StepRun, sink: OutputSink) -> StepExit:

@@ -39,6 +39,7 @@ class JobEgress:
 
     mode: str = "none"
     allow: tuple[str, ...] = ()
+    on_violation: str = "log"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Job:
             steps=tuple(JobStep(**s) for s in d["steps"]),
             resources=JobResources(**d["resources"]),
             env=dict(d["env"]), secrets=tuple(d["secrets"]),
-            egress=JobEgress(d["egress"]["mode"], tuple(d["egress"]["allow"])),
+            egress=JobEgress(d["egress"]["mode"], tuple(d["egress"]["allow"]),
+                             d["egress"]["on_violation"]),
             artifacts=tuple(d["artifacts"]), labels=tuple(d["labels"]),
         )

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from stockade.egress.policy import parse_rule
 from stockade.spec.job import Job, JobEgress, JobResources, JobStep
 from stockade.spec.units import format_duration, parse_duration, parse_size
 
@@ -112,6 +113,7 @@ class EgressSpec(_Strict):
 
     mode: EgressMode = EgressMode.NONE
     allow: tuple[StrictStr, ...] = ()
+    on_violation: StrictStr = "log"
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -121,15 +123,25 @@ class EgressSpec(_Strict):
         except ValueError:
             raise ValueError(f"{v!r} is not an egress mode; use none, block or audit") from None
 
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in v:
+            parse_rule(entry)  # ValueError with the entry and a hint
+        return v
+
+    @field_validator("on_violation")
+    @classmethod
+    def _on_violation(cls, v: str) -> str:
+        if v not in ("log", "kill"):
+            raise ValueError(f"{v!r} is not a violation response; use log (default) or kill")
+        return v
+
     @model_validator(mode="after")
-    def _available(self) -> EgressSpec:
-        if self.mode is not EgressMode.NONE:
-            raise ValueError(
-                f"egress mode {self.mode.value!r} needs the egress proxy, which this version "
-                "does not ship yet; use mode: none"
-            )
-        if self.allow:
-            raise ValueError("allow entries need egress mode block or audit")
+    def _consistent(self) -> EgressSpec:
+        if self.mode is EgressMode.NONE and self.allow:
+            raise ValueError("allow entries need mode: block or mode: audit "
+                             "(mode none means no network at all)")
         return self
 
 
@@ -207,6 +219,7 @@ class JobSpec(_Strict):
             steps=tuple(JobStep(s.name, s.run, s.timeout) for s in self.steps),
             resources=JobResources(r.cpus, r.memory, r.pids, r.tmp, r.workspace, r.timeout),
             env=dict(self.env), secrets=self.secrets,
-            egress=JobEgress(self.egress.mode.value, self.egress.allow),
+            egress=JobEgress(self.egress.mode.value, self.egress.allow,
+                             self.egress.on_violation),
             artifacts=self.artifacts, labels=self.labels,
         )

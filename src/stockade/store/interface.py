@@ -68,8 +68,10 @@ class Store(Protocol):
         ...
 
     def finish_job(self, job_id: str, runner_id: str, changes: dict[str, Any],
-                   steps: list[StepRow], artifacts: list[ArtifactRow], event: AuditEvent) -> bool:
-        """Record a job's outcome with its steps and artifacts, if ``runner_id`` still holds it."""
+                   steps: list[StepRow], artifacts: list[ArtifactRow],
+                   events: list[AuditEvent]) -> bool:
+        """Record a job's outcome, steps, artifacts and audit events, if ``runner_id`` still
+        holds it."""
         ...
 
     def fail_lost(self, now: float, lost_ids: list[str],

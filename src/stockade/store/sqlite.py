@@ -121,7 +121,8 @@ class SqliteStore:
             return claimed
 
     def finish_job(self, job_id: str, runner_id: str, changes: dict[str, Any],
-                   steps: list[StepRow], artifacts: list[ArtifactRow], event: AuditEvent) -> bool:
+                   steps: list[StepRow], artifacts: list[ArtifactRow],
+                   events: list[AuditEvent]) -> bool:
         """Record the outcome, steps and artifacts if ``runner_id`` still holds the job."""
         with self._tx() as db:
             if not self._update(db, job_id, "status = 'running' AND runner_id = ?",
@@ -131,7 +132,8 @@ class SqliteStore:
                            [(job_id, *astuple(s)) for s in steps])
             db.executemany("INSERT INTO artifacts VALUES (?, ?, ?, ?)",
                            [(job_id, *astuple(a)) for a in artifacts])
-            self._append_audit(db, event)
+            for event in events:
+                self._append_audit(db, event)
             return True
 
     def fail_lost(self, now: float, lost_ids: list[str],

@@ -75,8 +75,8 @@ def test_finish_is_fenced_by_runner(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
     store.insert_job(job("j1", 1.0), ev("job.admitted"))
     store.claim_next("r1", lambda j: 100.0, lambda j: ev("job.claimed"), lambda j: True)
-    assert not store.finish_job("j1", "r2", {"status": "succeeded"}, [], [], ev("x"))
-    assert store.finish_job("j1", "r1", {"status": "succeeded"}, [], [], ev("job.succeeded"))
+    assert not store.finish_job("j1", "r2", {"status": "succeeded"}, [], [], [ev("x")])
+    assert store.finish_job("j1", "r1", {"status": "succeeded"}, [], [], [ev("job.succeeded")])
 
 
 def test_prefix_lookup(tmp_path: Path) -> None:

@@ -1,0 +1,138 @@
+"""Parsing proxy requests: bounded, strict, never trusting the client."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+MAX_HEAD = 16 * 1024
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization",
+              "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade"}
+
+
+class BadRequest(Exception):
+    """The request cannot be served; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Request:
+    """A parsed proxy request: CONNECT (tunnel) or an absolute-URI plain HTTP request."""
+
+    method: str
+    host: str
+    port: int
+    path: str
+    version: str
+    headers: list[tuple[str, str]]
+
+    @property
+    def is_tunnel(self) -> bool:
+        """CONNECT: the client speaks TLS (or anything) end to end after our 200."""
+        return self.method == "CONNECT"
+
+    def origin_head(self) -> bytes:
+        """The request head to send upstream: origin-form, no proxy or hop-by-hop headers."""
+        lines = [f"{self.method} {self.path} {self.version}"]
+        lines += [f"{k}: {v}" for k, v in self.headers if k.lower() not in HOP_BY_HOP]
+        lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request head up to the blank line (``BadRequest`` 431 if it is too large)."""
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise BadRequest(431, "request head too large") from None
+    except asyncio.IncompleteReadError:
+        raise BadRequest(400, "connection closed before the request head ended") from None
+
+
+def parse(head: bytes) -> Request:
+    """Parse a request head (``BadRequest`` if it is malformed or unsupported)."""
+    if len(head) > MAX_HEAD:
+        raise BadRequest(431, "request head too large")
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest(400, "request head is not ASCII") from None
+    request_line, *header_lines = text.split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest(400, "malformed request line")
+    method, target, version = parts
+    headers = []
+    for line in header_lines:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or " " in name:
+            raise BadRequest(400, "malformed header line")
+        headers.append((name, value.strip()))
+    if method == "CONNECT":
+        host, port = split_authority(target, default_port=None)
+        return Request(method, host, port, "", version, headers)
+    if not method.isalpha() or not method.isupper():
+        raise BadRequest(405, f"method {method!r} not allowed")
+    url = urlsplit(target)
+    if url.scheme != "http" or not url.netloc:
+        raise BadRequest(400, "plain HTTP needs an absolute http:// URI; use CONNECT for TLS")
+    host, port = split_authority(url.netloc, default_port=80)
+    path = url.path or "/"
+    if url.query:
+        path += "?" + url.query
+    return Request(method, host, port, path, version, headers)
+
+
+def split_authority(authority: str, default_port: int | None) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` into a normalised host and a port."""
+    if "@" in authority:
+        raise BadRequest(400, "credentials in the authority are not allowed")
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        port_text = rest.removeprefix(":") if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise BadRequest(400, "malformed IPv6 authority")
+    else:
+        host, _, port_text = authority.partition(":")
+    if not port_text:
+        if default_port is None:
+            raise BadRequest(400, "CONNECT needs host:port")
+        port = default_port
+    elif port_text.isdigit() and 0 < int(port_text) < 65536:
+        port = int(port_text)
+    else:
+        raise BadRequest(400, f"bad port {port_text!r}")
+    host = host.lower().rstrip(".")
+    if not host or any(c.isspace() for c in host):
+        raise BadRequest(400, "missing host")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        if not all(c.isalnum() or c in "-." for c in host):
+            raise BadRequest(400, f"{host!r} is not a host name") from None
+    return host, port
+
+
+def is_ip(host: str) -> bool:
+    """Whether ``host`` (normalised) is an IP literal."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def response(status: int, reason: str, body: str = "") -> bytes:
+    """A complete small HTTP/1.1 response that closes the connection."""
+    data = body.encode()
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n"
+            "Proxy-Agent: stockade\r\n\r\n").encode() + data

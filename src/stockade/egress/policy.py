@@ -1,0 +1,201 @@
+"""Egress policy: allowlist entries as users write them, and the addresses always refused.
+
+Entries (``egress.allow``):
+
+- ``host:port`` — exactly that name and port, e.g. ``pypi.org:443``;
+- ``host`` — the same with port 443;
+- ``*.domain:port`` — any name with one or more labels before ``domain`` (``a.domain`` and
+  ``a.b.domain``, never ``domain`` itself);
+- ``CIDR:port`` — IP destinations in that network, e.g. ``203.0.113.0/24:443`` or
+  ``[2001:db8::/32]:443``. Only a CIDR entry admits an IP literal, and only a CIDR entry can
+  admit an address in an always-refused range (:data:`ALWAYS_REFUSED`).
+
+Names are checked before they are resolved, and every resolved address is checked again, so
+a permitted name that resolves to a loopback, private or metadata address is refused (DNS
+rebinding).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ALWAYS_REFUSED: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "unspecified"),
+    ("10.0.0.0/8", "private (RFC 1918)"),
+    ("100.64.0.0/10", "carrier-grade NAT"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (cloud metadata)"),
+    ("172.16.0.0/12", "private (RFC 1918)"),
+    ("192.168.0.0/16", "private (RFC 1918)"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("fc00::/7", "unique local (private)"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+)
+_REFUSED = tuple((ipaddress.ip_network(net), why) for net, why in ALWAYS_REFUSED)
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_HOST = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+RULE_HINT = ("write host:port (pypi.org:443), host (port 443), *.domain:port "
+             "(*.pythonhosted.org:443) or CIDR:port (203.0.113.0/24:443, [2001:db8::/32]:443)")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One allowlist entry: a name, a wildcard suffix or a network, and a port."""
+
+    text: str
+    port: int
+    host: str | None = None
+    suffix: str | None = None
+    network: IPNetwork | None = None
+
+    def matches_name(self, host: str, port: int) -> bool:
+        """Whether this rule admits the name ``host`` on ``port``."""
+        if port != self.port:
+            return False
+        if self.host is not None:
+            return host == self.host
+        return self.suffix is not None and host.endswith("." + self.suffix)
+
+    def matches_address(self, address: IPAddress, port: int) -> bool:
+        """Whether this (CIDR) rule admits ``address`` on ``port``."""
+        return (self.network is not None and port == self.port
+                and address.version == self.network.version and address in self.network)
+
+
+def _port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{entry!r}: {text!r} is not a port (1-65535); {RULE_HINT}")
+    return int(text)
+
+
+def parse_rule(entry: str) -> Rule:
+    """Parse one ``egress.allow`` entry (``ValueError`` with a hint if it is malformed)."""
+    text = entry.strip().lower()
+    if "/" in text:
+        return _parse_cidr(entry, text)
+    host, sep, port_text = text.rpartition(":") if ":" in text else (text, "", "443")
+    if not sep:
+        host = text
+    port = _port(port_text, entry)
+    if _is_ip(host.strip("[]")):
+        ip = host.strip("[]")
+        example = f"{ip}/32:{port}" if "." in ip else f"[{ip}/128]:{port}"
+        raise ValueError(f"{entry!r}: an IP address needs the CIDR form, e.g. {example}")
+    if host.startswith("*."):
+        suffix = host[2:]
+        if not _HOST.match(suffix) or "." not in suffix:
+            raise ValueError(f"{entry!r}: a wildcard needs a domain with at least two labels "
+                             f"after '*.', e.g. *.example.com:443")
+        return Rule(entry, port, suffix=suffix)
+    if "*" in host or not _HOST.match(host):
+        raise ValueError(f"{entry!r}: {host!r} is not a host name; {RULE_HINT}")
+    return Rule(entry, port, host=host)
+
+
+def _parse_cidr(entry: str, text: str) -> Rule:
+    if text.startswith("["):
+        net_text, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    else:
+        net_text, _, port_text = text.rpartition(":")
+    if not net_text or not port_text:
+        raise ValueError(f"{entry!r}: a CIDR entry needs a port; {RULE_HINT}")
+    try:
+        network = ipaddress.ip_network(net_text, strict=True)
+    except ValueError as e:
+        raise ValueError(f"{entry!r}: {e}; {RULE_HINT}") from None
+    return Rule(entry, _port(port_text, entry), network=network)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def refused_range(address: IPAddress) -> str | None:
+    """Why ``address`` is always refused (unless a CIDR rule admits it), or None."""
+    for candidate in _embedded(address):
+        for network, why in _REFUSED:
+            if candidate.version == network.version and candidate in network:
+                return f"{why} address {address}"
+    return None
+
+
+def _embedded(address: IPAddress) -> list[IPAddress]:
+    """The address and any IPv4 address hidden in it (mapped, 6to4, NAT64, Teredo)."""
+    found: list[IPAddress] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            found.append(address.ipv4_mapped)
+        if address.sixtofour:
+            found.append(address.sixtofour)
+        if address.teredo:
+            found.append(address.teredo[1])
+        if address in ipaddress.ip_network("64:ff9b::/96"):
+            found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A job's egress policy: the mode and its rules."""
+
+    mode: str
+    rules: tuple[Rule, ...]
+
+    @classmethod
+    def from_spec(cls, mode: str, allow: tuple[str, ...]) -> Policy:
+        """Build from the spec's ``egress`` block (entries already validated)."""
+        return cls(mode, tuple(parse_rule(a) for a in allow))
+
+    def name_allowed(self, host: str, port: int) -> bool:
+        """Whether a name rule admits ``host:port``."""
+        return any(r.matches_name(host, port) for r in self.rules)
+
+    def cidr_allows(self, address: IPAddress, port: int) -> bool:
+        """Whether a CIDR rule admits ``address:port``."""
+        return any(r.matches_address(address, port) for r in self.rules)
+
+
+@dataclass(frozen=True)
+class Screen:
+    """The verdict on a destination before or after resolution."""
+
+    allowed: bool
+    reason: str
+    audit_only: bool = False  # allowed only because the mode is audit
+
+
+def screen_name(policy: Policy, host: str, port: int) -> Screen:
+    """Check a requested name (not an IP literal) before resolving it."""
+    if policy.name_allowed(host, port):
+        return Screen(True, "allowlisted")
+    if policy.mode == "audit":
+        return Screen(True, f"{host}:{port} is not in the allowlist", audit_only=True)
+    return Screen(False, f"{host}:{port} is not in the allowlist")
+
+
+def screen_address(policy: Policy, address: IPAddress, port: int, literal: bool) -> Screen:
+    """Check one address: always-refused ranges need a CIDR rule; literals need one too."""
+    if policy.cidr_allows(address, port):
+        return Screen(True, "allowlisted network")
+    refused = refused_range(address)
+    if refused:
+        return Screen(False, f"{refused} is always refused")
+    if not literal:
+        return Screen(True, "allowlisted")
+    why = f"IP literal {address}:{port} is not in an allowlisted network"
+    return Screen(True, why, audit_only=True) if policy.mode == "audit" else Screen(False, why)
