@@ -32,14 +32,14 @@ SANDBOX_UID = pwd.getpwnam("stockade").pw_uid
 class Listener:
     """TCP and UDP listeners on 127.0.0.1 that count whatever reaches them."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "127.0.0.1") -> None:
         self.tcp = socket.socket()
-        self.tcp.bind(("127.0.0.1", 0))
+        self.tcp.bind((address, 0))
         self.tcp.listen(16)
         self.tcp.settimeout(0.2)
         self.port = self.tcp.getsockname()[1]
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", self.port))
+        self.udp.bind((address, self.port))
         self.udp.settimeout(0.2)
         self.hits = 0
         self._stop = False

@@ -19,6 +19,7 @@ COMMANDS = {
     "show": "stockade.cli.commands.show",
     "logs": "stockade.cli.commands.logs",
     "doctor": "stockade.cli.commands.doctor",
+    "egress": "stockade.cli.commands.egress",
 }
 
 DESCRIPTION = """\

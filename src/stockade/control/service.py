@@ -69,6 +69,15 @@ def egress_detail(r: EgressRecord, attempt: int) -> dict[str, Any]:
             "duration_s": round(r.duration_s, 3)}
 
 
+def allow_entry(host: str, port: int) -> str:
+    """The allowlist entry admitting exactly ``host:port`` (a /32 or /128 for IP literals)."""
+    if ":" in host:
+        return f"[{host}/128]:{port}"
+    if host.replace(".", "").isdigit():
+        return f"{host}/32:{port}"
+    return f"{host}:{port}"
+
+
 class ControlService:
     """The control plane over a :class:`~stockade.store.interface.Store`."""
 
@@ -170,6 +179,20 @@ class ControlService:
     def audit_trail(self, job_id: str) -> list[AuditEvent]:
         """The audit events of one job, oldest first."""
         return [event for event, _, _ in self.store.audit_records(job_id)]
+
+    def egress_baseline(self, job_ids: list[str]) -> tuple[list[str], list[str]]:
+        """Allowlist entries covering every destination the jobs were let through to, and
+        the destinations that were refused outright (not allowlistable by name)."""
+        allow: set[str] = set()
+        refused: set[str] = set()
+        for job_id in job_ids:
+            for event in self.audit_trail(job_id):
+                d = event.detail
+                if event.action == "egress.allowed":
+                    allow.add(allow_entry(d["host"], d["port"]))
+                elif event.action == "egress.denied" and "always refused" in d["reason"]:
+                    refused.add(f"{d['host']}:{d['port']} ({d['reason']})")
+        return sorted(allow), sorted(refused)
 
     def jobs(self, limit: int = 20) -> list[JobRow]:
         """The newest jobs."""

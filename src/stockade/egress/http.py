@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 MAX_HEAD = 16 * 1024
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization",
               "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade"}
 
@@ -79,8 +80,8 @@ def parse(head: bytes) -> Request:
     if method == "CONNECT":
         host, port = split_authority(target, default_port=None)
         return Request(method, host, port, "", version, headers)
-    if not method.isalpha() or not method.isupper():
-        raise BadRequest(405, f"method {method!r} not allowed")
+    if method not in METHODS:
+        raise BadRequest(405, f"method {method[:20]!r} not allowed")
     url = urlsplit(target)
     if url.scheme != "http" or not url.netloc:
         raise BadRequest(400, "plain HTTP needs an absolute http:// URI; use CONNECT for TLS")
