@@ -1,0 +1,105 @@
+"""Egress policy: entry parsing, wildcard semantics, always-refused ranges, decisions."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from stockade.egress.policy import Policy, parse_rule, refused_range, screen_address, screen_name
+
+
+def policy(mode: str, *allow: str) -> Policy:
+    return Policy.from_spec(mode, allow)
+
+
+@pytest.mark.parametrize("entry, host, port, hit", [
+    ("pypi.org:443", "pypi.org", 443, True),
+    ("pypi.org", "pypi.org", 443, True),
+    ("pypi.org", "pypi.org", 80, False),
+    ("PyPI.org:443", "pypi.org", 443, True),
+    ("*.example.com:443", "a.example.com", 443, True),
+    ("*.example.com:443", "a.b.example.com", 443, True),
+    ("*.example.com:443", "example.com", 443, False),
+    ("*.example.com:443", "badexample.com", 443, False),
+    ("*.example.com:443", "a.example.com.evil.org", 443, False),
+])
+def test_name_rules(entry: str, host: str, port: int, hit: bool) -> None:
+    assert parse_rule(entry).matches_name(host, port) is hit
+
+
+@pytest.mark.parametrize("entry, address, port, hit", [
+    ("203.0.113.0/24:443", "203.0.113.9", 443, True),
+    ("203.0.113.0/24:443", "203.0.114.9", 443, False),
+    ("203.0.113.0/24:443", "203.0.113.9", 80, False),
+    ("[2001:db8::/32]:443", "2001:db8::1", 443, True),
+    ("2001:db8::/32:443", "2001:db9::1", 443, False),
+    ("10.0.0.0/8:5432", "10.1.2.3", 5432, True),
+])
+def test_cidr_rules(entry: str, address: str, port: int, hit: bool) -> None:
+    assert parse_rule(entry).matches_address(ipaddress.ip_address(address), port) is hit
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("1.2.3.4:443", "needs the CIDR form, e.g. 1.2.3.4/32:443"),
+    ("[::1]:443", "needs the CIDR form, e.g. [::1/128]:443"),
+    ("*.com:443", "a wildcard needs a domain with at least two labels"),
+    ("*:443", "'*' is not a host name"),
+    ("a.*.com:443", "is not a host name"),
+    ("pypi.org:0", "is not a port"),
+    ("pypi.org:99999", "is not a port"),
+    ("pypi.org:https", "is not a port"),
+    ("10.0.0.1/8:443", "has host bits set"),
+    ("10.0.0.0/8", "needs a port"),
+    ("bad_name:443", "is not a host name"),
+    ("", "is not a host name"),
+])
+def test_invalid_entries(entry: str, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        parse_rule(entry)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "127.9.9.9", "10.1.1.1", "172.16.0.1", "172.31.255.255", "192.168.1.1",
+    "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255",
+    "::1", "::", "fd00:ec2::254", "fc00::1", "fe80::1", "ff02::1",
+    "::ffff:127.0.0.1", "::ffff:169.254.169.254", "2002:7f00:1::1", "64:ff9b::a00:1",
+])
+def test_always_refused(address: str) -> None:
+    assert refused_range(ipaddress.ip_address(address)) is not None
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "198.51.100.10", "2001:db8::1", "2606:4700::1",
+                                     "172.32.0.1", "100.128.0.1"])
+def test_public_addresses_are_not_refused(address: str) -> None:
+    assert refused_range(ipaddress.ip_address(address)) is None
+
+
+def test_block_mode_refuses_unlisted_names_before_resolving() -> None:
+    p = policy("block", "pypi.org:443")
+    assert screen_name(p, "pypi.org", 443).allowed
+    verdict = screen_name(p, "evil.org", 443)
+    assert not verdict.allowed and "not in the allowlist" in verdict.reason
+
+
+def test_audit_mode_allows_but_marks() -> None:
+    verdict = screen_name(policy("audit"), "evil.org", 443)
+    assert verdict.allowed and verdict.audit_only
+
+
+def test_private_address_needs_an_explicit_cidr() -> None:
+    metadata = ipaddress.ip_address("169.254.169.254")
+    assert not screen_address(policy("audit"), metadata, 80, literal=False).allowed
+    assert not screen_address(policy("block", "*.internal.example:80"), metadata, 80,
+                              literal=False).allowed
+    assert screen_address(policy("block", "169.254.169.254/32:80"), metadata, 80,
+                          literal=True).allowed
+
+
+def test_ip_literals_need_a_cidr_in_block_mode_only() -> None:
+    public = ipaddress.ip_address("198.51.100.7")
+    assert not screen_address(policy("block", "x.example:80"), public, 80, literal=True).allowed
+    audit = screen_address(policy("audit"), public, 80, literal=True)
+    assert audit.allowed and audit.audit_only
+    assert screen_address(policy("block", "x.example:80"), public, 80, literal=False).allowed
