@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -44,16 +43,6 @@ class Request:
         lines += [f"{k}: {v}" for k, v in self.headers if k.lower() not in HOP_BY_HOP]
         lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-async def read_head(reader: asyncio.StreamReader) -> bytes:
-    """The request head up to the blank line (``BadRequest`` 431 if it is too large)."""
-    try:
-        return await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise BadRequest(431, "request head too large") from None
-    except asyncio.IncompleteReadError:
-        raise BadRequest(400, "connection closed before the request head ended") from None
 
 
 def parse(head: bytes) -> Request:

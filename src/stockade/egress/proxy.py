@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from stockade.api.protocol import EgressRecord
 from stockade.egress import http
 from stockade.egress.policy import IPAddress, Policy, Screen, screen_address, screen_name
+from stockade.egress.relay import Tunnel
 from stockade.egress.resolver import ResolveError, Resolver
 
 STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed",
@@ -34,11 +37,10 @@ class Limits:
     header_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
-    buffer_bytes: int = 256 * 1024
 
 
 class JobProxy:
-    """The proxy of one job, serving its Unix socket from a thread of its own."""
+    """The proxy of one job, serving its listening socket from a thread of its own."""
 
     def __init__(self, policy: Policy, resolver: Resolver, listener: socket.socket,
                  on_decision: Callable[[EgressRecord], None], limits: Limits = Limits()) -> None:
@@ -50,83 +52,125 @@ class JobProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="egress-proxy")
-        self._server: asyncio.base_events.Server | None = None
-        self._active = 0
+        self._pool = ThreadPoolExecutor(max_workers=2 * limits.max_connections,
+                                        thread_name_prefix="egress-relay")
+        self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tunnels: set[Tunnel] = set()
 
     def start(self) -> None:
-        """Serve the job's listening socket from the proxy's own thread."""
+        """Start accepting connections on the job's socket."""
+        self.listener.setblocking(False)
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
 
-    async def _listen(self) -> None:
-        self._server = await asyncio.start_unix_server(
-            self._serve, sock=self.listener, limit=http.MAX_HEAD)
+    async def _start(self) -> None:
+        self._accepting = asyncio.ensure_future(self._accept())
 
     def stop(self) -> None:
-        """Close the socket and every connection; join the thread."""
+        """Stop accepting, end every connection and tunnel, join the threads."""
         if not self._thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True)
         self._loop.close()
 
     async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for tunnel in list(self._tunnels):
+            tunnel.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._active += 1
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(self.listener)
+            except OSError:
+                await asyncio.sleep(0.05)  # e.g. EMFILE: back off rather than spin
+                continue
+            task = asyncio.ensure_future(self._serve(client))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, client: socket.socket) -> None:
         try:
-            if self._active > self.limits.max_connections:
-                writer.write(http.response(503, STATUS_TEXT[503], "too many connections\n"))
+            if len(self._tasks) > self.limits.max_connections:
+                await self._refuse(client, 503, "too many connections")
             else:
-                await self._handle(reader, writer)
-        except (ConnectionError, asyncio.CancelledError, OSError):
+                await self._handle(client)
+        except (OSError, asyncio.CancelledError):
+            pass
+        except Exception:  # one connection's surprise must never take the job's proxy down
             pass
         finally:
-            self._active -= 1
-            self._tasks.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
+            client.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, client: socket.socket) -> None:
         try:
-            head = await asyncio.wait_for(http.read_head(reader), self.limits.header_timeout_s)
+            head, rest = await asyncio.wait_for(self._read_head(client),
+                                                self.limits.header_timeout_s)
             request = http.parse(head)
         except TimeoutError:
-            return await self._refuse(writer, 408, "request head not received in time")
+            return await self._refuse(client, 408, "request head not received in time")
         except http.BadRequest as e:
-            return await self._refuse(writer, e.status, e.message)
+            return await self._refuse(client, e.status, e.message)
         started, at = time.monotonic(), time.time()
         screen, targets = await self._screen(request)
         if not screen.allowed or not targets:
             self._record(request, None, screen, 0, 0, started, at)
-            return await self._refuse(writer, 403, f"stockade egress policy: {screen.reason}")
-        upstream = await self._connect(targets, request.port)
-        if upstream is None:
+            return await self._refuse(client, 403, f"stockade egress policy: {screen.reason}")
+        connected = await self._connect(targets, request.port)
+        if connected is None:
             self._record(request, str(targets[0]), Screen(True, "connect failed",
                                                           screen.audit_only), 0, 0, started, at)
-            return await self._refuse(writer, 502, "could not connect to the destination")
-        address, up_reader, up_writer = upstream
-        if request.is_tunnel:
-            writer.write(b"HTTP/1.1 200 Connection established\r\nProxy-Agent: stockade\r\n\r\n")
-        else:
-            up_writer.write(request.origin_head())
-        sent, received = await self._pipe(reader, writer, up_reader, up_writer)
+            return await self._refuse(client, 502, "could not connect to the destination")
+        address, upstream = connected
+        with upstream:
+            sent, received = await self._tunnel(client, upstream, request, rest)
         self._record(request, address, screen, sent, received, started, at)
+
+    async def _read_head(self, client: socket.socket) -> tuple[bytes, bytes]:
+        """The request head, and whatever the client already sent after it."""
+        loop = asyncio.get_running_loop()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            if len(data) > http.MAX_HEAD:
+                raise http.BadRequest(431, "request head too large")
+            chunk = await loop.sock_recv(client, 65536)
+            if not chunk:
+                raise http.BadRequest(400, "connection closed before the request head ended")
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        return head + b"\r\n\r\n", rest
+
+    async def _tunnel(self, client: socket.socket, upstream: socket.socket,
+                      request: http.Request, rest: bytes) -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        if request.is_tunnel:
+            await loop.sock_sendall(client, b"HTTP/1.1 200 Connection established\r\n"
+                                            b"Proxy-Agent: stockade\r\n\r\n")
+        else:
+            await loop.sock_sendall(upstream, request.origin_head())
+        if rest:
+            await loop.sock_sendall(upstream, rest)
+        tunnel = Tunnel(client, upstream, self.limits.idle_timeout_s)
+        self._tunnels.add(tunnel)
+        try:
+            await asyncio.gather(loop.run_in_executor(self._pool, tunnel.up),
+                                 loop.run_in_executor(self._pool, tunnel.down))
+        finally:
+            tunnel.close()
+            self._tunnels.discard(tunnel)
+        return tunnel.sent + len(rest), tunnel.received
 
     async def _screen(self, request: http.Request) -> tuple[Screen, list[IPAddress]]:
         """Decide on the name, then on every resolved address; return the usable ones."""
-        import ipaddress
-
         if http.is_ip(request.host):
             address = ipaddress.ip_address(request.host)
             verdict = screen_address(self.policy, address, request.port, literal=True)
@@ -148,56 +192,25 @@ class JobProxy:
         return (verdict if usable else last), usable
 
     async def _connect(self, targets: list[IPAddress], port: int
-                       ) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter] | None:
+                       ) -> tuple[str, socket.socket] | None:
         """Connect to the first reachable checked address (never resolving again)."""
+        loop = asyncio.get_running_loop()
         for address in targets:
+            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
             try:
-                r, w = await asyncio.wait_for(
-                    asyncio.open_connection(str(address), port, limit=self.limits.buffer_bytes),
-                    self.limits.connect_timeout_s)
-                return str(address), r, w
+                await asyncio.wait_for(loop.sock_connect(sock, (str(address), port)),
+                                       self.limits.connect_timeout_s)
+                return str(address), sock
             except (OSError, TimeoutError):
-                continue
+                sock.close()
         return None
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter
-                    ) -> tuple[int, int]:
-        """Copy both ways until either side closes or the tunnel is idle too long."""
-        counts = [0, 0]
-        last = [time.monotonic()]
-
-        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, i: int) -> None:
-            try:
-                while data := await src.read(self.limits.buffer_bytes):
-                    counts[i] += len(data)
-                    last[0] = time.monotonic()
-                    dst.write(data)
-                    await dst.drain()
-            finally:
-                with contextlib.suppress(Exception):
-                    if dst.can_write_eof():
-                        dst.write_eof()  # pass the half-close on
-
-        upstream = asyncio.ensure_future(copy(reader, up_writer, 0))
-        downstream = asyncio.ensure_future(copy(up_reader, writer, 1))
-        try:  # over when the destination is done sending, or idle for too long
-            while not downstream.done():
-                await asyncio.wait([downstream], timeout=min(5.0, self.limits.idle_timeout_s))
-                if time.monotonic() - last[0] > self.limits.idle_timeout_s:
-                    break
-        finally:
-            for task in (upstream, downstream):
-                task.cancel()
-            await asyncio.gather(upstream, downstream, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                up_writer.close()
-        return counts[0], counts[1]
-
-    async def _refuse(self, writer: asyncio.StreamWriter, status: int, message: str) -> None:
-        writer.write(http.response(status, STATUS_TEXT.get(status, "Error"), message + "\n"))
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.drain(), 5)
+    async def _refuse(self, client: socket.socket, status: int, message: str) -> None:
+        data = http.response(status, STATUS_TEXT.get(status, "Error"), message + "\n")
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(client, data), 5)
 
     def _record(self, request: http.Request, address: str | None, screen: Screen,
                 sent: int, received: int, started: float, at: float) -> None:

@@ -38,9 +38,17 @@ PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
 # Inside the sandbox a forwarder exposes the proxy's socket on 127.0.0.1:3128 (the network
 # namespace has only its own loopback), and the step starts once it listens. It is only a
 # convenience for proxy-aware clients: the policy is enforced by the proxy, outside.
+
+
+def forwarder_argv(port: int, socket_path: str) -> list[str]:
+    """socat from 127.0.0.1:``port`` to the proxy's socket (256 KiB buffers: fast enough)."""
+    return ["socat", "-b", "1048576", "-lf", "/dev/null",
+            f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,max-children=64",
+            f"UNIX-CONNECT:{socket_path}"]
+
+
 FORWARDER = (
-    f"socat -lf /dev/null TCP4-LISTEN:{PROXY_PORT},bind=127.0.0.1,reuseaddr,fork,"
-    f"max-children=64 UNIX-CONNECT:{EGRESS_SOCKET} &\n"
+    " ".join(forwarder_argv(PROXY_PORT, EGRESS_SOCKET)) + " &\n"
     f"i=0; until grep -q '0100007F:{PROXY_PORT:04X} 00000000:0000 0A' /proc/net/tcp; do\n"
     "  i=$((i+1)); [ $i -gt 1000 ] && break; sleep 0.002; done\n"
     'exec "$@"\n'
