@@ -51,7 +51,9 @@ containment: setup
 
 bench: setup
 	@command -v podman >/dev/null || (apt-get install -y -qq podman runc busybox-static >/dev/null)
+	@test -x /usr/sbin/squid || (apt-get install -y -qq squid >/dev/null)
 	$(PY) benchmarks/job_start.py
+	$(PY) benchmarks/egress.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
