@@ -38,7 +38,7 @@ def test_result_has_the_contract_keys(run_job) -> None:
     for key in ("job_id", "status", "failure_reason", "exit_code", "steps", "artifacts",
                 "egress", "duration_s"):
         assert key in run.result
-    assert run.result["egress"] == {"allowed": [], "denied": []}
+    assert run.result["egress"] == {"allowed": [], "denied": [], "audit_would_deny": []}
     assert run.result["steps"][0].keys() == {"name", "status", "exit_code", "duration_s"}
 
 

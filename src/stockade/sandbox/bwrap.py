@@ -35,6 +35,7 @@ SHM_BYTES = 64 * 1024 * 1024
 EGRESS_SOCKET = "/run/stockade/egress.sock"
 PROXY_PORT = 3128
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
+SOCAT = "/usr/bin/socat"
 # Inside the sandbox a forwarder exposes the proxy's socket on 127.0.0.1:3128 (the network
 # namespace has only its own loopback), and the step starts once it listens. It is only a
 # convenience for proxy-aware clients: the policy is enforced by the proxy, outside.
@@ -42,7 +43,7 @@ PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
 
 def forwarder_argv(port: int, socket_path: str) -> list[str]:
     """socat from 127.0.0.1:``port`` to the proxy's socket (256 KiB buffers: fast enough)."""
-    return ["socat", "-b", "1048576", "-lf", "/dev/null",
+    return [SOCAT, "-b", "1048576", "-lf", "/dev/null",
             f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,max-children=64",
             f"UNIX-CONNECT:{socket_path}"]
 
@@ -202,6 +203,9 @@ class BwrapSandbox:
                 mounts.mount_tmpfs(point, size, self.user.pw_uid, self.user.pw_gid)
                 self._mounted.append(point)
             if self.egress_socket is not None:
+                if not Path(SOCAT).exists():
+                    raise SandboxError("egress needs socat in the image (the forwarder to the "
+                                       "proxy)", hint="apt-get install socat (make demo does)")
                 self._listen_egress(self.egress_socket)
         except OSError as e:
             raise SandboxError(f"cannot prepare {self.job_dir}: {e}",

@@ -51,6 +51,10 @@ def check_host(backend: BwrapBackend) -> list[Finding]:
     ]
     findings += [_bwrap(backend), _user(backend), _userns(), _seccomp(backend)]
     findings += _cgroups()
+    findings.append(_finding(
+        "egress forwarder", Path("/usr/bin/socat").exists(),
+        "socat exposes the egress proxy inside sandboxes (jobs with egress block/audit)",
+        "apt-get install socat", required=False))
     if all(f.ok for f in findings if f.required):
         findings.append(_probe(backend))
     else:
