@@ -45,7 +45,7 @@ class JobView:
                        "duration_s": round(s.duration_s, 3)} for s in self.steps],
             "artifacts": [{"path": a.path, "sha256": a.sha256, "size": a.size}
                           for a in self.artifacts],
-            "egress": extra.get("egress", {"allowed": [], "denied": []}),
+            "egress": extra.get("egress", egress_summary(())),
             "duration_s": extra.get("duration_s"),
             "created_at": self.job.created_at,
             **{k: v for k, v in extra.items() if k not in ("duration_s", "egress")},
