@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shlex
 from urllib.parse import quote, quote_plus
@@ -22,18 +23,16 @@ def encodings(value: bytes) -> list[bytes]:
     forms = [value, base64.b64encode(value), base64.urlsafe_b64encode(value),
              base64.b64encode(value).rstrip(b"="), value.hex().encode(),
              value.hex().upper().encode()]
-    try:
+    with contextlib.suppress(UnicodeEncodeError):
         forms += [quote(text, safe="").encode(), quote_plus(text, safe="").encode(),
                   json.dumps(text)[1:-1].encode(), shlex.quote(text).encode()]
-    except UnicodeEncodeError:
-        pass
     return [f for f in forms if len(f) >= 4]
 
 
 def stream(masker: Masker, data: bytes, cuts: list[int]) -> bytes:
     redactor = Redactor(masker)
     out, pos = [], 0
-    for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:
+    for cut in [*sorted(set(c % (len(data) + 1) for c in cuts)), len(data)]:
         out.append(redactor.feed(data[pos:cut]))
         pos = cut
     return b"".join(out) + redactor.flush()
