@@ -28,6 +28,7 @@ class Settings:
     runtime_dir: str = "/run/stockade"
     artifact_max_file_bytes: int = 512 * MiB
     artifact_max_total_bytes: int = 1024 * MiB
+    master_key_file: str = ""
     egress_hosts_file: str = ""
     egress_max_connections: int = 64
     egress_header_timeout_s: float = 10.0
@@ -49,6 +50,11 @@ class Settings:
         return self.home / "artifacts"
 
     @property
+    def master_key_path(self) -> Path:
+        """The master key: the operator's file, or one created in the state directory."""
+        return Path(self.master_key_file) if self.master_key_file else self.home / "master.key"
+
+    @property
     def cache_dir(self) -> Path:
         """Derived files (compiled seccomp filter, synthetic /etc)."""
         return self.home / "cache"
@@ -61,6 +67,7 @@ _ENV = {
     "STOCKADE_RUNTIME_DIR": "runtime_dir",
     "STOCKADE_ARTIFACT_MAX_FILE": "artifact_max_file_bytes",
     "STOCKADE_ARTIFACT_MAX_TOTAL": "artifact_max_total_bytes",
+    "STOCKADE_MASTER_KEY_FILE": "master_key_file",
     "STOCKADE_EGRESS_HOSTS_FILE": "egress_hosts_file",
     "STOCKADE_EGRESS_MAX_CONNECTIONS": "egress_max_connections",
     "STOCKADE_EGRESS_HEADER_TIMEOUT": "egress_header_timeout_s",

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+# How far a job's origin is trusted, lowest first: fork pull requests are "untrusted".
+TRUST_LEVELS = ("untrusted", "trusted", "protected")
+
 
 class JobStatus(StrEnum):
     """Where a job is in its life."""
@@ -38,6 +41,15 @@ class FailureReason(StrEnum):
 
 
 @dataclass(frozen=True)
+class LeaseGrant:
+    """A secret issued to an attempt: redeem ``lease_id`` for the value, deliver it so."""
+
+    name: str
+    lease_id: str
+    delivery: str  # "env" or "file"
+
+
+@dataclass(frozen=True)
 class Assignment:
     """A job handed to a runner: run attempt ``attempt`` of ``spec_json``."""
 
@@ -46,6 +58,9 @@ class Assignment:
     runner_id: str
     spec_json: str
     lease_expires_at: float
+    secrets: tuple[LeaseGrant, ...] = ()
+    trust: str = "trusted"
+    ref: str = "local"
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,14 @@ class ControlPlane(Protocol):
     def claim(self, runner_id: str, labels: tuple[str, ...],
               job_id: str | None = None) -> Assignment | None:
         """Lease the next queued job this runner may take (or exactly ``job_id``)."""
+        ...
+
+    def redeem(self, lease_id: str, job_id: str, attempt: int, runner_id: str) -> bytes:
+        """The value of a secret lease this attempt holds (PolicyDenied otherwise)."""
+        ...
+
+    def report(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Record audit events the runner observed (masks registered, leaks found)."""
         ...
 
     def complete(self, completion: Completion) -> bool:

@@ -7,6 +7,7 @@ import getpass
 from stockade.config import Settings, ensure_home, load_settings
 from stockade.control import ControlService, JobView
 from stockade.errors import UsageError
+from stockade.secrets.broker import Broker
 from stockade.store.sqlite import SqliteStore
 
 
@@ -15,7 +16,18 @@ def open_control() -> tuple[Settings, ControlService]:
     settings = load_settings()
     ensure_home(settings)
     store = SqliteStore(settings.db_path)
-    return settings, ControlService(store, actor=f"cli:{getpass.getuser()}")
+    actor = f"cli:{getpass.getuser()}"
+    return settings, ControlService(store, actor=actor, broker=open_broker(settings, store))
+
+
+def open_broker(settings: Settings, store: SqliteStore) -> Broker:
+    """The secrets broker; the master key is read (or created) only when a value is needed."""
+    from stockade.secrets.vault import Vault
+
+    def vault() -> Vault:
+        return Vault.open(settings.master_key_path, create=not settings.master_key_file)
+
+    return Broker(store, vault, actor=f"cli:{getpass.getuser()}")
 
 
 def require_job(control: ControlService, id_or_prefix: str) -> JobView:

@@ -20,6 +20,7 @@ COMMANDS = {
     "logs": "stockade.cli.commands.logs",
     "doctor": "stockade.cli.commands.doctor",
     "egress": "stockade.cli.commands.egress",
+    "secret": "stockade.cli.commands.secret",
 }
 
 DESCRIPTION = """\

@@ -6,18 +6,24 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stockade.api.protocol import (
+    TRUST_LEVELS,
     Assignment,
     Completion,
     EgressRecord,
     FailureReason,
     JobStatus,
+    LeaseGrant,
 )
 from stockade.audit import AuditEvent
+from stockade.errors import PolicyDenied, UsageError
 from stockade.ids import new_job_id
 from stockade.spec import Job
+
+if TYPE_CHECKING:
+    from stockade.secrets.broker import Broker
 from stockade.store.interface import ArtifactRow, JobRow, StepRow, Store
 
 LEASE_GRACE_S = 300.0
@@ -81,20 +87,29 @@ def allow_entry(host: str, port: int) -> str:
 class ControlService:
     """The control plane over a :class:`~stockade.store.interface.Store`."""
 
-    def __init__(self, store: Store, actor: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, actor: str, clock: Callable[[], float] = time.time,
+                 broker: Broker | None = None) -> None:
         self.store = store
         self.actor = actor
         self.clock = clock
+        self.broker = broker
 
     def _event(self, action: str, job_id: str, actor: str | None = None,
                **detail: Any) -> AuditEvent:
         return AuditEvent(actor or self.actor, action, self.clock(), job_id, detail)
 
-    def submit(self, spec: Job) -> JobRow:
-        """Admit ``spec`` (queued) or deny it (denied, with the reason); return the job."""
+    def submit(self, spec: Job, trust: str = "trusted", ref: str = "local") -> JobRow:
+        """Admit ``spec`` (queued) or deny it (denied, with the reason); return the job.
+
+        ``trust`` says how far the job's origin is trusted (``untrusted`` for fork pull
+        requests, ``trusted``, ``protected``); ``ref`` is the source reference it runs."""
+        if trust not in TRUST_LEVELS:
+            raise UsageError(f"{trust!r} is not a trust level",
+                             hint=f"use one of {', '.join(TRUST_LEVELS)}")
         now = self.clock()
         job_id = new_job_id()
-        reason, message = self._admission(spec)
+        refusals = self._secret_refusals(spec, trust)
+        reason, message = self._admission(spec, refusals)
         status = JobStatus.DENIED if reason else JobStatus.QUEUED
         extra = json.dumps({"message": message}) if message else None
         job = JobRow(
@@ -102,19 +117,33 @@ class ControlService:
             labels_json=json.dumps(list(spec.labels)), status=status.value,
             failure_reason=reason.value if reason else None, exit_code=None, attempt=0,
             runner_id=None, lease_expires_at=None, created_at=now, started_at=None,
-            finished_at=now if reason else None, result_json=extra,
+            finished_at=now if reason else None, result_json=extra, trust=trust, ref=ref,
         )
         action = "job.denied" if reason else "job.admitted"
         detail = {"name": spec.name, **({"reason": reason.value, "message": message}
                                         if reason else {})}
         self.store.insert_job(job, self._event(action, job_id, **detail))
+        if self.broker is not None:
+            for name, why in refusals:
+                self.broker.refuse(job_id, name, why)
         return job
 
-    def _admission(self, spec: Job) -> tuple[FailureReason | None, str]:
-        if spec.secrets:
-            return (FailureReason.SECRET_UNAVAILABLE,
-                    f"secrets {', '.join(spec.secrets)} were requested but no secret broker "
-                    "is configured on this installation")
+    def _secret_refusals(self, spec: Job, trust: str) -> list[tuple[str, str]]:
+        if not spec.secrets:
+            return []
+        if self.broker is None:
+            return [(s.name, "no secret broker is configured") for s in spec.secrets]
+        refusals = []
+        for s in spec.secrets:
+            why = self.broker.refusal(s.name, spec.name, spec.labels, trust)
+            if why:
+                refusals.append((s.name, why))
+        return refusals
+
+    def _admission(self, spec: Job, refusals: list[tuple[str, str]]
+                   ) -> tuple[FailureReason | None, str]:
+        if refusals:
+            return FailureReason.SECRET_UNAVAILABLE, "; ".join(why for _, why in refusals)
         return None, ""
 
     def claim(self, runner_id: str, labels: tuple[str, ...],
@@ -136,8 +165,25 @@ class ControlService:
         job = self.store.claim_next(runner_id, lease_until, event, eligible)
         if job is None:
             return None
+        spec = Job.from_json(job.spec_json)
+        grants: tuple[LeaseGrant, ...] = ()
+        if spec.secrets and self.broker is not None:
+            grants = self.broker.issue(job.id, job.attempt, runner_id,
+                                       [(s.name, s.delivery) for s in spec.secrets],
+                                       ttl=spec.timeout)
         return Assignment(job.id, job.attempt, runner_id, job.spec_json,
-                          job.lease_expires_at or 0.0)
+                          job.lease_expires_at or 0.0, grants, job.trust, job.ref)
+
+    def redeem(self, lease_id: str, job_id: str, attempt: int, runner_id: str) -> bytes:
+        """The value of a secret lease held by this attempt (refused and audited otherwise)."""
+        if self.broker is None:
+            raise PolicyDenied("no secret broker is configured")
+        return self.broker.redeem(lease_id, job_id, attempt, runner_id)
+
+    def report(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Audit events observed by a runner (masks registered, leaks found)."""
+        self.store.record([AuditEvent(self.actor, action, self.clock(), job_id, detail)
+                           for action, detail in events])
 
     def fail_lost(self, dead_runner_jobs: list[str]) -> list[str]:
         """Fail jobs whose runner died (lease expired, or its sandbox found orphaned)."""
@@ -146,7 +192,13 @@ class ControlService:
             return self._event("job.runner_lost", job.id, attempt=job.attempt,
                                runner_id=job.runner_id)
 
-        return self.store.fail_lost(self.clock(), dead_runner_jobs, event)
+        lost = self.store.fail_lost(self.clock(), dead_runner_jobs, event)
+        if self.broker is not None:
+            for job_id in lost:
+                job = self.store.get_job(job_id)
+                if job is not None:
+                    self.broker.revoke(job_id, job.attempt)
+        return lost
 
     def complete(self, c: Completion) -> bool:
         """Record a runner's outcome of an attempt it still holds, with its egress decisions."""
@@ -167,7 +219,11 @@ class ControlService:
         events.append(self._event(f"job.{c.status.value}", c.job_id, actor=actor,
                                   attempt=c.attempt, failure_reason=changes["failure_reason"],
                                   exit_code=c.exit_code))
-        return self.store.finish_job(c.job_id, c.runner_id, changes, steps, artifacts, events)
+        finished = self.store.finish_job(c.job_id, c.runner_id, changes, steps, artifacts,
+                                         events)
+        if self.broker is not None:
+            self.broker.revoke(c.job_id, c.attempt)
+        return finished
 
     def view(self, id_or_prefix: str) -> JobView | None:
         """A job by id or unique prefix, with steps and artifacts."""

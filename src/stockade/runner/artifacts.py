@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.api.protocol import ArtifactReport
@@ -13,10 +14,11 @@ from stockade.api.protocol import ArtifactReport
 
 @dataclass(frozen=True)
 class Collected:
-    """What was stored and what was refused (with the reason)."""
+    """What was stored, what was refused (with the reason), and which files leaked secrets."""
 
     stored: list[ArtifactReport]
     refused: list[str]
+    leaks: list[tuple[str, list[str]]] = field(default_factory=list)  # (path, secret names)
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -41,13 +43,16 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 def collect(workspace: Path, patterns: tuple[str, ...], dest: Path,
-            max_file: int, max_total: int) -> Collected:
-    """Copy the regular files of ``workspace`` matching ``patterns`` into ``dest``."""
+            max_file: int, max_total: int,
+            scan: Callable[[Path], set[str]] | None = None) -> Collected:
+    """Copy the regular files of ``workspace`` matching ``patterns`` into ``dest``; a file in
+    which ``scan`` finds secrets is withheld and reported as a leak."""
     if not patterns:
         return Collected([], [])
     regexes = [glob_regex(p) for p in patterns]
     stored: list[ArtifactReport] = []
     refused: list[str] = []
+    leaks: list[tuple[str, list[str]]] = []
     total = 0
     for rel, entry in _walk(workspace, refused):
         if not any(r.match(rel) for r in regexes):
@@ -66,9 +71,14 @@ def collect(workspace: Path, patterns: tuple[str, ...], dest: Path,
         except UnicodeEncodeError:
             refused.append(f"{rel!r}: the file name is not valid UTF-8")
             continue
+        found = scan(Path(entry.path)) if scan else set()
+        if found:
+            leaks.append((rel, sorted(found)))
+            refused.append(f"{rel}: withheld, it contains the secret(s) {', '.join(sorted(found))}")
+            continue
         stored.append(_copy(Path(entry.path), dest / rel, rel))
         total += size
-    return Collected(stored, refused)
+    return Collected(stored, refused, leaks)
 
 
 def _walk(root: Path, refused: list[str]) -> list[tuple[str, os.DirEntry[str]]]:

@@ -17,10 +17,11 @@ from stockade.api.protocol import (
     StepReport,
 )
 from stockade.config import Settings
-from stockade.errors import StockadeError
+from stockade.errors import PolicyDenied, StockadeError
 from stockade.runner.artifacts import collect
 from stockade.runner.egress import EgressSession, proxy_env
 from stockade.runner.logs import JobLog
+from stockade.runner.secrets import JobSecrets
 from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExit, StepRun
 from stockade.spec import Job
 from stockade.spec.units import format_size
@@ -75,6 +76,7 @@ class Runner:
         """Run the assignment end to end; every failure becomes a reason, never an exception."""
         spec = Job.from_json(a.spec_json)
         started = time.monotonic()
+        secrets: JobSecrets | None = None
         log = JobLog(self.settings.logs_dir / f"{a.job_id}.log", self.settings.log_cap_bytes,
                      self.live)
         details: dict[str, Any] = {"runner_id": self.runner_id, "sandbox": self.backend.name}
@@ -88,15 +90,21 @@ class Runner:
         records: tuple[EgressRecord, ...] = ()
         try:
             log.note(f"job {spec.name} ({a.job_id}) attempt {a.attempt} on {self.runner_id}")
+            secrets = JobSecrets(self.control, a, self.runner_id)
+            log.use_masker(secrets.masker, secrets.mask_registered)
             sandbox = self.backend.prepare(self._request(spec, a, workspace))
             if sandbox.egress_listener is not None:
                 egress = EgressSession(self.settings, spec, sandbox, log)
             status, reason, exit_code = self._run_steps(spec, a, sandbox, log, steps, started,
-                                                        egress)
+                                                        egress, secrets)
             collected = collect(sandbox.workspace, spec.artifacts,
                                 self.settings.artifacts_dir / a.job_id,
                                 self.settings.artifact_max_file_bytes,
-                                self.settings.artifact_max_total_bytes)
+                                self.settings.artifact_max_total_bytes, secrets.scan)
+            for path, names in collected.leaks:
+                secrets.leaked(f"artifact {path}", names)
+            if collected.leaks:
+                status, reason = JobStatus.FAILED, FailureReason.SECRET_LEAK
             artifacts = collected.stored
             for problem in collected.refused:
                 log.note(f"artifact refused: {problem}")
@@ -106,6 +114,10 @@ class Runner:
         except KeyboardInterrupt:
             status, reason, exit_code = JobStatus.FAILED, FailureReason.CANCELED, None
             log.note("canceled by the user")
+        except PolicyDenied as e:
+            status, reason, exit_code = JobStatus.FAILED, FailureReason.SECRET_UNAVAILABLE, None
+            details["error"] = e.diagnostics()
+            log.note(f"secret unavailable: {e.diagnostics()}")
         except StockadeError as e:
             status, reason, exit_code = JobStatus.ERROR, FailureReason.SYSTEM_ERROR, None
             details["error"] = e.diagnostics()
@@ -128,6 +140,14 @@ class Runner:
         self._summary(log, spec, a.job_id, status, reason, steps, artifacts, duration)
         details["log_truncated"] = log.dropped > 0
         log.close()
+        if secrets is not None:
+            if in_log := secrets.scan(log.path):
+                secrets.leaked("the stored log", sorted(in_log))
+            if secrets.leaks:
+                status, reason = JobStatus.FAILED, FailureReason.SECRET_LEAK
+                details["secret_leaks"] = [{"where": w, "secrets": n} for w, n in secrets.leaks]
+            if secrets.reports:
+                self.control.report(a.job_id, secrets.reports)
         return Completion(a.job_id, a.attempt, self.runner_id, status, reason, exit_code,
                           tuple(steps), tuple(artifacts), duration, details, records)
 
@@ -138,10 +158,10 @@ class Runner:
                               workspace_src=workspace, egress=spec.egress.mode != "none")
 
     def _run_steps(self, spec: Job, a: Assignment, sandbox: Sandbox, log: JobLog,
-                   steps: list[StepReport], started: float, egress: EgressSession | None
-                   ) -> tuple[JobStatus, FailureReason | None, int | None]:
+                   steps: list[StepReport], started: float, egress: EgressSession | None,
+                   secrets: JobSecrets) -> tuple[JobStatus, FailureReason | None, int | None]:
         deadline = started + spec.timeout
-        extra_env = proxy_env(sandbox.proxy_url) if sandbox.proxy_url else {}
+        extra_env = {**secrets.env, **(proxy_env(sandbox.proxy_url) if sandbox.proxy_url else {})}
         for step in spec.steps:
             if egress is not None and egress.violated:
                 return JobStatus.FAILED, FailureReason.EGRESS_VIOLATION, None
@@ -149,7 +169,8 @@ class Runner:
             timeout = min(step.timeout or math.inf, remaining)
             log.note(f"step {step.name}")
             env = {**step_env(spec, a.job_id, a.attempt, step.name), **extra_env}
-            exit = sandbox.run(StepRun(step.name, step.run, env, max(timeout, 0.0)), log.output)
+            exit = sandbox.run(StepRun(step.name, step.run, env, max(timeout, 0.0),
+                                       secrets.files), log.output)
             log.flush_partial()
             step_status, reason = _classify(exit, egress is not None and egress.violated)
             steps.append(StepReport(step.name, step_status, exit.exit_code, exit.duration_s))

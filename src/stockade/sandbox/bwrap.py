@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from stockade.config import Settings
@@ -31,6 +32,7 @@ from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, Step
 from stockade.sandbox.workspace import copy_workspace
 
 SCRIPT_PATH = "/run/stockade/step.sh"
+SECRETS_DIR = "/run/secrets"
 SHM_BYTES = 64 * 1024 * 1024
 EGRESS_SOCKET = "/run/stockade/egress.sock"
 PROXY_PORT = 3128
@@ -215,9 +217,15 @@ class BwrapSandbox:
                            r.workspace_bytes)
         self.cgroup.create(Limits(memory_bytes=r.memory_bytes, pids=r.pids, cpus=r.cpus))
 
-    def argv(self, seccomp_fd: int, script_fd: int, status_fd: int) -> list[str]:
-        """The bwrap command line of one step (no secrets ever go here)."""
+    def argv(self, seccomp_fd: int, script_fd: int, status_fd: int,
+             secret_fds: Mapping[str, int] | None = None) -> list[str]:
+        """The bwrap command line of one step (no secret values ever go here: only fds)."""
         etc = self.backend.etc_dir()
+        secrets: list[str] = []
+        if secret_fds:
+            secrets = ["--dir", SECRETS_DIR]
+            for name, fd in secret_fds.items():
+                secrets += ["--perms", "0400", "--ro-bind-data", str(fd), f"{SECRETS_DIR}/{name}"]
         command = [*self._shell, SCRIPT_PATH]
         egress: list[str] = []
         if self.egress_socket is not None:
@@ -239,6 +247,7 @@ class BwrapSandbox:
             "--bind", str(self.workspace), "/workspace",
             "--bind", str(self.job_dir / "tmp"), "/tmp",
             "--ro-bind-data", str(script_fd), SCRIPT_PATH,
+            *secrets,
             *egress,
             "--remount-ro", "/",
             "--chdir", "/workspace",
@@ -254,6 +263,7 @@ class BwrapSandbox:
         ooms_before = self.cgroup.oom_kills()
         seccomp_fd = _memfd("seccomp", self.backend.seccomp_bpf())
         script_fd = _memfd("script", step.script.encode())
+        secret_fds = {name: _memfd("secret", value) for name, value in step.secret_files.items()}
         status_r, status_w = os.pipe()
         procs_fds = self.cgroup.procs_fds()
 
@@ -265,16 +275,17 @@ class BwrapSandbox:
 
         try:
             self._proc = subprocess.Popen(
-                self.argv(seccomp_fd, script_fd, status_w), env=dict(step.env),
+                self.argv(seccomp_fd, script_fd, status_w, secret_fds), env=dict(step.env),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[],
-                pass_fds=(seccomp_fd, script_fd, status_w), preexec_fn=in_child,
+                pass_fds=(seccomp_fd, script_fd, status_w, *secret_fds.values()),
+                preexec_fn=in_child,
                 start_new_session=True, cwd="/",
             )
         except (OSError, subprocess.SubprocessError) as e:
             raise SandboxError(f"cannot start bwrap: {e}") from e
         finally:
-            for fd in (seccomp_fd, script_fd, status_w):
+            for fd in (seccomp_fd, script_fd, status_w, *secret_fds.values()):
                 os.close(fd)
         assert self._proc.stdout is not None
         deadline = start + step.timeout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,7 @@ class StepRun:
     script: str
     env: Mapping[str, str]
     timeout: float
+    secret_files: Mapping[str, bytes] = field(default_factory=dict)  # name -> /run/secrets/name
 
 
 @dataclass(frozen=True)

@@ -69,20 +69,22 @@ class Masker:
     """The automaton over all registered values; thread-safe to extend."""
 
     def __init__(self, values: Iterable[bytes] = ()) -> None:
-        self._patterns: set[bytes] = set()
+        self._patterns: dict[bytes, str] = {}  # variant -> the name of its secret
+        self._sorted: list[bytes] = []
         self._lock = threading.Lock()
         self._automaton: BytesAhoCorasick | None = None
         self.longest = 0
         self.add(*values)
 
-    def add(self, *values: bytes) -> None:
+    def add(self, *values: bytes, name: str = "add-mask") -> None:
         """Register values (and all their variants) to be masked from now on."""
         with self._lock:
             before = len(self._patterns)
             for value in values:
-                self._patterns |= variants(value)
+                for form in variants(value):
+                    self._patterns.setdefault(form, name)
             if len(self._patterns) != before:
-                patterns = sorted(self._patterns)
+                patterns = self._sorted = sorted(self._patterns)
                 # a DFA keeps the cost per byte flat however many secrets are registered
                 self._automaton = BytesAhoCorasick(patterns,
                                                    matchkind=MatchKind.LeftmostLongest,
@@ -98,6 +100,15 @@ class Masker:
         if automaton is None:
             return []
         return [(s, e) for _, s, e in automaton.find_matches_as_indexes(data)]
+
+    def names_in(self, data: bytes) -> set[str]:
+        """The names of the secrets whose variants occur in ``data``."""
+        automaton = self._automaton
+        if automaton is None:
+            return set()
+        patterns = self._sorted
+        return {self._patterns[patterns[i]] for i, _, _ in
+                automaton.find_matches_as_indexes(data)}
 
     def mask(self, data: bytes) -> bytes:
         """``data`` with every variant replaced (for complete, non-streaming buffers)."""

@@ -34,6 +34,21 @@ class JobResources:
 
 
 @dataclass(frozen=True)
+class JobSecret:
+    """A secret the job asks for, delivered as an environment variable or a file."""
+
+    name: str
+    delivery: str = "env"
+
+
+@dataclass(frozen=True)
+class IdToken:
+    """The job's OIDC identity token: its audience."""
+
+    aud: str
+
+
+@dataclass(frozen=True)
 class JobEgress:
     """The network policy."""
 
@@ -51,10 +66,11 @@ class Job:
     steps: tuple[JobStep, ...]
     resources: JobResources
     env: dict[str, str] = field(default_factory=dict)
-    secrets: tuple[str, ...] = ()
+    secrets: tuple[JobSecret, ...] = ()
     egress: JobEgress = JobEgress()
     artifacts: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
+    id_token: IdToken | None = None
 
     @property
     def timeout(self) -> float:
@@ -73,8 +89,9 @@ class Job:
             name=d["name"], image=d["image"],
             steps=tuple(JobStep(**s) for s in d["steps"]),
             resources=JobResources(**d["resources"]),
-            env=dict(d["env"]), secrets=tuple(d["secrets"]),
+            env=dict(d["env"]), secrets=tuple(JobSecret(**s) for s in d["secrets"]),
             egress=JobEgress(d["egress"]["mode"], tuple(d["egress"]["allow"]),
                              d["egress"]["on_violation"]),
             artifacts=tuple(d["artifacts"]), labels=tuple(d["labels"]),
+            id_token=IdToken(**d["id_token"]) if d.get("id_token") else None,
         )

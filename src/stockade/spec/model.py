@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from stockade.egress.policy import parse_rule
-from stockade.spec.job import Job, JobEgress, JobResources, JobStep
+from stockade.spec.job import IdToken, Job, JobEgress, JobResources, JobSecret, JobStep
 from stockade.spec.units import format_duration, parse_duration, parse_size
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -145,6 +145,28 @@ class EgressSpec(_Strict):
         return self
 
 
+class SecretRef(_Strict):
+    """``{name: NAME, as: file}``: a secret delivered as ``/run/secrets/NAME``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: StrictStr
+    as_: StrictStr = Field(default="env", alias="as")
+
+    @field_validator("as_")
+    @classmethod
+    def _delivery(cls, v: str) -> str:
+        if v not in ("env", "file"):
+            raise ValueError(f"{v!r} is not a delivery; use env (default) or file")
+        return v
+
+
+class IdTokenSpec(_Strict):
+    """``id_token: {aud: ...}``: give the job a signed OIDC token for that audience."""
+
+    aud: StrictStr = Field(min_length=1, max_length=200)
+
+
 class JobSpec(_Strict):
     """A whole job: what to run, with which limits, and what to keep."""
 
@@ -152,7 +174,8 @@ class JobSpec(_Strict):
     image: StrictStr = "host"
     steps: tuple[Step, ...] = Field(min_length=1, max_length=200)
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
-    secrets: tuple[StrictStr, ...] = ()
+    secrets: tuple[StrictStr | SecretRef, ...] = ()
+    id_token: IdTokenSpec | None = None
     egress: EgressSpec = EgressSpec()
     resources: Resources = DEFAULT_RESOURCES
     artifacts: tuple[StrictStr, ...] = ()
@@ -195,11 +218,27 @@ class JobSpec(_Strict):
 
     @field_validator("secrets")
     @classmethod
-    def _secrets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for name in v:
-            if not _ENV_NAME.match(name):
-                raise ValueError(f"{name!r} is not a valid secret name; use [A-Za-z_][A-Za-z0-9_]*")
-        return v
+    def _secrets(cls, v: tuple[str | SecretRef, ...]) -> tuple[SecretRef, ...]:
+        refs = tuple(SecretRef(name=s) if isinstance(s, str) else s for s in v)
+        seen: set[str] = set()
+        for ref in refs:
+            if not _ENV_NAME.match(ref.name):
+                raise ValueError(
+                    f"{ref.name!r} is not a valid secret name; use [A-Za-z_][A-Za-z0-9_]*")
+            if ref.name in seen:
+                raise ValueError(f"{ref.name!r} is requested twice")
+            if ref.name in RESERVED_ENV or ref.name.startswith("STOCKADE_"):
+                raise ValueError(f"{ref.name!r} is set by stockade; name the secret otherwise")
+            seen.add(ref.name)
+        return refs
+
+    @model_validator(mode="after")
+    def _secret_env_clash(self) -> JobSpec:
+        for ref in self.secrets:
+            if isinstance(ref, SecretRef) and ref.as_ == "env" and ref.name in self.env:
+                raise ValueError(f"{ref.name} is both in env and a secret delivered as env; "
+                                 "rename one of them")
+        return self
 
     @field_validator("steps")
     @classmethod
@@ -218,8 +257,11 @@ class JobSpec(_Strict):
             name=self.name, image=self.image,
             steps=tuple(JobStep(s.name, s.run, s.timeout) for s in self.steps),
             resources=JobResources(r.cpus, r.memory, r.pids, r.tmp, r.workspace, r.timeout),
-            env=dict(self.env), secrets=self.secrets,
+            env=dict(self.env),
+            secrets=tuple(JobSecret(s.name, s.as_) if isinstance(s, SecretRef)
+                          else JobSecret(s) for s in self.secrets),
             egress=JobEgress(self.egress.mode.value, self.egress.allow,
                              self.egress.on_violation),
             artifacts=self.artifacts, labels=self.labels,
+            id_token=IdToken(self.id_token.aud) if self.id_token else None,
         )

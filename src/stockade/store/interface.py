@@ -27,6 +27,8 @@ class JobRow:
     started_at: float | None
     finished_at: float | None
     result_json: str | None
+    trust: str = "trusted"
+    ref: str = "local"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,38 @@ class ArtifactRow:
     path: str
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class SecretRow:
+    """A stored secret: its scope and its sealed value (never plaintext)."""
+
+    name: str
+    version: int
+    scope_jobs: str
+    scope_labels: str
+    scope_trust: str
+    key_id: str
+    nonce: bytes
+    ciphertext: bytes
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """A secret issued to one attempt of one job."""
+
+    id: str
+    job_id: str
+    attempt: int
+    runner_id: str
+    secret_name: str
+    secret_version: int
+    delivery: str
+    issued_at: float
+    expires_at: float
+    revoked_at: float | None
 
 
 class Store(Protocol):
@@ -97,6 +131,39 @@ class Store(Protocol):
 
     def audit_records(self, job_id: str | None = None) -> list[tuple[AuditEvent, str, str]]:
         """``(event, prev_hash, hash)`` in order, optionally only those of one job."""
+        ...
+
+    def record(self, events: list[AuditEvent]) -> None:
+        """Append audit events that go with no other change."""
+        ...
+
+    def put_secret(self, row: SecretRow, event: AuditEvent) -> None:
+        """Create or replace a secret."""
+        ...
+
+    def get_secret(self, name: str) -> SecretRow | None:
+        """A secret by name."""
+        ...
+
+    def list_secrets(self) -> list[SecretRow]:
+        """All secrets by name."""
+        ...
+
+    def delete_secret(self, name: str, event: AuditEvent) -> bool:
+        """Remove a secret; False if there was none."""
+        ...
+
+    def insert_leases(self, leases: list[LeaseRow], events: list[AuditEvent]) -> None:
+        """Record issued leases."""
+        ...
+
+    def get_lease(self, lease_id: str) -> LeaseRow | None:
+        """A lease by id."""
+        ...
+
+    def revoke_leases(self, job_id: str, attempt: int, now: float,
+                      event_for: Callable[[LeaseRow], AuditEvent]) -> list[LeaseRow]:
+        """Revoke the attempt's live leases; return them."""
         ...
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text
+from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -22,6 +22,8 @@ jobs = Table(
     Column("started_at", Float),
     Column("finished_at", Float),
     Column("result_json", Text),
+    Column("trust", String(16), nullable=False, server_default="trusted"),
+    Column("ref", String(200), nullable=False, server_default="local"),
 )
 
 steps = Table(
@@ -52,4 +54,32 @@ audit_events = Table(
     Column("detail_json", Text, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+)
+
+secrets = Table(
+    "secrets", metadata,
+    Column("name", String(100), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("scope_jobs", String(200), nullable=False),
+    Column("scope_labels", Text, nullable=False),
+    Column("scope_trust", String(16), nullable=False),
+    Column("key_id", String(16), nullable=False),
+    Column("nonce", LargeBinary, nullable=False),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+leases = Table(
+    "leases", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("job_id", String(32), nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("runner_id", String(64), nullable=False),
+    Column("secret_name", String(100), nullable=False),
+    Column("secret_version", Integer, nullable=False),
+    Column("delivery", String(8), nullable=False),
+    Column("issued_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("revoked_at", Float),
 )

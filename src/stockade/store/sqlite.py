@@ -14,10 +14,12 @@ from typing import Any
 
 from stockade.audit import GENESIS, AuditEvent, chain_hash
 from stockade.errors import StoreError
-from stockade.store.interface import ArtifactRow, JobRow, StepRow
+from stockade.store.interface import ArtifactRow, JobRow, LeaseRow, SecretRow, StepRow
 
-HEAD_REVISION = "0001"  # tests check this equals the newest Alembic migration
+HEAD_REVISION = "0002"  # tests check this equals the newest Alembic migration
 _JOB_COLUMNS = ", ".join(f.name for f in fields(JobRow))
+_SECRET_COLUMNS = ", ".join(f.name for f in fields(SecretRow))
+_LEASE_COLUMNS = ", ".join(f.name for f in fields(LeaseRow))
 
 
 def _job_row(row: tuple[Any, ...]) -> JobRow:
@@ -192,6 +194,67 @@ class SqliteStore:
                 sql + " ORDER BY seq", args):
             out.append((AuditEvent(actor, action, at, jid, json.loads(detail)), prev, digest))
         return out
+
+    def record(self, events: list[AuditEvent]) -> None:
+        """Append audit events in one transaction."""
+        with self._tx() as db:
+            for event in events:
+                self._append_audit(db, event)
+
+    def put_secret(self, row: SecretRow, event: AuditEvent) -> None:
+        """Create or replace a secret."""
+        marks = ", ".join("?" for _ in fields(SecretRow))
+        with self._tx() as db:
+            db.execute(f"INSERT OR REPLACE INTO secrets ({_SECRET_COLUMNS}) VALUES ({marks})",
+                       astuple(row))
+            self._append_audit(db, event)
+
+    def get_secret(self, name: str) -> SecretRow | None:
+        """A secret by name."""
+        row = self._db.execute(f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE name = ?",
+                               (name,)).fetchone()
+        return SecretRow(*row) if row else None
+
+    def list_secrets(self) -> list[SecretRow]:
+        """All secrets by name."""
+        rows = self._db.execute(f"SELECT {_SECRET_COLUMNS} FROM secrets ORDER BY name")
+        return [SecretRow(*r) for r in rows]
+
+    def delete_secret(self, name: str, event: AuditEvent) -> bool:
+        """Remove a secret."""
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount == 1
+            if gone:
+                self._append_audit(db, event)
+            return gone
+
+    def insert_leases(self, leases: list[LeaseRow], events: list[AuditEvent]) -> None:
+        """Record issued leases with their audit events."""
+        marks = ", ".join("?" for _ in fields(LeaseRow))
+        with self._tx() as db:
+            db.executemany(f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES ({marks})",
+                           [astuple(lease) for lease in leases])
+            for event in events:
+                self._append_audit(db, event)
+
+    def get_lease(self, lease_id: str) -> LeaseRow | None:
+        """A lease by id."""
+        row = self._db.execute(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = ?",
+                               (lease_id,)).fetchone()
+        return LeaseRow(*row) if row else None
+
+    def revoke_leases(self, job_id: str, attempt: int, now: float,
+                      event_for: Callable[[LeaseRow], AuditEvent]) -> list[LeaseRow]:
+        """Revoke the attempt's live leases with an audit event each."""
+        with self._tx() as db:
+            rows = db.execute(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE job_id = ? AND "
+                              "attempt = ? AND revoked_at IS NULL", (job_id, attempt))
+            live = [LeaseRow(*r) for r in rows]
+            db.execute("UPDATE leases SET revoked_at = ? WHERE job_id = ? AND attempt = ? "
+                       "AND revoked_at IS NULL", (now, job_id, attempt))
+            for lease in live:
+                self._append_audit(db, event_for(lease))
+            return live
 
     def close(self) -> None:
         """Close the connection."""

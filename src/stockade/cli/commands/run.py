@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", metavar="DIR", type=Path, default=None,
                    help="directory copied to /workspace (default: current directory)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--trust", default="trusted", choices=("untrusted", "trusted", "protected"),
+                   help="how far the job's origin is trusted (untrusted: e.g. a fork pull "
+                   "request; never receives secrets). Default: trusted")
+    p.add_argument("--ref", default="local", metavar="REF",
+                   help="the source reference the job runs (in its identity token's sub)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     backend = get_backend("bwrap", settings)
     for lost in control.fail_lost(backend.reap_orphans()):
         sys.stderr.write(f"stockade: job {lost} lost its runner; marked failed (runner_lost)\n")
-    job = control.submit(spec)
+    job = control.submit(spec, trust=args.trust, ref=args.ref)
     if job.status == "queued":
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # cancel, then tear down
         signal.signal(signal.SIGHUP, signal.default_int_handler)

@@ -1,0 +1,91 @@
+"""``stockade secret set|list|rm|rotate``: the encrypted secret store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HELP = "manage secrets (values never on the command line)"
+DESCRIPTION = """\
+stockade secret set NAME [--from-file F] [--jobs GLOB] [--labels L1,L2] [--trust LEVEL]
+stockade secret rotate NAME [--from-file F]
+stockade secret list
+stockade secret rm NAME
+
+Values are read from standard input (or --from-file), never from the command line, and stored
+encrypted (AES-256-GCM) under the master key ($STOCKADE_HOME/master.key, created 0600 on first
+use, or STOCKADE_MASTER_KEY_FILE). A trailing newline on standard input is dropped. Values
+shorter than 4 characters are refused: they could not be masked in logs.
+
+Scope: a job receives a secret only if its name matches --jobs (a glob, default '*'), it has
+every label in --labels, and its trust (stockade run --trust) is at least --trust (trusted by
+default; protected for release jobs). Jobs of trust untrusted never receive secrets."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The four actions."""
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    put = sub.add_parser("set", help="store a secret (value on stdin)")
+    put.add_argument("name", metavar="NAME")
+    put.add_argument("--from-file", type=Path, metavar="F", help="read the value from F")
+    put.add_argument("--jobs", default="*", metavar="GLOB", help="job names (default '*')")
+    put.add_argument("--labels", default="", metavar="L1,L2", help="labels the job must have")
+    put.add_argument("--trust", default="trusted", choices=("trusted", "protected"),
+                     help="the least trust a job needs (default trusted)")
+    rot = sub.add_parser("rotate", help="a new value for a secret, same scope (value on stdin)")
+    rot.add_argument("name", metavar="NAME")
+    rot.add_argument("--from-file", type=Path, metavar="F", help="read the value from F")
+    sub.add_parser("list", help="names, scopes and versions (never values)")
+    rm = sub.add_parser("rm", help="delete a secret")
+    rm.add_argument("name", metavar="NAME")
+
+
+def read_value(path: Path | None) -> bytes:
+    """The value from a file or standard input (a prompt without echo on a terminal)."""
+    from stockade.errors import UsageError
+
+    if path is not None:
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror}") from e
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("value: ").encode()
+    data = sys.stdin.buffer.read(64 * 1024 + 2)
+    return data[:-1] if data.endswith(b"\n") else data
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the action."""
+    from stockade.cli.context import open_control
+    from stockade.secrets.broker import Scope
+
+    _, control = open_control()
+    broker = control.broker
+    assert broker is not None
+    if args.action == "set":
+        labels = tuple(x for x in args.labels.split(",") if x)
+        version = broker.set(args.name, read_value(args.from_file),
+                             Scope(args.jobs, labels, args.trust))
+        print(f"secret {args.name} stored (version {version})")
+    elif args.action == "rotate":
+        print(f"secret {args.name} rotated (version "
+              f"{broker.rotate(args.name, read_value(args.from_file))})")
+    elif args.action == "rm":
+        broker.remove(args.name)
+        print(f"secret {args.name} removed")
+    else:
+        rows = broker.secrets()
+        if not rows:
+            print("no secrets yet; add one with: stockade secret set NAME < value-file")
+        for s in rows:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated_at))
+            shown = ",".join(s.scope.labels) or "-"
+            print(f"{s.name:<24} v{s.version:<3} jobs={s.scope.jobs:<16} labels={shown:<12} "
+                  f"trust={s.scope.trust:<9} key={s.key_id} updated {when}")
+    return 0
