@@ -181,9 +181,10 @@ class Broker:
                 return self.vault.unseal(row.name, row.version,
                                          Sealed(row.key_id, row.nonce, row.ciphertext))
         secret = lease.secret_name if lease else None
-        self.store.record([self._event("secret.lease_refused", job_id, lease=lease_id,
-                                       secret=secret, reason=problem, attempt=attempt,
-                                       runner_id=runner_id)])
+        owner = lease.job_id if lease else job_id  # the refusal belongs to the lease's job
+        self.store.record([self._event("secret.lease_refused", owner, lease=lease_id,
+                                       secret=secret, reason=problem, requested_for=job_id,
+                                       attempt=attempt, runner_id=runner_id)])
         raise PolicyDenied(f"lease {lease_id} refused: {problem}")
 
     def revoke(self, job_id: str, attempt: int) -> int:
