@@ -29,6 +29,8 @@ class Settings:
     artifact_max_file_bytes: int = 512 * MiB
     artifact_max_total_bytes: int = 1024 * MiB
     master_key_file: str = ""
+    oidc_issuer: str = "https://stockade.local"
+    oidc_refresh_s: float = 60.0
     egress_hosts_file: str = ""
     egress_max_connections: int = 64
     egress_header_timeout_s: float = 10.0
@@ -68,6 +70,8 @@ _ENV = {
     "STOCKADE_ARTIFACT_MAX_FILE": "artifact_max_file_bytes",
     "STOCKADE_ARTIFACT_MAX_TOTAL": "artifact_max_total_bytes",
     "STOCKADE_MASTER_KEY_FILE": "master_key_file",
+    "STOCKADE_OIDC_ISSUER": "oidc_issuer",
+    "STOCKADE_OIDC_REFRESH": "oidc_refresh_s",
     "STOCKADE_EGRESS_HOSTS_FILE": "egress_hosts_file",
     "STOCKADE_EGRESS_MAX_CONNECTIONS": "egress_max_connections",
     "STOCKADE_EGRESS_HEADER_TIMEOUT": "egress_header_timeout_s",

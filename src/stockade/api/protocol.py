@@ -132,6 +132,10 @@ class ControlPlane(Protocol):
         """The value of a secret lease this attempt holds (PolicyDenied otherwise)."""
         ...
 
+    def mint_id_token(self, job_id: str, attempt: int, runner_id: str) -> str:
+        """A fresh OIDC ID token for a running attempt this runner holds."""
+        ...
+
     def report(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
         """Record audit events the runner observed (masks registered, leaks found)."""
         ...

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import getpass
+from typing import TYPE_CHECKING
 
 from stockade.config import Settings, ensure_home, load_settings
 from stockade.control import ControlService, JobView
 from stockade.errors import UsageError
 from stockade.secrets.broker import Broker
 from stockade.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from stockade.secrets.oidc import KeyRing
 
 
 def open_control() -> tuple[Settings, ControlService]:
@@ -17,7 +21,15 @@ def open_control() -> tuple[Settings, ControlService]:
     ensure_home(settings)
     store = SqliteStore(settings.db_path)
     actor = f"cli:{getpass.getuser()}"
-    return settings, ControlService(store, actor=actor, broker=open_broker(settings, store))
+    return settings, ControlService(store, actor=actor, broker=open_broker(settings, store),
+                                    identity=lambda: open_keyring(settings))
+
+
+def open_keyring(settings: Settings) -> KeyRing:
+    """The control plane's OIDC signing keys (created on first use)."""
+    from stockade.secrets.oidc import KeyRing
+
+    return KeyRing(settings.home / "oidc", settings.oidc_issuer)
 
 
 def open_broker(settings: Settings, store: SqliteStore) -> Broker:

@@ -21,6 +21,7 @@ COMMANDS = {
     "doctor": "stockade.cli.commands.doctor",
     "egress": "stockade.cli.commands.egress",
     "secret": "stockade.cli.commands.secret",
+    "oidc": "stockade.cli.commands.oidc",
 }
 
 DESCRIPTION = """\

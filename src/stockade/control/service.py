@@ -24,6 +24,7 @@ from stockade.spec import Job
 
 if TYPE_CHECKING:
     from stockade.secrets.broker import Broker
+    from stockade.secrets.oidc import KeyRing
 from stockade.store.interface import ArtifactRow, JobRow, StepRow, Store
 
 LEASE_GRACE_S = 300.0
@@ -88,11 +89,48 @@ class ControlService:
     """The control plane over a :class:`~stockade.store.interface.Store`."""
 
     def __init__(self, store: Store, actor: str, clock: Callable[[], float] = time.time,
-                 broker: Broker | None = None) -> None:
+                 broker: Broker | None = None,
+                 identity: Callable[[], KeyRing] | None = None) -> None:
         self.store = store
         self.actor = actor
         self.clock = clock
         self.broker = broker
+        self._identity = identity
+        self._keyring: KeyRing | None = None
+
+    @property
+    def keyring(self) -> KeyRing:
+        """The OIDC signing keys (loaded on first use)."""
+        if self._keyring is None:
+            if self._identity is None:
+                raise PolicyDenied("no OIDC issuer is configured")
+            self._keyring = self._identity()
+        return self._keyring
+
+    def mint_id_token(self, job_id: str, attempt: int, runner_id: str) -> str:
+        """A fresh ID token for a running attempt held by ``runner_id`` (audited)."""
+        from stockade.secrets.oidc import subject
+
+        job = self.store.get_job(job_id)
+        if job is None or (job.status, job.attempt, job.runner_id) != ("running", attempt,
+                                                                        runner_id):
+            raise PolicyDenied(f"job {job_id} attempt {attempt} is not running on {runner_id}")
+        spec = Job.from_json(job.spec_json)
+        if spec.id_token is None:
+            raise PolicyDenied(f"job {job_id} did not ask for an id_token")
+        token, claims = self.keyring.mint({
+            "sub": subject(spec.name, job.ref), "aud": spec.id_token.aud, "job_id": job_id,
+            "job_name": spec.name, "ref": job.ref, "attempt": attempt, "runner_id": runner_id,
+            "trust": job.trust, "image_digest": spec.image,
+        })
+        self.store.record([self._event("oidc.token_issued", job_id, jti=claims["jti"],
+                                       aud=claims["aud"], exp=claims["exp"],
+                                       kid=self.keyring.active_kid)])
+        return token
+
+    def audit_event(self, action: str, job_id: str | None, **detail: Any) -> AuditEvent:
+        """An audit event by this control plane's actor."""
+        return AuditEvent(self.actor, action, self.clock(), job_id, detail)
 
     def _event(self, action: str, job_id: str, actor: str | None = None,
                **detail: Any) -> AuditEvent:

@@ -20,6 +20,7 @@ from stockade.config import Settings
 from stockade.errors import PolicyDenied, StockadeError
 from stockade.runner.artifacts import collect
 from stockade.runner.egress import EgressSession, proxy_env
+from stockade.runner.identity import TokenRefresher
 from stockade.runner.logs import JobLog
 from stockade.runner.secrets import JobSecrets
 from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExit, StepRun
@@ -87,6 +88,7 @@ class Runner:
         exit_code: int | None = 0
         sandbox: Sandbox | None = None
         egress: EgressSession | None = None
+        identity: TokenRefresher | None = None
         records: tuple[EgressRecord, ...] = ()
         try:
             log.note(f"job {spec.name} ({a.job_id}) attempt {a.attempt} on {self.runner_id}")
@@ -95,6 +97,9 @@ class Runner:
             sandbox = self.backend.prepare(self._request(spec, a, workspace))
             if sandbox.egress_listener is not None:
                 egress = EgressSession(self.settings, spec, sandbox, log)
+            if sandbox.identity_token_path is not None:
+                identity = TokenRefresher(self.control, a, self.runner_id, sandbox,
+                                          secrets.masker, self.settings.oidc_refresh_s)
             status, reason, exit_code = self._run_steps(spec, a, sandbox, log, steps, started,
                                                         egress, secrets)
             collected = collect(sandbox.workspace, spec.artifacts,
@@ -127,6 +132,10 @@ class Runner:
             details["error"] = f"internal error: {type(e).__name__}: {e}"
             log.note(f"internal error: {type(e).__name__}: {e}")
         finally:
+            if identity is not None:
+                identity.close()
+                for problem in identity.errors:
+                    log.note(f"id token refresh failed: {problem}")
             if egress is not None:
                 records = egress.close()
             if sandbox is not None:
@@ -155,13 +164,16 @@ class Runner:
         r = spec.resources
         return SandboxRequest(job_id=a.job_id, cpus=r.cpus, memory_bytes=r.memory, pids=r.pids,
                               tmp_bytes=r.tmp, workspace_bytes=r.workspace,
-                              workspace_src=workspace, egress=spec.egress.mode != "none")
+                              workspace_src=workspace, egress=spec.egress.mode != "none",
+                              identity=spec.id_token is not None)
 
     def _run_steps(self, spec: Job, a: Assignment, sandbox: Sandbox, log: JobLog,
                    steps: list[StepReport], started: float, egress: EgressSession | None,
                    secrets: JobSecrets) -> tuple[JobStatus, FailureReason | None, int | None]:
         deadline = started + spec.timeout
         extra_env = {**secrets.env, **(proxy_env(sandbox.proxy_url) if sandbox.proxy_url else {})}
+        if sandbox.identity_token_path:
+            extra_env["STOCKADE_ID_TOKEN_FILE"] = sandbox.identity_token_path
         for step in spec.steps:
             if egress is not None and egress.violated:
                 return JobStatus.FAILED, FailureReason.EGRESS_VIOLATION, None

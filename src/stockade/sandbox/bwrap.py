@@ -33,6 +33,7 @@ from stockade.sandbox.workspace import copy_workspace
 
 SCRIPT_PATH = "/run/stockade/step.sh"
 SECRETS_DIR = "/run/secrets"
+IDENTITY_DIR = "/run/stockade/identity"
 SHM_BYTES = 64 * 1024 * 1024
 EGRESS_SOCKET = "/run/stockade/egress.sock"
 PROXY_PORT = 3128
@@ -180,6 +181,21 @@ class BwrapSandbox:
         """The forwarder's address inside the sandbox."""
         return PROXY_URL if self.request.egress else None
 
+    @property
+    def identity_token_path(self) -> str | None:
+        """The token file inside the sandbox."""
+        return f"{IDENTITY_DIR}/token" if self.request.identity else None
+
+    def publish_identity_token(self, token: str) -> None:
+        """Write the token (0400, the sandbox user) and rename it into place."""
+        directory = self.job_dir / "identity"
+        tmp = directory / ".token.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o400)
+        with os.fdopen(fd, "w") as f:
+            os.fchown(f.fileno(), self.user.pw_uid, self.user.pw_gid)
+            f.write(token)
+        os.replace(tmp, directory / "token")
+
     def _listen_egress(self, path: Path) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -204,6 +220,9 @@ class BwrapSandbox:
                 point.mkdir(mode=0o700)
                 mounts.mount_tmpfs(point, size, self.user.pw_uid, self.user.pw_gid)
                 self._mounted.append(point)
+            if self.request.identity:
+                (self.job_dir / "identity").mkdir(mode=0o500)
+                os.chown(self.job_dir / "identity", self.user.pw_uid, self.user.pw_gid)
             if self.egress_socket is not None:
                 if not Path(SOCAT).exists():
                     raise SandboxError("egress needs socat in the image (the forwarder to the "
@@ -249,6 +268,8 @@ class BwrapSandbox:
             "--ro-bind-data", str(script_fd), SCRIPT_PATH,
             *secrets,
             *egress,
+            *(["--ro-bind", str(self.job_dir / "identity"), IDENTITY_DIR]
+              if self.request.identity else []),
             "--remount-ro", "/",
             "--chdir", "/workspace",
             "--json-status-fd", str(status_fd),

@@ -23,6 +23,7 @@ class SandboxRequest:
     workspace_bytes: int
     workspace_src: Path | None
     egress: bool = False  # reach the runner's egress proxy through a socket (see bwrap.py)
+    identity: bool = False  # an OIDC token file the runner refreshes during the job
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,15 @@ class Sandbox(Protocol):
     @property
     def proxy_url(self) -> str | None:
         """The proxy URL for HTTP_PROXY/HTTPS_PROXY inside the sandbox (or None)."""
+        ...
+
+    @property
+    def identity_token_path(self) -> str | None:
+        """Where steps find the job's ID token (None without ``identity``)."""
+        ...
+
+    def publish_identity_token(self, token: str) -> None:
+        """Replace the job's ID token file atomically (visible to running steps)."""
         ...
 
     def run(self, step: StepRun, sink: OutputSink) -> StepExit:

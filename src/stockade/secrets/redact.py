@@ -1,14 +1,17 @@
 """The one place that redacts secrets: every issued value and its encodings become ``***``.
 
 For each registered value the masker also looks for each of its lines and its encodings:
-base64 (standard and URL-safe, padded or not, and the three shifted forms a value takes when it
-sits mid-way in a longer base64 stream), URL-encoding (``%XX`` upper and lower case, ``+`` for
-space), JSON string escaping, shell quoting, and hex (lower and upper case). All variants go
-into one Aho-Corasick automaton (leftmost-longest), so the cost per byte does not grow with the
+base64 (standard and URL-safe, padded or not, the three shifted forms a value takes when it
+sits mid-way in a longer base64 stream, and the 64- and 76-column lines that ``base64`` and PEM
+wrap long encodings into), URL-encoding (``%XX`` upper and lower case, ``+`` for space), JSON
+string escaping, shell quoting, and hex (lower and upper case). All variants go into one
+Aho-Corasick automaton (leftmost-longest, a DFA), so the cost per byte does not grow with the
 number of secrets.
 
-:class:`Redactor` is streaming-safe: a value split across output chunks is still masked. It
-holds back at most ``longest variant - 1`` bytes between chunks, never more.
+No variant contains a newline (a multi-line value is masked line by line), so every complete
+line can be masked and emitted at once. :class:`Redactor` is streaming-safe: a value split
+across output chunks is still masked; it holds back only the unfinished last line, and never
+more than ``longest variant - 1`` bytes of it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ ADD_MASK = b"::add-mask::"
 _SHELL_UNSAFE = re.compile(r"([^\w@%+=:,./-])")
 
 
+WRAP_COLUMNS = (64, 76)  # PEM and base64(1) line lengths
+
+
 def _b64_shifted(value: bytes, alphabet: str) -> set[bytes]:
     """Base64 of ``value`` at each of the three byte offsets within a longer stream."""
     encode = base64.urlsafe_b64encode if alphabet == "url" else base64.b64encode
@@ -40,6 +46,8 @@ def _b64_shifted(value: bytes, alphabet: str) -> set[bytes]:
         out.add(text[first:last])
         if k == 0:
             out.add(text)  # the padded form
+            for width in WRAP_COLUMNS:  # the lines of a wrapped encoding
+                out.update(text[i:i + width] for i in range(0, len(text), width))
     return out
 
 
@@ -62,7 +70,7 @@ def variants(value: bytes) -> set[bytes]:
         forms.add(_SHELL_UNSAFE.sub(r"\\\1", text).encode("utf-8", "surrogateescape"))
     except UnicodeEncodeError:
         pass  # not text: the byte-level forms above cover it
-    return {f for f in forms if len(f) >= MIN_VARIANT}
+    return {f for f in forms if len(f) >= MIN_VARIANT and b"\n" not in f}
 
 
 class Masker:
@@ -141,8 +149,9 @@ class Redactor:
         if not self.masker:
             return chunk
         data = self._pending + chunk if self._pending else chunk
-        # a match starting before `safe` can no longer grow with bytes still to come
-        safe = max(0, len(data) - self.masker.longest + 1)
+        # a match starting before `safe` can no longer grow with bytes still to come: it is
+        # either far enough from the end, or on a finished line (no variant spans a newline)
+        safe = max(0, len(data) - self.masker.longest + 1, data.rfind(b"\n") + 1)
         out, used = _apply(data, self.masker.spans(data), safe)
         self._pending = data[used:]
         return out

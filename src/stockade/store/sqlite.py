@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,7 +34,10 @@ class SqliteStore:
         self.path = path
         try:
             fresh = not path.exists()
-            self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            # shared by the runner's threads (token refresh); every use holds self._lock
+            self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            self._lock = threading.RLock()
             if fresh:
                 os.chmod(path, 0o600)
             self._db.execute("PRAGMA busy_timeout = 30000")
@@ -60,16 +64,17 @@ class SqliteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock:
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StoreError(f"state database error: {e}") from e
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise StoreError(f"state database error: {e}") from e
 
     def _append_audit(self, db: sqlite3.Connection, event: AuditEvent) -> None:
         row = db.execute("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
@@ -153,13 +158,17 @@ class SqliteStore:
                 self._append_audit(db, event_for(job))
             return [job.id for job in lost]
 
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
     def get_job(self, id_or_prefix: str) -> JobRow | None:
         """A job by id or unique prefix (None if unknown or ambiguous)."""
-        rows = self._db.execute(
+        rows = self._read(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ? OR id LIKE ? ESCAPE '\\' LIMIT 2",
             (id_or_prefix, id_or_prefix.replace("\\", "\\\\").replace("%", "\\%")
              .replace("_", "\\_") + "%"),
-        ).fetchall()
+        )
         exact = [r for r in rows if r[0] == id_or_prefix]
         if exact:
             return JobRow(*exact[0])
@@ -167,19 +176,19 @@ class SqliteStore:
 
     def list_jobs(self, limit: int) -> list[JobRow]:
         """The newest jobs first."""
-        rows = self._db.execute(
+        rows = self._read(
             f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
         return [JobRow(*r) for r in rows]
 
     def job_steps(self, job_id: str) -> list[StepRow]:
         """The job's steps in order."""
-        rows = self._db.execute("SELECT idx, name, status, exit_code, duration_s FROM steps "
+        rows = self._read("SELECT idx, name, status, exit_code, duration_s FROM steps "
                                 "WHERE job_id = ? ORDER BY idx", (job_id,))
         return [StepRow(*r) for r in rows]
 
     def job_artifacts(self, job_id: str) -> list[ArtifactRow]:
         """The job's artifacts by path."""
-        rows = self._db.execute("SELECT path, sha256, size FROM artifacts WHERE job_id = ? "
+        rows = self._read("SELECT path, sha256, size FROM artifacts WHERE job_id = ? "
                                 "ORDER BY path", (job_id,))
         return [ArtifactRow(*r) for r in rows]
 
@@ -190,7 +199,7 @@ class SqliteStore:
         if job_id is not None:
             sql, args = sql + " WHERE job_id = ?", (job_id,)
         out = []
-        for at, actor, action, jid, detail, prev, digest in self._db.execute(
+        for at, actor, action, jid, detail, prev, digest in self._read(
                 sql + " ORDER BY seq", args):
             out.append((AuditEvent(actor, action, at, jid, json.loads(detail)), prev, digest))
         return out
@@ -211,13 +220,12 @@ class SqliteStore:
 
     def get_secret(self, name: str) -> SecretRow | None:
         """A secret by name."""
-        row = self._db.execute(f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE name = ?",
-                               (name,)).fetchone()
-        return SecretRow(*row) if row else None
+        rows = self._read(f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE name = ?", (name,))
+        return SecretRow(*rows[0]) if rows else None
 
     def list_secrets(self) -> list[SecretRow]:
         """All secrets by name."""
-        rows = self._db.execute(f"SELECT {_SECRET_COLUMNS} FROM secrets ORDER BY name")
+        rows = self._read(f"SELECT {_SECRET_COLUMNS} FROM secrets ORDER BY name")
         return [SecretRow(*r) for r in rows]
 
     def delete_secret(self, name: str, event: AuditEvent) -> bool:
@@ -239,9 +247,8 @@ class SqliteStore:
 
     def get_lease(self, lease_id: str) -> LeaseRow | None:
         """A lease by id."""
-        row = self._db.execute(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = ?",
-                               (lease_id,)).fetchone()
-        return LeaseRow(*row) if row else None
+        rows = self._read(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = ?", (lease_id,))
+        return LeaseRow(*rows[0]) if rows else None
 
     def revoke_leases(self, job_id: str, attempt: int, now: float,
                       event_for: Callable[[LeaseRow], AuditEvent]) -> list[LeaseRow]:

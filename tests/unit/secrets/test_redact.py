@@ -74,6 +74,18 @@ def test_text_without_secrets_passes_unchanged(value: bytes, data: bytes) -> Non
     assert stream(Masker([value]), data, [7, 31]) == data
 
 
+def test_complete_lines_are_emitted_at_once() -> None:
+    redactor = Redactor(Masker([b"a-rather-long-secret-value" * 10]))
+    assert redactor.feed(b"first line\nsecond") == b"first line\n"
+
+
+def test_wrapped_base64_of_a_long_secret_is_masked() -> None:
+    value = bytes(range(256)) * 2
+    wrapped = base64.encodebytes(value)  # 76-column lines, like base64(1)
+    masked = Masker([value]).mask(wrapped)
+    assert set(masked.split(b"\n")) == {b"***", b""}
+
+
 def test_each_line_of_a_multiline_secret_is_masked() -> None:
     masker = Masker([b"first-line-secret\nsecond-line-secret"])
     assert masker.mask(b"a second-line-secret b") == b"a *** b"

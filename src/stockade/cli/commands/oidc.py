@@ -1,0 +1,46 @@
+"""``stockade oidc jwks|discovery|rotate``: the job-identity issuer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "job identity tokens: JWKS, discovery document, key rotation"
+DESCRIPTION = """\
+A job whose spec says `id_token: {aud: AUDIENCE}` finds a signed OIDC ID token (ES256, valid
+5 minutes, refreshed by the runner while the job runs) in the file $STOCKADE_ID_TOKEN_FILE.
+
+stockade oidc jwks        the public keys (serve them at <issuer>/.well-known/jwks.json)
+stockade oidc discovery   the /.well-known/openid-configuration document
+stockade oidc rotate      sign with a new key from now on; the old key stays in the JWKS
+                          until the tokens it signed have expired
+
+The issuer is the oidc_issuer setting (STOCKADE_OIDC_ISSUER)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The three actions."""
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    sub.add_parser("jwks", help="print the JSON Web Key Set")
+    sub.add_parser("discovery", help="print the OpenID configuration document")
+    sub.add_parser("rotate", help="start signing with a new key")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the action."""
+    from stockade.cli.context import open_control
+
+    _, control = open_control()
+    ring = control.keyring
+    if args.action == "jwks":
+        sys.stdout.write(json.dumps(ring.jwks(), indent=2) + "\n")
+    elif args.action == "discovery":
+        sys.stdout.write(json.dumps(ring.discovery(), indent=2) + "\n")
+    else:
+        kid = ring.rotate()
+        control.store.record([control.audit_event("oidc.key_rotated", None, kid=kid)])
+        print(f"signing with key {kid}; the previous key stays published until its tokens "
+              "expire")
+    return 0
