@@ -54,6 +54,7 @@ bench: setup
 	@test -x /usr/sbin/squid || (apt-get install -y -qq squid >/dev/null)
 	$(PY) benchmarks/job_start.py
 	$(PY) benchmarks/egress.py
+	$(PY) benchmarks/masking.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import shlex
 from urllib.parse import quote, quote_plus
 
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 
 from stockade.secrets.redact import MASK, Masker, Redactor, variants
 
-secret_values = st.binary(min_size=4, max_size=64).filter(lambda v: v.strip(b"\r\n") == v)
+# multi-line values are masked line by line, so each of their lines must be maskable itself
+secret_values = st.binary(min_size=4, max_size=64).filter(
+    lambda v: all(len(line) >= 4 for line in re.split(rb"\r?\n", v)))
 text_secrets = st.text(min_size=4, max_size=40).map(str.encode).filter(lambda v: len(v) >= 4)
 filler = st.binary(max_size=200)
 
