@@ -22,13 +22,6 @@ def resolver_for(settings: Settings) -> Resolver:
     return SystemResolver()
 
 
-def proxy_env(url: str) -> dict[str, str]:
-    """Proxy variables for the steps, in both spellings that tools look for."""
-    no_proxy = "localhost,127.0.0.1,::1"
-    return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
-            "NO_PROXY": no_proxy, "no_proxy": no_proxy}
-
-
 class EgressSession:
     """The proxy of one job and what it decided."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from stockade.api.protocol import (
     Assignment,
@@ -19,7 +19,6 @@ from stockade.api.protocol import (
 from stockade.config import Settings
 from stockade.errors import PolicyDenied, StockadeError
 from stockade.runner.artifacts import collect
-from stockade.runner.egress import EgressSession, proxy_env
 from stockade.runner.identity import TokenRefresher
 from stockade.runner.logs import JobLog
 from stockade.runner.secrets import JobSecrets
@@ -27,7 +26,19 @@ from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExi
 from stockade.spec import Job
 from stockade.spec.units import format_size
 
+if TYPE_CHECKING:
+    from stockade.runner.egress import EgressSession
+
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def proxy_env(url: str | None) -> dict[str, str]:
+    """Proxy variables for the steps (both spellings tools look for); none without egress."""
+    if url is None:
+        return {}
+    no_proxy = "localhost,127.0.0.1,::1"
+    return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
+            "NO_PROXY": no_proxy, "no_proxy": no_proxy}
 
 
 def step_env(spec: Job, job_id: str, attempt: int, step: str) -> dict[str, str]:
@@ -96,6 +107,8 @@ class Runner:
             log.use_masker(secrets.masker, secrets.mask_registered)
             sandbox = self.backend.prepare(self._request(spec, a, workspace))
             if sandbox.egress_listener is not None:
+                from stockade.runner.egress import EgressSession  # asyncio: only when needed
+
                 egress = EgressSession(self.settings, spec, sandbox, log)
             if sandbox.identity_token_path is not None:
                 identity = TokenRefresher(self.control, a, self.runner_id, sandbox,
@@ -171,7 +184,7 @@ class Runner:
                    steps: list[StepReport], started: float, egress: EgressSession | None,
                    secrets: JobSecrets) -> tuple[JobStatus, FailureReason | None, int | None]:
         deadline = started + spec.timeout
-        extra_env = {**secrets.env, **(proxy_env(sandbox.proxy_url) if sandbox.proxy_url else {})}
+        extra_env = {**secrets.env, **proxy_env(sandbox.proxy_url)}
         if sandbox.identity_token_path:
             extra_env["STOCKADE_ID_TOKEN_FILE"] = sandbox.identity_token_path
         for step in spec.steps:
