@@ -23,7 +23,7 @@ from pathlib import Path
 from stockade.egress.policy import Policy
 from stockade.egress.proxy import JobProxy
 from stockade.egress.resolver import SystemResolver
-from stockade.sandbox.bwrap import forwarder_argv
+from stockade.sandbox.plumbing import forwarder_argv
 
 SIZE = 256 * 1024 * 1024
 

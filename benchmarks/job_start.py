@@ -28,8 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stockade.config import ensure_home, load_settings
-from stockade.sandbox.bwrap import BwrapBackend, BwrapSandbox, _memfd
+from stockade.sandbox.bwrap import BwrapBackend, BwrapSandbox
 from stockade.sandbox.interface import SandboxRequest, StepRun
+from stockade.sandbox.plumbing import memfd
 
 STOCKADE = str(Path(sys.executable).parent / "stockade")
 
@@ -41,8 +42,8 @@ def raw_bwrap(backend: BwrapBackend, box: BwrapSandbox) -> Callable[[], None]:
     user = backend.sandbox_user()
 
     def run() -> None:
-        seccomp_fd = _memfd("seccomp", backend.seccomp_bpf())
-        script_fd = _memfd("script", b"true\n")
+        seccomp_fd = memfd("seccomp", backend.seccomp_bpf())
+        script_fd = memfd("script", b"true\n")
         status_r, status_w = os.pipe()
         subprocess.run(box.argv(seccomp_fd, script_fd, status_w),
                        env={"PATH": "/usr/bin:/bin"}, user=user.pw_uid, group=user.pw_gid,

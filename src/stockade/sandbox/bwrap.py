@@ -12,7 +12,6 @@ with it.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import resource
@@ -29,36 +28,20 @@ from stockade.errors import SandboxError
 from stockade.sandbox import mounts, orphans, reaper, rootfs, seccomp
 from stockade.sandbox.cgroups import JobCgroup, Limits
 from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, StepExit, StepRun
+from stockade.sandbox.plumbing import (
+    EGRESS_SOCKET,
+    FORWARDER,
+    PROXY_URL,
+    SOCAT,
+    memfd,
+    read_status,
+)
 from stockade.sandbox.workspace import copy_workspace
 
 SCRIPT_PATH = "/run/stockade/step.sh"
 SECRETS_DIR = "/run/secrets"
 IDENTITY_DIR = "/run/stockade/identity"
 SHM_BYTES = 64 * 1024 * 1024
-EGRESS_SOCKET = "/run/stockade/egress.sock"
-PROXY_PORT = 3128
-PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
-SOCAT = "/usr/bin/socat"
-# Inside the sandbox a forwarder exposes the proxy's socket on 127.0.0.1:3128 (the network
-# namespace has only its own loopback), and the step starts once it listens. It is only a
-# convenience for proxy-aware clients: the policy is enforced by the proxy, outside.
-
-
-def forwarder_argv(port: int, socket_path: str) -> list[str]:
-    """socat from 127.0.0.1:``port`` to the proxy's socket (256 KiB buffers: fast enough)."""
-    return [SOCAT, "-b", "1048576", "-lf", "/dev/null",
-            f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,max-children=64",
-            f"UNIX-CONNECT:{socket_path}"]
-
-
-FORWARDER = (
-    " ".join(forwarder_argv(PROXY_PORT, EGRESS_SOCKET)) + " &\n"
-    f"i=0; until grep -q '0100007F:{PROXY_PORT:04X} 00000000:0000 0A' /proc/net/tcp; do\n"
-    "  i=$((i+1)); [ $i -gt 1000 ] && break; sleep 0.002; done\n"
-    'exec "$@"\n'
-)
-
-
 class BwrapBackend:
     """Prepares bubblewrap sandboxes; cheap to construct, heavy work happens once, lazily."""
 
@@ -282,9 +265,9 @@ class BwrapSandbox:
         start = time.monotonic()
         self._killed = False
         ooms_before = self.cgroup.oom_kills()
-        seccomp_fd = _memfd("seccomp", self.backend.seccomp_bpf())
-        script_fd = _memfd("script", step.script.encode())
-        secret_fds = {name: _memfd("secret", value) for name, value in step.secret_files.items()}
+        seccomp_fd = memfd("seccomp", self.backend.seccomp_bpf())
+        script_fd = memfd("script", step.script.encode())
+        secret_fds = {name: memfd("secret", value) for name, value in step.secret_files.items()}
         status_r, status_w = os.pipe()
         procs_fds = self.cgroup.procs_fds()
 
@@ -318,7 +301,7 @@ class BwrapSandbox:
             timed_out = True
             self.kill()
             returncode = self._proc.wait()
-        status = _read_status(status_r)
+        status = read_status(status_r)
         if "child-pid" in status:  # bwrap's own init can outlive bwrap by a moment: reap it
             reaper.reap([status["child-pid"]], time.monotonic() + 5)
         if "child-pid" not in status and not (timed_out or self._killed):
@@ -377,25 +360,3 @@ class BwrapSandbox:
             if self.job_dir.exists():
                 leftovers.append(f"directory left behind: {self.job_dir}")
         return leftovers
-
-
-def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
-def _read_status(fd: int) -> dict[str, int]:
-    """Merge bwrap's JSON status documents (``child-pid``, then ``exit-code``)."""
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read()
-    status: dict[str, int] = {}
-    for line in raw.decode(errors="replace").splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict):
-            status.update({k: v for k, v in doc.items() if isinstance(v, int)})
-    return status

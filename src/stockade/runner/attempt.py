@@ -1,0 +1,219 @@
+"""One attempt of one job on this runner: prepare, steps, artifacts, teardown, report.
+
+Every failure becomes a status and a reason on the :class:`Completion`, never an exception:
+the job is always accounted for.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stockade.api.protocol import (
+    Assignment,
+    Completion,
+    ControlPlane,
+    EgressRecord,
+    FailureReason,
+    JobStatus,
+    StepReport,
+)
+from stockade.config import Settings
+from stockade.errors import PolicyDenied, StockadeError
+from stockade.runner.artifacts import collect
+from stockade.runner.environment import proxy_env, step_env
+from stockade.runner.identity import TokenRefresher
+from stockade.runner.logs import JobLog
+from stockade.runner.secrets import JobSecrets
+from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExit, StepRun
+from stockade.spec import Job
+from stockade.spec.units import format_size
+
+if TYPE_CHECKING:
+    from stockade.runner.egress import EgressSession
+
+
+class Attempt:
+    """The state of one attempt while it runs."""
+
+    def __init__(self, settings: Settings, backend: Backend, control: ControlPlane,
+                 runner_id: str, a: Assignment, log: JobLog) -> None:
+        self.settings, self.backend, self.control = settings, backend, control
+        self.runner_id, self.a, self.log = runner_id, a, log
+        self.spec = Job.from_json(a.spec_json)
+        self.started = time.monotonic()
+        self.status: JobStatus = JobStatus.SUCCEEDED
+        self.reason: FailureReason | None = None
+        self.exit_code: int | None = 0
+        self.details: dict[str, Any] = {"runner_id": runner_id, "sandbox": backend.name}
+        self.steps: list[StepReport] = []
+        self.artifacts: list[Any] = []
+        self.secrets: JobSecrets | None = None
+        self.sandbox: Sandbox | None = None
+        self.egress: EgressSession | None = None
+        self.identity: TokenRefresher | None = None
+        self.records: tuple[EgressRecord, ...] = ()
+
+    def run(self, workspace: Path | None) -> Completion:
+        """Everything, in order; the completion to report."""
+        try:
+            self._prepare(workspace)
+            assert self.sandbox is not None and self.secrets is not None
+            self._run_steps(self.sandbox, self.secrets)
+            self._collect(self.sandbox, self.secrets)
+        except KeyboardInterrupt:
+            self._fail(JobStatus.FAILED, FailureReason.CANCELED, "canceled by the user")
+        except PolicyDenied as e:
+            self._fail(JobStatus.FAILED, FailureReason.SECRET_UNAVAILABLE,
+                       f"secret unavailable: {e.diagnostics()}", e.diagnostics())
+        except StockadeError as e:
+            self._fail(JobStatus.ERROR, FailureReason.SYSTEM_ERROR, f"error: {e.diagnostics()}",
+                       e.diagnostics())
+        except Exception as e:  # the job boundary: record it, never lose the job
+            text = f"internal error: {type(e).__name__}: {e}"
+            self._fail(JobStatus.ERROR, FailureReason.SYSTEM_ERROR, text, text)
+        finally:
+            self._teardown()
+        return self._finish()
+
+    def _fail(self, status: JobStatus, reason: FailureReason, note: str,
+              error: str | None = None) -> None:
+        self.status, self.reason, self.exit_code = status, reason, None
+        if error is not None:
+            self.details["error"] = error
+        self.log.note(note)
+
+    def _prepare(self, workspace: Path | None) -> None:
+        a, spec = self.a, self.spec
+        self.log.note(f"job {spec.name} ({a.job_id}) attempt {a.attempt} on {self.runner_id}")
+        self.secrets = JobSecrets(self.control, a, self.runner_id)
+        self.log.use_masker(self.secrets.masker, self.secrets.mask_registered)
+        r = spec.resources
+        self.sandbox = sandbox = self.backend.prepare(SandboxRequest(
+            job_id=a.job_id, cpus=r.cpus, memory_bytes=r.memory, pids=r.pids, tmp_bytes=r.tmp,
+            workspace_bytes=r.workspace, workspace_src=workspace,
+            egress=spec.egress.mode != "none", identity=spec.id_token is not None))
+        if sandbox.egress_listener is not None:
+            from stockade.runner.egress import EgressSession  # asyncio: only when needed
+
+            self.egress = EgressSession(self.settings, spec, sandbox, self.log)
+        if sandbox.identity_token_path is not None:
+            self.identity = TokenRefresher(self.control, a, self.runner_id, sandbox,
+                                           self.secrets.masker, self.settings.oidc_refresh_s)
+
+    def _violated(self) -> bool:
+        return self.egress is not None and self.egress.violated
+
+    def _run_steps(self, sandbox: Sandbox, secrets: JobSecrets) -> None:
+        spec, a = self.spec, self.a
+        deadline = self.started + spec.timeout
+        extra = {**secrets.env, **proxy_env(sandbox.proxy_url)}
+        if sandbox.identity_token_path:
+            extra["STOCKADE_ID_TOKEN_FILE"] = sandbox.identity_token_path
+        for step in spec.steps:
+            if self._violated():
+                self.status, self.reason, self.exit_code = (
+                    JobStatus.FAILED, FailureReason.EGRESS_VIOLATION, None)
+                return
+            timeout = max(0.0, min(step.timeout or math.inf, deadline - time.monotonic()))
+            self.log.note(f"step {step.name}")
+            env = {**step_env(spec, a.job_id, a.attempt, step.name), **extra}
+            exit = sandbox.run(StepRun(step.name, step.run, env, timeout, secrets.files),
+                               self.log.output)
+            self.log.flush_partial()
+            step_status, reason = _classify(exit, self._violated())
+            self.steps.append(StepReport(step.name, step_status, exit.exit_code,
+                                         exit.duration_s))
+            if reason is not None:
+                self.log.note(_explain(step.name, exit, reason, timeout, spec))
+                self.status, self.reason, self.exit_code = JobStatus.FAILED, reason, exit.exit_code
+                return
+            self.log.note(f"step {step.name} succeeded in {exit.duration_s:.2f}s")
+
+    def _collect(self, sandbox: Sandbox, secrets: JobSecrets) -> None:
+        s = self.settings
+        collected = collect(sandbox.workspace, self.spec.artifacts,
+                            s.artifacts_dir / self.a.job_id, s.artifact_max_file_bytes,
+                            s.artifact_max_total_bytes, secrets.scan)
+        for path, names in collected.leaks:
+            secrets.leaked(f"artifact {path}", names)
+        if collected.leaks:
+            self.status, self.reason = JobStatus.FAILED, FailureReason.SECRET_LEAK
+        self.artifacts = collected.stored
+        for problem in collected.refused:
+            self.log.note(f"artifact refused: {problem}")
+        if collected.refused:
+            self.details["artifacts_refused"] = collected.refused
+        self.details["memory_peak_bytes"] = sandbox.memory_peak()
+
+    def _teardown(self) -> None:
+        if self.identity is not None:
+            self.identity.close()
+            for problem in self.identity.errors:
+                self.log.note(f"id token refresh failed: {problem}")
+        if self.egress is not None:
+            self.records = self.egress.close()
+        if self.sandbox is not None:
+            leftovers = self.sandbox.teardown()
+            if leftovers:
+                self.details["leftovers"] = leftovers
+                for item in leftovers:
+                    self.log.note(f"TEARDOWN FAILED: {item}")
+                self.status, self.reason = JobStatus.ERROR, FailureReason.SYSTEM_ERROR
+
+    def _finish(self) -> Completion:
+        duration = time.monotonic() - self.started
+        self._summary(duration)
+        self.details["log_truncated"] = self.log.dropped > 0
+        self.log.close()
+        secrets = self.secrets
+        if secrets is not None:
+            if in_log := secrets.scan(self.log.path):
+                secrets.leaked("the stored log", sorted(in_log))
+            if secrets.leaks:
+                self.status, self.reason = JobStatus.FAILED, FailureReason.SECRET_LEAK
+                self.details["secret_leaks"] = [{"where": w, "secrets": n}
+                                                for w, n in secrets.leaks]
+            if secrets.reports:
+                self.control.report(self.a.job_id, secrets.reports)
+        a = self.a
+        return Completion(a.job_id, a.attempt, self.runner_id, self.status, self.reason,
+                          self.exit_code, tuple(self.steps), tuple(self.artifacts), duration,
+                          self.details, self.records)
+
+    def _summary(self, duration: float) -> None:
+        outcome = self.status.value + (f" ({self.reason.value})" if self.reason else "")
+        self.log.note(f"job {self.spec.name}: {outcome} in {duration:.2f}s, "
+                      f"{len(self.steps)}/{len(self.spec.steps)} steps run, "
+                      f"{len(self.artifacts)} artifacts")
+        for art in self.artifacts:
+            self.log.note(f"artifact {art.path} {format_size(art.size)} "
+                          f"sha256:{art.sha256[:16]}…")
+        if self.artifacts:
+            self.log.note(f"artifacts stored in {self.settings.artifacts_dir / self.a.job_id}")
+
+
+def _classify(exit: StepExit, violated: bool) -> tuple[str, FailureReason | None]:
+    if violated:
+        return "killed", FailureReason.EGRESS_VIOLATION
+    if exit.oom_killed and exit.exit_code != 0:
+        return "oom", FailureReason.OOM
+    if exit.timed_out:
+        return "timed_out", FailureReason.TIMEOUT
+    if exit.exit_code != 0:
+        return "failed", FailureReason.SCRIPT_FAILURE
+    return "succeeded", None
+
+
+def _explain(name: str, exit: StepExit, reason: FailureReason, timeout: float,
+             spec: Job) -> str:
+    if reason is FailureReason.OOM:
+        return (f"step {name} was killed: out of memory (limit "
+                f"{format_size(spec.resources.memory)}, /tmp and /workspace count against it)")
+    if reason is FailureReason.EGRESS_VIOLATION:
+        return f"step {name} was killed: it tried to reach a destination the policy denies"
+    if reason is FailureReason.TIMEOUT:
+        return f"step {name} timed out after {timeout:.0f}s; all its processes were killed"
+    return f"step {name} failed with exit code {exit.exit_code}"

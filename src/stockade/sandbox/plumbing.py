@@ -1,0 +1,52 @@
+"""Small pieces of the bwrap backend: the in-sandbox egress forwarder, memfds, bwrap's status."""
+
+from __future__ import annotations
+
+import json
+import os
+
+EGRESS_SOCKET = "/run/stockade/egress.sock"
+PROXY_PORT = 3128
+PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
+SOCAT = "/usr/bin/socat"
+# Inside the sandbox a forwarder exposes the proxy's socket on 127.0.0.1:3128 (the network
+# namespace has only its own loopback), and the step starts once it listens. It is only a
+# convenience for proxy-aware clients: the policy is enforced by the proxy, outside.
+
+
+def forwarder_argv(port: int, socket_path: str) -> list[str]:
+    """socat from 127.0.0.1:``port`` to the proxy's socket (1 MiB buffers keep it fast)."""
+    return [SOCAT, "-b", "1048576", "-lf", "/dev/null",
+            f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,max-children=64",
+            f"UNIX-CONNECT:{socket_path}"]
+
+
+FORWARDER = (
+    " ".join(forwarder_argv(PROXY_PORT, EGRESS_SOCKET)) + " &\n"
+    f"i=0; until grep -q '0100007F:{PROXY_PORT:04X} 00000000:0000 0A' /proc/net/tcp; do\n"
+    "  i=$((i+1)); [ $i -gt 1000 ] && break; sleep 0.002; done\n"
+    'exec "$@"\n'
+)
+
+
+def memfd(name: str, data: bytes) -> int:
+    """An in-memory file holding ``data``, positioned at its start, close-on-exec."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def read_status(fd: int) -> dict[str, int]:
+    """Merge bwrap's JSON status documents (``child-pid``, then ``exit-code``)."""
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read()
+    status: dict[str, int] = {}
+    for line in raw.decode(errors="replace").splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            status.update({k: v for k, v in doc.items() if isinstance(v, int)})
+    return status
