@@ -241,3 +241,25 @@ def test_audit_never_holds_values(home: Path, tmp_path: Path) -> None:
     db = sqlite3.connect(home / "stockade.db")
     details = " ".join(r[0] for r in db.execute("SELECT detail_json FROM audit_events"))
     assert VALUE not in details and "DEPLOY_TOKEN" in details
+
+
+def test_secret_removed_between_admission_and_claim(home: Path) -> None:
+    from stockade.control import ControlService
+    from stockade.spec.parse import parse_spec
+
+    store = SqliteStore(home / "stockade.db")
+    broker = Broker(store, lambda: Vault.open(Settings(home).master_key_path, False), "test")
+    control = ControlService(store, "test", broker=broker)
+    spec = parse_spec("name: deploy-x\nsecrets: [DEPLOY_TOKEN]\n"
+                      "steps:\n  - {name: a, run: 'true'}\n").to_job()
+    job = control.submit(spec)
+    assert job.status == "queued"
+    broker.remove("DEPLOY_TOKEN")
+    assignment = control.claim("r1", (), job.id)
+    assert assignment is not None
+    from stockade.errors import PolicyDenied
+
+    with pytest.raises(PolicyDenied, match="no such lease"):
+        control.redeem(assignment.secrets[0].lease_id, job.id, 1, "r1")
+    actions = [e.action for e in control.audit_trail(job.id)]
+    assert "secret.refused" in actions and "secret.lease_refused" in actions

@@ -158,7 +158,12 @@ class Broker:
         now = self.clock()
         leases, events, grants = [], [], []
         for name, delivery in requests:
-            row = self._require(name)
+            row = self.store.get_secret(name)
+            if row is None:  # removed since admission: a grant that can never be redeemed
+                events.append(self._event("secret.refused", job_id, secret=name,
+                                          reason="removed before the job started"))
+                grants.append(LeaseGrant(name, f"none-{os.urandom(6).hex()}", delivery))
+                continue
             lease = LeaseRow(f"lease-{os.urandom(12).hex()}", job_id, attempt, runner_id, name,
                              row.version, delivery, now, now + ttl, None)
             leases.append(lease)
