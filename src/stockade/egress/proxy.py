@@ -179,9 +179,12 @@ class JobProxy:
         if not verdict.allowed:
             return verdict, []
         try:
-            addresses = await self.resolver.resolve(request.host, request.port)
+            addresses = await asyncio.wait_for(
+                self.resolver.resolve(request.host, request.port), self.limits.connect_timeout_s)
         except ResolveError as e:
             return Screen(False, str(e)), []
+        except TimeoutError:
+            return Screen(False, f"resolving {request.host} timed out"), []
         usable, last = [], verdict
         for address in addresses:
             check = screen_address(self.policy, address, request.port, literal=False)
