@@ -12,20 +12,20 @@ from stockade.api.protocol import (
     TRUST_LEVELS,
     Assignment,
     Completion,
-    EgressRecord,
     FailureReason,
     JobStatus,
     LeaseGrant,
 )
 from stockade.audit import AuditEvent
+from stockade.control.egress import egress_detail, egress_summary
 from stockade.errors import PolicyDenied, UsageError
 from stockade.ids import new_job_id
 from stockade.spec import Job
+from stockade.store.interface import ArtifactRow, JobRow, StepRow, Store
 
 if TYPE_CHECKING:
     from stockade.secrets.broker import Broker
     from stockade.secrets.oidc import KeyRing
-from stockade.store.interface import ArtifactRow, JobRow, StepRow, Store
 
 LEASE_GRACE_S = 300.0
 
@@ -57,32 +57,6 @@ class JobView:
             "created_at": self.job.created_at,
             **{k: v for k, v in extra.items() if k not in ("duration_s", "egress")},
         }
-
-
-def egress_summary(records: tuple[EgressRecord, ...]) -> dict[str, list[str]]:
-    """The ``egress`` object of a result: destinations allowed, denied, audit-only."""
-    return {
-        "allowed": sorted({r.destination for r in records if r.allowed}),
-        "denied": sorted({r.destination for r in records if not r.allowed}),
-        "audit_would_deny": sorted({r.destination for r in records if r.audit_only}),
-    }
-
-
-def egress_detail(r: EgressRecord, attempt: int) -> dict[str, Any]:
-    """The audit detail of one egress decision."""
-    return {"attempt": attempt, "host": r.host, "port": r.port, "address": r.address,
-            "decision": "allowed" if r.allowed else "denied", "reason": r.reason,
-            "audit_only": r.audit_only, "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
-            "duration_s": round(r.duration_s, 3)}
-
-
-def allow_entry(host: str, port: int) -> str:
-    """The allowlist entry admitting exactly ``host:port`` (a /32 or /128 for IP literals)."""
-    if ":" in host:
-        return f"[{host}/128]:{port}"
-    if host.replace(".", "").isdigit():
-        return f"{host}/32:{port}"
-    return f"{host}:{port}"
 
 
 class ControlService:
@@ -273,20 +247,6 @@ class ControlService:
     def audit_trail(self, job_id: str) -> list[AuditEvent]:
         """The audit events of one job, oldest first."""
         return [event for event, _, _ in self.store.audit_records(job_id)]
-
-    def egress_baseline(self, job_ids: list[str]) -> tuple[list[str], list[str]]:
-        """Allowlist entries covering every destination the jobs were let through to, and
-        the destinations that were refused outright (not allowlistable by name)."""
-        allow: set[str] = set()
-        refused: set[str] = set()
-        for job_id in job_ids:
-            for event in self.audit_trail(job_id):
-                d = event.detail
-                if event.action == "egress.allowed":
-                    allow.add(allow_entry(d["host"], d["port"]))
-                elif event.action == "egress.denied" and "always refused" in d["reason"]:
-                    refused.add(f"{d['host']}:{d['port']} ({d['reason']})")
-        return sorted(allow), sorted(refused)
 
     def jobs(self, limit: int = 20) -> list[JobRow]:
         """The newest jobs."""

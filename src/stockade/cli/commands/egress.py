@@ -25,10 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Print the allowlist."""
     from stockade.cli.context import open_control, require_job
+    from stockade.control.egress import egress_baseline
 
     _, control = open_control()
-    ids = [require_job(control, j).job.id for j in args.jobs]
-    allow, refused = control.egress_baseline(ids)
+    events = [e for j in args.jobs for e in control.audit_trail(require_job(control, j).job.id)]
+    allow, refused = egress_baseline(events)
     lines = ["egress:", "  mode: block", "  allow:" if allow else "  allow: []"]
     lines += [f"    - {entry!r}" if entry.startswith("[") else f"    - {entry}"
               for entry in allow]

@@ -1,0 +1,48 @@
+"""Egress decisions as the control plane records and summarises them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stockade.api.protocol import EgressRecord
+from stockade.audit import AuditEvent
+
+
+def egress_summary(records: tuple[EgressRecord, ...]) -> dict[str, list[str]]:
+    """The ``egress`` object of a result: destinations allowed, denied, audit-only."""
+    return {
+        "allowed": sorted({r.destination for r in records if r.allowed}),
+        "denied": sorted({r.destination for r in records if not r.allowed}),
+        "audit_would_deny": sorted({r.destination for r in records if r.audit_only}),
+    }
+
+
+def egress_detail(r: EgressRecord, attempt: int) -> dict[str, Any]:
+    """The audit detail of one egress decision."""
+    return {"attempt": attempt, "host": r.host, "port": r.port, "address": r.address,
+            "decision": "allowed" if r.allowed else "denied", "reason": r.reason,
+            "audit_only": r.audit_only, "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
+            "duration_s": round(r.duration_s, 3)}
+
+
+def allow_entry(host: str, port: int) -> str:
+    """The allowlist entry admitting exactly ``host:port`` (a /32 or /128 for IP literals)."""
+    if ":" in host:
+        return f"[{host}/128]:{port}"
+    if host.replace(".", "").isdigit():
+        return f"{host}/32:{port}"
+    return f"{host}:{port}"
+
+
+def egress_baseline(events: list[AuditEvent]) -> tuple[list[str], list[str]]:
+    """Allowlist entries covering every destination these audit events let through, and the
+    destinations refused outright (not allowlistable by name)."""
+    allow: set[str] = set()
+    refused: set[str] = set()
+    for event in events:
+        d = event.detail
+        if event.action == "egress.allowed":
+            allow.add(allow_entry(d["host"], d["port"]))
+        elif event.action == "egress.denied" and "always refused" in d["reason"]:
+            refused.add(f"{d['host']}:{d['port']} ({d['reason']})")
+    return sorted(allow), sorted(refused)
