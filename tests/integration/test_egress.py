@@ -331,3 +331,18 @@ def test_invalid_allow_entries_exit_2(stockade_home: Path, tmp_path: Path) -> No
     proc = run_cli(stockade_home, "run", str(spec))
     assert proc.returncode == 2
     assert "an IP address needs the CIDR form, e.g. 10.0.0.1/32:443" in proc.stderr
+
+
+def test_decisions_are_audited_even_if_the_runner_dies(net: Net, stockade_home: Path,
+                                                       tmp_path: Path) -> None:
+    proc = start(net, stockade_home, tmp_path, "{mode: block, allow: [api.example.test]}",
+                 f"{CURL} https://api.example.test/x; echo fetched; sleep 60")
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "fetched" in line:
+            break
+    time.sleep(1.5)  # decisions are written in batches every half second
+    proc.kill()
+    proc.wait()
+    job_id = json.loads(run_cli(stockade_home, "jobs", "--json").stdout)[0]["job_id"]
+    assert "egress.allowed" in run_cli(stockade_home, "show", job_id).stdout

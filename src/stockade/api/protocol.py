@@ -102,6 +102,19 @@ class EgressRecord:
         """``host:port`` (IPv6 literals bracketed)."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def action(self) -> str:
+        """The audit action: ``egress.allowed`` or ``egress.denied``."""
+        return "egress.allowed" if self.allowed else "egress.denied"
+
+    def audit_detail(self, attempt: int) -> dict[str, Any]:
+        """The audit detail of this decision."""
+        return {"attempt": attempt, "host": self.host, "port": self.port,
+                "address": self.address, "decision": "allowed" if self.allowed else "denied",
+                "reason": self.reason, "audit_only": self.audit_only,
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "duration_s": round(self.duration_s, 3), "at": self.at}
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -137,7 +150,7 @@ class ControlPlane(Protocol):
         ...
 
     def report(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
-        """Record audit events the runner observed (masks registered, leaks found)."""
+        """Record audit events the runner observed (egress decisions, masks, leaks)."""
         ...
 
     def complete(self, completion: Completion) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from stockade.api.protocol import EgressRecord
 from stockade.audit import AuditEvent
 
@@ -15,14 +13,6 @@ def egress_summary(records: tuple[EgressRecord, ...]) -> dict[str, list[str]]:
         "denied": sorted({r.destination for r in records if not r.allowed}),
         "audit_would_deny": sorted({r.destination for r in records if r.audit_only}),
     }
-
-
-def egress_detail(r: EgressRecord, attempt: int) -> dict[str, Any]:
-    """The audit detail of one egress decision."""
-    return {"attempt": attempt, "host": r.host, "port": r.port, "address": r.address,
-            "decision": "allowed" if r.allowed else "denied", "reason": r.reason,
-            "audit_only": r.audit_only, "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
-            "duration_s": round(r.duration_s, 3)}
 
 
 def allow_entry(host: str, port: int) -> str:

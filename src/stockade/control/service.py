@@ -17,7 +17,7 @@ from stockade.api.protocol import (
     LeaseGrant,
 )
 from stockade.audit import AuditEvent
-from stockade.control.egress import egress_detail, egress_summary
+from stockade.control.egress import egress_summary
 from stockade.errors import PolicyDenied, UsageError
 from stockade.ids import new_job_id
 from stockade.spec import Job
@@ -193,7 +193,7 @@ class ControlService:
         return self.broker.redeem(lease_id, job_id, attempt, runner_id)
 
     def report(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
-        """Audit events observed by a runner (masks registered, leaks found)."""
+        """Audit events observed by a runner (egress decisions, masks registered, leaks)."""
         self.store.record([AuditEvent(self.actor, action, self.clock(), job_id, detail)
                            for action, detail in events])
 
@@ -225,12 +225,9 @@ class ControlService:
         steps = [StepRow(i, s.name, s.status, s.exit_code, s.duration_s)
                  for i, s in enumerate(c.steps)]
         artifacts = [ArtifactRow(a.path, a.sha256, a.size) for a in c.artifacts]
-        actor = f"runner:{c.runner_id}"
-        events = [AuditEvent(actor, "egress.allowed" if r.allowed else "egress.denied", r.at,
-                             c.job_id, egress_detail(r, c.attempt)) for r in c.egress]
-        events.append(self._event(f"job.{c.status.value}", c.job_id, actor=actor,
-                                  attempt=c.attempt, failure_reason=changes["failure_reason"],
-                                  exit_code=c.exit_code))
+        events = [self._event(f"job.{c.status.value}", c.job_id, actor=f"runner:{c.runner_id}",
+                              attempt=c.attempt, failure_reason=changes["failure_reason"],
+                              exit_code=c.exit_code)]
         finished = self.store.finish_job(c.job_id, c.runner_id, changes, steps, artifacts,
                                          events)
         if self.broker is not None:

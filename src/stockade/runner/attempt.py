@@ -98,7 +98,7 @@ class Attempt:
         if sandbox.egress_listener is not None:
             from stockade.runner.egress import EgressSession  # asyncio: only when needed
 
-            self.egress = EgressSession(self.settings, spec, sandbox, self.log)
+            self.egress = EgressSession(self.settings, spec, sandbox, self.log, self.control, a)
         if sandbox.identity_token_path is not None:
             self.identity = TokenRefresher(self.control, a, self.runner_id, sandbox,
                                            self.secrets.masker, self.settings.oidc_refresh_s)
