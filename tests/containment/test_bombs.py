@@ -103,3 +103,38 @@ def test_output_bomb_is_capped_and_runner_memory_stays_bounded(hostile) -> None:
     assert "log truncated at 4194304 bytes" in run.log
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert max(before, peak_kib) < 300 * 1024, f"runner peak RSS {peak_kib} KiB"
+
+
+def test_limits_are_set_on_the_job_cgroup(run_job, stockade_home, tmp_path) -> None:
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from tests.conftest import STOCKADE, cli_env, run_cli
+
+    spec = tmp_path / "limits.yaml"
+    spec.write_text("name: limits\nresources: {cpus: 0.25, memory: 96Mi, pids: 48}\n"
+                    "steps:\n  - {name: a, run: 'echo started; sleep 3'}\n")
+    proc = subprocess.Popen([STOCKADE, "run", str(spec), "--workspace", str(tmp_path)],
+                            env=cli_env(stockade_home), stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "started" in line:
+            break
+    job = json.loads(run_cli(stockade_home, "jobs", "--json").stdout)[0]["job_id"]
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():
+        d = root / "stockade" / job
+        got = {"memory": (d / "memory.max").read_text().strip(),
+               "pids": (d / "pids.max").read_text().strip(),
+               "cpu": (d / "cpu.max").read_text().split()[0]}
+    else:
+        got = {"memory": (root / "memory/stockade" / job / "memory.limit_in_bytes").read_text(),
+               "memsw": (root / "memory/stockade" / job /
+                         "memory.memsw.limit_in_bytes").read_text().strip(),
+               "pids": (root / "pids/stockade" / job / "pids.max").read_text().strip(),
+               "cpu": (root / "cpu/stockade" / job / "cpu.cfs_quota_us").read_text().strip()}
+        assert got.pop("memsw") == str(96 << 20)
+    proc.wait(timeout=30)
+    assert {k: v.strip() for k, v in got.items()} == {
+        "memory": str(96 << 20), "pids": "48", "cpu": "25000"}
