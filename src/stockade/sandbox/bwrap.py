@@ -331,7 +331,7 @@ class BwrapSandbox:
     def kill(self) -> None:
         """Kill every process of the job: the cgroup first, then bwrap itself."""
         self._killed = True
-        self.cgroup.kill_all()
+        self.cgroup.kill_all(spare=(self._proc.pid,) if self._proc else ())
         if self._proc and self._proc.poll() is None:
             self._proc.kill()
 

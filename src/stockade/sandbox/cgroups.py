@@ -170,11 +170,12 @@ class JobCgroup:
         except (FileNotFoundError, ValueError):
             return 0
 
-    def kill_all(self, timeout: float = 5.0) -> bool:
+    def kill_all(self, timeout: float = 5.0, spare: tuple[int, ...] = ()) -> bool:
         """SIGKILL every process of the job; True once the cgroup is empty and all are reaped.
 
         Killed processes whose parent died first are re-parented to the runner (a child
-        subreaper, see ``reaper.py``), which reaps them here so that none lingers as a zombie.
+        subreaper, see ``reaper.py``), which reaps them here so that none lingers as a zombie;
+        ``spare`` are the runner's own children that their ``Popen`` will reap.
         """
         deadline = time.monotonic() + timeout
         seen: set[int] = set()
@@ -187,7 +188,7 @@ class JobCgroup:
             else:
                 self._freeze_and_kill()
             time.sleep(0.002)
-        return reap(seen, deadline)
+        return reap(seen, deadline, spare)
 
     def _freeze_and_kill(self) -> None:
         """Freeze the job (frozen processes cannot fork), SIGKILL each process, thaw."""

@@ -21,11 +21,27 @@ def become_subreaper() -> None:
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def reap(pids: Iterable[int], deadline: float) -> bool:
-    """Wait until none of ``pids`` exists, reaping those that are our zombies."""
-    pending = set(pids)
+def _state(pid: int) -> str | None:
+    """The process state letter (``Z`` for a zombie), None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def reap(pids: Iterable[int], deadline: float, spare: Iterable[int] = ()) -> bool:
+    """Wait until none of ``pids`` runs any more, reaping those that are our zombies.
+
+    ``spare`` are children someone else waits for (a ``Popen``): they count as gone once
+    they are zombies, and are left for their owner to reap."""
+    pending, spared = set(pids), set(spare)
     while pending:
         for pid in list(pending):
+            if pid in spared:
+                if _state(pid) in (None, "Z"):
+                    pending.discard(pid)
+                continue
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
                 if done == pid:
@@ -33,7 +49,7 @@ def reap(pids: Iterable[int], deadline: float) -> bool:
                     continue
             except ChildProcessError:
                 pass
-            if not os.path.exists(f"/proc/{pid}"):
+            if _state(pid) is None:
                 pending.discard(pid)
         if pending:
             if time.monotonic() > deadline:
