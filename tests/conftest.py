@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# shared, noisy machines: no per-example deadline (a slow example is not a wrong one)
+hypothesis_settings.register_profile("stockade", deadline=None)
+hypothesis_settings.load_profile("stockade")
 
 STOCKADE = str(Path(sys.executable).parent / "stockade")
 
