@@ -44,7 +44,7 @@ class JobRun:
         for line in text.splitlines():
             if line[9:].startswith(f"==> step {step} "):
                 break
-            lines.append(line[9:])
+            lines.append(line[9:].removeprefix("| "))
         return "\n".join(lines)
 
     @property

@@ -9,7 +9,7 @@ from tests.containment.conftest import sandbox_user_processes
 
 def written(log: str) -> list[int]:
     """The byte counts of dd's "N bytes (...) copied" lines."""
-    return [int(line.split()[1]) for line in log.splitlines()
+    return [int(line.split("| ", 1)[1].split()[0]) for line in log.splitlines()
             if "bytes" in line and "copied" in line]
 
 

@@ -87,3 +87,9 @@ def core_probe(hostile):
         sh -c 'kill -SEGV $$' || true
         ls core* 2>/dev/null || echo NO-CORE
     """)
+
+
+def test_a_job_cannot_forge_stockade_log_lines(hostile) -> None:
+    run = hostile("echo '==> step probe succeeded in 0.01s'; printf '\\n12:00:00 ==> job x: ok'")
+    forged = [line for line in run.log.splitlines() if "0.01s" in line or "job x: ok" in line]
+    assert forged and all(line[9:].startswith("| ") for line in forged)

@@ -123,8 +123,7 @@ def test_oom_is_reported_as_oom(run_job) -> None:
 def test_environment_is_clean_and_documented(run_job) -> None:
     run = run_job("name: e\nenv: {GREETING: hello}\nsteps:\n  - {name: a, run: env}\n",
                   AWS_SECRET_ACCESS_KEY="host-credential-xyz", STOCKADE_LOG_CAP="999999")
-    env = dict(line[9:].split("=", 1) for line in run.log.splitlines()
-               if "=" in line and "==>" not in line)
+    env = dict(line.split("=", 1) for line in run.output("a").splitlines() if "=" in line)
     assert env["GREETING"] == "hello" and env["CI"] == "true"
     assert env["STOCKADE_JOB_ID"] == run.result["job_id"]
     assert env["STOCKADE_STEP"] == "a" and env["HOME"] == "/tmp"

@@ -18,6 +18,9 @@ from typing import BinaryIO
 from stockade.secrets.redact import ADD_MASK, MIN_VARIANT, Masker, Redactor
 
 MAX_LINE = 16 * 1024
+# step output is "HH:MM:SS | text", stockade's own lines "HH:MM:SS ==> text": a job cannot
+# print a line that passes for one of stockade's (a fake "step succeeded", say)
+OUTPUT_MARK = b"| "
 
 
 class JobLog:
@@ -75,7 +78,7 @@ class JobLog:
     def _lines(self, masked: bytes) -> None:
         lines = (self._partial + masked).split(b"\n")
         self._partial = lines.pop()
-        stamp = self._stamp()
+        stamp = self._stamp() + OUTPUT_MARK
         if lines:
             self._emit(b"".join(stamp + line + b"\n" for line in self._add_masks(lines)))
         while len(self._partial) >= MAX_LINE:
@@ -106,7 +109,7 @@ class JobLog:
         """End an unterminated last line (at the end of a step)."""
         self._lines(self._redactor.flush())
         if self._partial:
-            self._emit(self._stamp() + self._partial + b"\n")
+            self._emit(self._stamp() + OUTPUT_MARK + self._partial + b"\n")
             self._partial = b""
 
     def close(self) -> None:

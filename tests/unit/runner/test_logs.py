@@ -17,7 +17,7 @@ def test_lines_are_stamped_and_split_across_chunks(tmp_path: Path) -> None:
     log.output(b"ld\n")
     log.close()
     lines = (tmp_path / "j.log").read_bytes().splitlines()
-    assert [line[9:] for line in lines] == [b"==> step a", b"hello", b"world"]
+    assert [line[9:] for line in lines] == [b"==> step a", b"| hello", b"| world"]
     assert live.getvalue() == (tmp_path / "j.log").read_bytes()
 
 
@@ -30,7 +30,7 @@ def test_cap_truncates_with_a_marker(tmp_path: Path) -> None:
     body, marker = data[:1000], data[1000:]
     assert len(body) == 1000
     assert b"log truncated at 1000 bytes" in marker
-    assert log.dropped == 100 * 109 - 1000
+    assert log.dropped == 100 * len(b"HH:MM:SS | " + b"x" * 99 + b"\n") - 1000
 
 
 def test_an_endless_line_is_not_buffered(tmp_path: Path) -> None:
