@@ -225,3 +225,21 @@ def test_an_inaccessible_state_directory_is_an_error_not_a_traceback(tmp_path: P
     assert proc.returncode == 2
     assert "set STOCKADE_HOME to a directory you can access" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_audit_verify_detects_tampering(run_job, tmp_path: Path) -> None:
+    home = tmp_path / "audit-home"
+    spec = tmp_path / "a.yaml"
+    spec.write_text("name: audited\nsteps:\n  - {name: a, run: 'true'}\n")
+    assert run_cli(home, "run", str(spec), "--workspace", str(tmp_path)).returncode == 0
+    ok = run_cli(home, "audit", "verify")
+    assert ok.returncode == 0 and "audit trail intact" in ok.stdout
+    listed = [json.loads(line) for line in run_cli(home, "audit", "list", "--json")
+              .stdout.splitlines()]
+    assert [e["action"] for e in listed] == ["job.admitted", "job.claimed", "job.succeeded"]
+    db = sqlite3.connect(home / "stockade.db")
+    db.execute("DROP TRIGGER audit_events_no_update")  # what an attacker with the file can do
+    db.execute("UPDATE audit_events SET action = 'job.failed' WHERE action = 'job.succeeded'")
+    db.commit()
+    broken = run_cli(home, "audit", "verify")
+    assert broken.returncode == 1 and "BROKEN at event 3 of 3" in broken.stderr

@@ -22,6 +22,7 @@ COMMANDS = {
     "egress": "stockade.cli.commands.egress",
     "secret": "stockade.cli.commands.secret",
     "oidc": "stockade.cli.commands.oidc",
+    "audit": "stockade.cli.commands.audit",
 }
 
 DESCRIPTION = """\
