@@ -21,7 +21,7 @@ def test_fork_bomb_hits_the_pids_limit(hostile) -> None:
         sleep 3
         echo SURVIVED
     """, resources="resources: {pids: 64}\n", step="    timeout: 20s\n")
-    assert run.result["status"] in ("failed", "succeeded")
+    assert "fork: retry: Resource temporarily unavailable" in run.log  # the pids limit bit
     assert run.elapsed < 60
     assert sandbox_user_processes() == []
 
