@@ -135,13 +135,6 @@ class JobCgroup:
             _write(d / "pids.max", str(limits.pids))
             _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
 
-    @property
-    def swap_limited(self) -> bool:
-        """Whether swap is limited too (v1 needs ``swapaccount=1``)."""
-        if self.layout == "v1":
-            return (self.dirs["memory"] / "memory.memsw.limit_in_bytes").exists()
-        return (self.dirs["unified"] / "memory.swap.max").exists()
-
     def procs_fds(self) -> list[int]:
         """Open ``cgroup.procs`` files; writing ``0`` to each moves the writer into the job."""
         return list(self._procs_fds)

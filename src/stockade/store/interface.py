@@ -90,11 +90,6 @@ class Store(Protocol):
         """Add a new job."""
         ...
 
-    def update_job(self, job_id: str, expect_status: str, changes: dict[str, Any],
-                   event: AuditEvent) -> bool:
-        """Apply ``changes`` if the job is in ``expect_status``; False if it was not."""
-        ...
-
     def claim_next(self, runner_id: str, lease_until: Callable[[JobRow], float],
                    event_for: Callable[[JobRow], AuditEvent],
                    eligible: Callable[[JobRow], bool]) -> JobRow | None:

@@ -93,15 +93,6 @@ class SqliteStore:
             db.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({marks})", astuple(job))
             self._append_audit(db, event)
 
-    def update_job(self, job_id: str, expect_status: str, changes: dict[str, Any],
-                   event: AuditEvent) -> bool:
-        """Apply ``changes`` if the job is in ``expect_status``."""
-        with self._tx() as db:
-            ok = self._update(db, job_id, "status = ?", (expect_status,), changes)
-            if ok:
-                self._append_audit(db, event)
-            return ok
-
     @staticmethod
     def _update(db: sqlite3.Connection, job_id: str, cond: str, cond_args: tuple[Any, ...],
                 changes: dict[str, Any]) -> bool:
