@@ -346,3 +346,9 @@ def test_decisions_are_audited_even_if_the_runner_dies(net: Net, stockade_home: 
     proc.wait()
     job_id = json.loads(run_cli(stockade_home, "jobs", "--json").stdout)[0]["job_id"]
     assert "egress.allowed" in run_cli(stockade_home, "show", job_id).stdout
+    tidy = tmp_path / "tidy.yaml"  # the next run reaps what the killed runner left
+    tidy.write_text("name: tidy\nsteps:\n  - {name: a, run: 'true'}\n")
+    assert run_cli(stockade_home, "run", str(tidy), "--workspace", str(tmp_path)).returncode == 0
+    shown = json.loads(run_cli(stockade_home, "show", job_id, "--json").stdout)
+    assert shown["failure_reason"] == "runner_lost"
+    assert not Path(f"/run/stockade/{job_id}").exists()
