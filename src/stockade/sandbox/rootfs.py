@@ -67,6 +67,9 @@ def synthetic_etc(runtime_dir: Path, host_etc: Path = Path("/etc")) -> Path:
         tmp.rename(target)
     except OSError:  # another runner built it first
         shutil.rmtree(tmp, ignore_errors=True)
+    for old in runtime_dir.glob("etc-*"):  # outdated copies (running sandboxes hold theirs)
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
