@@ -46,8 +46,15 @@ def _digest(host_etc: Path) -> str:
 def synthetic_etc(runtime_dir: Path, host_etc: Path = Path("/etc")) -> Path:
     """The path of a read-only-to-others synthetic ``/etc``, created if missing."""
     target = runtime_dir / f"etc-{_digest(host_etc)}"
-    if target.is_dir():
-        return target
+    if not target.is_dir():
+        _build(target, runtime_dir, host_etc)
+    for old in runtime_dir.glob("etc-*"):  # outdated copies (running sandboxes hold theirs)
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _build(target: Path, runtime_dir: Path, host_etc: Path) -> None:
     tmp = runtime_dir / f".etc-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o755)
@@ -67,10 +74,6 @@ def synthetic_etc(runtime_dir: Path, host_etc: Path = Path("/etc")) -> Path:
         tmp.rename(target)
     except OSError:  # another runner built it first
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in runtime_dir.glob("etc-*"):  # outdated copies (running sandboxes hold theirs)
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def _copy_alternatives(src: Path, dst: Path) -> None:
