@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 JOB_UID = 1000
@@ -26,6 +27,7 @@ _FILES = {
     "nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files\n",
 }
 _HOST_FILES = ("ld.so.cache",)
+STALE_AFTER_S = 7 * 24 * 3600  # longer than any job may run
 _HOST_LINKS = ("os-release", "localtime")
 
 
@@ -48,8 +50,8 @@ def synthetic_etc(runtime_dir: Path, host_etc: Path = Path("/etc")) -> Path:
     target = runtime_dir / f"etc-{_digest(host_etc)}"
     if not target.is_dir():
         _build(target, runtime_dir, host_etc)
-    for old in runtime_dir.glob("etc-*"):  # outdated copies (running sandboxes hold theirs)
-        if old != target:
+    for old in runtime_dir.glob("etc-*"):  # outdated copies no runner can still be using
+        if old != target and time.time() - old.stat().st_mtime > STALE_AFTER_S:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
