@@ -28,12 +28,17 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV = ("CI", "HOME", "PATH", "HOSTNAME", "USER", "LOGNAME")
 
 
+MAX_TIMEOUT_S = 72 * 3600
+
+
 def _duration(value: Any) -> float:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a duration; write it as a string such as 90s or 5m")
     seconds = parse_duration(value)
     if seconds <= 0:
         raise ValueError("must be longer than 0s")
+    if seconds > MAX_TIMEOUT_S:
+        raise ValueError(f"{value!r} is longer than the 72h a job may run")
     return seconds
 
 

@@ -42,6 +42,7 @@ def test_bad_duration_names_path_and_fix() -> None:
     (MINIMAL + "bogus: 1\n", "bogus: unknown key"),
     (MINIMAL + "    shell: zsh\n", "steps[0].shell: unknown key"),
     (MINIMAL + "resources: {memory: lots}\n", "resources.memory: 'lots' is not a size"),
+    (MINIMAL + "resources: {timeout: 100h}\n", "longer than the 72h a job may run"),
     (MINIMAL + "resources: {pids: '5'}\n", "resources.pids: input should be a valid integer"),
     (MINIMAL + "resources: {cpus: two}\n", "resources.cpus: 'two' is not a number of CPUs"),
     (MINIMAL + "env: {A: 1}\n", "env.A: input should be a valid string, got int 1; quote it"),
