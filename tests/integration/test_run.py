@@ -243,3 +243,16 @@ def test_audit_verify_detects_tampering(run_job, tmp_path: Path) -> None:
     db.commit()
     broken = run_cli(home, "audit", "verify")
     assert broken.returncode == 1 and "BROKEN at event 3 of 3" in broken.stderr
+
+
+def test_validate_reports_every_file(stockade_home: Path, tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("name: g\nsteps:\n  - {name: a, run: 'true', timeout: 90s}\n")
+    bad.write_text("name: b\nsteps: []\n")
+    both = run_cli(stockade_home, "validate", str(good), str(bad))
+    assert both.returncode == 2
+    assert "good.yaml: valid (g, 1 steps)" in both.stdout
+    assert "bad.yaml: invalid job spec" in both.stderr and "at least one step" in both.stderr
+    normalised = json.loads(run_cli(stockade_home, "validate", "--json", str(good)).stdout)
+    assert normalised["steps"][0]["timeout"] == 90
+    assert normalised["resources"]["memory"] == 2 << 30

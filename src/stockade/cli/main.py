@@ -15,6 +15,7 @@ from stockade.errors import StockadeError
 
 COMMANDS = {
     "run": "stockade.cli.commands.run",
+    "validate": "stockade.cli.commands.validate",
     "jobs": "stockade.cli.commands.jobs",
     "show": "stockade.cli.commands.show",
     "logs": "stockade.cli.commands.logs",
