@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from stockade.api.protocol import EgressRecord
 from stockade.audit import AuditEvent
+from stockade.egress.policy import is_ip
 
 
 def egress_summary(records: tuple[EgressRecord, ...]) -> dict[str, list[str]]:
@@ -17,11 +18,9 @@ def egress_summary(records: tuple[EgressRecord, ...]) -> dict[str, list[str]]:
 
 def allow_entry(host: str, port: int) -> str:
     """The allowlist entry admitting exactly ``host:port`` (a /32 or /128 for IP literals)."""
-    if ":" in host:
-        return f"[{host}/128]:{port}"
-    if host.replace(".", "").isdigit():
-        return f"{host}/32:{port}"
-    return f"{host}:{port}"
+    if not is_ip(host):
+        return f"{host}:{port}"
+    return f"[{host}/128]:{port}" if ":" in host else f"{host}/32:{port}"
 
 
 def egress_baseline(events: list[AuditEvent]) -> tuple[list[str], list[str]]:

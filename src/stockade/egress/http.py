@@ -111,15 +111,6 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int]
     return host, port
 
 
-def is_ip(host: str) -> bool:
-    """Whether ``host`` (normalised) is an IP literal."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
 def response(status: int, reason: str, body: str = "") -> bytes:
     """A complete small HTTP/1.1 response that closes the connection."""
     data = body.encode()

@@ -87,7 +87,7 @@ def parse_rule(entry: str) -> Rule:
     if not sep:
         host = text
     port = _port(port_text, entry)
-    if _is_ip(host.strip("[]")):
+    if is_ip(host.strip("[]")):
         ip = host.strip("[]")
         example = f"{ip}/32:{port}" if "." in ip else f"[{ip}/128]:{port}"
         raise ValueError(f"{entry!r}: an IP address needs the CIDR form, e.g. {example}")
@@ -117,7 +117,8 @@ def _parse_cidr(entry: str, text: str) -> Rule:
     return Rule(entry, _port(port_text, entry), network=network)
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address literal."""
     try:
         ipaddress.ip_address(text)
         return True

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 from stockade.api.protocol import EgressRecord
 from stockade.egress import http
-from stockade.egress.policy import IPAddress, Policy, Screen, screen_address, screen_name
+from stockade.egress.policy import (
+    IPAddress,
+    Policy,
+    Screen,
+    is_ip,
+    screen_address,
+    screen_name,
+)
 from stockade.egress.relay import Tunnel
 from stockade.egress.resolver import ResolveError, Resolver
 
@@ -171,7 +178,7 @@ class JobProxy:
 
     async def _screen(self, request: http.Request) -> tuple[Screen, list[IPAddress]]:
         """Decide on the name, then on every resolved address; return the usable ones."""
-        if http.is_ip(request.host):
+        if is_ip(request.host):
             address = ipaddress.ip_address(request.host)
             verdict = screen_address(self.policy, address, request.port, literal=True)
             return verdict, [address] if verdict.allowed else []
