@@ -71,6 +71,7 @@ def collect(workspace: Path, patterns: tuple[str, ...], dest: Path,
         except UnicodeEncodeError:
             refused.append(f"{rel!r}: the file name is not valid UTF-8")
             continue
+        # scanned before it is copied (a second read): a leaking file never reaches the store
         found = scan(Path(entry.path)) if scan else set()
         if found:
             leaks.append((rel, sorted(found)))
