@@ -125,7 +125,7 @@ def sandbox_user_processes() -> list[int]:
 class HostGuard:
     """Everything a hostile job might try to reach, and the checks that it did not."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self) -> None:
         self.token = "CANARY-" + secrets.token_hex(16)
         self.canary = Path("/root") / f"stockade-canary-{secrets.token_hex(4)}"
         self.canary.write_text(self.token + "\n")
@@ -178,7 +178,7 @@ class HostGuard:
 @pytest.fixture
 def host() -> Iterator[HostGuard]:
     """A fresh :class:`HostGuard` per test."""
-    guard = HostGuard(Path("/root"))
+    guard = HostGuard()
     yield guard
     guard.close()
 
