@@ -23,18 +23,38 @@ class Settings:
 
     home: Path
     log_cap_bytes: int = 64 * MiB
+    # each concurrently running job gets its own host uid (= gid) from this range
+    uid_pool: str = "1600000-1601023"
     sandbox_user: str = "stockade"
     cgroup_name: str = "stockade"
     runtime_dir: str = "/run/stockade"
     artifact_max_file_bytes: int = 512 * MiB
     artifact_max_total_bytes: int = 1024 * MiB
+    artifact_max_files: int = 10_000
+    # operator ceilings: a spec asking for more is refused (exit 2) with the ceiling named
+    max_cpus: float = 8.0
+    max_memory_bytes: int = 16 * 1024 * MiB
+    max_pids: int = 4096
+    max_tmp_bytes: int = 8 * 1024 * MiB
+    max_workspace_bytes: int = 8 * 1024 * MiB
+    max_timeout_s: float = 24 * 3600.0
     master_key_file: str = ""
     oidc_issuer: str = "https://stockade.local"
     oidc_refresh_s: float = 60.0
+    # the ID-token audiences a job of each trust level may ask for ("*": any)
+    oidc_audiences_untrusted: tuple[str, ...] = ()
+    oidc_audiences_trusted: tuple[str, ...] = ("*",)
+    oidc_audiences_protected: tuple[str, ...] = ("*",)
     egress_hosts_file: str = ""
     egress_max_connections: int = 64
     egress_header_timeout_s: float = 10.0
     egress_idle_timeout_s: float = 300.0
+    # destinations only the operator can open: CIDR:port entries that may name loopback,
+    # link-local or private ranges (a spec never can)
+    egress_internal_allow: tuple[str, ...] = ()
+    # the most an untrusted job's egress.allow may ask for (each entry must be covered)
+    egress_untrusted_allow: tuple[str, ...] = ()
+    egress_max_destinations: int = 256
 
     @property
     def db_path(self) -> Path:
@@ -64,7 +84,7 @@ class Settings:
 
 _ENV = {
     "STOCKADE_LOG_CAP": "log_cap_bytes",
-    "STOCKADE_SANDBOX_USER": "sandbox_user",
+    "STOCKADE_UID_POOL": "uid_pool",
     "STOCKADE_CGROUP_NAME": "cgroup_name",
     "STOCKADE_RUNTIME_DIR": "runtime_dir",
     "STOCKADE_ARTIFACT_MAX_FILE": "artifact_max_file_bytes",
@@ -76,6 +96,18 @@ _ENV = {
     "STOCKADE_EGRESS_MAX_CONNECTIONS": "egress_max_connections",
     "STOCKADE_EGRESS_HEADER_TIMEOUT": "egress_header_timeout_s",
     "STOCKADE_EGRESS_IDLE_TIMEOUT": "egress_idle_timeout_s",
+    "STOCKADE_EGRESS_INTERNAL_ALLOW": "egress_internal_allow",
+    "STOCKADE_EGRESS_UNTRUSTED_ALLOW": "egress_untrusted_allow",
+    "STOCKADE_ARTIFACT_MAX_FILES": "artifact_max_files",
+    "STOCKADE_MAX_CPUS": "max_cpus",
+    "STOCKADE_MAX_MEMORY": "max_memory_bytes",
+    "STOCKADE_MAX_PIDS": "max_pids",
+    "STOCKADE_MAX_TMP": "max_tmp_bytes",
+    "STOCKADE_MAX_WORKSPACE": "max_workspace_bytes",
+    "STOCKADE_MAX_TIMEOUT": "max_timeout_s",
+    "STOCKADE_OIDC_AUDIENCES_UNTRUSTED": "oidc_audiences_untrusted",
+    "STOCKADE_OIDC_AUDIENCES_TRUSTED": "oidc_audiences_trusted",
+    "STOCKADE_OIDC_AUDIENCES_PROTECTED": "oidc_audiences_protected",
 }
 
 
@@ -124,15 +156,32 @@ def _apply(settings: Settings, values: dict[str, Any], source: str) -> Settings:
             raise ConfigError(
                 f"{source}: unknown setting {key!r}", hint=f"known settings: {', '.join(known)}"
             )
-        if known[key] in ("int", "float"):
-            kind = int if known[key] == "int" else float
-            try:
-                changes[key] = kind(value)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"{source}: {key} must be a number, not {value!r}") from e
-        else:
-            changes[key] = str(value)
+        changes[key] = _convert(key, str(known[key]), value, source)
     return replace(settings, **changes)
+
+
+def _convert(key: str, kind: str, value: Any, source: str) -> Any:
+    """One setting's value in its type; sizes (``16Gi``) and durations (``6h``) as users
+    write them; lists as TOML arrays or comma-separated text."""
+    from stockade.spec.units import parse_duration, parse_size
+
+    try:
+        if kind.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        if kind == "int" and key.endswith("_bytes") and isinstance(value, str):
+            return parse_size(value)
+        if kind == "float" and key.endswith("_s") and isinstance(value, str) \
+                and not value.replace(".", "", 1).isdigit():
+            return parse_duration(value)
+        if kind in ("int", "float"):
+            if isinstance(value, bool):
+                raise TypeError("a boolean is not a number")
+            return int(value) if kind == "int" else float(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"{source}: {key} has an invalid value {str(value)[:80]!r}: "
+                          f"{str(e)[:200]}", hint="see README, Configuration") from e
+    return str(value)
 
 
 def ensure_home(settings: Settings) -> None:
