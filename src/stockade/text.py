@@ -1,0 +1,66 @@
+"""Make text a job chose safe to record and print: control characters become visible and inert.
+
+Anything a job controls (step output, artifact paths, egress destinations, error text) may carry
+terminal control sequences: a carriage return that overwrites the line a viewer sees, ESC/CSI
+sequences that recolour or move the cursor, OSC 52 (write the viewer's clipboard) and OSC 8
+(hyperlinks), the 8-bit C1 forms of all of these, a newline that starts a forged record, or
+Unicode bidi overrides that reorder what a reader sees (Trojan Source). Here each of them is
+spelled out as plain ASCII text instead:
+
+- ``\\n`` and ``\\r`` as ``\\n`` and ``\\r``; every other C0 control except tab, and DEL, as
+  ``\\xNN`` (ESC is ``\\x1b``, so no escape sequence of any kind survives);
+- C1 controls (U+0080 to U+009F), the bidi embeddings, overrides, isolates and marks and the Unicode
+  line and paragraph separators as ``\\uNNNN``;
+- in bytes, every byte that is not part of valid UTF-8 as ``\\xNN``, so a terminal in a legacy
+  8-bit mode never sees a raw C1 byte (0x9B is CSI there) and the output is always valid UTF-8;
+  in ``str``, the lone surrogates that ``surrogateescape`` decoding leaves for such bytes alike.
+
+Backslashes are left alone: the result is meant to be read, not parsed back, and it contains
+no control character whatever the input. Both functions run in linear time: one regular
+expression pass over a character class (no backtracking), then a table lookup per character
+of each run it found.
+"""
+
+from __future__ import annotations
+
+import re
+
+_RANGES = ((0x00, 0x08), (0x0A, 0x1F), (0x7F, 0x9F),  # C0 but tab, DEL, C1
+           (0x061C, 0x061C), (0x200E, 0x200F),  # bidi marks: ALM, LRM, RLM
+           (0x2028, 0x202E),  # line and paragraph separators, LRE PDF RLE LRO RLO
+           (0x2066, 0x2069),  # the isolates LRI RLI FSI PDI
+           (0xD800, 0xDFFF))  # lone surrogates (surrogateescape leaves 0xDC80-0xDCFF)
+
+
+def _spell(code: int) -> str:
+    if code in (0x0A, 0x0D):
+        return "\\n" if code == 0x0A else "\\r"
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as surrogateescape left it
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+_TABLE = {code: _spell(code) for low, high in _RANGES for code in range(low, high + 1)}
+# runs of unsafe characters; the text between them is kept as it is, without a per-character
+# lookup (str.translate is slow on non-ASCII text)
+_RUNS = re.compile("([" + "".join(f"\\u{lo:04x}-\\u{hi:04x}" for lo, hi in _RANGES) + "]+)")
+# printable ASCII and tab: nothing to do (the common case, checked on bytes without decoding)
+_PLAIN = re.compile(rb"[\t\x20-\x7e]*")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character, bidi control and lone surrogate spelled out."""
+    parts = _RUNS.split(text)
+    if len(parts) == 1:
+        return text
+    parts[1::2] = [run.translate(_TABLE) for run in parts[1::2]]
+    return "".join(parts)
+
+
+def escape_bytes(data: bytes) -> bytes:
+    """``data`` as valid UTF-8 with controls spelled out and invalid bytes written ``\\xNN``."""
+    if _PLAIN.fullmatch(data):
+        return data
+    return escape_controls(data.decode("utf-8", "surrogateescape")).encode()
