@@ -65,6 +65,7 @@ def test_list_shows_scopes_never_values(home: Path) -> None:
     listing = run_cli(home, "secret", "list")
     assert "DEPLOY_TOKEN" in listing.stdout and "jobs=deploy-*" in listing.stdout
     assert "trust=protected" in listing.stdout and "labels=release" in listing.stdout
+    assert "refs=*" in listing.stdout
     assert VALUE not in listing.stdout + listing.stderr
 
 
@@ -129,6 +130,48 @@ def test_scope_matrix(home: Path, tmp_path: Path, name: str, labels: str, trust:
     assert why in run.result["message"]
     audit = run_cli(home, "show", run.result["job_id"]).stdout
     assert "secret.refused" in audit and "secret.issued" not in audit
+
+
+@pytest.mark.parametrize("ref, ok", [
+    ("refs/pull/1/head", False),
+    ("refs/heads/main-evil", False),
+    ("local", False),
+    ("refs/heads/main", True),
+])
+def test_scope_binds_on_the_ref(home: Path, tmp_path: Path, ref: str, ok: bool) -> None:
+    """A spec can copy any name and labels; the ref comes from the submitter."""
+    put(home, "MAIN_TOKEN", "main-" + VALUE, "--refs", "refs/heads/main")
+    spec = ("name: deploy-web\nsecrets: [MAIN_TOKEN]\n"
+            "steps:\n  - {name: a, run: 'test -n \"$MAIN_TOKEN\" && echo GOT'}\n")
+    run = job(home, tmp_path, spec, "--ref", ref)
+    if ok:
+        assert run.rc == 0, run.stderr
+        assert "GOT" in run.log
+        return
+    assert run.rc == 3
+    assert (run.result["status"], run.result["failure_reason"]) == ("denied",
+                                                                     "secret_unavailable")
+    assert f"scoped to refs matching 'refs/heads/main', not {ref!r}" in run.result["message"]
+    audit = run_cli(home, "show", run.result["job_id"]).stdout
+    assert "secret.refused" in audit and "secret.issued" not in audit
+
+
+def test_ref_globs_list_and_rotate(home: Path, tmp_path: Path) -> None:
+    put(home, "TAG_TOKEN", "tag-" + VALUE, "--refs", "refs/tags/*", "--trust", "protected")
+    listing = run_cli(home, "secret", "list").stdout
+    assert "refs=refs/tags/*" in listing and "refs=*" in listing  # older secrets: any ref
+    spec = "name: release\nsecrets: [TAG_TOKEN]\nsteps:\n  - {name: a, run: 'true'}\n"
+    assert job(home, tmp_path, spec, "--ref", "refs/tags/v1.2.0", "--trust", "protected").rc == 0
+    assert job(home, tmp_path, spec, "--ref", "refs/tags/v1.2.0").rc == 3  # trust too low
+    rotated = subprocess.run([STOCKADE, "secret", "rotate", "TAG_TOKEN", "--refs",
+                              "refs/heads/release"], input="new-" + VALUE,
+                             capture_output=True, text=True, env=cli_env(home))
+    assert rotated.returncode == 0, rotated.stderr
+    assert "refs=refs/heads/release" in run_cli(home, "secret", "list").stdout
+    assert job(home, tmp_path, spec, "--ref", "refs/tags/v1.2.0", "--trust", "protected").rc == 3
+    bad = subprocess.run([STOCKADE, "secret", "set", "BAD_REFS", "--refs", "refs/heads/a b"],
+                         input=VALUE, capture_output=True, text=True, env=cli_env(home))
+    assert bad.returncode == 2 and "is not a ref glob" in bad.stderr
 
 
 def test_unknown_secret_is_denied(home: Path, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import getpass
 from typing import TYPE_CHECKING
 
 from stockade.config import Settings, ensure_home, load_settings
-from stockade.control import ControlService, JobView
+from stockade.control import AdmissionPolicy, ControlService, JobView
 from stockade.errors import UsageError
 from stockade.secrets.broker import Broker
 from stockade.store.sqlite import SqliteStore
@@ -22,7 +22,18 @@ def open_control() -> tuple[Settings, ControlService]:
     store = SqliteStore(settings.db_path)
     actor = f"cli:{getpass.getuser()}"
     return settings, ControlService(store, actor=actor, broker=open_broker(settings, store),
-                                    identity=lambda: open_keyring(settings))
+                                    identity=lambda: open_keyring(settings),
+                                    policy=admission_policy(settings))
+
+
+def admission_policy(settings: Settings) -> AdmissionPolicy:
+    """The operator's admission settings, as the control plane takes them."""
+    return AdmissionPolicy(
+        oidc_audiences_untrusted=settings.oidc_audiences_untrusted,
+        oidc_audiences_trusted=settings.oidc_audiences_trusted,
+        oidc_audiences_protected=settings.oidc_audiences_protected,
+        egress_untrusted_allow=settings.egress_untrusted_allow,
+    )
 
 
 def open_keyring(settings: Settings) -> KeyRing:

@@ -1,4 +1,9 @@
-"""Admission, claiming and completion of jobs, each one transaction with its audit event."""
+"""Admission, claiming and completion of jobs, each one transaction with its audit event.
+
+Admission applies the operator's :class:`AdmissionPolicy` to what the spec asks for, per the
+job's trust level (decided by the submitter, never by the spec): which ID-token audiences it
+may get, which secrets (the broker's scopes) and, for untrusted jobs, how much egress.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,38 @@ if TYPE_CHECKING:
     from stockade.secrets.oidc import KeyRing
 
 LEASE_GRACE_S = 300.0
+MAX_REF_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """The operator's admission settings (the CLI builds them from
+    :class:`~stockade.config.Settings`; the defaults are the settings' defaults).
+
+    ``oidc_audiences_<trust>``: the ID-token audiences a job of that trust may ask for
+    (``"*"``: any; exact strings otherwise). ``egress_untrusted_allow``: the most an untrusted
+    job's ``egress.allow`` may ask for."""
+
+    oidc_audiences_untrusted: tuple[str, ...] = ()
+    oidc_audiences_trusted: tuple[str, ...] = ("*",)
+    oidc_audiences_protected: tuple[str, ...] = ("*",)
+    egress_untrusted_allow: tuple[str, ...] = ()
+
+    def audiences(self, trust: str) -> tuple[str, ...]:
+        """The audiences a job of ``trust`` may ask for."""
+        return {"untrusted": self.oidc_audiences_untrusted,
+                "trusted": self.oidc_audiences_trusted,
+                "protected": self.oidc_audiences_protected}.get(trust, ())
+
+    def audience_refusal(self, trust: str, aud: str) -> str | None:
+        """Why a job of ``trust`` may not get an ID token for ``aud`` (None if it may)."""
+        allowed = self.audiences(trust)
+        if "*" in allowed or aud in allowed:
+            return None
+        setting = f"oidc_audiences_{trust}"
+        return (f"jobs of trust {trust!r} may not get an ID token for audience {aud!r} "
+                f"(allowed: {', '.join(map(repr, allowed)) or 'none'}); the operator can allow "
+                f"it with the setting {setting} (STOCKADE_{setting.upper()})")
 
 
 @dataclass(frozen=True)
@@ -64,8 +101,10 @@ class ControlService:
 
     def __init__(self, store: Store, actor: str, clock: Callable[[], float] = time.time,
                  broker: Broker | None = None,
-                 identity: Callable[[], KeyRing] | None = None) -> None:
+                 identity: Callable[[], KeyRing] | None = None,
+                 policy: AdmissionPolicy | None = None) -> None:
         self.store = store
+        self.policy = policy or AdmissionPolicy()
         self.actor = actor
         self.clock = clock
         self.broker = broker
@@ -82,8 +121,11 @@ class ControlService:
         return self._keyring
 
     def mint_id_token(self, job_id: str, attempt: int, runner_id: str) -> str:
-        """A fresh ID token for a running attempt held by ``runner_id`` (audited)."""
-        from stockade.secrets.oidc import subject
+        """A fresh ID token for a running attempt held by ``runner_id`` (audited).
+
+        The audience is checked against the policy again (admission did it first), so a token
+        is never signed for an audience the job's trust may not have."""
+        from stockade.secrets.oidc import job_claims
 
         job = self.store.get_job(job_id)
         if job is None or (job.status, job.attempt, job.runner_id) != ("running", attempt,
@@ -92,11 +134,14 @@ class ControlService:
         spec = Job.from_json(job.spec_json)
         if spec.id_token is None:
             raise PolicyDenied(f"job {job_id} did not ask for an id_token")
-        token, claims = self.keyring.mint({
-            "sub": subject(spec.name, job.ref), "aud": spec.id_token.aud, "job_id": job_id,
-            "job_name": spec.name, "ref": job.ref, "attempt": attempt, "runner_id": runner_id,
-            "trust": job.trust, "image_digest": spec.image,
-        })
+        refused = self.policy.audience_refusal(job.trust, spec.id_token.aud)
+        if refused:
+            self.store.record([self._event("oidc.token_refused", job_id, attempt=attempt,
+                                           runner_id=runner_id, reason=refused)])
+            raise PolicyDenied(refused)
+        token, claims = self.keyring.mint(job_claims(
+            aud=spec.id_token.aud, job_id=job_id, job_name=spec.name, ref=job.ref,
+            attempt=attempt, runner_id=runner_id, trust=job.trust, image_digest=spec.image))
         self.store.record([self._event("oidc.token_issued", job_id, jti=claims["jti"],
                                        aud=claims["aud"], exp=claims["exp"],
                                        kid=self.keyring.active_kid)])
@@ -115,13 +160,11 @@ class ControlService:
 
         ``trust`` says how far the job's origin is trusted (``untrusted`` for fork pull
         requests, ``trusted``, ``protected``); ``ref`` is the source reference it runs."""
-        if trust not in TRUST_LEVELS:
-            raise UsageError(f"{trust!r} is not a trust level",
-                             hint=f"use one of {', '.join(TRUST_LEVELS)}")
+        check_submission(trust, ref)
         now = self.clock()
         job_id = new_job_id()
-        refusals = self._secret_refusals(spec, trust)
-        reason, message = self._admission(spec, refusals)
+        refusals = self._secret_refusals(spec, trust, ref)
+        reason, message = self._admission(spec, trust, refusals)
         status = JobStatus.DENIED if reason else JobStatus.QUEUED
         extra = json.dumps({"message": message}) if message else None
         job = JobRow(
@@ -140,23 +183,35 @@ class ControlService:
                 self.broker.refuse(job_id, name, why)
         return job
 
-    def _secret_refusals(self, spec: Job, trust: str) -> list[tuple[str, str]]:
+    def _secret_refusals(self, spec: Job, trust: str, ref: str) -> list[tuple[str, str]]:
         if not spec.secrets:
             return []
         if self.broker is None:
             return [(s.name, "no secret broker is configured") for s in spec.secrets]
         refusals = []
         for s in spec.secrets:
-            why = self.broker.refusal(s.name, spec.name, spec.labels, trust)
+            why = self.broker.refusal(s.name, spec.name, spec.labels, trust, ref)
             if why:
                 refusals.append((s.name, why))
         return refusals
 
-    def _admission(self, spec: Job, refusals: list[tuple[str, str]]
+    def _admission(self, spec: Job, trust: str, refusals: list[tuple[str, str]]
                    ) -> tuple[FailureReason | None, str]:
+        denials = self._policy_denials(spec, trust)
+        if denials:
+            return FailureReason.POLICY_DENIED, "; ".join(denials)
         if refusals:
             return FailureReason.SECRET_UNAVAILABLE, "; ".join(why for _, why in refusals)
         return None, ""
+
+    def _policy_denials(self, spec: Job, trust: str) -> list[str]:
+        """What the spec asks for beyond what the operator allows a job of ``trust``."""
+        denials = []
+        if spec.id_token is not None:
+            why = self.policy.audience_refusal(trust, spec.id_token.aud)
+            if why:
+                denials.append(why)
+        return denials
 
     def claim(self, runner_id: str, labels: tuple[str, ...],
               job_id: str | None = None) -> Assignment | None:
@@ -248,3 +303,18 @@ class ControlService:
     def jobs(self, limit: int = 20) -> list[JobRow]:
         """The newest jobs."""
         return self.store.list_jobs(limit)
+
+
+def check_submission(trust: str, ref: str) -> None:
+    """Refuse a trust level or ref that is not one (UsageError, exit 2).
+
+    The ref ends the ID token's ``sub`` and is matched by secret scopes, so it must be plain
+    text: printable, no spaces, at most 200 characters."""
+    if trust not in TRUST_LEVELS:
+        raise UsageError(f"{trust!r} is not a trust level",
+                         hint=f"use one of {', '.join(TRUST_LEVELS)}")
+    if not ref or len(ref) > MAX_REF_LENGTH or not ref.isprintable() \
+            or any(c.isspace() for c in ref):
+        raise UsageError(f"{ref[:MAX_REF_LENGTH]!r} is not a ref",
+                         hint="pass e.g. --ref refs/heads/main: printable, no spaces, at most "
+                              f"{MAX_REF_LENGTH} characters")

@@ -1,11 +1,16 @@
 """The broker: secrets in, scoped leases out, every access audited.
 
-A job receives a secret only if the secret's scope admits it: the job name matches the scope's
-glob, the job carries every label of the scope, and the job's trust is at least the scope's
-(``trusted`` by default). Jobs of trust ``untrusted`` (fork pull requests, say) never receive
-any secret. An issued secret is a lease bound to one attempt of one job, valid for the job's
-timeout and revoked when the job ends; redeeming a lease that is revoked, expired or not the
-caller's is refused and audited.
+A job receives a secret only if the secret's scope admits it: the job's ref matches the scope's
+ref glob, the job's trust is at least the scope's (``trusted`` by default), the job name matches
+the scope's job glob and the job carries every label of the scope. Jobs of trust ``untrusted``
+(fork pull requests, say) never receive any secret. The ref and the trust are decided by whoever
+submits the job (the operator's credential); the job name and the labels are written in the
+spec, so they only narrow a scope: a secret that must stay with protected branches binds on the
+ref (``refs/heads/main``) and the trust, not on a name.
+
+An issued secret is a lease bound to one attempt of one job, valid for the job's timeout and
+revoked when the job ends; redeeming a lease that is revoked, expired or not the caller's is
+refused and audited.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stockade.api.protocol import TRUST_LEVELS, LeaseGrant
 from stockade.audit import AuditEvent
@@ -36,6 +41,7 @@ class Scope:
     jobs: str = "*"
     labels: tuple[str, ...] = ()
     trust: str = "trusted"
+    refs: str = "*"  # a glob over the job's ref, e.g. refs/heads/main or refs/tags/*
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class Broker:
     def set(self, name: str, value: bytes, scope: Scope) -> int:
         """Store a new secret or a new version of one (scope replaced); return the version."""
         check_value(name, value)
+        check_refs(scope.refs)
         if scope.trust not in TRUST_LEVELS[1:]:
             raise UsageError(f"{scope.trust!r} is not a trust level a secret can require",
                              hint="use trusted (default) or protected")
@@ -95,11 +102,15 @@ class Broker:
         self._put(name, version, value, scope, old, "secret.rotated" if old else "secret.set")
         return version
 
-    def rotate(self, name: str, value: bytes) -> int:
-        """A new value for an existing secret, same scope; return the new version."""
+    def rotate(self, name: str, value: bytes, refs: str | None = None) -> int:
+        """A new value for an existing secret, same scope (or a new ref glob); return the new
+        version."""
         old = self._require(name)
         check_value(name, value)
-        self._put(name, old.version + 1, value, _scope(old), old, "secret.rotated")
+        scope = _scope(old)
+        if refs is not None:
+            scope = replace(scope, refs=check_refs(refs))
+        self._put(name, old.version + 1, value, scope, old, "secret.rotated")
         return old.version + 1
 
     def _put(self, name: str, version: int, value: bytes, scope: Scope,
@@ -107,10 +118,11 @@ class Broker:
         sealed = self.vault.seal(name, version, value)
         now = self.clock()
         row = SecretRow(name, version, scope.jobs, json.dumps(list(scope.labels)), scope.trust,
-                        sealed.key_id, sealed.nonce, sealed.ciphertext,
+                        scope.refs, sealed.key_id, sealed.nonce, sealed.ciphertext,
                         old.created_at if old else now, now)
         self.store.put_secret(row, self._event(action, secret=name, version=version,
-                                               key_id=sealed.key_id))
+                                               key_id=sealed.key_id, refs=scope.refs,
+                                               trust=scope.trust))
 
     def _require(self, name: str) -> SecretRow:
         row = self.store.get_secret(name)
@@ -130,22 +142,27 @@ class Broker:
         return [SecretInfo(r.name, r.version, _scope(r), r.key_id, r.updated_at)
                 for r in self.store.list_secrets()]
 
-    def refusal(self, name: str, job_name: str, labels: tuple[str, ...], trust: str
-                ) -> str | None:
-        """Why the job may not receive ``name`` (None if it may)."""
+    def refusal(self, name: str, job_name: str, labels: tuple[str, ...], trust: str,
+                ref: str) -> str | None:
+        """Why the job may not receive ``name`` (None if it may).
+
+        ``trust`` and ``ref`` come from the submitter; ``job_name`` and ``labels`` from the
+        spec."""
         if trust == "untrusted":
             return f"jobs of trust 'untrusted' never receive secrets ({name} requested)"
         row = self.store.get_secret(name)
         if row is None:
             return f"there is no secret named {name}"
         scope = _scope(row)
+        if not fnmatch.fnmatchcase(ref, scope.refs):
+            return f"{name} is scoped to refs matching {scope.refs!r}, not {ref!r}"
+        if TRUST_LEVELS.index(trust) < TRUST_LEVELS.index(scope.trust):
+            return f"{name} needs trust {scope.trust!r}, the job has {trust!r}"
         if not fnmatch.fnmatchcase(job_name, scope.jobs):
             return f"{name} is scoped to jobs matching {scope.jobs!r}, not {job_name!r}"
         missing = [label for label in scope.labels if label not in labels]
         if missing:
             return f"{name} needs the job labels {', '.join(missing)}"
-        if TRUST_LEVELS.index(trust) < TRUST_LEVELS.index(scope.trust):
-            return f"{name} needs trust {scope.trust!r}, the job has {trust!r}"
         return None
 
     def refuse(self, job_id: str, name: str, reason: str) -> None:
@@ -201,8 +218,18 @@ class Broker:
         return len(self.store.revoke_leases(job_id, attempt, self.clock(), event))
 
 
+def check_refs(refs: str) -> str:
+    """``refs`` if it is a usable ref glob (UsageError otherwise)."""
+    if not refs or len(refs) > 200 or not refs.isprintable() or any(c.isspace() for c in refs):
+        raise UsageError(f"{refs[:200]!r} is not a ref glob",
+                         hint="use e.g. refs/heads/main, refs/tags/* or * (any ref), at most "
+                              "200 characters without spaces")
+    return refs
+
+
 def _scope(row: SecretRow) -> Scope:
-    return Scope(row.scope_jobs, tuple(json.loads(row.scope_labels)), row.scope_trust)
+    return Scope(row.scope_jobs, tuple(json.loads(row.scope_labels)), row.scope_trust,
+                 row.scope_refs)
 
 
 def _lease_problem(lease: LeaseRow | None, job_id: str, attempt: int, runner_id: str,

@@ -1,8 +1,29 @@
 """Job identity: short-lived OIDC ID tokens (ES256 JWTs) signed by the control plane.
 
-Claims: ``iss`` (the ``oidc_issuer`` setting), ``sub`` = ``job:<name>:ref:<ref>``, ``aud`` (the
-spec's ``id_token.aud``), ``iat``/``nbf``/``exp`` (valid for 5 minutes), ``jti``, ``job_id``,
-``job_name``, ``ref``, ``attempt``, ``runner_id``, ``trust`` and ``image_digest``.
+The job spec is written by whoever opened the pull request, so a relying party (Vault, a cloud
+provider) must bind only on claims the spec cannot choose. Who decides each claim:
+
+Not chosen by the spec (bind on these):
+
+- ``iss``: the ``oidc_issuer`` setting (operator).
+- ``sub`` = ``trust:<trust>:ref:<ref>``, built only from the two claims below. The trust comes
+  first because it is one of three fixed words; the ref, the only free text, comes last, so no
+  ref can make ``sub`` read as another trust (``trust:untrusted:ref:x:trust:protected`` still
+  starts with ``trust:untrusted:``).
+- ``trust``: ``untrusted``, ``trusted`` or ``protected``, from the submitter (``stockade run
+  --trust``), never from the spec.
+- ``ref``: the source reference, from the submitter (``stockade run --ref``), never from the spec.
+- ``job_id``, ``attempt``, ``runner_id``: assigned by the control plane.
+- ``image_digest``: the image the job ran; a spec can only name an image the operator accepts
+  (today only ``host``).
+- ``iat``, ``nbf``, ``exp`` (valid for 5 minutes), ``jti``: set when the token is signed.
+
+Chosen by the spec (informational; never bind on them):
+
+- ``job_name``: the spec's ``name``, free text (within the spec's name rules).
+- ``aud``: the spec's ``id_token.aud``, but only within the audiences the operator allows for
+  the job's trust (``oidc_audiences_untrusted`` / ``_trusted`` / ``_protected``; untrusted jobs
+  get none by default). The control plane checks this at admission and again at every signing.
 
 The signing keys live in ``$STOCKADE_HOME/oidc/keys.json`` (0600). ``rotate`` makes a new key
 the signing key; the old one stays published in the JWKS until every token it signed has
@@ -110,6 +131,15 @@ class KeyRing:
         return jwt.encode(header, body, signer), body
 
 
-def subject(job_name: str, ref: str) -> str:
-    """The ``sub`` claim: ``job:<name>:ref:<ref>``."""
-    return f"job:{job_name}:ref:{ref}"
+def subject(trust: str, ref: str) -> str:
+    """The ``sub`` claim: ``trust:<trust>:ref:<ref>`` (nothing in it comes from the spec)."""
+    return f"trust:{trust}:ref:{ref}"
+
+
+def job_claims(*, aud: str, job_id: str, job_name: str, ref: str, attempt: int,
+               runner_id: str, trust: str, image_digest: str) -> dict[str, Any]:
+    """The claims of a job's token besides iss/iat/nbf/exp/jti (see the module docstring for
+    which of them the spec chooses: ``job_name``, and ``aud`` within the allowed set)."""
+    return {"sub": subject(trust, ref), "aud": aud, "job_id": job_id, "job_name": job_name,
+            "ref": ref, "attempt": attempt, "runner_id": runner_id, "trust": trust,
+            "image_digest": image_digest}

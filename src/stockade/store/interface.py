@@ -60,6 +60,7 @@ class SecretRow:
     scope_jobs: str
     scope_labels: str
     scope_trust: str
+    scope_refs: str  # a glob over the job's ref (chosen by the submitter, never by the spec)
     key_id: str
     nonce: bytes
     ciphertext: bytes

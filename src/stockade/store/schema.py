@@ -63,6 +63,7 @@ secrets = Table(
     Column("scope_jobs", String(200), nullable=False),
     Column("scope_labels", Text, nullable=False),
     Column("scope_trust", String(16), nullable=False),
+    Column("scope_refs", String(200), nullable=False, server_default="*"),
     Column("key_id", String(16), nullable=False),
     Column("nonce", LargeBinary, nullable=False),
     Column("ciphertext", LargeBinary, nullable=False),

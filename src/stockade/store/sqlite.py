@@ -17,7 +17,7 @@ from stockade.audit import GENESIS, AuditEvent, chain_hash
 from stockade.errors import StoreError
 from stockade.store.interface import ArtifactRow, JobRow, LeaseRow, SecretRow, StepRow
 
-HEAD_REVISION = "0002"  # tests check this equals the newest Alembic migration
+HEAD_REVISION = "0003"  # tests check this equals the newest Alembic migration
 _JOB_COLUMNS = ", ".join(f.name for f in fields(JobRow))
 _SECRET_COLUMNS = ", ".join(f.name for f in fields(SecretRow))
 _LEASE_COLUMNS = ", ".join(f.name for f in fields(LeaseRow))

@@ -9,7 +9,7 @@ import jwt
 import pytest
 from jwt.algorithms import ECAlgorithm
 
-from stockade.secrets.oidc import TOKEN_TTL_S, KeyRing, subject
+from stockade.secrets.oidc import TOKEN_TTL_S, KeyRing, job_claims, subject
 
 
 class Clock:
@@ -28,16 +28,15 @@ def verify(token: str, ring: KeyRing, aud: str, **options: object) -> dict[str, 
                       issuer="https://ci.example.test", options=options)  # type: ignore[arg-type]
 
 
-CLAIMS = {"sub": subject("deploy", "refs/heads/main"), "aud": "vault", "job_id": "j1",
-          "job_name": "deploy", "ref": "refs/heads/main", "attempt": 1, "runner_id": "r1",
-          "trust": "trusted", "image_digest": "host"}
+CLAIMS = job_claims(aud="vault", job_id="j1", job_name="deploy", ref="refs/heads/main",
+                    attempt=1, runner_id="r1", trust="trusted", image_digest="host")
 
 
 def test_claims(tmp_path: Path) -> None:
     ring = KeyRing(tmp_path, "https://ci.example.test/")
     token, claims = ring.mint(CLAIMS)
     got = verify(token, ring, "vault")
-    assert got["sub"] == "job:deploy:ref:refs/heads/main"
+    assert got["sub"] == "trust:trusted:ref:refs/heads/main"
     assert got["iss"] == "https://ci.example.test"
     assert got["exp"] - got["iat"] == TOKEN_TTL_S == 300  # type: ignore[operator]
     assert got["nbf"] == got["iat"]
@@ -86,3 +85,63 @@ def test_discovery_document(tmp_path: Path) -> None:
     doc = KeyRing(tmp_path, "https://ci.example.test").discovery()
     assert doc["jwks_uri"] == "https://ci.example.test/.well-known/jwks.json"
     assert doc["id_token_signing_alg_values_supported"] == ["ES256"]
+
+
+def test_sub_is_not_chosen_by_the_spec() -> None:
+    """The spec's name is only job_name; sub is the submitter's trust and ref alone."""
+    a = job_claims(aud="vault", job_id="j1", job_name="deploy-prod", ref="refs/pull/1/head",
+                   attempt=1, runner_id="r1", trust="untrusted", image_digest="host")
+    b = job_claims(aud="vault", job_id="j2", job_name="anything", ref="refs/pull/1/head",
+                   attempt=1, runner_id="r2", trust="untrusted", image_digest="host")
+    assert a["sub"] == b["sub"] == "trust:untrusted:ref:refs/pull/1/head"
+    assert "deploy-prod" not in a["sub"] and a["job_name"] == "deploy-prod"
+    # a ref cannot make sub read as another trust: the trust is first and fixed
+    assert subject("untrusted", "x:trust:protected").startswith("trust:untrusted:ref:")
+
+
+def test_audiences_per_trust() -> None:
+    from stockade.control import AdmissionPolicy
+
+    default = AdmissionPolicy()
+    assert default.audience_refusal("trusted", "https://vault.example.test") is None
+    assert default.audience_refusal("protected", "anything") is None
+    why = default.audience_refusal("untrusted", "https://vault.example.test")
+    assert why is not None and "(allowed: none)" in why
+    assert "oidc_audiences_untrusted" in why and "STOCKADE_OIDC_AUDIENCES_UNTRUSTED" in why
+    narrow = AdmissionPolicy(oidc_audiences_untrusted=("sts.example.test",),
+                             oidc_audiences_trusted=("vault",))
+    assert narrow.audience_refusal("untrusted", "sts.example.test") is None
+    assert narrow.audience_refusal("untrusted", "sts.example.test.evil") is not None
+    assert narrow.audience_refusal("trusted", "vault") is None
+    why = narrow.audience_refusal("trusted", "\x1b]52;c;x\x07")
+    assert why is not None and "\x1b" not in why and "STOCKADE_OIDC_AUDIENCES_TRUSTED" in why
+
+
+def test_signing_rechecks_the_audience(tmp_path: Path) -> None:
+    """Defence in depth: a job admitted earlier gets no token once its audience is no longer
+    allowed for its trust (the operator narrowed the setting); the refusal is audited."""
+    from stockade.control import AdmissionPolicy, ControlService
+    from stockade.errors import PolicyDenied
+    from stockade.spec.parse import parse_spec
+    from stockade.store.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "s.db")
+    spec = parse_spec("name: deploy\nid_token: {aud: vault}\n"
+                      "steps:\n  - {name: a, run: 'true'}\n").to_job()
+
+    def ring() -> KeyRing:
+        return KeyRing(tmp_path / "oidc", "https://ci.example.test")
+
+    lenient = AdmissionPolicy(oidc_audiences_untrusted=("vault",))
+    job = ControlService(store, "t", identity=ring, policy=lenient).submit(
+        spec, trust="untrusted", ref="refs/pull/7/head")
+    assert job.status == "queued"
+    strict = ControlService(store, "t", identity=ring)  # the default: untrusted gets none
+    assert strict.claim("r1", (), job.id) is not None
+    with pytest.raises(PolicyDenied, match="oidc_audiences_untrusted"):
+        strict.mint_id_token(job.id, 1, "r1")
+    actions = [e.action for e in strict.audit_trail(job.id)]
+    assert "oidc.token_refused" in actions and "oidc.token_issued" not in actions
+    token = ControlService(store, "t", identity=ring, policy=lenient).mint_id_token(
+        job.id, 1, "r1")
+    assert verify(token, ring(), "vault")["sub"] == "trust:untrusted:ref:refs/pull/7/head"

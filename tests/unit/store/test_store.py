@@ -85,3 +85,22 @@ def test_prefix_lookup(tmp_path: Path) -> None:
     assert store.get_job("jabc").id == "jabc1"  # type: ignore[union-attr]
     assert store.get_job("jab") is None  # ambiguous
     assert store.get_job("j%") is None  # LIKE wildcards are literal
+
+
+def test_secrets_from_before_ref_scopes_admit_any_ref(tmp_path: Path) -> None:
+    """Migration 0003 adds ``scope_refs``; secrets stored before it keep admitting every ref."""
+    from alembic import command
+    from alembic.config import Config
+
+    path = tmp_path / "s.db"
+    cfg = Config()
+    cfg.set_main_option("script_location", "stockade.store:migrations")
+    cfg.set_main_option("sqlalchemy.url", f"sqlite:///{path}")
+    command.upgrade(cfg, "0002")
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO secrets VALUES ('OLD', 1, 'deploy-*', '[]', 'trusted', 'k1', "
+               "x'00', x'00', 1.0, 1.0)")
+    db.commit()
+    db.close()
+    row = SqliteStore(path).get_secret("OLD")
+    assert row is not None and row.scope_refs == "*" and row.scope_jobs == "deploy-*"

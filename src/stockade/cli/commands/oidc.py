@@ -16,7 +16,14 @@ stockade oidc discovery   the /.well-known/openid-configuration document
 stockade oidc rotate      sign with a new key from now on; the old key stays in the JWKS
                           until the tokens it signed have expired
 
-The issuer is the oidc_issuer setting (STOCKADE_OIDC_ISSUER)."""
+The issuer is the oidc_issuer setting (STOCKADE_OIDC_ISSUER). The audiences a job may ask for
+depend on its trust (stockade run --trust): oidc_audiences_untrusted (default: none, so
+untrusted jobs get no token), oidc_audiences_trusted and oidc_audiences_protected (default '*',
+any), set as comma-separated lists in STOCKADE_OIDC_AUDIENCES_UNTRUSTED, _TRUSTED, _PROTECTED.
+A job asking for another audience is denied (exit 3).
+
+Relying parties should bind on sub = trust:<trust>:ref:<ref> (or on the trust and ref claims),
+which the submitter decides; job_name comes from the spec and proves nothing."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

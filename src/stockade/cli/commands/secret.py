@@ -9,8 +9,9 @@ from pathlib import Path
 
 HELP = "manage secrets (values never on the command line)"
 DESCRIPTION = """\
-stockade secret set NAME [--from-file F] [--jobs GLOB] [--labels L1,L2] [--trust LEVEL]
-stockade secret rotate NAME [--from-file F]
+stockade secret set NAME [--from-file F] [--refs GLOB] [--trust LEVEL] [--jobs GLOB]
+                         [--labels L1,L2]
+stockade secret rotate NAME [--from-file F] [--refs GLOB]
 stockade secret list
 stockade secret rm NAME
 
@@ -19,9 +20,13 @@ encrypted (AES-256-GCM) under the master key ($STOCKADE_HOME/master.key, created
 use, or STOCKADE_MASTER_KEY_FILE). A trailing newline on standard input is dropped. Values
 shorter than 4 characters are refused: they could not be masked in logs.
 
-Scope: a job receives a secret only if its name matches --jobs (a glob, default '*'), it has
-every label in --labels, and its trust (stockade run --trust) is at least --trust (trusted by
-default; protected for release jobs). Jobs of trust untrusted never receive secrets."""
+Scope: a job receives a secret only if its ref (stockade run --ref) matches --refs (a glob,
+e.g. refs/heads/main or 'refs/tags/*'; default '*'), its trust (stockade run --trust) is at
+least --trust (trusted by default; protected for release jobs), its name matches --jobs (a
+glob, default '*') and it has every label in --labels. Jobs of trust untrusted never receive
+secrets. The ref and the trust are decided by whoever submits the job; the name and the labels
+are written in the job spec, so bind a sensitive secret on --refs and --trust, not only on
+--jobs and --labels. rotate keeps the scope unless --refs is given."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,9 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     put.add_argument("--labels", default="", metavar="L1,L2", help="labels the job must have")
     put.add_argument("--trust", default="trusted", choices=("trusted", "protected"),
                      help="the least trust a job needs (default trusted)")
+    put.add_argument("--refs", default="*", metavar="GLOB",
+                     help="refs the job must run, e.g. refs/heads/main (default '*')")
     rot = sub.add_parser("rotate", help="a new value for a secret, same scope (value on stdin)")
     rot.add_argument("name", metavar="NAME")
     rot.add_argument("--from-file", type=Path, metavar="F", help="read the value from F")
+    rot.add_argument("--refs", default=None, metavar="GLOB",
+                     help="also change the refs the job must run (default: unchanged)")
     sub.add_parser("list", help="names, scopes and versions (never values)")
     rm = sub.add_parser("rm", help="delete a secret")
     rm.add_argument("name", metavar="NAME")
@@ -71,11 +80,11 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "set":
         labels = tuple(x for x in args.labels.split(",") if x)
         version = broker.set(args.name, read_value(args.from_file),
-                             Scope(args.jobs, labels, args.trust))
+                             Scope(args.jobs, labels, args.trust, args.refs))
         print(f"secret {args.name} stored (version {version})")
     elif args.action == "rotate":
-        print(f"secret {args.name} rotated (version "
-              f"{broker.rotate(args.name, read_value(args.from_file))})")
+        version = broker.rotate(args.name, read_value(args.from_file), refs=args.refs)
+        print(f"secret {args.name} rotated (version {version})")
     elif args.action == "rm":
         broker.remove(args.name)
         print(f"secret {args.name} removed")
@@ -86,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
         for s in rows:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated_at))
             shown = ",".join(s.scope.labels) or "-"
-            print(f"{s.name:<24} v{s.version:<3} jobs={s.scope.jobs:<16} labels={shown:<12} "
-                  f"trust={s.scope.trust:<9} key={s.key_id} updated {when}")
+            print(f"{s.name:<24} v{s.version:<3} refs={s.scope.refs:<16} "
+                  f"trust={s.scope.trust:<9} jobs={s.scope.jobs:<16} labels={shown:<12} "
+                  f"key={s.key_id} updated {when}")
     return 0
