@@ -16,8 +16,6 @@ system:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@id -u stockade >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent \
-	  --shell /usr/sbin/nologin stockade
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)

@@ -36,17 +36,17 @@ STOCKADE = str(Path(sys.executable).parent / "stockade")
 
 
 def raw_bwrap(backend: BwrapBackend, box: BwrapSandbox) -> Callable[[], None]:
-    """A raw hardened bwrap running ``true``: the same command line, filter and user as a
-    step of ``box`` (whose job directory provides the bind sources), minus everything stockade
-    does around it (no cgroup, no mounts, no teardown)."""
-    user = backend.sandbox_user()
+    """A raw hardened bwrap running ``true``: the same options (in argv), filter and host uid
+    as a step of ``box`` (whose job directory provides the bind sources), minus everything
+    stockade does around it (no cgroup, no mounts, no memfd of options, no teardown)."""
 
     def run() -> None:
         seccomp_fd = memfd("seccomp", backend.seccomp_bpf())
         script_fd = memfd("script", b"true\n")
         status_r, status_w = os.pipe()
-        subprocess.run(box.argv(seccomp_fd, script_fd, status_w),
-                       env={"PATH": "/usr/bin:/bin"}, user=user.pw_uid, group=user.pw_gid,
+        options = box.options(seccomp_fd, script_fd, status_w, {"PATH": "/usr/bin:/bin"})
+        subprocess.run([backend.bwrap_path(), *options, "--", *box.command()],
+                       env={"PATH": "/usr/bin:/bin"}, user=box.host_uid, group=box.host_uid,
                        extra_groups=[], check=True,
                        pass_fds=(seccomp_fd, script_fd, status_w), stdout=subprocess.DEVNULL)
         for fd in (seccomp_fd, script_fd, status_w, status_r):

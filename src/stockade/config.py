@@ -19,13 +19,12 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Settings:
-    """Settings of one stockade installation (state directory, caps, sandbox user)."""
+    """Settings of one stockade installation (state directory, caps, uid pool)."""
 
     home: Path
     log_cap_bytes: int = 64 * MiB
     # each concurrently running job gets its own host uid (= gid) from this range
     uid_pool: str = "1600000-1601023"
-    sandbox_user: str = "stockade"
     cgroup_name: str = "stockade"
     runtime_dir: str = "/run/stockade"
     artifact_max_file_bytes: int = 512 * MiB

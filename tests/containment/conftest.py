@@ -3,7 +3,7 @@
 Every containment test runs its probe as a real job through ``stockade run`` and then asserts,
 besides what the probe reported from inside, that the host is unaffected: the canary file was
 not read or changed, the host process is unseen and alive, the loopback listeners were never
-reached, the hostname is unchanged, no process of the sandbox user survives, no cgroup, mount or
+reached, the hostname is unchanged, no process of the job's host uid survives, no cgroup, mount or
 directory of the job remains, and no sandboxed process ever ran as host root.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pwd
 import secrets
 import socket
 import subprocess
@@ -24,9 +23,12 @@ from typing import Any
 
 import pytest
 
+from stockade.config import Settings
+from stockade.sandbox.uids import parse_range
 from tests.conftest import JobRun
 
-SANDBOX_UID = pwd.getpwnam("stockade").pw_uid
+# the host uids jobs run as (each job its own, see sandbox/uids.py)
+UID_POOL = parse_range(Settings(home=Path("/")).uid_pool)
 
 
 class Listener:
@@ -74,13 +76,14 @@ class Listener:
 
 
 class UidSampler:
-    """Samples the host uids of every process in any stockade job cgroup while a job runs."""
+    """Samples the host uids of the processes in stockade job cgroups while a job runs, by
+    job id: a test looks only at its own job (another installation may run jobs meanwhile)."""
 
     PATTERNS = ("/sys/fs/cgroup/pids/stockade/*/cgroup.procs",
                 "/sys/fs/cgroup/stockade/*/cgroup.procs")
 
     def __init__(self) -> None:
-        self.uids: list[int] = []
+        self.seen: dict[str, list[int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -89,10 +92,15 @@ class UidSampler:
         while not self._stop.wait(0.005):
             for pattern in self.PATTERNS:
                 for procs in glob.glob(pattern):
+                    job = Path(procs).parent.name
                     for pid in _read(procs).split():
                         uid = _host_uid(int(pid))
                         if uid is not None:
-                            self.uids.append(uid)
+                            self.seen.setdefault(job, []).append(uid)
+
+    def uids(self, job: str) -> list[int]:
+        """The host uids seen in ``job``'s cgroup."""
+        return self.seen.get(job, [])
 
     def stop(self) -> None:
         self._stop.set()
@@ -113,11 +121,12 @@ def _host_uid(pid: int) -> int | None:
     return None
 
 
-def sandbox_user_processes() -> list[int]:
-    """Host processes running as the sandbox user."""
+def job_processes(run: JobRun) -> list[int]:
+    """Host processes still running as the job's own host uid."""
+    uid = run.result["host_uid"]
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and _host_uid(int(entry)) == SANDBOX_UID:
+        if entry.isdigit() and _host_uid(int(entry)) == uid:
             found.append(int(entry))
     return found
 
@@ -141,9 +150,10 @@ class HostGuard:
         return {"CANARY": str(self.canary), "HOST_PID": str(self.victim.pid),
                 "PORT": str(self.listener.port)}
 
-    def spec_env(self) -> str:
-        """The ``env:`` line of a spec carrying :attr:`env`."""
-        return "env: {" + ", ".join(f'{k}: "{v}"' for k, v in self.env.items()) + "}\n"
+    def spec_env(self, extra: dict[str, str] | None = None) -> str:
+        """The ``env:`` line of a spec carrying :attr:`env` (and ``extra``)."""
+        env = {**self.env, **(extra or {})}
+        return "env: {" + ", ".join(f'{k}: "{v}"' for k, v in env.items()) + "}\n"
 
     def assert_unaffected(self, run: JobRun) -> None:
         """The host-side half of every containment test."""
@@ -158,9 +168,11 @@ class HostGuard:
         assert self.victim.poll() is None, "the host process was killed"
         assert self.listener.hits == 0, "a host loopback listener was reached"
         assert socket.gethostname() == self.hostname, "the host hostname changed"
-        assert 0 not in self.sampler.uids, "a sandboxed process ran as host root"
-        assert set(self.sampler.uids) <= {SANDBOX_UID}, set(self.sampler.uids)
-        assert sandbox_user_processes() == [], "processes of the sandbox user survived"
+        uids = self.sampler.uids(job)
+        assert 0 not in uids, "a sandboxed process ran as host root"
+        assert set(uids) <= {run.result.get("host_uid")}, set(uids)
+        assert run.result.get("host_uid") in UID_POOL, run.result.get("host_uid")
+        assert job_processes(run) == [], "processes of the job's uid survived"
         assert not glob.glob(f"/sys/fs/cgroup/*/stockade/{job}"), "a job cgroup remains"
         assert not glob.glob(f"/sys/fs/cgroup/stockade/{job}"), "a job cgroup remains"
         assert not Path(f"/run/stockade/{job}").exists(), "the job directory remains"
@@ -188,9 +200,10 @@ def hostile(run_job: Any, host: HostGuard) -> Any:
     """``hostile(script, **opts)``: run ``script`` as one step, check the host, return the run."""
 
     def run(script: str, *, resources: str = "", step: str = "", extra: str = "",
-            workspace: Path | None = None, **env: str) -> JobRun:
+            workspace: Path | None = None, job_env: dict[str, str] | None = None,
+            **env: str) -> JobRun:
         body = "\n".join("      " + line for line in textwrap.dedent(script).strip().splitlines())
-        spec = (f"name: hostile\n{host.spec_env()}{resources}{extra}steps:\n"
+        spec = (f"name: hostile\n{host.spec_env(job_env)}{resources}{extra}steps:\n"
                 f"  - name: probe\n{step}    run: |\n{body}\n")
         started = time.monotonic()
         result = run_job(spec, workspace=workspace, **env)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 
-from tests.containment.conftest import sandbox_user_processes
+from tests.containment.conftest import job_processes
 
 
 def written(log: str) -> list[int]:
@@ -23,7 +23,7 @@ def test_fork_bomb_hits_the_pids_limit(hostile) -> None:
     """, resources="resources: {pids: 64}\n", step="    timeout: 20s\n")
     assert "fork: retry: Resource temporarily unavailable" in run.log  # the pids limit bit
     assert run.elapsed < 60
-    assert sandbox_user_processes() == []
+    assert job_processes(run) == []
 
 
 def test_python_fork_bomb_hits_the_pids_limit(hostile) -> None:

@@ -92,10 +92,10 @@ def test_denied_job_exits_3_and_is_audited(run_job, stockade_home: Path) -> None
 
 def test_infrastructure_error_exits_4(run_job) -> None:
     run = run_job("name: i\nsteps:\n  - {name: a, run: 'true'}\n",
-                  STOCKADE_SANDBOX_USER="no-such-user-here")
+                  STOCKADE_UID_POOL="12-34")
     assert run.rc == 4
     assert (run.result["status"], run.result["failure_reason"]) == ("error", "system_error")
-    assert "sandbox user 'no-such-user-here' does not exist" in run.result["error"]
+    assert "uid_pool '12-34' must lie within 65536-" in run.result["error"]
 
 
 def test_step_timeout(run_job) -> None:

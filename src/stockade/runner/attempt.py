@@ -22,7 +22,7 @@ from stockade.api.protocol import (
 )
 from stockade.config import Settings
 from stockade.errors import PolicyDenied, StockadeError
-from stockade.runner.artifacts import collect
+from stockade.runner.artifacts import Caps, collect
 from stockade.runner.environment import proxy_env, step_env
 from stockade.runner.identity import TokenRefresher
 from stockade.runner.logs import JobLog
@@ -81,8 +81,8 @@ class Attempt:
     def _fail(self, status: JobStatus, reason: FailureReason, note: str,
               error: str | None = None) -> None:
         self.status, self.reason, self.exit_code = status, reason, None
-        if error is not None:
-            self.details["error"] = error
+        if error is not None:  # may quote what the job chose (a path, a name): cleaned
+            self.details["error"] = self.log.job_text(error)
         self.log.note(note)
 
     def _prepare(self, workspace: Path | None) -> None:
@@ -95,10 +95,12 @@ class Attempt:
             job_id=a.job_id, cpus=r.cpus, memory_bytes=r.memory, pids=r.pids, tmp_bytes=r.tmp,
             workspace_bytes=r.workspace, workspace_src=workspace,
             egress=spec.egress.mode != "none", identity=spec.id_token is not None))
+        self.details["host_uid"] = sandbox.host_uid
         if sandbox.egress_listener is not None:
             from stockade.runner.egress import EgressSession  # asyncio: only when needed
 
-            self.egress = EgressSession(self.settings, spec, sandbox, self.log, self.control, a)
+            self.egress = EgressSession(self.settings, spec, sandbox, self.log, self.control, a,
+                                        clean=self.log.job_text)
         if sandbox.identity_token_path is not None:
             self.identity = TokenRefresher(self.control, a, self.runner_id, sandbox,
                                            self.secrets.masker, self.settings.oidc_refresh_s)
@@ -134,9 +136,11 @@ class Attempt:
 
     def _collect(self, sandbox: Sandbox, secrets: JobSecrets) -> None:
         s = self.settings
+        sandbox.quiesce()  # nothing of the job may run while the runner reads its files
+        caps = Caps(s.artifact_max_file_bytes, s.artifact_max_total_bytes, s.artifact_max_files)
         collected = collect(sandbox.workspace, self.spec.artifacts,
-                            s.artifacts_dir / self.a.job_id, s.artifact_max_file_bytes,
-                            s.artifact_max_total_bytes, secrets.scan)
+                            s.artifacts_dir / self.a.job_id, caps, secrets.scan,
+                            secrets.names_in, self.log.job_text, sandbox.host_uid)
         for path, names in collected.leaks:
             secrets.leaked(f"artifact {path}", names)
         if collected.leaks:
@@ -170,7 +174,8 @@ class Attempt:
         self.log.close()
         secrets = self.secrets
         if secrets is not None:
-            if in_log := secrets.scan(self.log.path):
+            in_log, _ = secrets.scan(self.log.path)
+            if in_log:
                 secrets.leaked("the stored log", sorted(in_log))
             if secrets.leaks:
                 self.status, self.reason = JobStatus.FAILED, FailureReason.SECRET_LEAK

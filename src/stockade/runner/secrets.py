@@ -36,9 +36,17 @@ class JobSecrets:
         self.reports.append(("secret.mask_registered", {"source": "add-mask",
                                                         "length": length}))
 
-    def scan(self, path: Path) -> set[str]:
-        """Secrets found in a file about to be published."""
-        return scan_file(path, self.masker)
+    def scan(self, path: Path) -> tuple[set[str], str | None]:
+        """Secrets found in a file about to be published (inside archives too), and why the
+        file could not be scanned completely, if it could not."""
+        result = scan_file(path, self.masker)
+        if isinstance(result, set):  # TEMP until leaks.ScanResult lands
+            return result, None
+        return result.found, result.unscannable
+
+    def names_in(self, text: str) -> list[str]:
+        """The secrets whose values (or encodings) occur in a job-chosen string."""
+        return sorted(self.masker.names_in(text.encode("utf-8", "surrogateescape")))
 
     def leaked(self, where: str, names: list[str]) -> None:
         """Record a leak (the secret's name, never its value)."""

@@ -1,9 +1,11 @@
 """The bubblewrap backend: one hardened ``bwrap`` per step inside one per-job cgroup.
 
-Per job the runner (root) creates ``<runtime>/<job>/`` with two size-limited tmpfs mounts owned
-by the sandbox user (``ws`` → ``/workspace``, ``tmp`` → ``/tmp``; both persist across steps and
-count against the job's memory limit) and the job's cgroup. Per step it starts bwrap as the
-unprivileged sandbox user, which enters the cgroup first (see ``cgroups.py``). Inside: fresh
+Per job the runner (root) takes a host uid of the job's own from the pool (``uids.py``) and
+creates ``<runtime>/<job>/`` (root-owned, traversable by that uid only) with two size-limited
+tmpfs mounts owned by it (``ws`` → ``/workspace``, ``tmp`` → ``/tmp``; both persist across steps
+and count against the job's memory limit) and the job's cgroup. Per step it starts bwrap as
+that uid with a fixed environment and its options in a memfd (``--args``), and bwrap enters
+the cgroup first (see ``cgroups.py``). Inside: fresh
 user/pid/net/ipc/uts/mount/cgroup namespaces, uid 1000, no capabilities, no_new_privs, the
 seccomp filter, read-only root (host ``/usr`` + synthetic ``/etc``), a fresh ``/proc``, a
 minimal read-only ``/dev``, no core dumps. When the step's shell exits, its pid namespace dies
@@ -13,7 +15,6 @@ with it.
 from __future__ import annotations
 
 import os
-import pwd
 import resource
 import select
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from stockade.config import Settings
 from stockade.errors import SandboxError
-from stockade.sandbox import mounts, orphans, reaper, rootfs, seccomp
+from stockade.sandbox import mounts, orphans, reaper, rootfs, seccomp, uids
 from stockade.sandbox.cgroups import JobCgroup, Limits
 from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, StepExit, StepRun
 from stockade.sandbox.plumbing import (
@@ -42,6 +43,15 @@ SCRIPT_PATH = "/run/stockade/step.sh"
 SECRETS_DIR = "/run/secrets"
 IDENTITY_DIR = "/run/stockade/identity"
 SHM_BYTES = 64 * 1024 * 1024
+# the whole environment of every host-side process the runner starts: the dynamic loader of
+# a host process must never see a job's LD_PRELOAD, LD_AUDIT, GCONV_PATH, ...
+HOST_ENV: dict[str, str] = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+# /proc files that tell a job about the host (boot arguments, kernel addresses, keys, timers),
+# covered with /dev/null as Docker's masked paths are
+MASKED_PROC = ("/proc/cmdline", "/proc/kallsyms", "/proc/kcore", "/proc/keys",
+               "/proc/key-users", "/proc/latency_stats", "/proc/timer_list",
+               "/proc/sched_debug", "/proc/sysrq-trigger", "/proc/config.gz", "/proc/modules",
+               "/proc/vmallocinfo", "/proc/iomem", "/proc/ioports")
 class BwrapBackend:
     """Prepares bubblewrap sandboxes; cheap to construct, heavy work happens once, lazily."""
 
@@ -61,20 +71,9 @@ class BwrapBackend:
                                hint="apt-get install bubblewrap, or run make demo")
         return path
 
-    def sandbox_user(self) -> pwd.struct_passwd:
-        """The unprivileged host account the sandboxes run as."""
-        try:
-            user = pwd.getpwnam(self.settings.sandbox_user)
-        except KeyError:
-            raise SandboxError(
-                f"the sandbox user {self.settings.sandbox_user!r} does not exist",
-                hint="useradd --system --no-create-home --shell /usr/sbin/nologin stockade "
-                "(make demo does this)",
-            ) from None
-        if user.pw_uid == 0:
-            raise SandboxError("the sandbox user must not be root",
-                               hint="set sandbox_user to an unprivileged account")
-        return user
+    def uid_pool(self) -> range:
+        """The operator's range of host uids for jobs (one per running job)."""
+        return uids.parse_range(self.settings.uid_pool)
 
     def seccomp_bpf(self) -> bytes:
         """The compiled seccomp filter (cached)."""
@@ -113,12 +112,12 @@ class BwrapBackend:
         """Create the job's tmpfs mounts, workspace copy and cgroup."""
         if os.geteuid() != 0:
             raise SandboxError(
-                "stockade must run as root to confine jobs (cgroup limits, unprivileged "
-                "sandbox user)", hint="run it with sudo, or see stockade doctor")
+                "stockade must run as root to confine jobs (cgroup limits, per-job "
+                "unprivileged uids)", hint="run it with sudo, or see stockade doctor")
         reaper.become_subreaper()
-        sandbox = BwrapSandbox(self, request, self.sandbox_user(), self.bwrap_path())
+        sandbox = BwrapSandbox(self, request, self.bwrap_path())
         try:
-            sandbox.setup()
+            sandbox.setup(self.uid_pool())
         except BaseException:
             sandbox.teardown()
             raise
@@ -128,11 +127,10 @@ class BwrapBackend:
 class BwrapSandbox:
     """One job's prepared bubblewrap sandbox."""
 
-    def __init__(self, backend: BwrapBackend, request: SandboxRequest,
-                 user: pwd.struct_passwd, bwrap: str) -> None:
+    def __init__(self, backend: BwrapBackend, request: SandboxRequest, bwrap: str) -> None:
         self.backend = backend
         self.request = request
-        self.user = user
+        self._uid: uids.UidLease | None = None
         self.bwrap = bwrap
         self.job_dir = backend.runtime_dir / request.job_id
         self.cgroup = JobCgroup(request.job_id, backend.settings.cgroup_name)
@@ -143,6 +141,12 @@ class BwrapSandbox:
         self._killed = False
         self._shell = ["/usr/bin/bash", "-e", "-o", "pipefail"] if Path(
             "/usr/bin/bash").exists() else ["/bin/sh", "-e"]
+
+    @property
+    def host_uid(self) -> int:
+        """The job's own unprivileged host uid (and gid)."""
+        assert self._uid is not None, "the sandbox is not set up"
+        return self._uid.uid
 
     @property
     def workspace(self) -> Path:
@@ -156,7 +160,7 @@ class BwrapSandbox:
 
     @property
     def egress_listener(self) -> socket.socket | None:
-        """The listening egress socket, connectable by the sandbox user only."""
+        """The listening egress socket, connectable by the job's uid only."""
         return self._egress
 
     @property
@@ -170,12 +174,12 @@ class BwrapSandbox:
         return f"{IDENTITY_DIR}/token" if self.request.identity else None
 
     def publish_identity_token(self, token: str) -> None:
-        """Write the token (0400, the sandbox user) and rename it into place."""
+        """Write the token (0400, the job's uid) and rename it into place."""
         directory = self.job_dir / "identity"
         tmp = directory / ".token.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o400)
         with os.fdopen(fd, "w") as f:
-            os.fchown(f.fileno(), self.user.pw_uid, self.user.pw_gid)
+            os.fchown(f.fileno(), self.host_uid, self.host_uid)
             f.write(token)
         os.replace(tmp, directory / "token")
 
@@ -183,7 +187,7 @@ class BwrapSandbox:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(path))
-            os.chown(path, self.user.pw_uid, self.user.pw_gid)
+            os.chown(path, self.host_uid, self.host_uid)
             os.chmod(path, 0o600)
             sock.listen(128)
         except OSError:
@@ -191,21 +195,25 @@ class BwrapSandbox:
             raise
         self._egress = sock
 
-    def setup(self) -> None:
-        """Mount the tmpfs, copy the workspace, create the cgroup."""
+    def setup(self, pool: range) -> None:
+        """Take a host uid, mount the tmpfs, copy the workspace, create the cgroup."""
         r = self.request
         self.backend.etc_dir()
         try:
-            self.job_dir.mkdir(mode=0o711)
+            self._uid = uids.allocate(pool)
+            # root-owned, traversable only by the job's own uid (its group): nothing of one
+            # job is reachable by another's, and the job cannot rename what root later uses
+            self.job_dir.mkdir(mode=0o710)
+            os.chown(self.job_dir, 0, self.host_uid)
             self._lock = orphans.hold_lock(self.job_dir)
             for name, size in (("ws", r.workspace_bytes), ("tmp", r.tmp_bytes)):
                 point = self.job_dir / name
                 point.mkdir(mode=0o700)
-                mounts.mount_tmpfs(point, size, self.user.pw_uid, self.user.pw_gid)
+                mounts.mount_tmpfs(point, size, self.host_uid, self.host_uid)
                 self._mounted.append(point)
             if self.request.identity:
                 (self.job_dir / "identity").mkdir(mode=0o500)
-                os.chown(self.job_dir / "identity", self.user.pw_uid, self.user.pw_gid)
+                os.chown(self.job_dir / "identity", self.host_uid, self.host_uid)
             if self.egress_socket is not None:
                 if not Path(SOCAT).exists():
                     raise SandboxError("egress needs socat in the image (the forwarder to the "
@@ -215,26 +223,26 @@ class BwrapSandbox:
             raise SandboxError(f"cannot prepare {self.job_dir}: {e}",
                                hint="run stockade as root; see stockade doctor") from e
         if r.workspace_src is not None:
-            copy_workspace(r.workspace_src, self.workspace, self.user.pw_uid, self.user.pw_gid,
+            copy_workspace(r.workspace_src, self.workspace, self.host_uid, self.host_uid,
                            r.workspace_bytes)
         self.cgroup.create(Limits(memory_bytes=r.memory_bytes, pids=r.pids, cpus=r.cpus))
 
-    def argv(self, seccomp_fd: int, script_fd: int, status_fd: int,
-             secret_fds: Mapping[str, int] | None = None) -> list[str]:
-        """The bwrap command line of one step (no secret values ever go here: only fds)."""
+    def options(self, seccomp_fd: int, script_fd: int, status_fd: int, env: Mapping[str, str],
+                secret_fds: Mapping[str, int] | None = None) -> list[str]:
+        """bwrap's options for one step, handed over in a memfd (``--args``), never in argv:
+        no host path, job variable or secret shows in any process list or ``/proc/PID/cmdline``.
+        The job's variables reach only the sandboxed command (``--clearenv``/``--setenv``)."""
         etc = self.backend.etc_dir()
         secrets: list[str] = []
         if secret_fds:
             secrets = ["--dir", SECRETS_DIR]
             for name, fd in secret_fds.items():
                 secrets += ["--perms", "0400", "--ro-bind-data", str(fd), f"{SECRETS_DIR}/{name}"]
-        command = [*self._shell, SCRIPT_PATH]
-        egress: list[str] = []
-        if self.egress_socket is not None:
-            egress = ["--ro-bind", str(self.egress_socket), EGRESS_SOCKET]
-            command = ["/bin/sh", "-c", FORWARDER, "forwarder", *command]
+        egress = (["--ro-bind", str(self.egress_socket), EGRESS_SOCKET]
+                  if self.egress_socket is not None else [])
+        masked = [arg for path in MASKED_PROC if os.path.exists(path)
+                  for arg in ("--ro-bind", "/dev/null", path)]
         return [
-            self.bwrap,
             "--unshare-all", "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--uid", str(rootfs.JOB_UID), "--gid", str(rootfs.JOB_GID),
@@ -243,7 +251,7 @@ class BwrapSandbox:
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--ro-bind", str(etc), "/etc",
-            "--proc", "/proc",
+            "--proc", "/proc", *masked,
             "--dev", "/dev", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
             "--remount-ro", "/dev",
             "--bind", str(self.workspace), "/workspace",
@@ -257,8 +265,16 @@ class BwrapSandbox:
             "--chdir", "/workspace",
             "--json-status-fd", str(status_fd),
             "--seccomp", str(seccomp_fd),
-            "--", *command,
+            "--clearenv",
+            *[arg for name, value in env.items() for arg in ("--setenv", name, value)],
         ]
+
+    def command(self) -> list[str]:
+        """What bwrap runs inside: the step's shell (behind the egress forwarder)."""
+        command = [*self._shell, SCRIPT_PATH]
+        if self.egress_socket is not None:
+            command = ["/bin/sh", "-c", FORWARDER, "forwarder", *command]
+        return command
 
     def run(self, step: StepRun, sink: OutputSink) -> StepExit:
         """Run one step to completion or to its timeout, streaming output to ``sink``."""
@@ -269,27 +285,29 @@ class BwrapSandbox:
         script_fd = memfd("script", step.script.encode())
         secret_fds = {name: memfd("secret", value) for name, value in step.secret_files.items()}
         status_r, status_w = os.pipe()
+        options = self.options(seccomp_fd, script_fd, status_w, step.env, secret_fds)
+        args_fd = memfd("args", b"".join(arg.encode("utf-8", "surrogateescape") + b"\0"
+                                         for arg in options))
+        passed = (seccomp_fd, script_fd, status_w, args_fd, *secret_fds.values())
         procs_fds = self.cgroup.procs_fds()
 
         def in_child() -> None:
-            for fd in procs_fds:  # runs as the sandbox user; the fds were opened by root
+            for fd in procs_fds:  # runs as the job's uid; the fds were opened by root
                 os.write(fd, b"0")
             # no core dumps: a core_pattern pipe helper would run on the host, as root
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
         try:
             self._proc = subprocess.Popen(
-                self.argv(seccomp_fd, script_fd, status_w, secret_fds), env=dict(step.env),
+                [self.bwrap, "--args", str(args_fd), "--", *self.command()], env=HOST_ENV,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[],
-                pass_fds=(seccomp_fd, script_fd, status_w, *secret_fds.values()),
-                preexec_fn=in_child,
-                start_new_session=True, cwd="/",
+                user=self.host_uid, group=self.host_uid, extra_groups=[],
+                pass_fds=passed, preexec_fn=in_child, start_new_session=True, cwd="/",
             )
         except (OSError, subprocess.SubprocessError) as e:
             raise SandboxError(f"cannot start bwrap: {e}") from e
         finally:
-            for fd in (seccomp_fd, script_fd, status_w, *secret_fds.values()):
+            for fd in passed:
                 os.close(fd)
         assert self._proc.stdout is not None
         deadline = start + step.timeout
@@ -328,6 +346,14 @@ class BwrapSandbox:
                 return timed_out
             sink(chunk)
 
+    def quiesce(self) -> None:
+        """Kill every process of the job and verify that none is left (SandboxError if one
+        is): the runner reads what the job wrote only once nothing of the job can change it."""
+        self.kill()
+        if self.cgroup.pids():
+            raise SandboxError(f"processes of job {self.request.job_id} survived being killed; "
+                               "its workspace is not collected", hint="see stockade doctor")
+
     def kill(self) -> None:
         """Kill every process of the job: the cgroup first, then bwrap itself."""
         self._killed = True
@@ -359,4 +385,8 @@ class BwrapSandbox:
             shutil.rmtree(self.job_dir, ignore_errors=True)
             if self.job_dir.exists():
                 leftovers.append(f"directory left behind: {self.job_dir}")
+        if not leftovers and self._uid is not None:
+            # with leftovers the uid stays locked until this runner exits; after that the
+            # pool still skips it while any process of it is alive
+            self._uid.release()
         return leftovers

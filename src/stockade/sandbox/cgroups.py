@@ -2,7 +2,7 @@
 
 The runner (root) creates ``<root>/<controller>/stockade/<job>`` (v1) or
 ``<root>/stockade/<job>`` (v2), writes the limits, and opens each ``cgroup.procs`` for writing.
-The sandbox launcher, already running as the unprivileged sandbox user, writes ``0`` to those
+The sandbox launcher, already running as the job's unprivileged host uid, writes ``0`` to those
 open files to enter the cgroup before it executes bwrap: the kernel checks the credentials of
 whoever opened the file, so the job's processes never need write access to any cgroup file.
 """

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from stockade.errors import StockadeError
 from stockade.sandbox import cgroups, seccomp
 from stockade.sandbox.interface import Finding, SandboxRequest, StepRun
+from stockade.sandbox.sysctls import check_sysctls
 
 if TYPE_CHECKING:
     from stockade.sandbox.bwrap import BwrapBackend
@@ -28,6 +29,8 @@ grep -q '^Seccomp:[[:space:]]*2$' /proc/self/status || fail "seccomp filter not 
 [ "$(hostname)" = "$EXPECT_HOST" ] || fail "hostname is $(hostname)"
 [ "$(cat /proc/1/comm)" = bwrap ] || fail "not in a fresh pid namespace"
 [ ! -e /sys/class ] || fail "/sys is visible"
+[ -z "$(cat /proc/cmdline 2>/dev/null)" ] || fail "/proc/cmdline shows the boot arguments"
+tr "\\0" " " </proc/1/cmdline | grep -q -- "--bind" && fail "bwrap's argv shows host paths"
 touch /probe 2>/dev/null && fail "root filesystem is writable"
 touch /usr/probe 2>/dev/null && fail "/usr is writable"
 unshare -U true 2>/dev/null && fail "a user namespace could be created"
@@ -47,10 +50,11 @@ def check_host(backend: BwrapBackend) -> list[Finding]:
         _finding("architecture", seccomp.machine() in seccomp.SUPPORTED_ARCHES,
                  seccomp.machine(), "stockade supports x86_64 and aarch64"),
         _finding("running as root", os.geteuid() == 0, f"euid {os.geteuid()}",
-                 "run stockade as root: it creates cgroups and drops to the sandbox user"),
+                 "run stockade as root: it creates cgroups, then drops to a per-job uid"),
     ]
-    findings += [_bwrap(backend), _user(backend), _userns(), _seccomp(backend)]
+    findings += [_bwrap(backend), _uid_pool(backend), _userns(), _seccomp(backend)]
     findings += _cgroups()
+    findings += check_sysctls()
     findings.append(_finding(
         "egress forwarder", Path("/usr/bin/socat").exists(),
         "socat exposes the egress proxy inside sandboxes (jobs with egress block/audit)",
@@ -73,13 +77,14 @@ def _bwrap(backend: BwrapBackend) -> Finding:
         return _finding("bubblewrap", False, e.message, e.hint)
 
 
-def _user(backend: BwrapBackend) -> Finding:
+def _uid_pool(backend: BwrapBackend) -> Finding:
     try:
-        user = backend.sandbox_user()
-        return _finding("unprivileged sandbox user", True,
-                        f"{user.pw_name} (uid {user.pw_uid}): an escape lands unprivileged")
+        pool = backend.uid_pool()
+        return _finding("per-job host uids", True,
+                        f"{pool.start}-{pool.stop - 1} ({len(pool)} jobs at once): each job "
+                        "runs as its own unprivileged uid, an escape lands unprivileged")
     except StockadeError as e:
-        return _finding("unprivileged sandbox user", False, e.message, e.hint)
+        return _finding("per-job host uids", False, e.message, e.hint)
 
 
 def _userns() -> Finding:

@@ -67,6 +67,11 @@ class Sandbox(Protocol):
         ...
 
     @property
+    def host_uid(self) -> int:
+        """The unprivileged host uid the job's processes run as (its own while it runs)."""
+        ...
+
+    @property
     def egress_listener(self) -> socket.socket | None:
         """The listening socket the runner's egress proxy serves for this job (or None)."""
         ...
@@ -91,6 +96,10 @@ class Sandbox(Protocol):
 
     def kill(self) -> None:
         """Kill every process of the job now (from another thread)."""
+        ...
+
+    def quiesce(self) -> None:
+        """Kill every process of the job and verify none is left; SandboxError otherwise."""
         ...
 
     def memory_peak(self) -> int:

@@ -9,7 +9,7 @@ import sys
 HELP = "check this host's hardening support"
 DESCRIPTION = """\
 Check every control of the hardening baseline (bubblewrap, user namespaces, the unprivileged
-sandbox user, seccomp, cgroup limits) and run a probe job that verifies them from inside a
+per-job uids, seccomp, cgroup limits) and run a probe job that verifies them from inside a
 sandbox. Exits 0 if the whole baseline is active, 4 if not, with a remedy for each problem."""
 
 

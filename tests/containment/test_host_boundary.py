@@ -1,0 +1,192 @@
+"""The host boundary: nothing a job chooses reaches a host-side process; each job has its own
+host uid; artifacts are read only as the job could read them; /proc tells nothing of the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.containment.conftest import UID_POOL
+
+PRELOAD_SOURCE = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+__attribute__((constructor)) static void planted(void) {
+    const char *marker = getenv("MARKER_PATH");
+    if (marker) { int fd = open(marker, O_WRONLY | O_CREAT, 0644); if (fd >= 0) close(fd); }
+}
+"""
+
+
+@pytest.fixture
+def public_dir() -> Any:
+    """A world-writable host directory, as /tmp is."""
+    with tempfile.TemporaryDirectory(prefix="stockade-test-") as d:
+        os.chmod(d, 0o1777)  # writable by anyone: a host-side job process could plant here
+        yield Path(d)
+
+
+def _host_pid_ns() -> str:
+    return os.readlink("/proc/self/ns/pid")
+
+
+def test_job_env_never_reaches_the_host_loader(hostile, public_dir: Path) -> None:
+    """A: LD_PRELOAD / LD_DEBUG_OUTPUT in the spec's env act only inside the sandbox."""
+    lib = public_dir / "planted.so"
+    source = public_dir / "planted.c"
+    source.write_text(PRELOAD_SOURCE)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(source)], check=True)
+    lib.chmod(0o755)
+    marker = public_dir / "host-side-code-ran"
+    debug = Path("/tmp") / f"stockade-ld-debug-{secrets.token_hex(4)}"
+    run = hostile("echo STEP-RAN", job_env={
+        "LD_PRELOAD": str(lib), "MARKER_PATH": str(marker), "LD_DEBUG": "files",
+        "LD_DEBUG_OUTPUT": str(debug), "GCONV_PATH": str(public_dir)})
+    assert "STEP-RAN" in run.log
+    assert not marker.exists(), "job-chosen LD_PRELOAD code ran in a host process"
+    assert not list(Path("/tmp").glob(debug.name + "*")), "LD_DEBUG_OUTPUT wrote a host file"
+
+
+def _host_side(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that run in the host's pid namespace (bwrap itself, helpers)."""
+    ns = _host_pid_ns()
+    found = []
+    for pid in pids:
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") == ns:
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_host_side_processes_see_no_job_variable_or_secret(run_job, stockade_home: Path,
+                                                            tmp_path: Path) -> None:
+    """A/J: bwrap's environ and argv hold neither the job's variables, a secret, nor a host
+    path of the job (its options arrive in a memfd)."""
+    from tests.conftest import run_cli
+
+    value = "sekrit-" + secrets.token_hex(8)
+    src = tmp_path / "v"
+    src.write_text(value)
+    assert run_cli(stockade_home, "secret", "set", "BOUNDARY_TOKEN", "--from-file",
+                   str(src)).returncode == 0
+    marker = "job-variable-" + secrets.token_hex(6)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            for procs in Path("/sys/fs/cgroup/pids/stockade").glob("*/cgroup.procs"):
+                try:
+                    pids = [int(p) for p in procs.read_text().split()]
+                except OSError:
+                    continue
+                for pid in _host_side(pids):
+                    for name in ("environ", "cmdline"):
+                        try:
+                            seen.append(Path(f"/proc/{pid}/{name}").read_bytes())
+                        except OSError:
+                            continue
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run = run_job(f"name: env-probe\nenv: {{MARKER: {marker}}}\nsecrets: [BOUNDARY_TOKEN]\n"
+                      "steps:\n  - {name: a, run: 'sleep 2; echo [$MARKER]'}\n")
+    finally:
+        stop.set()
+        sampler.join()
+    assert run.rc == 0, run.result
+    assert f"[{marker}]" in run.log  # the variable reached the step
+    assert seen, "no host-side process of the job was sampled"
+    blob = b"\n".join(seen)
+    assert marker.encode() not in blob and value.encode() not in blob
+    assert b"/run/stockade/" + run.result["job_id"].encode() not in blob
+    assert b"--bind" not in blob
+
+
+def test_proc_tells_nothing_of_the_host(hostile) -> None:
+    """J: bwrap's argv, the boot arguments and kernel symbols are not visible inside."""
+    run = hostile("""
+        tr '\\0' ' ' < /proc/1/cmdline; echo
+        echo "cmdline=[$(cat /proc/cmdline 2>/dev/null)]"
+        echo "kallsyms=[$(head -c 64 /proc/kallsyms 2>/dev/null)]"
+        echo "keys=[$(cat /proc/keys 2>/dev/null)]"
+        echo DONE
+    """)
+    out = run.output("probe")
+    assert "DONE" in out
+    assert "--bind" not in out and f"/run/stockade/{run.result['job_id']}" not in out
+    assert "cmdline=[]" in out and "kallsyms=[]" in out and "keys=[]" in out
+    assert "BOOT_IMAGE" not in out and "root=" not in out
+
+
+INOTIFY_HOG = """
+python3 - <<'PY'
+import ctypes, time
+libc = ctypes.CDLL(None)
+fds = [libc.inotify_init1(0) for _ in range(1024)]
+print("HELD", sum(fd >= 0 for fd in fds), flush=True)
+time.sleep(12)
+PY
+"""
+
+INOTIFY_USER = """
+sleep 3
+python3 -c "import ctypes; print('GOT', ctypes.CDLL(None).inotify_init1(0) >= 0)"
+"""
+
+
+def test_concurrent_jobs_have_their_own_host_uids(stockade_home: Path, tmp_path: Path) -> None:
+    """B: a job exhausting its per-uid inotify instances does not starve another job, and
+    the two ran as different unprivileged host uids."""
+    from tests.conftest import STOCKADE, cli_env
+
+    procs = []
+    for name, script in (("hog", INOTIFY_HOG), ("user", INOTIFY_USER)):
+        body = "\n".join("      " + line for line in script.strip().splitlines())
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(f"name: {name}\nsteps:\n  - name: s\n    run: |\n{body}\n")
+        ws = tmp_path / f"ws-{name}"
+        ws.mkdir()
+        procs.append(subprocess.Popen([STOCKADE, "run", str(spec), "--workspace", str(ws),
+                                       "--json"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env=cli_env(stockade_home)))
+        time.sleep(0.5)
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        results.append((json.loads(out.splitlines()[-1]), err))
+    (hog, hog_log), (user, user_log) = results
+    held = int(hog_log.split("HELD ", 1)[1].split()[0])
+    limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    assert held >= min(limit, 1024) - 2  # the hog took everything its uid may have
+    assert "GOT True" in user_log, user_log[-2000:]
+    assert hog["host_uid"] != user["host_uid"]
+    assert hog["host_uid"] in UID_POOL and user["host_uid"] in UID_POOL
+
+
+def test_artifacts_are_read_with_the_jobs_own_rights(hostile) -> None:
+    """C: the collector opens files as the job's uid: what the job made unreadable to itself
+    is not collected (root would have read it)."""
+    run = hostile("mkdir -p out; echo secret > out/locked; chmod 000 out/locked; "
+                  "echo fine > out/open; mkdir out/closed; echo x > out/closed/f; "
+                  "chmod 000 out/closed",
+                  extra="artifacts: ['out/**']\n")
+    assert run.rc == 0, run.result
+    assert [a["path"] for a in run.result["artifacts"]] == ["out/open"]
+    assert any("out/closed" in r for r in run.result["artifacts_refused"])
