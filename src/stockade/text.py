@@ -43,16 +43,28 @@ def _spell(code: int) -> str:
 
 
 _TABLE = {code: _spell(code) for low, high in _RANGES for code in range(low, high + 1)}
-# runs of unsafe characters; the text between them is kept as it is, without a per-character
-# lookup (str.translate is slow on non-ASCII text)
-_RUNS = re.compile("([" + "".join(f"\\u{lo:04x}-\\u{hi:04x}" for lo, hi in _RANGES) + "]+)")
-# printable ASCII and tab: nothing to do (the common case, checked on bytes without decoding)
-_PLAIN = re.compile(rb"[\t\x20-\x7e]*")
+
+
+def _runs(ranges: tuple[tuple[int, int], ...]) -> re.Pattern[str]:
+    """Runs of unsafe characters: the text between them is kept as it is, without a lookup
+    per character (``str.translate`` is slow on non-ASCII text)."""
+    return re.compile("([" + "".join(f"\\u{lo:04x}-\\u{hi:04x}" for lo, hi in ranges) + "]+)")
+
+
+_RUNS = _runs(_RANGES)
+_RUNS_BUT_NEWLINE = _runs(((0x00, 0x08), (0x0B, 0x1F), *_RANGES[2:]))
+# printable ASCII and tab: nothing to do (the common case, checked on bytes without decoding:
+# deleting these bytes leaves nothing)
+_PLAIN = b"\t" + bytes(range(0x20, 0x7F))
 
 
 def escape_controls(text: str) -> str:
     """``text`` with every control character, bidi control and lone surrogate spelled out."""
-    parts = _RUNS.split(text)
+    return _escape(text, _RUNS)
+
+
+def _escape(text: str, runs: re.Pattern[str]) -> str:
+    parts = runs.split(text)
     if len(parts) == 1:
         return text
     parts[1::2] = [run.translate(_TABLE) for run in parts[1::2]]
@@ -61,6 +73,14 @@ def escape_controls(text: str) -> str:
 
 def escape_bytes(data: bytes) -> bytes:
     """``data`` as valid UTF-8 with controls spelled out and invalid bytes written ``\\xNN``."""
-    if _PLAIN.fullmatch(data):
+    if not data.translate(None, _PLAIN):
         return data
     return escape_controls(data.decode("utf-8", "surrogateescape")).encode()
+
+
+def escape_lines(data: bytes) -> bytes:
+    """:func:`escape_bytes` of each line of ``data``, the ``\\n`` between them kept (for many
+    records at once: faster than escaping them one by one)."""
+    if not data.translate(None, _PLAIN + b"\n"):
+        return data
+    return _escape(data.decode("utf-8", "surrogateescape"), _RUNS_BUT_NEWLINE).encode()

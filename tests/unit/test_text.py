@@ -7,7 +7,7 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stockade.text import escape_bytes, escape_controls
+from stockade.text import escape_bytes, escape_controls, escape_lines
 
 # what a terminal, a log viewer or a reader's eye must never receive raw
 FORBIDDEN = ({chr(c) for c in range(0x20) if c != 0x09} | {chr(c) for c in range(0x7F, 0xA0)}
@@ -67,6 +67,12 @@ def test_any_text_comes_out_clean(text: str) -> None:
     out = escape_controls(text)
     assert _clean(out)
     out.encode()  # no surrogates left
+
+
+@given(st.lists(st.binary(max_size=40), max_size=8))
+def test_escape_lines_is_escape_bytes_of_each_line(lines: list[bytes]) -> None:
+    lines = [line.replace(b"\n", b"") for line in lines]
+    assert escape_lines(b"\n".join(lines)) == b"\n".join(escape_bytes(line) for line in lines)
 
 
 def test_time_is_linear() -> None:
