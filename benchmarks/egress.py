@@ -1,15 +1,20 @@
 """Egress proxy cost, side by side: a 256 MiB download and connect latency, through the proxy
 (and the in-sandbox forwarder, socat) versus straight over loopback, and through squid too
-when it is installed. Prints medians and ratios. Run as root: ``make bench``.
+when it is installed; a burst of 200 connections at once (queued, not refused); and a storm of
+12,000 denied CONNECTs to distinct destinations (what the result and the audit trail keep).
+Prints medians and ratios, then one ``RESULT {json}`` line per configuration. Run as root:
+``make bench``.
 
 Everything listens on 127.0.0.1. The proxy is a real :class:`JobProxy` whose policy admits
-the loopback server by an explicit CIDR rule (loopback is otherwise always refused).
+the loopback server by an operator's internal entry (loopback is otherwise always refused,
+and a job spec can never name it).
 """
 
 from __future__ import annotations
 
 import argparse
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -18,14 +23,25 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+from stockade.api.protocol import Assignment
+from stockade.config import Settings
+from stockade.control.egress import egress_summary
 from stockade.egress.policy import Policy
 from stockade.egress.proxy import JobProxy
 from stockade.egress.resolver import SystemResolver
+from stockade.runner.egress import EgressSession
+from stockade.runner.logs import JobLog
 from stockade.sandbox.plumbing import forwarder_argv
+from stockade.spec import load_spec
 
 SIZE = 256 * 1024 * 1024
+BURST = 200
+STORM = 12_000
 
 
 class FileHandler(http.server.BaseHTTPRequestHandler):
@@ -84,7 +100,7 @@ def main() -> None:
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(work / "egress.sock"))
     listener.listen(128)
-    policy = Policy.from_spec("block", (f"127.0.0.1/32:{port}",))
+    policy = Policy.from_spec("block", (), internal=(f"127.0.0.1/32:{port}",))
     proxy = JobProxy(policy, SystemResolver(), listener, lambda record: None)
     proxy.start()
     fwd_port = free_port()
@@ -96,6 +112,8 @@ def main() -> None:
     time.sleep(0.5)
     try:
         report(paths, f"http://127.0.0.1:{port}", args.n, args.latency_runs)
+        burst(str(work / "egress.sock"), f"http://127.0.0.1:{port}/small")
+        storm(work)
     finally:
         forwarder.kill()
         proxy.stop()
@@ -122,6 +140,99 @@ def report(paths: dict[str, str | None], base: str, n: int, latency_runs: int) -
         added = (statistics.median(ttfb[name]) - direct_ttfb) * 1000
         print(f"{name:>8}: 256 MiB download {mbs:8.0f} MB/s  ({mbs / direct_mbs:.2f}x direct)  "
               f"time to first byte +{added:.2f} ms vs direct (median of {latency_runs})")
+        result(config="download", path=name, mb_s=round(mbs), vs_direct=round(mbs / direct_mbs, 2),
+               ttfb_added_ms=round(added, 2))
+
+
+def result(**figures: Any) -> None:
+    """One machine-readable line per configuration."""
+    print("RESULT " + json.dumps(figures))
+
+
+def fetch(socket_path: str, url: str) -> str:
+    """One plain-HTTP request straight to the proxy's socket (as a job can); the status."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(socket_path)  # blocking: waits while the listen backlog is full
+            s.settimeout(60)
+            s.sendall(f"GET {url} HTTP/1.1\r\n\r\n".encode())
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        except OSError as e:
+            return type(e).__name__
+    return answer.split(b" ", 2)[1].decode() if answer else "empty"
+
+
+def burst(socket_path: str, url: str) -> None:
+    """BURST connections at once against the default limit of 64 concurrent connections."""
+    go = threading.Barrier(BURST)
+
+    def one(_: int) -> str:
+        go.wait()
+        return fetch(socket_path, url)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(BURST) as pool:
+        statuses = Counter(pool.map(one, range(BURST)))
+    took = time.monotonic() - started
+    print(f"   burst: {BURST} connections at once: {dict(statuses)} in {took:.2f}s")
+    result(config="burst", connections=BURST, ok=statuses["200"],
+           refused_503=statuses["503"], other=BURST - statuses["200"] - statuses["503"],
+           seconds=round(took, 2))
+
+
+class Control:
+    """Counts what the session reports to the audit trail."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def report(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+        self.rows += len(events)
+
+
+class Sandbox:
+    """Only what the egress session uses: the listening socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.egress_listener = socket.socket(socket.AF_UNIX)
+        self.egress_listener.bind(str(path))
+        self.egress_listener.listen(128)
+
+    def kill(self) -> None:
+        pass
+
+
+def storm(work: Path) -> None:
+    """STORM denied CONNECTs to distinct destinations through a job's egress session."""
+    spec_path = work / "storm.yaml"
+    spec_path.write_text("name: storm\negress: {mode: block, allow: [pypi.org]}\n"
+                         "steps: [{name: a, run: 'true'}]\n")
+    spec = load_spec(spec_path)
+    control, sock = Control(), work / "storm.sock"
+    log = JobLog(work / "storm.log", 64 * 1024 * 1024, None)
+    session = EgressSession(Settings(home=work), spec, Sandbox(sock),  # type: ignore[arg-type]
+                            log, control,  # type: ignore[arg-type]
+                            Assignment("storm", 1, "bench", spec.to_json(), 0.0))
+
+    def deny(i: int) -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            s.sendall(f"CONNECT d{i}.example.test:443 HTTP/1.1\r\n\r\n".encode())
+            s.recv(200)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(deny, range(STORM)))
+    took = time.monotonic() - started
+    records = session.close()
+    log.close()
+    size = len(json.dumps(egress_summary(records)))
+    print(f"   storm: {STORM} denied CONNECTs in {took:.2f}s: {control.rows} audit rows, "
+          f"result egress object {size / 1024:.1f} KiB")
+    result(config="denial_storm", attempts=STORM, seconds=round(took, 2),
+           per_s=round(STORM / took), audit_rows=control.rows, result_bytes=size)
 
 
 def start_squid(work: Path) -> tuple[subprocess.Popen[bytes], int] | None:

@@ -33,6 +33,7 @@ def test_the_proxy_socket_is_the_only_way_out(hostile, host) -> None:
                 print("refused", addr, e)
         PY
         echo DONE
-    """, extra=f"egress: {{mode: block, allow: ['127.0.0.1/32:{host.listener.port}']}}\n")
+    """, extra="egress: {mode: block, allow: []}\n",
+                  STOCKADE_EGRESS_INTERNAL_ALLOW=f"127.0.0.1/32:{host.listener.port}")
     assert "DONE" in run.log and "CONNECTED" not in run.log
     assert "egress.sock" in run.log

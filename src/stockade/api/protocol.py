@@ -95,7 +95,10 @@ class EgressRecord:
     bytes_up: int
     bytes_down: int
     duration_s: float
-    at: float
+    at: float  # when it happened (of an aggregate: the first attempt)
+    count: int = 1  # attempts this record stands for (repeats of one decision, added up)
+    last_at: float = 0.0  # of an aggregate: the last attempt (0: the same as ``at``)
+    omitted: int = 0  # > 0: no destination, but how many more were not recorded (the cap)
 
     @property
     def destination(self) -> str:

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from stockade.api.protocol import EgressRecord
 from stockade.audit import AuditEvent
 from stockade.egress.policy import is_ip
 
+# a runner keeps at most egress_max_destinations; this bounds what any runner may send
+MAX_LISTED = 1024
+MAX_DESTINATION = 300  # characters of one destination (a name is at most 253)
 
-def egress_summary(records: tuple[EgressRecord, ...]) -> dict[str, list[str]]:
-    """The ``egress`` object of a result: destinations allowed, denied, audit-only."""
-    return {
-        "allowed": sorted({r.destination for r in records if r.allowed}),
-        "denied": sorted({r.destination for r in records if not r.allowed}),
-        "audit_would_deny": sorted({r.destination for r in records if r.audit_only}),
-    }
+
+def egress_summary(records: tuple[EgressRecord, ...], limit: int = MAX_LISTED
+                   ) -> dict[str, Any]:
+    """The ``egress`` object of a result: destinations allowed, denied, audit-only, each list
+    at most ``limit`` long; ``truncated`` (only when some were left out) says how many more
+    destinations there were."""
+    omitted = sum(r.omitted for r in records)
+    lists: dict[str, set[str]] = {"allowed": set(), "denied": set(), "audit_would_deny": set()}
+    for r in records:
+        if r.omitted:
+            continue
+        shown = r.destination[:MAX_DESTINATION]
+        for name, hit in (("allowed", r.allowed), ("denied", not r.allowed),
+                          ("audit_would_deny", r.audit_only)):
+            if hit and (shown in lists[name] or len(lists[name]) < limit):
+                lists[name].add(shown)
+            elif hit:
+                omitted += 1
+    summary: dict[str, Any] = {name: sorted(found) for name, found in lists.items()}
+    if omitted:
+        summary["truncated"] = omitted
+    return summary
 
 
 def allow_entry(host: str, port: int) -> str:

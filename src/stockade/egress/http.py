@@ -1,4 +1,11 @@
-"""Parsing proxy requests: bounded, strict, never trusting the client."""
+"""Parsing proxy requests: bounded, strict, never trusting the client.
+
+A plain-HTTP request is forwarded as exactly one request to exactly the authority that was
+checked: its ``Host`` header is rewritten to that authority (a client cannot front another
+site on the same address), a duplicate ``Host`` is refused, and its body is delimited by
+``Content-Length`` only (``Transfer-Encoding`` bodies get 411), so nothing the client sends
+after it can pass for a second request.
+"""
 
 from __future__ import annotations
 
@@ -31,16 +38,29 @@ class Request:
     path: str
     version: str
     headers: list[tuple[str, str]]
+    content_length: int = 0  # plain HTTP: the body's length (never more is forwarded)
+    written_host: str = ""  # the host as the client spelled it (case kept), for masking
 
     @property
     def is_tunnel(self) -> bool:
         """CONNECT: the client speaks TLS (or anything) end to end after our 200."""
         return self.method == "CONNECT"
 
+    @property
+    def authority(self) -> str:
+        """The checked ``host[:port]`` as a ``Host`` header says it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == 80 else f"{host}:{self.port}"
+
     def origin_head(self) -> bytes:
-        """The request head to send upstream: origin-form, no proxy or hop-by-hop headers."""
-        lines = [f"{self.method} {self.path} {self.version}"]
-        lines += [f"{k}: {v}" for k, v in self.headers if k.lower() not in HOP_BY_HOP]
+        """The request head to send upstream: origin-form, ``Host`` set to the checked
+        authority, no proxy or hop-by-hop headers, and ``Connection: close``."""
+        dropped = set(HOP_BY_HOP) | {"host"}
+        for name, value in self.headers:
+            if name.lower() == "connection":  # headers a Connection header names are hop-by-hop
+                dropped |= {token.strip().lower() for token in value.split(",")}
+        lines = [f"{self.method} {self.path} {self.version}", f"Host: {self.authority}"]
+        lines += [f"{k}: {v}" for k, v in self.headers if k.lower() not in dropped]
         lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -68,7 +88,7 @@ def parse(head: bytes) -> Request:
         headers.append((name, value.strip()))
     if method == "CONNECT":
         host, port = split_authority(target, default_port=None)
-        return Request(method, host, port, "", version, headers)
+        return Request(method, host, port, "", version, headers, 0, _written(target))
     if method not in METHODS:
         raise BadRequest(405, f"method {method[:20]!r} not allowed")
     url = urlsplit(target)
@@ -78,7 +98,34 @@ def parse(head: bytes) -> Request:
     path = url.path or "/"
     if url.query:
         path += "?" + url.query
-    return Request(method, host, port, path, version, headers)
+    return Request(method, host, port, path, version, headers, _body_length(headers),
+                   _written(url.netloc))
+
+
+def _body_length(headers: list[tuple[str, str]]) -> int:
+    """The request body's length: ``Content-Length`` only, one value, never chunked."""
+    names = [k.lower() for k, _ in headers]
+    if names.count("host") > 1:
+        raise BadRequest(400, "duplicate Host header")
+    if "transfer-encoding" in names:
+        raise BadRequest(411, "Transfer-Encoding request bodies are not supported through "
+                              "this proxy; send a Content-Length")
+    lengths = {v for k, v in headers if k.lower() == "content-length"}
+    if not lengths:
+        return 0
+    if len(lengths) > 1:
+        raise BadRequest(400, "conflicting Content-Length headers")
+    value = lengths.pop()
+    if not value.isdigit() or len(value) > 18:
+        raise BadRequest(400, "malformed Content-Length")
+    return int(value)
+
+
+def _written(authority: str) -> str:
+    """The host part of ``authority`` as the client spelled it (only for masking)."""
+    if authority.startswith("["):
+        return authority[1:].partition("]")[0]
+    return authority.rpartition(":")[0] if ":" in authority else authority
 
 
 def split_authority(authority: str, default_port: int | None) -> tuple[str, int]:

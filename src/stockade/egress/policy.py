@@ -7,8 +7,14 @@ Entries (``egress.allow``):
 - ``*.domain:port`` — any name with one or more labels before ``domain`` (``a.domain`` and
   ``a.b.domain``, never ``domain`` itself);
 - ``CIDR:port`` — IP destinations in that network, e.g. ``203.0.113.0/24:443`` or
-  ``[2001:db8::/32]:443``. Only a CIDR entry admits an IP literal, and only a CIDR entry can
-  admit an address in an always-refused range (:data:`ALWAYS_REFUSED`).
+  ``[2001:db8::/32]:443``. Only a CIDR entry admits an IP literal.
+
+Who may write what (DESIGN.md, trust model): a job spec may never name a network that
+overlaps an always-refused range (:data:`ALWAYS_REFUSED`: loopback, link-local and cloud
+metadata, private, CGNAT, ..., including IPv4 ranges hidden in IPv6 translation prefixes).
+Only the operator's entries (``settings.egress_internal_allow``, parsed with
+``operator=True``) may open internal destinations, and only an operator CIDR rule admits an
+address in such a range.
 
 Names are checked before they are resolved, and every resolved address is checked again, so
 a permitted name that resolves to a loopback, private or metadata address is refused (DNS
@@ -41,6 +47,15 @@ ALWAYS_REFUSED: tuple[tuple[str, str], ...] = (
     ("ff00::/8", "multicast"),
 )
 _REFUSED = tuple((ipaddress.ip_network(net), why) for net, why in ALWAYS_REFUSED)
+# IPv6 prefixes that carry an IPv4 address: (prefix, first bit of the IPv4 field, XOR mask)
+_TRANSLATION: tuple[tuple[ipaddress.IPv6Network, int, int, str], ...] = (
+    (ipaddress.IPv6Network("::ffff:0:0/96"), 96, 0, "IPv4-mapped"),
+    (ipaddress.IPv6Network("64:ff9b::/96"), 96, 0, "NAT64"),
+    (ipaddress.IPv6Network("2002::/16"), 16, 0, "6to4"),
+    (ipaddress.IPv6Network("2001::/32"), 96, 0xFFFFFFFF, "Teredo"),
+)
+INTERNAL_FIX = ("only the operator can open internal destinations: "
+                "settings egress_internal_allow")
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _HOST = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
@@ -57,6 +72,7 @@ class Rule:
     host: str | None = None
     suffix: str | None = None
     network: IPNetwork | None = None
+    operator: bool = False  # from the operator's settings: may admit always-refused ranges
 
     def matches_name(self, host: str, port: int) -> bool:
         """Whether this rule admits the name ``host`` on ``port``."""
@@ -67,9 +83,15 @@ class Rule:
         return self.suffix is not None and host.endswith("." + self.suffix)
 
     def matches_address(self, address: IPAddress, port: int) -> bool:
-        """Whether this (CIDR) rule admits ``address`` on ``port``."""
-        return (self.network is not None and port == self.port
-                and address.version == self.network.version and address in self.network)
+        """Whether this (CIDR) rule admits ``address`` on ``port``.
+
+        A rule from a job spec never admits an always-refused address, whatever its network
+        (the parser refuses such networks; this is the second line)."""
+        if self.network is None or port != self.port:
+            return False
+        if address.version != self.network.version or address not in self.network:
+            return False
+        return self.operator or refused_range(address) is None
 
 
 def _port(text: str, entry: str) -> int:
@@ -78,11 +100,14 @@ def _port(text: str, entry: str) -> int:
     return int(text)
 
 
-def parse_rule(entry: str) -> Rule:
-    """Parse one ``egress.allow`` entry (``ValueError`` with a hint if it is malformed)."""
+def parse_rule(entry: str, *, operator: bool = False) -> Rule:
+    """Parse one allowlist entry (``ValueError`` with a hint if it is malformed).
+
+    A job spec's entry (the default) may not name a network overlapping an always-refused
+    range; ``operator=True`` is for the operator's own settings only, which may."""
     text = entry.strip().lower()
     if "/" in text:
-        return _parse_cidr(entry, text)
+        return _parse_cidr(entry, text, operator)
     host, sep, port_text = text.rpartition(":") if ":" in text else (text, "", "443")
     if not sep:
         host = text
@@ -96,13 +121,13 @@ def parse_rule(entry: str) -> Rule:
         if not _HOST.match(suffix) or "." not in suffix:
             raise ValueError(f"{entry!r}: a wildcard needs a domain with at least two labels "
                              f"after '*.', e.g. *.example.com:443")
-        return Rule(entry, port, suffix=suffix)
+        return Rule(entry, port, suffix=suffix, operator=operator)
     if "*" in host or not _HOST.match(host):
         raise ValueError(f"{entry!r}: {host!r} is not a host name; {RULE_HINT}")
-    return Rule(entry, port, host=host)
+    return Rule(entry, port, host=host, operator=operator)
 
 
-def _parse_cidr(entry: str, text: str) -> Rule:
+def _parse_cidr(entry: str, text: str, operator: bool) -> Rule:
     if text.startswith("["):
         net_text, _, rest = text[1:].partition("]")
         port_text = rest.removeprefix(":")
@@ -114,7 +139,36 @@ def _parse_cidr(entry: str, text: str) -> Rule:
         network = ipaddress.ip_network(net_text, strict=True)
     except ValueError as e:
         raise ValueError(f"{entry!r}: {e}; {RULE_HINT}") from None
-    return Rule(entry, _port(port_text, entry), network=network)
+    port = _port(port_text, entry)
+    if not operator and (overlap := refused_overlap(network)):
+        raise ValueError(f"{entry!r}: {network} overlaps {overlap}, which a job spec cannot "
+                         f"open; {INTERNAL_FIX}")
+    return Rule(entry, port, network=network, operator=operator)
+
+
+def refused_overlap(network: IPNetwork) -> str | None:
+    """The always-refused range ``network`` overlaps (a description), or None."""
+    for refused, why in _REFUSED:
+        if _overlap(network, refused):
+            return f"the {why} range {refused}"
+    if isinstance(network, ipaddress.IPv4Network):
+        return None
+    for prefix, start, flip, name in _TRANSLATION:
+        if not network.overlaps(prefix):
+            continue
+        fixed = min(max(network.prefixlen - start, 0), 32)
+        field = ((int(network.network_address) >> (96 - start)) & 0xFFFFFFFF) ^ flip
+        mask = (0xFFFFFFFF << (32 - fixed)) & 0xFFFFFFFF
+        embedded = ipaddress.IPv4Network((field & mask, fixed))
+        for refused, why in _REFUSED:
+            if _overlap(embedded, refused):
+                return f"{name} addresses of the {why} range {refused}"
+    return None
+
+
+def _overlap(a: IPNetwork, b: IPNetwork) -> bool:
+    return a.version == b.version and (int(a.network_address) <= int(b.broadcast_address)
+                                       and int(b.network_address) <= int(a.broadcast_address))
 
 
 def is_ip(text: str) -> bool:
@@ -158,16 +212,20 @@ class Policy:
     rules: tuple[Rule, ...]
 
     @classmethod
-    def from_spec(cls, mode: str, allow: tuple[str, ...]) -> Policy:
-        """Build from the spec's ``egress`` block (entries already validated)."""
-        return cls(mode, tuple(parse_rule(a) for a in allow))
+    def from_spec(cls, mode: str, allow: tuple[str, ...], internal: tuple[str, ...] = ()
+                  ) -> Policy:
+        """Build from the spec's ``egress`` block plus the operator's internal destinations
+        (``settings.egress_internal_allow``, which apply to every job of the runner)."""
+        rules = tuple(parse_rule(a) for a in allow)
+        return cls(mode, rules + tuple(parse_rule(a, operator=True) for a in internal))
 
     def name_allowed(self, host: str, port: int) -> bool:
         """Whether a name rule admits ``host:port``."""
         return any(r.matches_name(host, port) for r in self.rules)
 
     def cidr_allows(self, address: IPAddress, port: int) -> bool:
-        """Whether a CIDR rule admits ``address:port``."""
+        """Whether a CIDR rule admits ``address:port`` (an always-refused address only by an
+        operator's rule)."""
         return any(r.matches_address(address, port) for r in self.rules)
 
 
@@ -190,7 +248,8 @@ def screen_name(policy: Policy, host: str, port: int) -> Screen:
 
 
 def screen_address(policy: Policy, address: IPAddress, port: int, literal: bool) -> Screen:
-    """Check one address: always-refused ranges need a CIDR rule; literals need one too."""
+    """Check one address: always-refused ranges need an operator's CIDR rule; literals need
+    a CIDR rule too."""
     if policy.cidr_allows(address, port):
         return Screen(True, "allowlisted network")
     refused = refused_range(address)

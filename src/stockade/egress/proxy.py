@@ -3,7 +3,14 @@
 A job can only reach the socket bind-mounted into its own sandbox, so the socket a connection
 arrives on is the job it belongs to: no header or address a job sends can claim another job's
 rules. The proxy checks the name, resolves it itself, checks every resolved address, and
-connects to exactly the address it checked.
+connects to exactly the address it checked. A plain-HTTP connection carries exactly one
+request (:mod:`.http`): its body is forwarded up to its ``Content-Length`` and the client is
+never read again, so a pipelined second request never reaches the upstream unchecked.
+
+At most ``max_connections`` connections are served at once; more wait (up to the header
+timeout) for a slot, and only those that still find none, or arrive while ``max_waiting``
+already wait, get 503. Every host a record names passes through ``clean`` first (secrets
+masked, control characters escaped): the job chose it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from stockade.egress.relay import Tunnel
 from stockade.egress.resolver import ResolveError, Resolver
 
 STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed",
-               408: "Request Timeout", 431: "Request Header Fields Too Large",
+               408: "Request Timeout", 411: "Length Required",
+               431: "Request Header Fields Too Large",
                502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
@@ -44,14 +52,26 @@ class Limits:
     header_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
+    max_waiting: int = 0  # connections waiting for a slot; 0: four times max_connections
+
+    @property
+    def waiting(self) -> int:
+        """How many connections may wait for a slot at once."""
+        return self.max_waiting or 4 * self.max_connections
+
+
+def _same(text: str) -> str:
+    return text
 
 
 class JobProxy:
     """The proxy of one job, serving its listening socket from a thread of its own."""
 
     def __init__(self, policy: Policy, resolver: Resolver, listener: socket.socket,
-                 on_decision: Callable[[EgressRecord], None], limits: Limits = Limits()) -> None:
+                 on_decision: Callable[[EgressRecord], None], limits: Limits = Limits(),
+                 clean: Callable[[str], str] = _same) -> None:
         self.policy = policy
+        self.clean = clean
         self.resolver = resolver
         self.listener = listener
         self.on_decision = on_decision
@@ -64,6 +84,8 @@ class JobProxy:
         self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._tunnels: set[Tunnel] = set()
+        self._slots = asyncio.Semaphore(limits.max_connections)
+        self._waiting = 0
 
     def start(self) -> None:
         """Start accepting connections on the job's socket."""
@@ -107,16 +129,31 @@ class JobProxy:
 
     async def _serve(self, client: socket.socket) -> None:
         try:
-            if len(self._tasks) > self.limits.max_connections:
-                await self._refuse(client, 503, "too many connections")
-            else:
+            if not await self._slot():
+                return await self._refuse(client, 503, "too many connections")
+            try:
                 await self._handle(client)
+            finally:
+                self._slots.release()
         except (OSError, asyncio.CancelledError):
             pass
         except Exception:  # one connection's surprise must never take the job's proxy down
             pass
         finally:
             client.close()
+
+    async def _slot(self) -> bool:
+        """Take a connection slot, waiting up to the header timeout (False: none came)."""
+        if self._waiting >= self.limits.waiting:
+            return False
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.limits.header_timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting -= 1
 
     async def _handle(self, client: socket.socket) -> None:
         try:
@@ -129,9 +166,9 @@ class JobProxy:
             return await self._refuse(client, e.status, e.message)
         started, at = time.monotonic(), time.time()
         screen, targets = await self._screen(request)
-        if not screen.allowed or not targets:
-            self._record(request, None, screen, 0, 0, started, at)
-            return await self._refuse(client, 403, f"stockade egress policy: {screen.reason}")
+        if not screen.allowed or not targets:  # the job reads (and may print) the cleaned text
+            record = self._record(request, None, screen, 0, 0, started, at)
+            return await self._refuse(client, 403, f"stockade egress policy: {record.reason}")
         connected = await self._connect(targets, request.port)
         if connected is None:
             self._record(request, str(targets[0]), Screen(True, "connect failed",
@@ -159,18 +196,23 @@ class JobProxy:
     async def _tunnel(self, client: socket.socket, upstream: socket.socket,
                       request: http.Request, rest: bytes) -> tuple[int, int]:
         loop = asyncio.get_running_loop()
+        limit: int | None = None  # CONNECT: whatever the client sends, until it is done
         if request.is_tunnel:
             await loop.sock_sendall(client, b"HTTP/1.1 200 Connection established\r\n"
                                             b"Proxy-Agent: stockade\r\n\r\n")
-        else:
+        else:  # one request: its body and nothing after it (a pipelined request is dropped)
+            rest = rest[:request.content_length]
+            limit = request.content_length - len(rest)
             await loop.sock_sendall(upstream, request.origin_head())
         if rest:
             await loop.sock_sendall(upstream, rest)
         tunnel = Tunnel(client, upstream, self.limits.idle_timeout_s)
         self._tunnels.add(tunnel)
+        pumps = [loop.run_in_executor(self._pool, tunnel.down)]
+        if limit != 0:
+            pumps.append(loop.run_in_executor(self._pool, tunnel.up, limit))
         try:
-            await asyncio.gather(loop.run_in_executor(self._pool, tunnel.up),
-                                 loop.run_in_executor(self._pool, tunnel.down))
+            await asyncio.gather(*pumps)
         finally:
             tunnel.close()
             self._tunnels.discard(tunnel)
@@ -223,8 +265,22 @@ class JobProxy:
             await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(client, data), 5)
 
     def _record(self, request: http.Request, address: str | None, screen: Screen,
-                sent: int, received: int, started: float, at: float) -> None:
-        self.on_decision(EgressRecord(
-            host=request.host, port=request.port, address=address, allowed=screen.allowed,
-            reason=screen.reason, audit_only=screen.audit_only, bytes_up=sent,
-            bytes_down=received, duration_s=time.monotonic() - started, at=at))
+                sent: int, received: int, started: float, at: float) -> EgressRecord:
+        host = self._shown(request)
+        reason = screen.reason.replace(request.host, host) if host != request.host \
+            else screen.reason
+        record = EgressRecord(
+            host=host, port=request.port, address=address, allowed=screen.allowed,
+            reason=self.clean(reason), audit_only=screen.audit_only, bytes_up=sent,
+            bytes_down=received, duration_s=time.monotonic() - started, at=at)
+        self.on_decision(record)
+        return record
+
+    def _shown(self, request: http.Request) -> str:
+        """The host as a record may name it: through ``clean``, looked at both as the client
+        spelled it (a secret keeps its case there) and as the proxy normalised it."""
+        for candidate in (request.written_host.rstrip("."), request.host):
+            cleaned = self.clean(candidate)
+            if cleaned != candidate:
+                return cleaned.lower()
+        return request.host

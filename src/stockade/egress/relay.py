@@ -38,9 +38,10 @@ class Tunnel:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
 
-    def up(self) -> None:
-        """Pump client → upstream until the client is done (then half-close upstream)."""
-        self.sent += self._pump(self.client, self.upstream)
+    def up(self, limit: int | None = None) -> None:
+        """Pump client → upstream until the client is done (then half-close upstream), or
+        until ``limit`` bytes have passed (one request's body): then stop reading the client."""
+        self.sent += self._pump(self.client, self.upstream, limit)
 
     def down(self) -> None:
         """Pump upstream → client until the upstream is done; then the tunnel is over."""
@@ -54,28 +55,32 @@ class Tunnel:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> int:
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None = None) -> int:
         total = 0
+        done = False
         r, w = os.pipe()
         try:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
             poller = select.poll()
             poller.register(src, select.POLLIN | select.POLLHUP | select.POLLERR)
-            while not self._closed.is_set():
+            while not self._closed.is_set() and not done:
                 if not poller.poll(1000):
                     if time.monotonic() - self._last > self.idle_s:
                         self.close()
                     continue
-                n = os.splice(src.fileno(), w, CHUNK, flags=os.SPLICE_F_MOVE)
+                want = CHUNK if limit is None else min(CHUNK, limit - total)
+                n = os.splice(src.fileno(), w, want, flags=os.SPLICE_F_MOVE)
                 if n == 0:
                     break
+                done = limit is not None and total + n >= limit
                 self._last = time.monotonic()
                 total += n
                 while n:
                     n -= os.splice(r, dst.fileno(), n, flags=os.SPLICE_F_MOVE)
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)  # pass the half-close on
+            if not done:
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)  # pass the half-close on
         except OSError:
             self.close()
         finally:

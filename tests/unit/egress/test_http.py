@@ -43,3 +43,60 @@ def test_malformed(head: bytes, status: int) -> None:
     with pytest.raises(BadRequest) as e:
         parse(head)
     assert e.value.status == status
+
+
+def test_host_is_rewritten_to_the_checked_authority() -> None:
+    """Domain fronting: the Host header says evil, the absolute URI (which was checked) says
+    api: upstream sees only api."""
+    r = parse(b"GET http://api.example.test/x HTTP/1.1\r\nHost: evil.example.test\r\n"
+              b"Accept: */*\r\n\r\n")
+    head = r.origin_head().decode()
+    assert "evil" not in head
+    assert head.split("\r\n")[:3] == ["GET /x HTTP/1.1", "Host: api.example.test", "Accept: */*"]
+
+
+@pytest.mark.parametrize("target, host", [
+    ("http://a.test:8080/", "a.test:8080"),
+    ("http://a.test:80/", "a.test"),
+    ("http://[2001:db8::1]:8080/", "[2001:db8::1]:8080"),
+    ("http://[2001:db8::1]/", "[2001:db8::1]"),
+])
+def test_host_header_of_the_authority(target: str, host: str) -> None:
+    r = parse(f"GET {target} HTTP/1.1\r\n\r\n".encode())
+    assert f"\r\nHost: {host}\r\n" in r.origin_head().decode()
+
+
+def test_headers_named_by_connection_are_dropped() -> None:
+    r = parse(b"GET http://a.test/ HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\n"
+              b"X-Secret: 1\r\nX-Other: 2\r\n\r\n")
+    head = r.origin_head().decode()
+    assert "X-Secret" not in head and "X-Other: 2" in head and "keep-alive" not in head
+
+
+@pytest.mark.parametrize("headers, status", [
+    (b"Host: a.test\r\nHost: b.test\r\n", 400),
+    (b"host: a.test\r\nHOST: a.test\r\n", 400),
+    (b"Transfer-Encoding: chunked\r\n", 411),
+    (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", 411),
+    (b"Content-Length: 5\r\nContent-Length: 6\r\n", 400),
+    (b"Content-Length: -1\r\n", 400),
+    (b"Content-Length: 0x10\r\n", 400),
+    (b"Content-Length: 99999999999999999999\r\n", 400),
+])
+def test_ambiguous_requests_are_refused(headers: bytes, status: int) -> None:
+    with pytest.raises(BadRequest) as e:
+        parse(b"POST http://a.test/ HTTP/1.1\r\n" + headers + b"\r\n")
+    assert e.value.status == status
+
+
+def test_the_body_length_is_known() -> None:
+    assert parse(b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 12\r\n"
+                 b"content-length: 12\r\n\r\n").content_length == 12
+    assert parse(b"GET http://a.test/ HTTP/1.1\r\n\r\n").content_length == 0
+
+
+def test_the_host_as_written_is_kept_for_masking() -> None:
+    assert parse(b"CONNECT SeCrEt.X.test:443 HTTP/1.1\r\n\r\n").written_host == "SeCrEt.X.test"
+    r = parse(b"GET http://SeCrEt.X.test/ HTTP/1.1\r\n\r\n")
+    assert (r.host, r.written_host) == ("secret.x.test", "SeCrEt.X.test")
+    assert parse(b"GET http://[2001:DB8::1]:81/ HTTP/1.1\r\n\r\n").written_host == "2001:DB8::1"

@@ -1,4 +1,5 @@
-"""Egress policy: entry parsing, wildcard semantics, always-refused ranges, decisions."""
+"""Egress policy: entry parsing, wildcard semantics, always-refused ranges, decisions, and
+who may open internal destinations (the operator, never a spec)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,18 @@ import ipaddress
 
 import pytest
 
-from stockade.egress.policy import Policy, parse_rule, refused_range, screen_address, screen_name
+from stockade.egress.policy import (
+    Policy,
+    parse_rule,
+    refused_overlap,
+    refused_range,
+    screen_address,
+    screen_name,
+)
 
 
-def policy(mode: str, *allow: str) -> Policy:
-    return Policy.from_spec(mode, allow)
+def policy(mode: str, *allow: str, internal: tuple[str, ...] = ()) -> Policy:
+    return Policy.from_spec(mode, allow, internal)
 
 
 @pytest.mark.parametrize("entry, host, port, hit", [
@@ -34,10 +42,75 @@ def test_name_rules(entry: str, host: str, port: int, hit: bool) -> None:
     ("203.0.113.0/24:443", "203.0.113.9", 80, False),
     ("[2001:db8::/32]:443", "2001:db8::1", 443, True),
     ("2001:db8::/32:443", "2001:db9::1", 443, False),
-    ("10.0.0.0/8:5432", "10.1.2.3", 5432, True),
 ])
 def test_cidr_rules(entry: str, address: str, port: int, hit: bool) -> None:
     assert parse_rule(entry).matches_address(ipaddress.ip_address(address), port) is hit
+
+
+@pytest.mark.parametrize("entry, overlap", [
+    ("127.0.0.1/32:8080", "loopback range 127.0.0.0/8"),
+    ("169.254.169.254/32:80", "link-local (cloud metadata) range 169.254.0.0/16"),
+    ("10.0.0.0/8:22", "private (RFC 1918) range 10.0.0.0/8"),
+    ("[fe80::/10]:443", "link-local range fe80::/10"),
+    ("[::1/128]:80", "loopback range ::1/128"),
+    ("[fd00:ec2::254/128]:80", "unique local (private) range fc00::/7"),
+    ("100.64.0.0/10:443", "carrier-grade NAT range"),
+    ("172.0.0.0/8:443", "private (RFC 1918) range 172.16.0.0/12"),  # a supernet overlaps too
+    ("0.0.0.0/0:443", "unspecified range 0.0.0.0/8"),
+    ("[::/0]:443", "unspecified range ::/128"),
+    ("[::ffff:127.0.0.1/128]:80", "IPv4-mapped addresses of the loopback range"),
+    ("[::ffff:0:0/96]:80", "IPv4-mapped addresses"),
+    ("[2002:a9fe:a9fe::/48]:80", "6to4 addresses of the link-local (cloud metadata) range"),
+    ("[64:ff9b::a00:1/128]:80", "NAT64 addresses of the private (RFC 1918) range"),
+    ("[2001::80ff:fffe/128]:80", "Teredo addresses of the loopback range"),
+    ("[2000::/3]:443", "6to4 addresses"),
+])
+def test_a_spec_can_never_open_internal_ranges(entry: str, overlap: str) -> None:
+    with pytest.raises(ValueError) as e:
+        parse_rule(entry)
+    message = str(e.value)
+    assert message.startswith(repr(entry)) and overlap in message
+    assert ("only the operator can open internal destinations: settings "
+            "egress_internal_allow") in message
+
+
+@pytest.mark.parametrize("entry", ["203.0.113.0/24:443", "[2001:db8::/32]:443",
+                                   "100.128.0.0/9:443", "172.32.0.0/11:443",
+                                   "[::ffff:c633:640b/128]:80", "[2002:c633:640b::/48]:80",
+                                   "[64:ff9b::c633:640b/128]:80"])
+def test_public_networks_stay_open_to_specs(entry: str) -> None:
+    assert refused_overlap(parse_rule(entry).network) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("entry, address, port", [
+    ("10.0.0.0/8:5432", "10.1.2.3", 5432),
+    ("127.0.0.1/32:8080", "127.0.0.1", 8080),
+    ("169.254.169.254/32:80", "169.254.169.254", 80),
+    ("[fe80::/10]:443", "fe80::1", 443),
+])
+def test_the_operator_may_open_internal_ranges(entry: str, address: str, port: int) -> None:
+    rule = parse_rule(entry, operator=True)
+    assert rule.operator and rule.matches_address(ipaddress.ip_address(address), port)
+    assert not rule.matches_address(ipaddress.ip_address(address), port + 1)
+
+
+def test_a_spec_rule_never_admits_an_always_refused_address() -> None:
+    """Second line behind the parser: even a Rule built by hand from a spec refuses them."""
+    wide = parse_rule("[::ffff:c633:640b/128]:80")
+    sneaky = type(wide)("x", 80, network=ipaddress.ip_network("::ffff:0:0/96"))
+    assert not sneaky.matches_address(ipaddress.ip_address("::ffff:127.0.0.1"), 80)
+    assert sneaky.matches_address(ipaddress.ip_address("::ffff:198.51.100.11"), 80)
+
+
+def test_internal_entries_apply_besides_the_spec() -> None:
+    p = policy("block", "api.example.test:443", internal=("10.1.0.0/16:5432",))
+    db = ipaddress.ip_address("10.1.2.3")
+    assert screen_address(p, db, 5432, literal=True).allowed
+    assert not screen_address(p, db, 5433, literal=True).allowed
+    assert not screen_address(policy("block", "api.example.test:443"), db, 5432,
+                              literal=True).allowed
+    with pytest.raises(ValueError, match="egress_internal_allow"):
+        policy("block", "10.1.0.0/16:5432")
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -93,7 +166,9 @@ def test_private_address_needs_an_explicit_cidr() -> None:
     assert not screen_address(policy("audit"), metadata, 80, literal=False).allowed
     assert not screen_address(policy("block", "*.internal.example:80"), metadata, 80,
                               literal=False).allowed
-    assert screen_address(policy("block", "169.254.169.254/32:80"), metadata, 80,
+    assert not screen_address(policy("audit", internal=("169.254.169.253/32:80",)), metadata,
+                              80, literal=True).allowed
+    assert screen_address(policy("block", internal=("169.254.169.254/32:80",)), metadata, 80,
                           literal=True).allowed
 
 
