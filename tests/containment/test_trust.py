@@ -100,3 +100,28 @@ def test_a_forged_ref_is_refused(stockade_home: Path, tmp_path: Path) -> None:
     """The ref ends ``sub``; it is plain text or the submission is refused (exit 2)."""
     run = submit(stockade_home, tmp_path, "", "--ref", "refs/heads/main\n==> forged")
     assert run.rc == 2 and "is not a ref" in run.stderr
+
+
+EGRESS = "egress: {mode: block, allow: [example.test:443]}\n"
+
+
+def test_untrusted_spec_cannot_widen_egress(stockade_home: Path, tmp_path: Path) -> None:
+    run = submit(stockade_home, tmp_path, EGRESS, "--trust", "untrusted")
+    assert_denied_before_running(run, "policy_denied", "'example.test:443'",
+                                 "egress_untrusted_allow")
+    audited = submit(stockade_home, tmp_path, "egress: {mode: audit}\n", "--trust", "untrusted",
+                     STOCKADE_EGRESS_UNTRUSTED_ALLOW="example.test:443")
+    assert_denied_before_running(audited, "policy_denied", "mode audit")
+    other = submit(stockade_home, tmp_path, EGRESS, "--trust", "untrusted",
+                   STOCKADE_EGRESS_UNTRUSTED_ALLOW="other.test:443,example.test:80")
+    assert_denied_before_running(other, "policy_denied", "not covered")
+
+
+def test_untrusted_egress_within_the_operators_allowlist_runs(stockade_home: Path,
+                                                              tmp_path: Path) -> None:
+    run = submit(stockade_home, tmp_path, EGRESS, "--trust", "untrusted",
+                 STOCKADE_EGRESS_UNTRUSTED_ALLOW="example.test:443")
+    assert run.rc == 0, run.stderr
+    assert "RAN" in run.log
+    assert submit(stockade_home, tmp_path, "", "--trust", "untrusted").rc == 0  # no network
+    assert submit(stockade_home, tmp_path, EGRESS).rc == 0  # trusted: the spec's own list

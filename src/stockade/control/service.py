@@ -23,6 +23,7 @@ from stockade.api.protocol import (
 )
 from stockade.audit import AuditEvent
 from stockade.control.egress import egress_summary
+from stockade.egress.admission import untrusted_refusal
 from stockade.errors import PolicyDenied, UsageError
 from stockade.ids import new_job_id
 from stockade.spec import Job
@@ -209,6 +210,11 @@ class ControlService:
         denials = []
         if spec.id_token is not None:
             why = self.policy.audience_refusal(trust, spec.id_token.aud)
+            if why:
+                denials.append(why)
+        if trust == "untrusted":
+            why = untrusted_refusal(spec.egress.mode, spec.egress.allow,
+                                    self.policy.egress_untrusted_allow)
             if why:
                 denials.append(why)
         return denials
