@@ -94,6 +94,7 @@ def main() -> None:
         f.truncate(SIZE)
     FileHandler.payload = payload
     port = free_port()
+    http.server.ThreadingHTTPServer.request_queue_size = 256  # the burst measures the proxy
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), FileHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 

@@ -25,7 +25,7 @@ class Upstream:
     """Answers each connection's first request head with a small 200 after ``delay`` seconds
     and records every byte that arrives on it within ``linger`` seconds."""
 
-    def __init__(self, delay: float = 0.0, linger: float = 0.5) -> None:
+    def __init__(self, delay: float = 0.0, linger: float = 0.3) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(512)
@@ -171,7 +171,7 @@ def test_ambiguous_requests_are_refused_before_upstream(proxy: Proxy, upstream: 
 
 
 def test_connections_beyond_the_limit_wait_for_a_slot(tmp_path: Path) -> None:
-    slow = Upstream(delay=0.2, linger=0.05)
+    slow = Upstream(delay=0.1, linger=0.05)
     p = Proxy(tmp_path, slow, Limits(max_connections=8, header_timeout_s=10, max_waiting=100))
     request = f"GET http://up.example.test:{slow.port}/ HTTP/1.1\r\n\r\n".encode()
     try:
@@ -185,7 +185,7 @@ def test_connections_beyond_the_limit_wait_for_a_slot(tmp_path: Path) -> None:
 
 
 def test_only_connections_that_find_no_slot_in_time_get_503(tmp_path: Path) -> None:
-    slow = Upstream(delay=3, linger=0.05)
+    slow = Upstream(delay=1.5, linger=0.05)
     p = Proxy(tmp_path, slow, Limits(max_connections=1, header_timeout_s=0.5, max_waiting=1))
     request = f"GET http://up.example.test:{slow.port}/ HTTP/1.1\r\n\r\n".encode()
     try:
