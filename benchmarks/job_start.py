@@ -17,6 +17,7 @@ machine load. Prints medians and ratios. Run as root: ``make bench``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -101,6 +102,8 @@ def end_to_end(backend: BwrapBackend, n: int) -> None:
         podman = podman_run(work)
         if podman:
             compare("(c) locked-down podman run", podman, baseline, n)
+            compare("(d) stockade run, spec cached", run, podman, n,
+                    against="locked-down podman run")
         else:
             print("(c) podman is not installed: apt-get install podman runc busybox-static")
     finally:
@@ -132,8 +135,8 @@ def podman_run(work: Path) -> Callable[[], None] | None:
 
 
 def compare(title: str, subject: Callable[[], None], baseline: Callable[[], None],
-            n: int) -> None:
-    """Interleave ``n`` runs of each, print the medians and their ratio."""
+            n: int, against: str = "raw hardened bwrap") -> None:
+    """Interleave ``n`` runs of each, print the medians and their ratio, and a RESULT line."""
     for _ in range(5):  # warm caches
         subject()
         baseline()
@@ -146,8 +149,12 @@ def compare(title: str, subject: Callable[[], None], baseline: Callable[[], None
         baseline()
         b.append(time.perf_counter() - t)
     ma, mb = statistics.median(a), statistics.median(b)
-    print(f"{title}: median {ma * 1000:.2f} ms vs raw hardened bwrap {mb * 1000:.2f} ms "
+    print(f"{title}: median {ma * 1000:.2f} ms vs {against} {mb * 1000:.2f} ms "
           f"-> ratio {ma / mb:.2f}x  (n={n}, p90 {sorted(a)[int(n * 0.9)] * 1000:.2f} ms)")
+    print("RESULT " + json.dumps({"config": title, "against": against, "n": n,
+                                  "median_ms": round(ma * 1000, 2),
+                                  "baseline_median_ms": round(mb * 1000, 2),
+                                  "ratio": round(ma / mb, 3)}), flush=True)
 
 
 def main() -> None:
