@@ -342,10 +342,22 @@ def test_invalid_allow_entries_exit_2(stockade_home: Path, tmp_path: Path) -> No
     assert "an IP address needs the CIDR form, e.g. 10.0.0.1/32:443" in proc.stderr
 
 
+@pytest.fixture
+def runtime_dir() -> Iterator[Path]:
+    """A runtime directory of this test's own: stockade processes of other installations on
+    this host reap orphans under the shared /run/stockade, and would tidy this one away."""
+    path = Path(f"/run/stockade-test-{os.getpid()}")
+    path.mkdir(mode=0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def test_decisions_are_audited_even_if_the_runner_dies(net: Net, stockade_home: Path,
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, runtime_dir: Path
+                                                       ) -> None:
+    own = {"STOCKADE_RUNTIME_DIR": str(runtime_dir)}
     proc = start(net, stockade_home, tmp_path, "{mode: block, allow: [api.example.test]}",
-                 f"{CURL} https://api.example.test/x; echo fetched; sleep 60")
+                 f"{CURL} https://api.example.test/x; echo fetched; sleep 60", **own)
     assert proc.stderr is not None
     for line in proc.stderr:
         if "fetched" in line:
@@ -357,10 +369,11 @@ def test_decisions_are_audited_even_if_the_runner_dies(net: Net, stockade_home: 
     assert "egress.allowed" in run_cli(stockade_home, "show", job_id).stdout
     tidy = tmp_path / "tidy.yaml"  # the next run reaps what the killed runner left
     tidy.write_text("name: tidy\nsteps:\n  - {name: a, run: 'true'}\n")
-    assert run_cli(stockade_home, "run", str(tidy), "--workspace", str(tmp_path)).returncode == 0
+    tidied = run_cli(stockade_home, "run", str(tidy), "--workspace", str(tmp_path), **own)
+    assert tidied.returncode == 0, tidied.stderr
     shown = json.loads(run_cli(stockade_home, "show", job_id, "--json").stdout)
     assert shown["failure_reason"] == "runner_lost"
-    assert not Path(f"/run/stockade/{job_id}").exists()
+    assert not (runtime_dir / job_id).exists()
 
 
 @pytest.mark.parametrize("entry", ["127.0.0.1/32:{port}", "169.254.169.254/32:80",
@@ -514,9 +527,44 @@ def test_fronted_host_and_pipelined_requests_never_reach_upstream(
     assert "TWO-HOSTS HTTP/1.1 400" in job.log
 
 
+RESPONDER = r"""
+import http.server, sys
+class Hello(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = f"hello from {sys.argv[1]}:{sys.argv[2]} path={self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 1024  # a burst must measure the proxy, not this server's backlog
+    daemon_threads = True
+server = Server((sys.argv[1], int(sys.argv[2])), Hello)
+open(sys.argv[3], "w").close()
+server.serve_forever()
+"""
+
+
+@pytest.fixture
+def responder(net: Net, tmp_path: Path) -> Iterator[None]:
+    """A plain HTTP server at api.example.test:8082 with a deep listen backlog."""
+    ready = tmp_path / "responder.ready"
+    proc = subprocess.Popen(["ip", "netns", "exec", net.internet.ns, "python3", "-c",
+                             RESPONDER, "198.51.100.11", "8082", str(ready)])
+    deadline = time.monotonic() + 10
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield
+    proc.kill()
+    proc.wait()
+
+
 def test_a_burst_of_connections_queues_instead_of_503(net: Net, stockade_home: Path,
-                                                      tmp_path: Path) -> None:
-    job = run(net, stockade_home, tmp_path, "{mode: block, allow: ['api.example.test:80']}",
+                                                      tmp_path: Path, responder: None) -> None:
+    job = run(net, stockade_home, tmp_path, "{mode: block, allow: ['api.example.test:8082']}",
               r"""
         python3 - <<'PY'
         import socket, threading
@@ -524,15 +572,16 @@ def test_a_burst_of_connections_queues_instead_of_503(net: Net, stockade_home: P
         go, status = threading.Barrier(200), Counter()
         def fetch(i):
             s = socket.socket(socket.AF_UNIX)
-            s.settimeout(60)
             go.wait()
             try:
                 s.connect("/run/stockade/egress.sock")
-                s.sendall(f"GET http://api.example.test/burst/{i} HTTP/1.1\r\n\r\n".encode())
+                s.settimeout(60)
+                s.sendall(f"GET http://api.example.test:8082/burst/{i} HTTP/1.1\r\n\r\n"
+                          .encode())
                 answer = b""
                 while chunk := s.recv(65536):
                     answer += chunk
-                ok = b"hello from 198.51.100.11:80 path=/burst/%d " % i in answer
+                ok = b"hello from 198.51.100.11:8082 path=/burst/%d\n" % i in answer
                 status["ok" if ok else answer[:40].decode(errors="replace") or "empty"] += 1
             except OSError as e:
                 status[type(e).__name__] += 1
@@ -544,7 +593,7 @@ def test_a_burst_of_connections_queues_instead_of_503(net: Net, stockade_home: P
     """)
     assert job.rc == 0, job.stderr
     assert "BURST {'ok': 200}" in job.log
-    assert job.result["egress"]["allowed"] == ["api.example.test:80"]
+    assert job.result["egress"]["allowed"] == ["api.example.test:8082"]
 
 
 def test_a_denial_storm_leaves_a_bounded_result_and_audit_trail(

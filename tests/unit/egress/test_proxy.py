@@ -49,7 +49,7 @@ class Upstream:
             self.active += 1
             self.peak = max(self.peak, self.active)
         data = b""
-        conn.settimeout(self.linger)
+        conn.settimeout(10)
         try:
             while b"\r\n\r\n" not in data:
                 chunk = conn.recv(65536)
@@ -58,6 +58,7 @@ class Upstream:
                 data += chunk
             time.sleep(self.delay)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            conn.settimeout(self.linger)
             while chunk := conn.recv(65536):
                 data += chunk
         except OSError:
@@ -90,8 +91,8 @@ class Proxy:
 
     def talk(self, data: bytes, timeout: float = 10) -> bytes:
         with socket.socket(socket.AF_UNIX) as s:
+            s.connect(self.path)  # blocking: waits while the listen backlog is full
             s.settimeout(timeout)
-            s.connect(self.path)
             s.sendall(data)
             out = b""
             try:
