@@ -12,6 +12,10 @@ DESCRIPTION = """\
 stockade audit verify          check the hash chain of every audit event (exit 1 if broken)
 stockade audit list [--job J]  the events, oldest first (--json: one JSON object per line)
 
+Values a job chose (names, paths, destinations) are printed with control characters spelled
+out (\\n, \\x1b, \\u202e, ...), so that they cannot pass for another event or act on the
+terminal.
+
 Every event's hash covers the previous event's hash: an edited, deleted or reordered event
 breaks the chain from that point on."""
 
@@ -40,18 +44,25 @@ def main(args: argparse.Namespace) -> int:
             return 0
         event = records[broken][0]
         sys.stderr.write(f"stockade: audit trail BROKEN at event {broken + 1} of {len(records)} "
-                         f"({event.action} for job {event.job_id}): it or an earlier event "
-                         "was altered or removed\n")
+                         f"({_e(event.action)} for job {_e(event.job_id)}): it or an earlier "
+                         "event was altered or removed\n")
         return 1
     job_id = require_job(control, args.job).job.id if args.job else None
     for event, _, digest in control.store.audit_records(job_id):
-        if args.json:
+        if args.json:  # ensure_ascii: every control and bidi character becomes a \u escape
             sys.stdout.write(json.dumps({"at": event.at, "actor": event.actor,
                                          "action": event.action, "job_id": event.job_id,
                                          "detail": event.detail, "hash": digest}) + "\n")
         else:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
-            detail = " ".join(f"{k}={v}" for k, v in sorted(event.detail.items()))
-            print(f"{when} {event.action:<22} {event.job_id or '-':<19} {event.actor:<24} "
-                  f"{detail}")
+            detail = " ".join(f"{_e(k)}={_e(v)}" for k, v in sorted(event.detail.items()))
+            print(f"{when} {_e(event.action):<22} {_e(event.job_id or '-'):<19} "
+                  f"{_e(event.actor):<24} {detail}")
     return 0
+
+
+def _e(value: object) -> str:
+    """A stored value, printable: control characters spelled out (a job chose many of them)."""
+    from stockade.text import escape_controls
+
+    return escape_controls(str(value))

@@ -6,9 +6,14 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 HELP = "show one job"
-DESCRIPTION = "Show a job's result (the same object as run --json), its steps and artifacts."
+DESCRIPTION = """\
+Show a job's result (the same object as run --json), its steps, artifacts, egress and audit
+trail. Anything the job chose (names, paths, destinations, error text) is printed with its
+control characters spelled out (\\n, \\x1b, \\u202e, ...), so it cannot pass for another line
+or act on the terminal; --json escapes them the JSON way."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,23 +29,51 @@ def main(args: argparse.Namespace) -> int:
     _, control = open_control()
     view = require_job(control, args.job)
     result = view.result()
-    if args.json:
+    if args.json:  # ensure_ascii: every control and bidi character becomes a \\u escape
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return 0
-    out = [f"job       {result['job_id']}  ({result['name']})",
-           f"status    {result['status']}"
-           + (f"  reason: {result['failure_reason']}" if result["failure_reason"] else ""),
+    lines = [*_summary(result), "audit:"]
+    lines += [f"  {time.strftime('%H:%M:%S', time.localtime(e.at))} {_e(e.action):<22} "
+              f"by {_e(e.actor)}{_details(e.detail)}"
+              for e in control.audit_trail(view.job.id)]
+    sys.stdout.write("\n".join(line for line in lines if line) + "\n")
+    return 0
+
+
+def _e(value: object) -> str:
+    """A stored value, printable: control characters spelled out."""
+    from stockade.text import escape_controls
+
+    return escape_controls(str(value))
+
+
+def _details(detail: dict[str, Any]) -> str:
+    return "".join(f"  {_e(k)}={_e(v)}" for k, v in sorted(detail.items()))
+
+
+def _summary(result: dict[str, Any]) -> list[str]:
+    out = [f"job       {_e(result['job_id'])}  ({_e(result['name'])})",
+           f"status    {_e(result['status'])}"
+           + (f"  reason: {_e(result['failure_reason'])}" if result["failure_reason"] else ""),
            f"attempt   {result['attempt']}",
-           f"duration  {result['duration_s']}s" if result["duration_s"] is not None else "",
-           "steps:"]
-    out += [f"  {s['name']:<24} {s['status']:<10} exit={s['exit_code']} {s['duration_s']}s"
-            for s in result["steps"]] or ["  (none ran)"]
+           f"duration  {result['duration_s']}s" if result["duration_s"] is not None else ""]
+    for key in ("message", "error"):
+        if result.get(key):
+            out.append(f"{key:<9} {_e(result[key])}")
+    out.append("steps:")
+    out += [f"  {_e(s['name']):<24} {_e(s['status']):<10} exit={s['exit_code']} "
+            f"{s['duration_s']}s" for s in result["steps"]] or ["  (none ran)"]
     if result["artifacts"]:
         out.append("artifacts:")
-        out += [f"  {a['path']}  {a['size']} bytes  sha256:{a['sha256']}"
+        out += [f"  {_e(a['path'])}  {a['size']} bytes  sha256:{_e(a['sha256'])}"
                 for a in result["artifacts"]]
-    out.append("audit:")
-    out += [f"  {time.strftime('%H:%M:%S', time.localtime(e.at))} {e.action:<15} by {e.actor}"
-            for e in control.audit_trail(view.job.id)]
-    sys.stdout.write("\n".join(line for line in out if line) + "\n")
-    return 0
+    for problem in result.get("artifacts_refused") or ():
+        out.append(f"  refused: {_e(problem)}")
+    egress = result.get("egress") or {}
+    for kind in ("allowed", "denied", "audit_would_deny"):
+        if egress.get(kind):
+            out.append(f"egress {kind.replace('_', ' ')}: "
+                       + ", ".join(_e(d) for d in egress[kind]))
+    if egress.get("truncated"):
+        out.append(f"egress: {_e(egress['truncated'])} more destinations not listed")
+    return out
