@@ -6,7 +6,7 @@ from typing import Any
 
 from stockade.api.protocol import EgressRecord
 from stockade.audit import AuditEvent
-from stockade.egress.policy import is_ip
+from stockade.egress.policy import is_ip, parse_rule
 
 # a runner keeps at most egress_max_destinations; this bounds what any runner may send
 MAX_LISTED = 1024
@@ -45,13 +45,19 @@ def allow_entry(host: str, port: int) -> str:
 
 def egress_baseline(events: list[AuditEvent]) -> tuple[list[str], list[str]]:
     """Allowlist entries covering every destination these audit events let through, and the
-    destinations refused outright (not allowlistable by name)."""
+    destinations left out: refused outright, or ones no spec may name (an internal destination
+    only the operator opens, a name masked when it was recorded)."""
     allow: set[str] = set()
     refused: set[str] = set()
     for event in events:
         d = event.detail
         if event.action == "egress.allowed":
-            allow.add(allow_entry(d["host"], d["port"]))
+            entry = allow_entry(d["host"], d["port"])
+            try:  # e.g. an internal destination the operator opened: no spec may name it
+                parse_rule(entry)
+                allow.add(entry)
+            except ValueError as e:
+                refused.add(f"{d['host']}:{d['port']} ({str(e)[:300]})")
         elif event.action == "egress.denied" and "always refused" in d["reason"]:
             refused.add(f"{d['host']}:{d['port']} ({d['reason']})")
     return sorted(allow), sorted(refused)
