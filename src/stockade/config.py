@@ -97,6 +97,7 @@ _ENV = {
     "STOCKADE_EGRESS_IDLE_TIMEOUT": "egress_idle_timeout_s",
     "STOCKADE_EGRESS_INTERNAL_ALLOW": "egress_internal_allow",
     "STOCKADE_EGRESS_UNTRUSTED_ALLOW": "egress_untrusted_allow",
+    "STOCKADE_EGRESS_MAX_DESTINATIONS": "egress_max_destinations",
     "STOCKADE_ARTIFACT_MAX_FILES": "artifact_max_files",
     "STOCKADE_MAX_CPUS": "max_cpus",
     "STOCKADE_MAX_MEMORY": "max_memory_bytes",

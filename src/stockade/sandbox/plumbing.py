@@ -17,7 +17,7 @@ SOCAT = "/usr/bin/socat"
 def forwarder_argv(port: int, socket_path: str) -> list[str]:
     """socat from 127.0.0.1:``port`` to the proxy's socket (1 MiB buffers keep it fast)."""
     return [SOCAT, "-b", "1048576", "-lf", "/dev/null",
-            f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,max-children=64",
+            f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,max-children=64,backlog=256",
             f"UNIX-CONNECT:{socket_path}"]
 
 
