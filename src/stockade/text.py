@@ -16,9 +16,10 @@ spelled out as plain ASCII text instead:
   in ``str``, the lone surrogates that ``surrogateescape`` decoding leaves for such bytes alike.
 
 Backslashes are left alone: the result is meant to be read, not parsed back, and it contains
-no control character whatever the input. Both functions run in linear time: one regular
-expression pass over a character class (no backtracking), then a table lookup per character
-of each run it found.
+no control character whatever the input. Everything runs in linear time: valid UTF-8 is
+escaped on the byte level (a check, then one ``bytes.replace`` per distinct unsafe character
+present); anything else, and ``str``, with one regular-expression pass over a character class
+(no backtracking) and a table lookup per character of each unsafe run it found.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ _RUNS_BUT_NEWLINE = _runs(((0x00, 0x08), (0x0B, 0x1F), *_RANGES[2:]))
 # printable ASCII and tab: nothing to do (the common case, checked on bytes without decoding:
 # deleting these bytes leaves nothing)
 _PLAIN = b"\t" + bytes(range(0x20, 0x7F))
+# in valid UTF-8 every unsafe character is one of these byte strings, and each of them can only
+# be that character (UTF-8 is self-synchronising): escaping is a few bytes.replace() calls
+_UTF8 = {chr(code).encode(): _TABLE[code].encode() for low, high in _RANGES[:-1]
+         for code in range(low, high + 1)}
+_NOT_C0 = bytes(b for b in range(256) if b == 0x09 or 0x20 <= b < 0x7F or b >= 0x80)
+# the multi-byte ones, one pattern per leading bytes (a literal prefix keeps a search fast)
+_LEADS: dict[bytes, list[int]] = {}
+for _seq in _UTF8:
+    if len(_seq) > 1:
+        _LEADS.setdefault(_seq[:-1], []).append(_seq[-1])
+_MULTI = tuple(re.compile(re.escape(lead) + b"[" + b"".join(b"\\x%02x" % b for b in last) + b"]")
+               for lead, last in _LEADS.items())
 
 
 def escape_controls(text: str) -> str:
@@ -75,6 +88,9 @@ def escape_bytes(data: bytes) -> bytes:
     """``data`` as valid UTF-8 with controls spelled out and invalid bytes written ``\\xNN``."""
     if not data.translate(None, _PLAIN):
         return data
+    escaped = _escape_utf8(data, b"")
+    if escaped is not None:
+        return escaped
     return escape_controls(data.decode("utf-8", "surrogateescape")).encode()
 
 
@@ -83,4 +99,25 @@ def escape_lines(data: bytes) -> bytes:
     records at once: faster than escaping them one by one)."""
     if not data.translate(None, _PLAIN + b"\n"):
         return data
+    escaped = _escape_utf8(data, b"\n")
+    if escaped is not None:
+        return escaped
     return _escape(data.decode("utf-8", "surrogateescape"), _RUNS_BUT_NEWLINE).encode()
+
+
+def _escape_utf8(data: bytes, keep: bytes) -> bytes | None:
+    """``data`` escaped on the byte level if it is valid UTF-8 (else None): linear, one pass
+    per distinct unsafe character present (at most a few dozen)."""
+    if not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            return None
+        for pattern in _MULTI:
+            if pattern.search(data):
+                for seq in set(pattern.findall(data)):
+                    data = data.replace(seq, _UTF8[seq])
+    for byte in set(data.translate(None, _NOT_C0 + keep)):
+        char = bytes((byte,))
+        data = data.replace(char, _UTF8[char])
+    return data

@@ -75,6 +75,16 @@ def test_escape_lines_is_escape_bytes_of_each_line(lines: list[bytes]) -> None:
     assert escape_lines(b"\n".join(lines)) == b"\n".join(escape_bytes(line) for line in lines)
 
 
+@given(st.lists(st.one_of(st.binary(max_size=20), st.text(max_size=20).map(
+    lambda t: t.encode("utf-8", "surrogatepass")), st.sampled_from(
+    [chr(c).encode() for c in (0x1B, 0x85, 0x9B, 0x61C, 0x200F, 0x2028, 0x202E, 0x2066)])),
+    max_size=10))
+def test_the_byte_level_path_spells_like_the_reference(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    reference = escape_controls(data.decode("utf-8", "surrogateescape")).encode()
+    assert escape_bytes(data) == reference
+
+
 def test_time_is_linear() -> None:
     def cost(n: int) -> float:
         data = (b"\x1b[31m\x9b\xff\r" + "\u202e".encode() + b"x") * n
