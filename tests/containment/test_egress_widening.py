@@ -111,3 +111,32 @@ def test_an_untrusted_job_gets_no_more_than_the_untrusted_allowlist(
     assert refused(run) or run.result["egress"]["denied"] == ["files.example.test:80"]
     if run.result.get("status") != "denied":
         host.assert_unaffected(run)
+
+
+def test_an_untrusted_job_does_not_inherit_the_operators_internal_destinations(
+        internet: tuple[Internet, Path], stockade_home: Path, tmp_path: Path, host: Any) -> None:
+    """Internal destinations the operator opened for trusted builds stay closed to fork pull
+    requests unless the untrusted allowlist covers them too."""
+    port = host.listener.port
+    probe = (f"printf 'CONNECT 127.0.0.1:{port} HTTP/1.1\\r\\n\\r\\n' | socat -t 3 - "
+             "TCP:127.0.0.1:3128 | head -1 | sed 's/^/internal -> /'")
+    run = untrusted(internet, stockade_home, tmp_path, "{mode: block}", probe,
+                    STOCKADE_EGRESS_INTERNAL_ALLOW=f"127.0.0.1/32:{port}")
+    assert run.rc == 0, run.stderr[-2000:]
+    assert "internal -> HTTP/1.1 403" in log_of(run)
+    assert host.listener.hits == 0
+    host.assert_unaffected(run)
+
+
+def test_the_runner_hosts_own_addresses_are_refused(internet: tuple[Internet, Path],
+                                                    hostile: Any) -> None:
+    """198.51.100.1 is the host's end of the test internet: a service listening on all
+    interfaces answers there, so it is as internal as loopback, even for a CIDR entry."""
+    probes = "\n".join(
+        f"printf 'CONNECT {t} HTTP/1.1\\r\\n\\r\\n' | socat -t 3 - TCP:127.0.0.1:3128 "
+        f"| head -1 | sed 's/^/{t} -> /'" for t in ("198.51.100.1:80", "198.51.100.11:80"))
+    run = hostile(probes + "\necho DONE",
+                  extra="egress: {mode: block, allow: ['198.51.100.0/24:80']}\n")
+    assert "198.51.100.1:80 -> HTTP/1.1 403" in run.log
+    assert "runner host itself" in run.log
+    assert "198.51.100.11:80 -> HTTP/1.1 200" in run.log  # the rest of the network is fine

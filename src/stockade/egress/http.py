@@ -10,10 +10,13 @@ after it can pass for a second request.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 MAX_HEAD = 16 * 1024
+MAX_HOST = 253  # the longest DNS name
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed in header values
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization",
               "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade"}
@@ -73,9 +76,13 @@ def parse(head: bytes) -> Request:
         text = head.decode("ascii")
     except UnicodeDecodeError:
         raise BadRequest(400, "request head is not ASCII") from None
-    request_line, *header_lines = text.split("\r\n")
+    request_line, *header_lines = text.removesuffix("\r\n\r\n").split("\r\n")
+    # a bare CR or LF, a NUL or any other control character could split one checked request
+    # into two (or add a header) for the server behind: refused, never passed on
+    if any(_CONTROL.search(line) for line in (request_line, *header_lines)):
+        raise BadRequest(400, "control characters (bare CR or LF, NUL, ...) in the request head")
     parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+    if len(parts) != 3 or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
         raise BadRequest(400, "malformed request line")
     method, target, version = parts
     headers = []
@@ -150,6 +157,8 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int]
     host = host.lower().rstrip(".")
     if not host or any(c.isspace() for c in host):
         raise BadRequest(400, "missing host")
+    if len(host) > MAX_HOST:
+        raise BadRequest(400, f"host name longer than {MAX_HOST} characters")
     try:
         host = str(ipaddress.ip_address(host))
     except ValueError:

@@ -38,11 +38,14 @@ ALWAYS_REFUSED: tuple[tuple[str, str], ...] = (
     ("169.254.0.0/16", "link-local (cloud metadata)"),
     ("172.16.0.0/12", "private (RFC 1918)"),
     ("192.168.0.0/16", "private (RFC 1918)"),
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("198.18.0.0/15", "benchmarking"),
     ("224.0.0.0/4", "multicast"),
     ("240.0.0.0/4", "reserved"),
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("fc00::/7", "unique local (private)"),
+    ("fec0::/10", "site-local (deprecated)"),
     ("fe80::/10", "link-local"),
     ("ff00::/8", "multicast"),
 )
@@ -199,7 +202,8 @@ def _embedded(address: IPAddress) -> list[IPAddress]:
             found.append(address.sixtofour)
         if address.teredo:
             found.append(address.teredo[1])
-        if address in ipaddress.ip_network("64:ff9b::/96"):
+        if address in ipaddress.ip_network("64:ff9b::/96") or int(address) >> 32 == 0:
+            # NAT64, and the deprecated IPv4-compatible form ::a.b.c.d
             found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     return found
 
@@ -247,14 +251,20 @@ def screen_name(policy: Policy, host: str, port: int) -> Screen:
     return Screen(False, f"{host}:{port} is not in the allowlist")
 
 
-def screen_address(policy: Policy, address: IPAddress, port: int, literal: bool) -> Screen:
-    """Check one address: always-refused ranges need an operator's CIDR rule; literals need
-    a CIDR rule too."""
-    if policy.cidr_allows(address, port):
-        return Screen(True, "allowlisted network")
+def screen_address(policy: Policy, address: IPAddress, port: int, literal: bool,
+                   host: frozenset[IPAddress] = frozenset()) -> Screen:
+    """Check one address: always-refused ranges and the runner host's own addresses
+    (``host``) need an operator's CIDR rule; literals need a CIDR rule too."""
+    if any(r.operator and r.matches_address(address, port) for r in policy.rules):
+        return Screen(True, "allowlisted network (operator)")
     refused = refused_range(address)
     if refused:
         return Screen(False, f"{refused} is always refused")
+    if address in host or any(a in host for a in _embedded(address)[1:]):
+        return Screen(False, f"{address} is an address of the runner host itself and is "
+                             "always refused")
+    if policy.cidr_allows(address, port):
+        return Screen(True, "allowlisted network")
     if not literal:
         return Screen(True, "allowlisted")
     why = f"IP literal {address}:{port} is not in an allowlisted network"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from stockade.api.protocol import EgressRecord
 from stockade.egress import http
+from stockade.egress.local import host_addresses
 from stockade.egress.policy import (
     IPAddress,
     Policy,
@@ -222,7 +223,8 @@ class JobProxy:
         """Decide on the name, then on every resolved address; return the usable ones."""
         if is_ip(request.host):
             address = ipaddress.ip_address(request.host)
-            verdict = screen_address(self.policy, address, request.port, literal=True)
+            verdict = screen_address(self.policy, address, request.port, literal=True,
+                                     host=host_addresses())
             return verdict, [address] if verdict.allowed else []
         verdict = screen_name(self.policy, request.host, request.port)
         if not verdict.allowed:
@@ -236,7 +238,8 @@ class JobProxy:
             return Screen(False, f"resolving {request.host} timed out"), []
         usable, last = [], verdict
         for address in addresses:
-            check = screen_address(self.policy, address, request.port, literal=False)
+            check = screen_address(self.policy, address, request.port, literal=False,
+                                   host=host_addresses())
             if check.allowed:
                 usable.append(address)
             else:

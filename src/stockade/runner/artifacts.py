@@ -17,8 +17,10 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import math
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,7 @@ class Caps:
     max_total: int
     max_files: int = 10_000
     max_entries: int = 200_000  # directory entries walked
+    deadline: float = math.inf  # time.monotonic() after which nothing more is collected
 
 
 @dataclass(frozen=True)
@@ -153,19 +156,24 @@ def _walk(root: int, run: _Run, uid: int | None) -> Iterator[str]:
         try:
             with job_identity(uid):
                 fd = openat2(root, rel_dir or ".", os.O_RDONLY | os.O_DIRECTORY)
-            with os.scandir(fd) as it:
-                names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+            names = []
+            with os.scandir(fd) as it:  # counted as read: a huge directory is never listed whole
+                for e in it:
+                    entries += 1
+                    if entries > run.caps.max_entries:
+                        break
+                    names.append((e.name, e.is_dir(follow_symlinks=False)))
             os.close(fd)
         except OSError as e:
             run.refuse(rel_dir or ".", f"cannot be read ({e.strerror})")
             continue
+        if entries > run.caps.max_entries:
+            run.refuse(rel_dir or ".", f"more than {run.caps.max_entries} entries in the "
+                       "workspace; the rest is not collected")
+            return
+        names.sort()
         subdirs = []
         for name, is_dir in names:
-            entries += 1
-            if entries > run.caps.max_entries:
-                run.refuse(rel_dir or ".", f"more than {run.caps.max_entries} entries in the "
-                           "workspace; the rest is not collected")
-                return
             rel = f"{rel_dir}/{name}" if rel_dir else name
             if is_dir:
                 subdirs.append(rel)
@@ -202,6 +210,8 @@ def _take(run: _Run, rel: str, fd: int) -> None:
     if names := run.secret_names(rel):
         run.leaks.append((run.show(rel), names))
         return run.refuse(rel, f"withheld, its name contains the secret(s) {', '.join(names)}")
+    if time.monotonic() > caps.deadline:
+        return run.refuse(rel, "not collected: the job's time ran out while collecting")
     if len(run.stored) >= caps.max_files:
         return run.refuse(rel, f"more than {caps.max_files} artifacts (artifact_max_files)")
     if size > caps.max_file or run.total + size > caps.max_total:

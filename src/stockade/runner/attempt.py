@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from stockade.runner.egress import EgressSession
 
 
+COLLECT_FLOOR_S = 30.0
+
+
 class Attempt:
     """The state of one attempt while it runs."""
 
@@ -137,7 +140,10 @@ class Attempt:
     def _collect(self, sandbox: Sandbox, secrets: JobSecrets) -> None:
         s = self.settings
         sandbox.quiesce()  # nothing of the job may run while the runner reads its files
-        caps = Caps(s.artifact_max_file_bytes, s.artifact_max_total_bytes, s.artifact_max_files)
+        # collecting (and scanning for secrets) counts against the job's time, with a floor
+        deadline = max(self.started + self.spec.timeout, time.monotonic() + COLLECT_FLOOR_S)
+        caps = Caps(s.artifact_max_file_bytes, s.artifact_max_total_bytes, s.artifact_max_files,
+                    deadline=deadline)
         collected = collect(sandbox.workspace, self.spec.artifacts,
                             s.artifacts_dir / self.a.job_id, caps, secrets.scan,
                             secrets.names_in, self.log.job_text, sandbox.host_uid)

@@ -26,7 +26,7 @@ from typing import Any
 
 from stockade.api.protocol import Assignment, ControlPlane, EgressRecord
 from stockade.config import Settings
-from stockade.egress.admission import untrusted_ceiling
+from stockade.egress.admission import covered, untrusted_ceiling
 from stockade.egress.policy import Policy, parse_rule
 from stockade.egress.proxy import JobProxy, Limits
 from stockade.egress.resolver import HostsFileResolver, Resolver, SystemResolver
@@ -60,9 +60,12 @@ def job_policy(settings: Settings, spec: Job, trust: str) -> tuple[Policy, list[
         raise SpecError("the job's egress.allow", [str(e)[:300]]) from e
     try:
         internal = tuple(parse_rule(e, operator=True) for e in settings.egress_internal_allow)
+        ceiling = tuple(parse_rule(e, operator=True) for e in settings.egress_untrusted_allow)
     except ValueError as e:
-        raise ConfigError(f"egress_internal_allow: {e}",
+        raise ConfigError(f"egress_internal_allow / egress_untrusted_allow: {e}",
                           hint="write CIDR:port entries, e.g. 10.1.2.0/24:5432") from e
+    if trust == "untrusted":  # internal destinations too: only what untrusted work may reach
+        internal = tuple(r for r in internal if any(covered(r, by) for by in ceiling))
     return Policy(mode, rules + internal), notes
 
 

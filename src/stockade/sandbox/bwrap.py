@@ -51,7 +51,9 @@ HOST_ENV: dict[str, str] = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 MASKED_PROC = ("/proc/cmdline", "/proc/kallsyms", "/proc/kcore", "/proc/keys",
                "/proc/key-users", "/proc/latency_stats", "/proc/timer_list",
                "/proc/sched_debug", "/proc/sysrq-trigger", "/proc/config.gz", "/proc/modules",
-               "/proc/vmallocinfo", "/proc/iomem", "/proc/ioports")
+               "/proc/vmallocinfo", "/proc/iomem", "/proc/ioports",
+               "/proc/sys/kernel/random/boot_id")
+MASKED_PROC_DIRS = ("/proc/acpi", "/proc/scsi", "/proc/asound")  # covered with empty tmpfs
 class BwrapBackend:
     """Prepares bubblewrap sandboxes; cheap to construct, heavy work happens once, lazily."""
 
@@ -242,6 +244,8 @@ class BwrapSandbox:
                   if self.egress_socket is not None else [])
         masked = [arg for path in MASKED_PROC if os.path.exists(path)
                   for arg in ("--ro-bind", "/dev/null", path)]
+        masked += [arg for path in MASKED_PROC_DIRS if os.path.isdir(path)
+                   for arg in ("--perms", "0555", "--tmpfs", path, "--remount-ro", path)]
         return [
             "--unshare-all", "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",

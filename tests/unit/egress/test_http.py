@@ -100,3 +100,17 @@ def test_the_host_as_written_is_kept_for_masking() -> None:
     r = parse(b"GET http://SeCrEt.X.test/ HTTP/1.1\r\n\r\n")
     assert (r.host, r.written_host) == ("secret.x.test", "SeCrEt.X.test")
     assert parse(b"GET http://[2001:DB8::1]:81/ HTTP/1.1\r\n\r\n").written_host == "2001:DB8::1"
+
+
+@pytest.mark.parametrize("head", [
+    b"GET http://a.test/v HTTP/1.1\nHost: forbidden.test\r\n\r\n",  # bare LF adds a header
+    b"GET http://a.test/ HTTP/1.1\r\nX-A: a\n\nGET /smuggled HTTP/1.1\r\n\r\n",  # smuggling
+    b"GET http://a.test/ HTTP/1.1\r\nX-A: a\rb\r\n\r\n",
+    b"GET http://a.test/ HTTP/1.1\r\nX-A: a\x00\r\n\r\n",
+    b"GET http://a.test/ HTTP/1.9\r\n\r\n",
+    b"CONNECT " + b"a" * 260 + b".test:443 HTTP/1.1\r\n\r\n",
+])
+def test_heads_that_could_smuggle_or_bloat_are_refused(head: bytes) -> None:
+    with pytest.raises(BadRequest) as e:
+        parse(head)
+    assert e.value.status == 400

@@ -178,3 +178,18 @@ def test_ip_literals_need_a_cidr_in_block_mode_only() -> None:
     audit = screen_address(policy("audit"), public, 80, literal=True)
     assert audit.allowed and audit.audit_only
     assert screen_address(policy("block", "x.example:80"), public, 80, literal=False).allowed
+
+
+def test_the_runner_hosts_own_addresses_need_an_operator_rule() -> None:
+    own = ipaddress.ip_address("203.0.113.7")
+    spec = Policy.from_spec("block", ("203.0.113.0/24:80",))
+    assert not screen_address(spec, own, 80, literal=True, host=frozenset({own})).allowed
+    assert screen_address(spec, ipaddress.ip_address("203.0.113.8"), 80, literal=True,
+                          host=frozenset({own})).allowed
+    operator = Policy.from_spec("block", (), internal=("203.0.113.7/32:80",))
+    assert screen_address(operator, own, 80, literal=True, host=frozenset({own})).allowed
+
+
+@pytest.mark.parametrize("address", ["198.18.0.1", "192.0.0.8", "fec0::1", "::7f00:1"])
+def test_more_non_global_ranges_are_refused(address: str) -> None:
+    assert refused_range(ipaddress.ip_address(address)) is not None

@@ -144,3 +144,25 @@ def test_openat2_never_follows_a_link_in_any_component(tmp_path: Path) -> None:
                 openat2(root, path, os.O_RDONLY)
     finally:
         os.close(root)
+
+
+def test_collection_stops_at_the_jobs_deadline(tmp_path: Path) -> None:
+    import time
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "a.txt").write_text("x")
+    got = collect(ws, ("*",), tmp_path / "d",
+                  Caps(1 << 20, 1 << 20, deadline=time.monotonic() - 1))
+    assert got.stored == [] and "time ran out" in got.refused[0]
+
+
+def test_a_huge_directory_is_never_listed_whole(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / "many").mkdir(parents=True)
+    for i in range(500):
+        (ws / "many" / f"f{i}").write_bytes(b"")
+    got = collect(ws, ("nothing-matches",), tmp_path / "d", Caps(1 << 20, 1 << 20,
+                                                                  max_entries=100))
+    assert got.refused == ["many: more than 100 entries in the workspace; the rest is not "
+                           "collected"]
