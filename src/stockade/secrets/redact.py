@@ -1,162 +1,538 @@
 """The one place that redacts secrets: every issued value and its encodings become ``***``.
 
-For each registered value the masker also looks for each of its lines and its encodings:
-base64 (standard and URL-safe, padded or not, the three shifted forms a value takes when it
-sits mid-way in a longer base64 stream, and the 64- and 76-column lines that ``base64`` and PEM
-wrap long encodings into), URL-encoding (``%XX`` upper and lower case, ``+`` for space), JSON
-string escaping, shell quoting, and hex (lower and upper case). All variants go into one
-Aho-Corasick automaton (leftmost-longest, a DFA), so the cost per byte does not grow with the
-number of secrets.
+For each registered value the masker looks for these forms (each at least :data:`MIN_VARIANT`
+bytes; a shorter one is not looked for, since it would mask ordinary text):
 
-No variant contains a newline (a multi-line value is masked line by line), so every complete
-line can be masked and emitted at once. :class:`Redactor` is streaming-safe: a value split
-across output chunks is still masked; it holds back only the unfinished last line, and never
-more than ``longest variant - 1`` bytes of it.
+- the value; each of its lines (split on ``\\r\\n``, ``\\r`` or ``\\n``); without surrounding
+  quotes if it was registered as ``"v"`` or ``'v'``; unescaped if it holds backslash escapes
+  (``a\\nb`` registered, a real newline printed; ``\\t``, ``\\"``, ``\\\\``, ``\\xHH``, ``\\uXXXX``,
+  octal); each of these in every encoding below;
+- base64, standard and URL-safe: padded, unpadded, at each of the three byte offsets a value
+  can sit at inside a longer base64 stream (including the partial characters at either end
+  that mix value bits with the neighbouring bytes), and the lines of an encoding wrapped at
+  64 or 76 columns (PEM, ``base64``);
+- hex, lower and upper case;
+- URL-encoding: ``%XX`` upper and lower case, ``+`` for space, ``/`` kept or encoded
+  (``urllib.parse.quote()``'s default keeps it);
+- JSON string escaping (``\\uXXXX`` or raw UTF-8); XML/HTML escaping (``&lt;`` ``&gt;``
+  ``&amp;`` ``&quot;``/``&#34;`` ``&apos;``/``&#39;``/``&#x27;``); single quotes doubled (SQL,
+  YAML); shell quoting (``shlex.quote``, backslash escaping, bash ``printf %q`` in both its
+  backslash and ``$'...'`` forms).
+
+Every form longer than :data:`PIECE` bytes is cut into pieces of 64 to 127 bytes, at the
+same places for forms that share a start: no pattern is long, so building an automaton stays
+linear in the size of its patterns however repetitive a value is, a search never looks further
+ahead than a piece past a match (a text full of near-matches costs a bounded amount per byte),
+and the streaming redactor never holds back more than a piece. A truncated copy of a long value
+is masked too. A match of a base64 form is widened over the neighbouring base64 character
+when that character also carries bits of the value.
+
+Patterns live in a few Aho-Corasick automata, each searched leftmost-longest; what is masked
+is the union of their matches. The values given to :meth:`Masker.add` (the broker's secrets,
+the ID token) share one automaton (a DFA up to :data:`DFA_MAX_BYTES` of patterns, else a
+contiguous NFA), built when first needed after a change. Job-chosen values (``::add-mask::``)
+go through :meth:`Masker.add_job_mask`, which enforces :data:`MAX_JOB_MASKS`,
+:data:`MAX_JOB_MASK_BYTES` and :data:`MAX_JOB_MASK_TOTAL`; they are matched in text folded with
+:data:`FOLD` (hex case and the two base64 alphabets), and each registration builds an NFA for
+its own patterns only, merged with earlier ones by size class, so that registering n values one
+at a time costs O(n log n), never O(n^2), and O(log n) automata are searched.
+
+Masking cannot catch a value printed reversed, character by character, or transformed in any
+other way not listed here, a value (or a line of one) under 4 bytes, nor covert channels (exit
+codes, timing, file sizes).
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
+import itertools
 import json
 import re
 import shlex
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from urllib.parse import quote, quote_plus
 
 from ahocorasick_rs import BytesAhoCorasick, Implementation, MatchKind
 
 MASK = b"***"
 MIN_VARIANT = 4
+PIECE = 64  # longer forms are cut into pieces of 64 to 127 bytes
 ADD_MASK = b"::add-mask::"
+MAX_JOB_MASKS = 256  # values one job may register with ::add-mask::
+MAX_JOB_MASK_BYTES = 4 * 1024  # each
+MAX_JOB_MASK_TOTAL = 256 * 1024  # all of them together
+DFA_MAX_BYTES = 64 * 1024  # larger automata are NFAs (a DFA costs ~500 bytes and 10x the
+#                            build time per pattern byte, for a search at most twice as fast)
+WRAP_COLUMNS = (64, 76)  # PEM and base64(1) line lengths (PIECE is one of them)
+# a job's values are matched after folding these bytes in patterns and text (hex case, the two
+# base64 alphabets): ~40% fewer patterns to build, at the price of masking "DEAD+beef" when
+# "dead-beef" is registered, and of folding a copy of the text (the broker's secrets, built
+# once, are matched as they are)
+FOLD = bytes.maketrans(b"ABCDEF-_", b"abcdef+/")
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
+_SMALL, _FAN = 16 * 1024, 8  # job automata: one under 16 KiB, fewer than 8 per factor of 8
+
+_Span = tuple[int, int, bool]  # start, end, final
+_LEFT, _RIGHT = 1, 2  # mask the base64 character just before / after a match as well
+_B64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_")
 _SHELL_UNSAFE = re.compile(r"([^\w@%+=:,./-])")
+_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
+_PRINTF_Q_SPECIAL = re.compile(rb"[ \t\n'\"\\|&;()<>!{}*[?\]^$`,]|^#")
+_PRINTF_Q_TILDE = re.compile(rb"(^|[=:])~")
+_ANSI_C = {b"\a": b"\\a", b"\b": b"\\b", b"\t": b"\\t", b"\n": b"\\n", b"\v": b"\\v",
+           b"\f": b"\\f", b"\r": b"\\r", b"\x1b": b"\\E", b"'": b"\\'", b"\\": b"\\\\"}
+_ESCAPE = re.compile(rb"\\(x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|[0-7]{1,3}|.)", re.DOTALL)
+_UNESCAPE = {b"n": b"\n", b"t": b"\t", b"r": b"\r", b"a": b"\a", b"b": b"\b", b"f": b"\f",
+             b"v": b"\v", b"e": b"\x1b"}
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_ADD_MASK_ESCAPE = re.compile(rb"%(25|0[Dd]|0[Aa])")
+_ADD_MASK_DECODED = {b"25": b"%", b"0d": b"\r", b"0a": b"\n"}
 
 
-WRAP_COLUMNS = (64, 76)  # PEM and base64(1) line lengths
+def decode_add_mask(raw: bytes) -> bytes:
+    """The value of an ``::add-mask::`` line, GitHub Actions style: ``%25`` is ``%``, ``%0D`` and
+    ``%0A`` (any case) are CR and LF, so that a multi-line value fits on one line."""
+    return _ADD_MASK_ESCAPE.sub(lambda m: _ADD_MASK_DECODED[m.group(1).lower()], raw)
 
 
-def _b64_shifted(value: bytes, alphabet: str) -> set[bytes]:
-    """Base64 of ``value`` at each of the three byte offsets within a longer stream."""
-    encode = base64.urlsafe_b64encode if alphabet == "url" else base64.b64encode
-    out = set()
+# --- the forms of a value -------------------------------------------------------------------
+
+def _b64_forms(value: bytes) -> dict[bytes, int]:
+    """Base64 of ``value``: padded, wrapped, and at each byte offset within a longer stream."""
+    out: dict[bytes, int] = {}
     for k in range(3):
-        text = encode(b"\0" * k + value)
-        first = -(-8 * k // 6)  # the first character made only of value bits
-        last = (8 * (k + len(value))) // 6  # one past the last such character
-        out.add(text[first:last])
+        text = base64.b64encode(b"\0" * k + value)
+        lo, hi = 8 * k, 8 * (k + len(value))  # the value's bits in the stream
+        # the characters made only of value bits; a character that mixes value bits with a
+        # neighbour's depends on that neighbour, so it is masked by widening the match
+        core = text[-(-lo // 6):hi // 6]
+        out[core] = out.get(core, 0) | (_LEFT if lo % 6 else 0) | (_RIGHT if hi % 6 else 0)
         if k == 0:
-            out.add(text)  # the padded form
-            for width in WRAP_COLUMNS:  # the lines of a wrapped encoding
-                out.update(text[i:i + width] for i in range(0, len(text), width))
+            out.setdefault(text, 0)
+            # the lines of a wrapped encoding, cut where the unwrapped encoding's pieces are
+            # cut as well (lines wider than PIECE would otherwise cut differently, and a
+            # leftmost-longest search could skip from one cutting to the other and leave a gap)
+            cuts = sorted({len(text), *(i for width in (PIECE, *WRAP_COLUMNS)
+                                        for i in range(0, len(text), width))})
+            for a, b in itertools.pairwise(cuts):
+                out.setdefault(text[a:b], 0)
+            for i in range(0, len(text), PIECE):
+                out.setdefault(text[i:i + PIECE], 0)
+    return out
+
+
+def _printf_q(value: bytes, utf8: bool) -> bytes:
+    """What bash's ``printf %q`` prints for ``value`` (in a UTF-8 or in the C locale)."""
+    if _PRINTABLE_ASCII.fullmatch(value) or (utf8 and _printable_utf8(value)):
+        return _PRINTF_Q_TILDE.sub(rb"\1\\~", _PRINTF_Q_SPECIAL.sub(rb"\\\g<0>", value))
+    if utf8:  # (the bytes of one character, whether it is printable)
+        chars = [(bytes([ord(c) - 0xDC00]), False) if 0xDC80 <= ord(c) <= 0xDCFF else
+                 (c.encode("utf-8", "surrogatepass"), c.isprintable())
+                 for c in value.decode("utf-8", "surrogateescape")]
+    else:
+        chars = [(bytes([b]), 32 <= b < 127) for b in value]
+    return b"$'" + b"".join(
+        _ANSI_C.get(c) or (c if printable else b"".join(b"\\%03o" % b for b in c))
+        for c, printable in chars) + b"'"
+
+
+def _printable_utf8(value: bytes) -> bool:
+    try:
+        return value.decode("utf-8").isprintable()
+    except UnicodeDecodeError:
+        return False
+
+
+def _xml_forms(text: str) -> set[str]:
+    """XML/HTML escaping, with each common spelling of the quotes."""
+    base = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return {base.replace('"', dq).replace("'", sq)
+            for dq, sq in (('"', "'"), ("&quot;", "&apos;"), ("&quot;", "&#39;"),
+                           ("&quot;", "&#x27;"), ("&#34;", "&#39;"))}
+
+
+def _text_forms(value: bytes) -> set[bytes]:
+    """The escaped and quoted spellings of ``value`` (URL, JSON, XML, SQL, shell)."""
+    text = value.decode("utf-8", "surrogateescape")
+    forms: set[str] = set()
+    for safe in ("", "/"):
+        url = quote(value, safe=safe)
+        forms.update({url, quote_plus(value, safe=safe),
+                      re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), url)})
+    forms.add(json.dumps(text)[1:-1])
+    forms.add(json.dumps(text, ensure_ascii=False)[1:-1])
+    forms.add(_SHELL_UNSAFE.sub(r"\\\1", text))
+    if "'" in text:  # otherwise shlex.quote only wraps the value, which is masked inside
+        forms.add(shlex.quote(text))
+        forms.add(text.replace("'", "''"))
+    if any(c in text for c in "&<>\"'"):
+        forms |= _xml_forms(text)
+    out = {f.encode("utf-8", "surrogateescape") for f in forms}
+    out.add(_printf_q(value, utf8=True))
+    out.add(_printf_q(value, utf8=False))
+    return out
+
+
+def _unescape(value: bytes) -> bytes:
+    """``value`` with backslash escapes (C, JSON, shell, ``$'...'``) replaced by what they mean."""
+    def one(m: re.Match[bytes]) -> bytes:
+        esc = m.group(1)
+        if esc[:1] in b"xu" and len(esc) > 1:
+            code = int(esc[1:], 16)
+            return chr(code).encode("utf-8", "surrogatepass") if esc[:1] == b"u" else bytes([code])
+        if esc[:1].isdigit() and esc[:1] in b"01234567":
+            return bytes([int(esc, 8) & 0xFF])
+        return _UNESCAPE.get(esc, esc)
+    return _ESCAPE.sub(one, value)
+
+
+def _bases(value: bytes) -> set[bytes]:
+    """The value, without surrounding quotes, and unescaped: each is encoded in every way."""
+    bases = {value}
+    if len(value) >= 2 and value[:1] == value[-1:] and value[:1] in (b'"', b"'"):
+        bases.add(value[1:-1])
+    bases |= {_unescape(b) for b in bases if b"\\" in b}
+    return bases
+
+
+def _pieces(form: bytes) -> list[bytes]:
+    """``form`` cut every :data:`PIECE` bytes from its start, the remainder joining the last
+    piece (so pieces are PIECE to 2 * PIECE - 1 long): forms of a value that share a start
+    (padded and unpadded base64, say) are cut at the same places, so a match of one always
+    ends where a piece of the other begins."""
+    n = len(form)
+    if n <= PIECE:
+        return [form]
+    starts = list(range(0, n, PIECE))
+    if n % PIECE:
+        starts.pop()
+    return [form[a:b] for a, b in zip(starts, [*starts[1:], n], strict=True)]
+
+
+def _patterns(value: bytes, fold: bool = False) -> dict[bytes, int]:
+    """Every pattern for ``value``, with flags to widen a match over a partial base64 char;
+    folded with :data:`FOLD` if ``fold`` (and then without upper-case hex and URL-safe base64,
+    which fold to lower case and standard base64)."""
+    forms: dict[bytes, int] = {}
+    for base in _bases(value):
+        hexed = base.hex().encode()
+        for form in (base, hexed, *([] if fold else [hexed.upper()]), *_text_forms(base)):
+            forms.setdefault(form, 0)
+        for form, flags in _b64_forms(base).items():
+            for spelling in [form] if fold else [form, form.translate(_URL_SAFE)]:
+                forms[spelling] = forms.get(spelling, 0) | flags
+    out: dict[bytes, int] = {}
+    for form, flags in forms.items():
+        lines = _LINE_BREAK.split(form)
+        whole = [(form, flags)] if b"\n" not in form else []
+        for text, fl in whole + ([(line, 0) for line in lines] if len(lines) > 1 else []):
+            pieces = _pieces(text)
+            for i, piece in enumerate(pieces):
+                if len(piece) >= MIN_VARIANT:
+                    pf = (fl & _LEFT if i == 0 else 0) | (fl & _RIGHT if i == len(pieces) - 1
+                                                          else 0)
+                    piece = piece.translate(FOLD) if fold else piece
+                    out[piece] = out.get(piece, 0) | pf
     return out
 
 
 def variants(value: bytes) -> set[bytes]:
-    """Every form of ``value`` the masker looks for (at least :data:`MIN_VARIANT` bytes)."""
-    forms = {value}
-    forms.update(line for line in re.split(rb"\r?\n", value) if line)
-    for alphabet in ("std", "url"):
-        forms |= _b64_shifted(value, alphabet)
-    forms.add(value.hex().encode())
-    forms.add(value.hex().upper().encode())
-    text = value.decode("utf-8", errors="surrogateescape")
-    try:
-        url = quote(text, safe="")
-        forms.update({url.encode(), quote_plus(text, safe="").encode(),
-                      re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), url).encode()})
-        forms.add(json.dumps(text)[1:-1].encode())
-        forms.add(json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8", "surrogateescape"))
-        forms.add(shlex.quote(text).encode("utf-8", "surrogateescape"))
-        forms.add(_SHELL_UNSAFE.sub(r"\\\1", text).encode("utf-8", "surrogateescape"))
-    except UnicodeEncodeError:
-        pass  # not text: the byte-level forms above cover it
-    return {f for f in forms if len(f) >= MIN_VARIANT and b"\n" not in f}
+    """Every pattern the masker looks for to find ``value`` (none contains a newline)."""
+    return set(_patterns(value))
+
+
+# --- the automata ---------------------------------------------------------------------------
+
+_Table = dict[bytes, tuple[str, int]]  # pattern -> (the name of its secret, flags)
+
+
+@dataclass(frozen=True, eq=False)
+class _Segment:
+    """One automaton over some of the patterns (compared by identity)."""
+
+    patterns: tuple[bytes, ...]
+    names: tuple[str, ...]
+    flags: tuple[int, ...]
+    size: int
+    fold: bool  # the patterns are folded with FOLD, and so must the text be
+    automaton: BytesAhoCorasick
+
+    @classmethod
+    def build(cls, table: _Table, fold: bool) -> _Segment:
+        """An automaton over ``table``: a DFA if small and not a job's (a DFA is up to twice as
+        fast to search, but ten times slower to build), else a contiguous NFA."""
+        patterns = tuple(table)
+        size = sum(map(len, patterns))
+        kind = (Implementation.DFA if not fold and size <= DFA_MAX_BYTES else
+                Implementation.ContiguousNFA)
+        return cls(patterns, tuple(table[p][0] for p in patterns),
+                   tuple(table[p][1] for p in patterns), size, fold,
+                   BytesAhoCorasick(patterns, matchkind=MatchKind.LeftmostLongest,
+                                    implementation=kind))
+
+    @property
+    def tier(self) -> int:
+        """The size class: 0 under ``_SMALL`` bytes, then one per factor of ``_FAN``."""
+        return 0 if self.size < _SMALL else \
+            1 + ((self.size // _SMALL).bit_length() - 1) // (_FAN.bit_length() - 1)
+
+    def table(self) -> _Table:
+        return {p: (n, f) for p, n, f in zip(self.patterns, self.names, self.flags, strict=True)}
+
+    def spans(self, text: bytes, start: int, safe: int) -> tuple[list[_Span], int]:
+        """The matches in ``text`` (folded if :attr:`fold`) at or after ``start``,
+        widened over partial base64 characters, and where the search resumes next time: after
+        the last match that starts before ``safe`` (a final one: more data cannot change it),
+        or at ``safe``."""
+        out = []
+        flags = self.flags
+        resume = max(start, safe)
+        for i, s, e in self.automaton.find_matches_as_indexes(memoryview(text)[start:]):
+            s, e, fl = s + start, e + start, flags[i]
+            final = s < safe
+            if final:
+                resume = max(e, safe)
+            if fl & _LEFT and s > 0 and text[s - 1] in _B64_CHARS:
+                s -= 1
+            if fl & _RIGHT and e < len(text) and text[e] in _B64_CHARS:
+                e += 1
+            out.append((s, e, final))
+        return out, resume
+
+
+def _merge_tiers(segments: list[_Segment]) -> list[_Segment]:
+    """Merge the newest automata so that there is at most one under ``_SMALL`` bytes and fewer
+    than ``_FAN`` of each larger size class, the classes never growing towards the newest:
+    O(log n) automata, each pattern rebuilt O(log n) times, however values are registered."""
+    while len(segments) > 1:
+        tier = segments[-1].tier
+        same = next((i for i, seg in enumerate(reversed(segments)) if seg.tier != tier),
+                    len(segments))
+        if segments[-2].tier < tier or tier == 0 == segments[-2].tier:
+            count = 2  # a larger newcomer absorbs the smaller ones; small ones are cheap
+        elif same >= _FAN:
+            count = same
+        else:
+            break
+        table: _Table = {}
+        for seg in segments[-count:]:
+            for pattern, (name, flags) in seg.table().items():
+                known = table.get(pattern, (name, 0))
+                table[pattern] = (known[0], known[1] | flags)
+        segments[-count:] = [_Segment.build(table, fold=True)]
+    return segments
+
+
+@dataclass(frozen=True)
+class _State:
+    segments: tuple[_Segment, ...] = ()
+    longest: int = 0
+
+    def texts(self, data: bytes) -> list[bytes]:
+        """What each automaton searches: ``data``, or ``data`` folded (folded once)."""
+        folded = data.translate(FOLD) if any(seg.fold for seg in self.segments) else data
+        return [folded if seg.fold else data for seg in self.segments]
+
+
+@dataclass
+class _JobMasks:
+    values: set[bytes] = field(default_factory=set)
+    total: int = 0
 
 
 class Masker:
-    """The automaton over all registered values; thread-safe to extend."""
+    """The automata over all registered values; thread-safe to extend.
+
+    Values registered with :meth:`add` (the broker's secrets, the ID token) share one
+    automaton, rebuilt when they change; values the job registers (:meth:`add_job_mask`) go
+    into a few automata of their own (see :func:`_merge_tiers`), so that a job cannot make
+    registration quadratic. Automata are built when next needed, so registering many values
+    at once builds once."""
 
     def __init__(self, values: Iterable[bytes] = ()) -> None:
-        self._patterns: dict[bytes, str] = {}  # variant -> the name of its secret
-        self._sorted: list[bytes] = []
+        self._static: _Table = {}  # the patterns of add()
+        self._job_table: _Table = {}  # the patterns of add_job_mask(), folded
+        self._static_segment: _Segment | None = None
+        self._job_segments: list[_Segment] = []
+        self._job_pending: _Table = {}  # the patterns of add_job_mask() not yet in an automaton
+        self._job = _JobMasks()
+        self._stale = False
+        self._state = _State()
         self._lock = threading.Lock()
-        self._automaton: BytesAhoCorasick | None = None
-        self.longest = 0
         self.add(*values)
+
+    @property
+    def longest(self) -> int:
+        """The length of the longest pattern (at most :data:`PIECE`)."""
+        return self._current().longest
+
+    @property
+    def job_masks(self) -> int:
+        """How many values the job registered (:meth:`add_job_mask`)."""
+        return len(self._job.values)
 
     def add(self, *values: bytes, name: str = "add-mask") -> None:
         """Register values (and all their variants) to be masked from now on."""
         with self._lock:
-            before = len(self._patterns)
-            for value in values:
-                for form in variants(value):
-                    self._patterns.setdefault(form, name)
-            if len(self._patterns) != before:
-                patterns = self._sorted = sorted(self._patterns)
-                # a DFA keeps the cost per byte flat however many secrets are registered
-                self._automaton = BytesAhoCorasick(patterns,
-                                                   matchkind=MatchKind.LeftmostLongest,
-                                                   implementation=Implementation.DFA)
-                self.longest = max(len(p) for p in patterns)
+            new = _new(self._static, values, name, fold=False)
+            if new:
+                self._static.update(new)
+                self._static_segment = None
+                self._stale = True
+
+    def add_job_mask(self, value: bytes) -> str | None:
+        """Register a value the job chose (``::add-mask::``), within the per-job limits.
+
+        Returns None when the value is masked from now on, or why it was refused (a short
+        text without the value)."""
+        if len(value) < MIN_VARIANT:
+            return f"shorter than {MIN_VARIANT} bytes"
+        if len(value) > MAX_JOB_MASK_BYTES:
+            return f"longer than {MAX_JOB_MASK_BYTES} bytes"
+        with self._lock:
+            job = self._job
+            if value in job.values:
+                return None
+            if len(job.values) >= MAX_JOB_MASKS:
+                return f"the job already registered {MAX_JOB_MASKS} values"
+            if job.total + len(value) > MAX_JOB_MASK_TOTAL:
+                return f"the job's values would exceed {MAX_JOB_MASK_TOTAL} bytes in total"
+            job.values.add(value)
+            job.total += len(value)
+            new = _new(self._job_table, (value,), "add-mask", fold=True)
+            if new:
+                self._job_table.update(new)
+                self._job_pending.update(new)
+                self._stale = True
+        return None
+
+    def _current(self) -> _State:
+        """The automata, built now if values were registered since they were last built."""
+        if not self._stale:
+            return self._state
+        with self._lock:
+            if self._stale:
+                if self._static and self._static_segment is None:
+                    self._static_segment = _Segment.build(self._static, fold=False)
+                if self._job_pending:
+                    self._job_segments = _merge_tiers(
+                        [*self._job_segments, _Segment.build(self._job_pending, fold=True)])
+                    self._job_pending = {}
+                segments = (*([self._static_segment] if self._static_segment else []),
+                            *self._job_segments)
+                self._state = _State(segments, max((len(p) for seg in segments
+                                                    for p in seg.patterns), default=0))
+                self._stale = False
+            return self._state
 
     def __bool__(self) -> bool:
-        return self._automaton is not None
+        return bool(self._static or self._job_table)
 
     def spans(self, data: bytes) -> list[tuple[int, int]]:
-        """Non-overlapping ``(start, end)`` of every variant in ``data``."""
-        automaton = self._automaton
-        if automaton is None:
-            return []
-        return [(s, e) for _, s, e in automaton.find_matches_as_indexes(data)]
+        """The ``(start, end)`` regions of ``data`` that :meth:`mask` replaces."""
+        regions: list[tuple[int, int]] = []
+        state = self._current()
+        for s, e, _ in _merged([seg.spans(text, 0, len(data))[0] for seg, text in
+                                zip(state.segments, state.texts(data), strict=True)]):
+            if regions and s <= regions[-1][1]:
+                regions[-1] = (regions[-1][0], max(regions[-1][1], e))
+            else:
+                regions.append((s, e))
+        return regions
 
     def names_in(self, data: bytes) -> set[str]:
         """The names of the secrets whose variants occur in ``data``."""
-        automaton = self._automaton
-        if automaton is None:
-            return set()
-        patterns = self._sorted
-        return {self._patterns[patterns[i]] for i, _, _ in
-                automaton.find_matches_as_indexes(data)}
+        state = self._current()
+        return {seg.names[i] for seg, text in zip(state.segments, state.texts(data), strict=True)
+                for i, _, _ in seg.automaton.find_matches_as_indexes(text)}
 
     def mask(self, data: bytes) -> bytes:
         """``data`` with every variant replaced (for complete, non-streaming buffers)."""
-        return _apply(data, self.spans(data), len(data))[0]
+        return Redactor(self)._step(data, final=True) if self else data
 
 
-def _apply(data: bytes, spans: list[tuple[int, int]], upto: int) -> tuple[bytes, int]:
-    """Mask the spans that start before ``upto``; return the output and how far it reaches."""
-    out, pos = [], 0
-    for start, end in spans:
-        if start >= upto:
-            break
-        out.append(data[pos:start])
-        out.append(MASK)
-        pos = end
-    end_at = max(pos, upto)
-    out.append(data[pos:end_at])
-    return b"".join(out), end_at
+def _new(known: _Table, values: Iterable[bytes], name: str, fold: bool) -> _Table:
+    """The patterns of ``values`` not in ``known`` yet (or with new flags)."""
+    new: _Table = {}
+    for value in values:
+        for pattern, flags in _patterns(value, fold).items():
+            old = new.get(pattern) or known.get(pattern)
+            if old is None:
+                new[pattern] = (name, flags)
+            elif old[1] | flags != old[1]:
+                new[pattern] = (old[0], old[1] | flags)
+    return new
+
+
+def _merged(lists: list[list[_Span]]) -> Iterator[_Span]:
+    """The matches of every automaton by start (final ones first at a tie)."""
+    return heapq.merge(*lists, key=lambda span: (span[0], not span[2]))
 
 
 class Redactor:
-    """Streaming masking of one output stream."""
+    """Streaming masking of one output stream: the output is the same however it is chunked.
+
+    Each automaton resumes where its last final match ended (so each one finds the same
+    leftmost-longest matches as on the whole stream), and overlapping or adjacent matches
+    merge into one ``***``. What is held back is the unfinished last line, at most
+    ``longest + 2`` bytes of it; each byte is searched a bounded number of times."""
 
     def __init__(self, masker: Masker) -> None:
         self.masker = masker
-        self._pending = b""
+        self._buf = b""  # not yet emitted, or kept to resume a search (offsets below index it)
+        self._emitted = 0  # _buf[:_emitted] has been emitted
+        self._mask_end = -1  # the end of the mask just emitted (a later overlap extends it)
+        self._resume: dict[_Segment, int] = {}
 
     def feed(self, chunk: bytes) -> bytes:
         """Masked output that is safe to emit now (a value may straddle the next chunk)."""
-        if not self.masker:
+        if not self._buf and not self.masker:
             return chunk
-        data = self._pending + chunk if self._pending else chunk
-        # a match starting before `safe` can no longer grow with bytes still to come: it is
-        # either far enough from the end, or on a finished line (no variant spans a newline)
-        safe = max(0, len(data) - self.masker.longest + 1, data.rfind(b"\n") + 1)
-        out, used = _apply(data, self.masker.spans(data), safe)
-        self._pending = data[used:]
-        return out
+        return self._step(self._buf + chunk, final=False)
 
     def flush(self) -> bytes:
         """Everything held back, masked (at the end of the stream)."""
-        data, self._pending = self._pending, b""
-        return self.masker.mask(data) if data else b""
+        out = self._step(self._buf, final=True) if self._buf else b""
+        self._buf, self._emitted, self._mask_end, self._resume = b"", 0, -1, {}
+        return out
+
+    def _step(self, data: bytes, final: bool) -> bytes:
+        state = self.masker._current()
+        end = len(data)
+        if final:
+            safe = upto = end
+        else:
+            # a match starting before `safe` cannot change with bytes still to come: it is far
+            # enough from the end (one byte to spare for widening), or on a finished line (no
+            # pattern spans a newline); plain text stops a byte earlier, unless at a newline,
+            # so that a match widened to the left never reaches text already emitted
+            newline = data.rfind(b"\n") + 1
+            safe = max(end - state.longest, newline, 0)
+            upto = safe if safe == newline else safe - 1
+        out: list[bytes] = []
+        pos, mask_end = self._emitted, self._mask_end
+        resume: dict[_Segment, int] = {}
+        lists = []
+        for seg, text in zip(state.segments, state.texts(data), strict=True):
+            spans, resume[seg] = seg.spans(text, self._resume.get(seg, 0), safe)
+            lists.append(spans)
+        for s, e, is_final in _merged(lists):
+            if e <= pos or (not is_final and s > mask_end):
+                continue
+            if s <= mask_end == pos:  # touches the mask just emitted: one ***
+                pos = mask_end = e
+                continue
+            if s > pos:
+                out.append(data[pos:s])
+            out.append(MASK)
+            pos = mask_end = e
+        if upto > pos:
+            out.append(data[pos:upto])
+            pos = upto
+        cut = max(0, min(pos, *resume.values()) - 1)  # keep a byte to widen a match over
+        self._buf, self._emitted, self._mask_end = data[cut:], pos - cut, mask_end - cut
+        self._resume = {seg: r - cut for seg, r in resume.items()}
+        return b"".join(out)
