@@ -1,4 +1,8 @@
-"""Loading a job spec file: size cap, then a cache of validated specs, then full validation.
+"""Loading a job spec file: a bounded read, then a cache of validated specs, then validation.
+
+The file is whatever path the user gave: a FIFO, a device or a directory is refused without
+blocking (``stat`` first, then ``O_NONBLOCK`` and ``fstat`` on what was really opened), and at
+most :data:`MAX_SPEC_BYTES` are read.
 
 Validation (YAML + pydantic) costs more than starting a sandbox, so the validated form of a
 spec is cached in ``$STOCKADE_HOME/cache/specs/`` keyed by the sha256 of the file's bytes and
@@ -10,26 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from stockade import __version__
-from stockade.errors import SpecError
 from stockade.spec.job import Job
+from stockade.spec.problems import spec_error
 
 MAX_SPEC_BYTES = 1024 * 1024
 CACHE_ENTRIES = 256
-_VALIDATOR_SOURCES = ("model.py", "parse.py", "units.py", "job.py")
+_VALIDATOR_SOURCES = ("model.py", "parse.py", "units.py", "job.py", "yamldoc.py", "problems.py")
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
 def load_spec(path: Path, cache_dir: Path | None = None) -> Job:
     """Read and validate the job spec at ``path`` (``SpecError`` if it is invalid)."""
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_SPEC_BYTES + 1)
-    except OSError as e:
-        raise SpecError(str(path), [f"cannot read the file: {e.strerror}"]) from e
-    if len(data) > MAX_SPEC_BYTES:
-        raise SpecError(str(path), [f"the file is larger than {MAX_SPEC_BYTES} bytes"])
+    data = read_spec_file(path)
     entry = cache_dir / f"{_cache_key(data)}.json" if cache_dir else None
     if entry is not None:
         try:
@@ -42,6 +43,41 @@ def load_spec(path: Path, cache_dir: Path | None = None) -> Job:
     if entry is not None:
         _store(entry, job)
     return job
+
+
+def read_spec_file(path: Path) -> bytes:
+    """The bytes of the regular file at ``path``; never blocks, never reads more than
+    :data:`MAX_SPEC_BYTES` + 1 (``SpecError`` otherwise)."""
+    try:
+        _check_regular(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            _check_regular(path, os.fstat(fd))  # what was opened, not what was looked at
+            chunks, size = [], 0
+            while size <= MAX_SPEC_BYTES:
+                chunk = os.read(fd, MAX_SPEC_BYTES + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise spec_error(str(path), [f"cannot read the file: {e.strerror or e}"]) from e
+    if size > MAX_SPEC_BYTES:
+        raise spec_error(str(path), [f"the file is larger than {MAX_SPEC_BYTES} bytes; "
+                                     "a job spec is a short YAML file"])
+    return b"".join(chunks)
+
+
+def _check_regular(path: Path, st: os.stat_result) -> None:
+    if stat.S_ISREG(st.st_mode):
+        if st.st_size > MAX_SPEC_BYTES:
+            raise spec_error(str(path), [f"the file is larger than {MAX_SPEC_BYTES} bytes; "
+                                         "a job spec is a short YAML file"])
+        return
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
+    raise spec_error(str(path), [f"{kind}, not a regular file; give the path of a YAML file"])
 
 
 def _cache_key(data: bytes) -> str:

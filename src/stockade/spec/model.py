@@ -21,47 +21,74 @@ from pydantic import (
 
 from stockade.egress.policy import parse_rule
 from stockade.spec.job import IdToken, Job, JobEgress, JobResources, JobSecret, JobStep
-from stockade.spec.units import format_duration, parse_duration, parse_size
+from stockade.spec.problems import excerpt
+from stockade.spec.units import format_duration, format_spec_size, parse_duration, parse_size
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# fullmatch everywhere: with re.match, '$' also matches before a final newline ("build\n")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=/+-]{0,99}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_PRINTABLE_ASCII = re.compile(r"[!-~]+")  # no space, no control character
 RESERVED_ENV = ("CI", "HOME", "PATH", "HOSTNAME", "USER", "LOGNAME")
 
-
 MAX_TIMEOUT_S = 72 * 3600
+MiB, TiB = 1024**2, 1024**4
+MAX_PIDS = 4_194_304  # the kernel's PID_MAX_LIMIT; the runner also keeps below kernel.pid_max
+MAX_ENV_VARS = 256
+MAX_ENV_VALUE = 32 * 1024
+MAX_ENV_TOTAL = 256 * 1024
+MAX_LIST = 100  # secrets, artifacts, labels
+MAX_ALLOW = 256
+MAX_PATTERN = 256
 
 
 def _duration(value: Any) -> float:
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a duration; write it as a string such as 90s or 5m")
+        raise ValueError(f"{excerpt(value)} is not a duration; "
+                         "write it as a string such as 90s or 5m")
     seconds = parse_duration(value)
     if seconds <= 0:
         raise ValueError("must be longer than 0s")
     if seconds > MAX_TIMEOUT_S:
-        raise ValueError(f"{value!r} is longer than the 72h a job may run")
+        raise ValueError(f"{excerpt(value)} is longer than the 72h a job may run")
     return seconds
 
 
-def _size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"{value!r} is not a size; use e.g. 512Mi or 2Gi")
-    size = parse_size(value)
-    if size <= 0:
-        raise ValueError("must be larger than 0")
-    return size
+def _size_between(low: int, high: int) -> Any:
+    """A size validator: ``low`` and ``high`` are what no runner could sensibly give."""
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"{excerpt(value)} is not a size; use e.g. 512Mi or 2Gi")
+        size = parse_size(value)
+        if size < low:
+            raise ValueError(f"{excerpt(value)} is too small; at least "
+                             f"{format_spec_size(low)} is needed")
+        if size > high:
+            raise ValueError(f"{excerpt(value)} is too large; at most "
+                             f"{format_spec_size(high)} is possible")
+        return size
+
+    return BeforeValidator(check)
 
 
 def _name(value: str) -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a valid name; use 1-100 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            f"{excerpt(value)} is not a valid name; use 1-100 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit"
         )
     return value
 
 
+def _too_many(what: str, items: tuple[Any, ...] | dict[Any, Any], limit: int) -> None:
+    if len(items) > limit:
+        raise ValueError(f"{len(items)} {what} are more than the {limit} a job may have")
+
+
 Duration = Annotated[float, BeforeValidator(_duration), PlainSerializer(format_duration)]
-Size = Annotated[int, BeforeValidator(_size)]
+Memory = Annotated[int, _size_between(16 * MiB, 4 * TiB)]
+DiskSize = Annotated[int, _size_between(1 * MiB, 4 * TiB)]
 Name = Annotated[StrictStr, AfterValidator(_name)]
 
 
@@ -87,18 +114,18 @@ class Step(_Strict):
 class Resources(_Strict):
     """Limits enforced on the whole job (all steps and their processes)."""
 
-    cpus: float = Field(default=1.0, gt=0, le=256)
-    memory: Size = 2 * 1024**3
-    pids: StrictInt = Field(default=1024, ge=16, le=32768)
-    tmp: Size = 512 * 1024**2
-    workspace: Size = 1024**3
+    cpus: float = Field(default=1.0, ge=0.01, le=256, allow_inf_nan=False)
+    memory: Memory = 2 * 1024**3
+    pids: StrictInt = Field(default=1024, ge=16, le=MAX_PIDS)
+    tmp: DiskSize = 512 * MiB
+    workspace: DiskSize = 1024**3
     timeout: Duration = 1800.0
 
     @field_validator("cpus", mode="before")
     @classmethod
     def _cpus(cls, v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{v!r} is not a number of CPUs; use e.g. 1, 2 or 0.5")
+            raise ValueError(f"{excerpt(v)} is not a number of CPUs; use e.g. 1, 2 or 0.5")
         return float(v)
 
 
@@ -126,12 +153,17 @@ class EgressSpec(_Strict):
         try:
             return EgressMode(v)
         except ValueError:
-            raise ValueError(f"{v!r} is not an egress mode; use none, block or audit") from None
+            raise ValueError(f"{excerpt(v)} is not an egress mode; use none, block or audit"
+                             ) from None
 
     @field_validator("allow")
     @classmethod
     def _allow(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        _too_many("allow entries", v, MAX_ALLOW)
         for entry in v:
+            if len(entry) > MAX_PATTERN or not _PRINTABLE_ASCII.fullmatch(entry):
+                raise ValueError(f"{excerpt(entry)} is not a destination; use HOST:PORT or "
+                                 f"CIDR:PORT in at most {MAX_PATTERN} printable characters")
             parse_rule(entry)  # ValueError with the entry and a hint
         return v
 
@@ -139,7 +171,8 @@ class EgressSpec(_Strict):
     @classmethod
     def _on_violation(cls, v: str) -> str:
         if v not in ("log", "kill"):
-            raise ValueError(f"{v!r} is not a violation response; use log (default) or kill")
+            raise ValueError(f"{excerpt(v)} is not a violation response; "
+                             "use log (default) or kill")
         return v
 
     @model_validator(mode="after")
@@ -162,7 +195,7 @@ class SecretRef(_Strict):
     @classmethod
     def _delivery(cls, v: str) -> str:
         if v not in ("env", "file"):
-            raise ValueError(f"{v!r} is not a delivery; use env (default) or file")
+            raise ValueError(f"{excerpt(v)} is not a delivery; use env (default) or file")
         return v
 
 
@@ -170,6 +203,14 @@ class IdTokenSpec(_Strict):
     """``id_token: {aud: ...}``: give the job a signed OIDC token for that audience."""
 
     aud: StrictStr = Field(min_length=1, max_length=200)
+
+    @field_validator("aud")
+    @classmethod
+    def _aud(cls, v: str) -> str:
+        if not _PRINTABLE_ASCII.fullmatch(v):
+            raise ValueError(f"{excerpt(v)} is not an audience; use printable characters "
+                             "without spaces, e.g. https://deploy.example.com")
+        return v
 
 
 class JobSpec(_Strict):
@@ -191,7 +232,7 @@ class JobSpec(_Strict):
     def _image(cls, v: str) -> str:
         if v != "host":
             raise ValueError(
-                f"image {v!r} is not available: this version runs jobs on image 'host' only "
+                f"image {excerpt(v)} is not available: this version runs jobs on image 'host' only "
                 "(the host's /usr, read-only); remove the key or write image: host"
             )
         return v
@@ -199,24 +240,39 @@ class JobSpec(_Strict):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        _too_many("variables", v, MAX_ENV_VARS)
+        reserved = [k for k in v if k in RESERVED_ENV or k.startswith("STOCKADE_")]
         for key, value in v.items():
-            if not _ENV_NAME.match(key):
-                raise ValueError(
-                    f"{key!r} is not a valid variable name; use [A-Za-z_][A-Za-z0-9_]*")
-            if key in RESERVED_ENV or key.startswith("STOCKADE_"):
-                raise ValueError(f"{key!r} is set by stockade and cannot be overridden")
+            if not _ENV_NAME.fullmatch(key):
+                raise ValueError(f"{excerpt(key)} is not a valid variable name; "
+                                 "use [A-Za-z_][A-Za-z0-9_]*, at most 128 characters")
             if "\0" in value:
                 raise ValueError(f"the value of {key} contains a NUL byte")
+            if len(value) > MAX_ENV_VALUE:
+                raise ValueError(f"the value of {key} is {len(value)} characters, more than "
+                                 f"the {MAX_ENV_VALUE} a variable may have; put it in a file")
+        if reserved:
+            names = ", ".join(excerpt(k) for k in reserved)
+            raise ValueError(f"{names} {'is' if len(reserved) == 1 else 'are'} set by stockade "
+                             "and cannot be overridden")
+        total = sum(len(k) + len(val) + 2 for k, val in v.items())
+        if total > MAX_ENV_TOTAL:
+            raise ValueError(f"the variables take {total} characters, more than the "
+                             f"{MAX_ENV_TOTAL} a job may have; put large values in files")
         return v
 
     @field_validator("artifacts")
     @classmethod
     def _artifacts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        _too_many("artifact patterns", v, MAX_LIST)
         for pattern in v:
             parts = pattern.split("/")
+            if len(pattern) > MAX_PATTERN or not pattern.isprintable():
+                raise ValueError(f"{excerpt(pattern)} must be at most {MAX_PATTERN} printable "
+                                 "characters")
             if not pattern or pattern.startswith("/") or ".." in parts:
                 raise ValueError(
-                    f"{pattern!r} must be a glob relative to the workspace without '..', "
+                    f"{excerpt(pattern)} must be a glob relative to the workspace without '..', "
                     "e.g. dist/** or reports/*.xml"
                 )
         return v
@@ -224,18 +280,29 @@ class JobSpec(_Strict):
     @field_validator("secrets")
     @classmethod
     def _secrets(cls, v: tuple[str | SecretRef, ...]) -> tuple[SecretRef, ...]:
+        _too_many("secrets", v, MAX_LIST)
         refs = tuple(SecretRef(name=s) if isinstance(s, str) else s for s in v)
         seen: set[str] = set()
         for ref in refs:
-            if not _ENV_NAME.match(ref.name):
-                raise ValueError(
-                    f"{ref.name!r} is not a valid secret name; use [A-Za-z_][A-Za-z0-9_]*")
+            if not _ENV_NAME.fullmatch(ref.name):
+                raise ValueError(f"{excerpt(ref.name)} is not a valid secret name; "
+                                 "use [A-Za-z_][A-Za-z0-9_]*, at most 128 characters")
             if ref.name in seen:
                 raise ValueError(f"{ref.name!r} is requested twice")
             if ref.name in RESERVED_ENV or ref.name.startswith("STOCKADE_"):
                 raise ValueError(f"{ref.name!r} is set by stockade; name the secret otherwise")
             seen.add(ref.name)
         return refs
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        _too_many("labels", v, MAX_LIST)
+        for label in v:
+            if not _LABEL.fullmatch(label):
+                raise ValueError(f"{excerpt(label)} is not a valid label; use 1-100 letters, "
+                                 "digits or '._:=/+-', starting with a letter or digit")
+        return v
 
     @model_validator(mode="after")
     def _secret_env_clash(self) -> JobSpec:

@@ -1,72 +1,62 @@
-"""Validating a job spec from YAML with pydantic: duplicate keys refused, errors with paths."""
+"""Validating a job spec from YAML with pydantic: errors with paths, bounded and escaped."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from stockade.errors import SpecError
 from stockade.spec.model import JobSpec
+from stockade.spec.problems import excerpt, spec_error
+from stockade.spec.yamldoc import RefusedYaml, load_document
 
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _StrictLoader(_Loader):  # type: ignore[misc,valid-type]
-    """A safe loader that refuses duplicate mapping keys instead of keeping the last one."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping
-)
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def parse_spec(data: bytes | str, *, source: str = "<spec>") -> JobSpec:
     """Validate a job spec given as YAML text."""
     try:
-        doc = yaml.load(data, Loader=_StrictLoader)
+        doc = load_document(data)
+    except RefusedYaml as e:
+        raise spec_error(source, [_yaml_problem(e)]) from e
     except yaml.YAMLError as e:
-        raise SpecError(source, [f"not valid YAML: {_yaml_problem(e)}"]) from e
+        raise spec_error(source, [f"not valid YAML: {_yaml_problem(e)}"]) from e
     if not isinstance(doc, dict):
-        raise SpecError(
+        raise spec_error(
             source, ["the spec must be a mapping with at least 'name' and 'steps', e.g.\n"
                      "    name: build\n    steps:\n      - name: test\n        run: make test"]
         )
     try:
         return JobSpec.model_validate(doc)
     except ValidationError as e:
-        problems = [_problem(err) for err in e.errors()]
-        raise SpecError(source, [p for p in problems if p]) from e
+        problems = [_problem(err) for err in e.errors(include_url=False)]
+        raise spec_error(source, [p for p in problems if p]) from e
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     problem = getattr(e, "problem", None) or str(e)
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-    return f"{problem}{where}"
+    return f"{problem[:200]}{where}"
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
+def _path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
-        elif part.startswith("function-") or part.startswith("lax-") or part in ("str", "int"):
+        elif not isinstance(part, str):
+            out += f"[{excerpt(part, 30)}]"  # a key YAML made a number, a bool or null
+        elif part.startswith(("function-", "lax-")) or part in ("str", "int"):
             continue
-        else:
+        elif part == "[key]":
+            out += " (the key)"
+        elif _PLAIN_KEY.fullmatch(part):
             out += f".{part}" if out else part
+        else:
+            out += f"[{excerpt(part, 30)}]"  # a key the spec chose: shown escaped and short
     return out or "(top level)"
 
 
@@ -85,9 +75,10 @@ def _problem(err: Any) -> str | None:
         msg = msg.removeprefix("Value error, ")
     elif kind.endswith("_type"):
         got = err.get("input")
-        msg = f"{msg[0].lower()}{msg[1:]}, got {type(got).__name__} {got!r}"
-        if kind == "string_type" and isinstance(got, (int, float, bool)):
-            msg += f"; quote it: '{got}'"
+        msg = f"{msg[0].lower()}{msg[1:]}, got {type(got).__name__} {excerpt(got)}"
+        if kind == "string_type" and isinstance(got, (int, float)):
+            text = str(got).lower() if isinstance(got, bool) else excerpt(got)
+            msg += f'; quote it: "{text}"'
     else:
         msg = f"{msg[0].lower()}{msg[1:]}"
     return f"{loc}: {msg}"

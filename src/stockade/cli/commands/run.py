@@ -42,10 +42,11 @@ def main(args: argparse.Namespace) -> int:
     from stockade.ids import new_runner_id
     from stockade.runner import Runner
     from stockade.sandbox import get_backend
-    from stockade.spec import load_spec
+    from stockade.spec import ceilings, load_spec
 
     settings, control = open_control()
     spec = load_spec(args.file, settings.cache_dir / "specs")
+    ceilings.check(spec, settings, source=str(args.file))
     workspace = (args.workspace or Path.cwd()).absolute()
     if not workspace.is_dir():
         raise UsageError(f"workspace {workspace} is not a directory",

@@ -10,8 +10,10 @@ from pathlib import Path
 HELP = "check job specs without running them"
 DESCRIPTION = """\
 Validate each job spec FILE the way stockade run would (exit 0 if all are valid, 2 otherwise,
-with every problem and its fix). With --json, print each valid spec with all defaults filled
-in. A validated spec is cached, so the next stockade run of it starts faster."""
+with every problem and its fix), including this runner's resource ceilings (max_cpus,
+max_memory_bytes, max_pids, max_tmp_bytes, max_workspace_bytes, max_timeout_s). With --json,
+print each valid spec with all defaults filled in. A validated spec is cached, so the next
+stockade run of it starts faster."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     """Validate every file; report all problems, not just the first file's."""
     from stockade.config import ensure_home, load_settings
     from stockade.errors import SpecError
-    from stockade.spec import load_spec
+    from stockade.spec import ceilings, load_spec
 
     settings = load_settings()
     ensure_home(settings)
@@ -32,6 +34,7 @@ def main(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             job = load_spec(path, settings.cache_dir / "specs")
+            ceilings.check(job, settings, source=str(path))
         except SpecError as e:
             failed = True
             sys.stderr.write(f"stockade: {e.diagnostics()}\n")
