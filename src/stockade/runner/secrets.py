@@ -40,8 +40,6 @@ class JobSecrets:
         """Secrets found in a file about to be published (inside archives too), and why the
         file could not be scanned completely, if it could not."""
         result = scan_file(path, self.masker)
-        if isinstance(result, set):  # TEMP until leaks.ScanResult lands
-            return result, None
         return result.found, result.unscannable
 
     def names_in(self, text: str) -> list[str]:
