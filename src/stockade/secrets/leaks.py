@@ -92,6 +92,8 @@ def scan_file(path: Path, masker: Masker, limits: ScanLimits = ScanLimits()) -> 
             _top(fd, info.st_size, scan)
         except Unscannable as e:
             return ScanResult(scan.found, str(e))
+        except (OSError, ValueError, EOFError, struct.error) as e:  # a reader gave up on it
+            return ScanResult(scan.found, f"it could not be read ({type(e).__name__})")
         return ScanResult(scan.found)
     finally:
         os.close(fd)
@@ -450,7 +452,7 @@ def _zip(f: _Seekable, scan: _Scan, depth: int) -> None:
                 scan.entry()
                 _zip_entry(archive, info, scan, depth)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError,
-            ValueError) as e:
+            ValueError, struct.error) as e:
         raise Unscannable("corrupt zip archive") from e
 
 

@@ -35,7 +35,8 @@ go through :meth:`Masker.add_job_mask`, which enforces :data:`MAX_JOB_MASKS`,
 :data:`MAX_JOB_MASK_BYTES` and :data:`MAX_JOB_MASK_TOTAL`; they are matched in text folded with
 :data:`FOLD` (hex case and the two base64 alphabets), and each registration builds an NFA for
 its own patterns only, merged with earlier ones by size class, so that registering n values one
-at a time costs O(n log n), never O(n^2), and O(log n) automata are searched.
+at a time costs O(n log n), never O(n^2), and O(log n) automata are searched; an NFA that has
+searched 1,024 bytes per byte of its patterns is rebuilt as a DFA (same matches, faster).
 
 Masking cannot catch a value printed reversed, character by character, or transformed in any
 other way not listed here, a value (or a line of one) under 4 bytes, nor covert channels (exit
@@ -74,6 +75,8 @@ WRAP_COLUMNS = (64, 76)  # PEM and base64(1) line lengths (PIECE is one of them)
 FOLD = bytes.maketrans(b"ABCDEF-_", b"abcdef+/")
 _URL_SAFE = bytes.maketrans(b"+/", b"-_")
 _SMALL, _FAN = 16 * 1024, 8  # job automata: one under 16 KiB, fewer than 8 per factor of 8
+_DFA_AFTER = 1024  # a job's NFA becomes a DFA once it searched 1024 bytes per pattern byte
+_KEYS = itertools.count()
 
 _Span = tuple[int, int, bool]  # start, end, final
 _LEFT, _RIGHT = 1, 2  # mask the base64 character just before / after a match as well
@@ -249,29 +252,49 @@ def variants(value: bytes) -> set[bytes]:
 _Table = dict[bytes, tuple[str, int]]  # pattern -> (the name of its secret, flags)
 
 
+class _Usage:
+    """How many bytes an automaton has searched (to decide when a DFA pays off)."""
+
+    searched = 0
+
+
 @dataclass(frozen=True, eq=False)
 class _Segment:
-    """One automaton over some of the patterns (compared by identity)."""
+    """One automaton over some of the patterns. ``key`` names the pattern set: a DFA built
+    later for the same patterns keeps it (and finds the same matches)."""
 
     patterns: tuple[bytes, ...]
     names: tuple[str, ...]
     flags: tuple[int, ...]
     size: int
     fold: bool  # the patterns are folded with FOLD, and so must the text be
+    dfa: bool
     automaton: BytesAhoCorasick
+    key: int = field(default_factory=lambda: next(_KEYS))
+    usage: _Usage = field(default_factory=_Usage)
 
     @classmethod
-    def build(cls, table: _Table, fold: bool) -> _Segment:
-        """An automaton over ``table``: a DFA if small and not a job's (a DFA is up to twice as
-        fast to search, but ten times slower to build), else a contiguous NFA."""
+    def build(cls, table: _Table, fold: bool, dfa: bool) -> _Segment:
+        """An automaton over ``table``: a DFA if asked for and small, else a contiguous NFA
+        (a DFA is two to four times faster to search, ten times slower to build, and ~500
+        bytes per pattern byte)."""
         patterns = tuple(table)
         size = sum(map(len, patterns))
-        kind = (Implementation.DFA if not fold and size <= DFA_MAX_BYTES else
-                Implementation.ContiguousNFA)
+        dfa = dfa and size <= DFA_MAX_BYTES
         return cls(patterns, tuple(table[p][0] for p in patterns),
-                   tuple(table[p][1] for p in patterns), size, fold,
-                   BytesAhoCorasick(patterns, matchkind=MatchKind.LeftmostLongest,
-                                    implementation=kind))
+                   tuple(table[p][1] for p in patterns), size, fold, dfa,
+                   _automaton(patterns, dfa))
+
+    def as_dfa(self) -> _Segment:
+        """The same patterns (and key) in a DFA."""
+        return _Segment(self.patterns, self.names, self.flags, self.size, self.fold, True,
+                        _automaton(self.patterns, True), self.key)
+
+    @property
+    def ripe(self) -> bool:
+        """An NFA that has searched enough for a DFA's build to cost a fraction of it."""
+        return (not self.dfa and self.size <= DFA_MAX_BYTES and
+                self.usage.searched >= _DFA_AFTER * self.size)
 
     @property
     def tier(self) -> int:
@@ -290,6 +313,7 @@ class _Segment:
         out = []
         flags = self.flags
         resume = max(start, safe)
+        self.usage.searched += len(text) - start
         for i, s, e in self.automaton.find_matches_as_indexes(memoryview(text)[start:]):
             s, e, fl = s + start, e + start, flags[i]
             final = s < safe
@@ -301,6 +325,12 @@ class _Segment:
                 e += 1
             out.append((s, e, final))
         return out, resume
+
+
+def _automaton(patterns: tuple[bytes, ...], dfa: bool) -> BytesAhoCorasick:
+    return BytesAhoCorasick(patterns, matchkind=MatchKind.LeftmostLongest,
+                            implementation=Implementation.DFA if dfa else
+                            Implementation.ContiguousNFA)
 
 
 def _merge_tiers(segments: list[_Segment]) -> list[_Segment]:
@@ -322,7 +352,7 @@ def _merge_tiers(segments: list[_Segment]) -> list[_Segment]:
             for pattern, (name, flags) in seg.table().items():
                 known = table.get(pattern, (name, 0))
                 table[pattern] = (known[0], known[1] | flags)
-        segments[-count:] = [_Segment.build(table, fold=True)]
+        segments[-count:] = [_Segment.build(table, fold=True, dfa=False)]
     return segments
 
 
@@ -410,22 +440,25 @@ class Masker:
         return None
 
     def _current(self) -> _State:
-        """The automata, built now if values were registered since they were last built."""
-        if not self._stale:
+        """The automata, built now if values were registered since they were last built (and
+        a job's NFA replaced by a DFA once it has searched enough for the DFA to pay)."""
+        if not self._stale and not any(seg.ripe for seg in self._job_segments):
             return self._state
         with self._lock:
-            if self._stale:
-                if self._static and self._static_segment is None:
-                    self._static_segment = _Segment.build(self._static, fold=False)
-                if self._job_pending:
-                    self._job_segments = _merge_tiers(
-                        [*self._job_segments, _Segment.build(self._job_pending, fold=True)])
-                    self._job_pending = {}
-                segments = (*([self._static_segment] if self._static_segment else []),
-                            *self._job_segments)
-                self._state = _State(segments, max((len(p) for seg in segments
-                                                    for p in seg.patterns), default=0))
-                self._stale = False
+            if self._static and self._static_segment is None:
+                self._static_segment = _Segment.build(self._static, fold=False, dfa=True)
+            if self._job_pending:
+                self._job_segments = _merge_tiers(
+                    [*self._job_segments,
+                     _Segment.build(self._job_pending, fold=True, dfa=False)])
+                self._job_pending = {}
+            self._job_segments = [seg.as_dfa() if seg.ripe else seg
+                                  for seg in self._job_segments]
+            segments = (*([self._static_segment] if self._static_segment else []),
+                        *self._job_segments)
+            self._state = _State(segments, max((len(p) for seg in segments
+                                                for p in seg.patterns), default=0))
+            self._stale = False
             return self._state
 
     def __bool__(self) -> bool:
@@ -446,8 +479,11 @@ class Masker:
     def names_in(self, data: bytes) -> set[str]:
         """The names of the secrets whose variants occur in ``data``."""
         state = self._current()
-        return {seg.names[i] for seg, text in zip(state.segments, state.texts(data), strict=True)
-                for i, _, _ in seg.automaton.find_matches_as_indexes(text)}
+        names: set[str] = set()
+        for seg, text in zip(state.segments, state.texts(data), strict=True):
+            seg.usage.searched += len(text)
+            names.update(seg.names[i] for i, _, _ in seg.automaton.find_matches_as_indexes(text))
+        return names
 
     def mask(self, data: bytes) -> bytes:
         """``data`` with every variant replaced (for complete, non-streaming buffers)."""
@@ -485,7 +521,7 @@ class Redactor:
         self._buf = b""  # not yet emitted, or kept to resume a search (offsets below index it)
         self._emitted = 0  # _buf[:_emitted] has been emitted
         self._mask_end = -1  # the end of the mask just emitted (a later overlap extends it)
-        self._resume: dict[_Segment, int] = {}
+        self._resume: dict[int, int] = {}  # segment key -> where its search resumes
 
     def feed(self, chunk: bytes) -> bytes:
         """Masked output that is safe to emit now (a value may straddle the next chunk)."""
@@ -514,10 +550,10 @@ class Redactor:
             upto = safe if safe == newline else safe - 1
         out: list[bytes] = []
         pos, mask_end = self._emitted, self._mask_end
-        resume: dict[_Segment, int] = {}
+        resume: dict[int, int] = {}
         lists = []
         for seg, text in zip(state.segments, state.texts(data), strict=True):
-            spans, resume[seg] = seg.spans(text, self._resume.get(seg, 0), safe)
+            spans, resume[seg.key] = seg.spans(text, self._resume.get(seg.key, 0), safe)
             lists.append(spans)
         for s, e, is_final in _merged(lists):
             if e <= pos or (not is_final and s > mask_end):
@@ -534,5 +570,5 @@ class Redactor:
             pos = upto
         cut = max(0, min(pos, *resume.values()) - 1)  # keep a byte to widen a match over
         self._buf, self._emitted, self._mask_end = data[cut:], pos - cut, mask_end - cut
-        self._resume = {seg: r - cut for seg, r in resume.items()}
+        self._resume = {key: r - cut for key, r in resume.items()}
         return b"".join(out)

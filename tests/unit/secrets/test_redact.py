@@ -383,3 +383,20 @@ def test_job_masks_take_effect_mid_stream() -> None:
     rest = redactor.feed(b"and job-derived again") + redactor.flush()
     assert b"known-secret" not in first + rest
     assert rest.endswith(b"*** again")
+
+
+def test_a_busy_job_automaton_becomes_a_dfa_and_masks_the_same() -> None:
+    def masker() -> Masker:
+        m = Masker([b"broker-secret"])
+        assert m.add_job_mask(b"job-derived-value") is None
+        return m
+
+    data = (b"x job-derived-value y broker-secret z\n" + b"filler " * 100 + b"\n") * 2000
+    expected = masker().mask(data)  # searched once: still the NFA
+    busy = masker()
+    nfa = busy._current().segments[-1]
+    assert not nfa.dfa
+    assert stream(busy, data, list(range(0, len(data), 4099))) == expected  # upgraded midway
+    dfa = busy._current().segments[-1]
+    assert dfa.dfa and dfa.key == nfa.key
+    assert stream(busy, data, [1000, 50_000]) == expected
