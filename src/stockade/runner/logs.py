@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import os
 import select
+import signal
 import stat
 import threading
 import time
@@ -313,6 +314,8 @@ class LiveStream:
             self._unreported = 0
 
     def _run(self) -> None:
+        # signals are the main thread's business (cancelling the job): never this thread's
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         while True:
             with self._cond:
                 while not self._queue and not self._closing:

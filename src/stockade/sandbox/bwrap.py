@@ -43,6 +43,7 @@ SCRIPT_PATH = "/run/stockade/step.sh"
 SECRETS_DIR = "/run/secrets"
 IDENTITY_DIR = "/run/stockade/identity"
 SHM_BYTES = 64 * 1024 * 1024
+SIGNAL_POLL_S = 0.5
 # the whole environment of every host-side process the runner starts: the dynamic loader of
 # a host process must never see a job's LD_PRELOAD, LD_AUDIT, GCONV_PATH, ...
 HOST_ENV: dict[str, str] = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -339,11 +340,15 @@ class BwrapSandbox:
         """Copy output to ``sink`` until EOF; kill the job at ``deadline``. True if it timed out."""
         timed_out = False
         while True:
-            wait = None if timed_out else max(0.0, deadline - time.monotonic())
+            # never wait long: a signal (SIGTERM, SIGINT) delivered to another thread of the
+            # runner is handled by the main thread only once it runs again
+            left = deadline - time.monotonic()
+            wait = SIGNAL_POLL_S if timed_out else max(0.0, min(left, SIGNAL_POLL_S))
             ready, _, _ = select.select([fd], [], [], wait)
             if not ready:
-                timed_out = True
-                self.kill()
+                if not timed_out and time.monotonic() >= deadline:
+                    timed_out = True
+                    self.kill()
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
