@@ -23,7 +23,6 @@ from stockade.api.protocol import (
 )
 from stockade.audit import AuditEvent
 from stockade.control.egress import egress_summary
-from stockade.egress.admission import untrusted_refusal
 from stockade.errors import PolicyDenied, UsageError
 from stockade.ids import new_job_id
 from stockade.spec import Job
@@ -213,6 +212,8 @@ class ControlService:
             if why:
                 denials.append(why)
         if trust == "untrusted":
+            from stockade.egress.admission import untrusted_refusal  # only untrusted jobs
+
             why = untrusted_refusal(spec.egress.mode, spec.egress.allow,
                                     self.policy.egress_untrusted_allow)
             if why:

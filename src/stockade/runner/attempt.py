@@ -24,7 +24,6 @@ from stockade.config import Settings
 from stockade.errors import PolicyDenied, StockadeError
 from stockade.runner.artifacts import Caps, collect
 from stockade.runner.environment import proxy_env, step_env
-from stockade.runner.identity import TokenRefresher
 from stockade.runner.logs import JobLog
 from stockade.runner.secrets import JobSecrets
 from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExit, StepRun
@@ -33,6 +32,7 @@ from stockade.spec.units import format_size
 
 if TYPE_CHECKING:
     from stockade.runner.egress import EgressSession
+    from stockade.runner.identity import TokenRefresher
 
 
 COLLECT_FLOOR_S = 30.0
@@ -105,6 +105,8 @@ class Attempt:
             self.egress = EgressSession(self.settings, spec, sandbox, self.log, self.control, a,
                                         clean=self.log.job_text)
         if sandbox.identity_token_path is not None:
+            from stockade.runner.identity import TokenRefresher  # only jobs with an id_token
+
             self.identity = TokenRefresher(self.control, a, self.runner_id, sandbox,
                                            self.secrets.masker, self.settings.oidc_refresh_s)
 

@@ -7,7 +7,6 @@ from typing import Any
 
 from stockade.api.protocol import Assignment, ControlPlane
 from stockade.errors import PolicyDenied
-from stockade.secrets.leaks import scan_file
 from stockade.secrets.redact import Masker
 
 
@@ -39,6 +38,10 @@ class JobSecrets:
     def scan(self, path: Path) -> tuple[set[str], str | None]:
         """Secrets found in a file about to be published (inside archives too), and why the
         file could not be scanned completely, if it could not."""
+        if not self.masker:
+            return set(), None
+        from stockade.secrets.leaks import scan_file  # archives' modules: only when needed
+
         result = scan_file(path, self.masker)
         return result.found, result.unscannable
 

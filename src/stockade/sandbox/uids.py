@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import random
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +85,8 @@ def allocate(pool: range) -> UidLease:
     dir_fd = _lock_dir()
     busy: set[int] | None = None
     try:
-        start = random.randrange(len(pool))  # spread concurrent allocators over the range
+        # spread concurrent allocators over the range
+        start = int.from_bytes(os.urandom(4), "big") % len(pool)
         for i in range(len(pool)):
             uid = pool[(start + i) % len(pool)]
             fd = os.open(str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -8,7 +8,6 @@ arithmetic, so no input can raise anything but ``ValueError`` (no ``OverflowErro
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 MAX_DIGITS = 15
 MAX_SIZE = 2**62  # far above any real limit, far below what the kernel's 64-bit fields hold
@@ -55,7 +54,9 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"{_shown(text)} is not a size; {SIZE_HINT}")
     if len(m.group(1)) > MAX_DIGITS + 1:
         raise ValueError(f"{_shown(text)} has more than {MAX_DIGITS} digits; {SIZE_HINT}")
-    size = int(Fraction(m.group(1)) * _SIZE_FACTOR[m.group(2)])
+    whole, _, fraction = m.group(1).partition(".")
+    factor = _SIZE_FACTOR[m.group(2)]  # exact: no float rounding for 1.1Gi and the like
+    size = int(whole) * factor + (int(fraction) * factor // 10 ** len(fraction) if fraction else 0)
     if size > MAX_SIZE:
         raise ValueError(f"{_shown(text)} is too large; {SIZE_HINT}")
     return size
