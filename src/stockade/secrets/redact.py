@@ -35,8 +35,9 @@ go through :meth:`Masker.add_job_mask`, which enforces :data:`MAX_JOB_MASKS`,
 :data:`MAX_JOB_MASK_BYTES` and :data:`MAX_JOB_MASK_TOTAL`; they are matched in text folded with
 :data:`FOLD` (hex case and the two base64 alphabets), and each registration builds an NFA for
 its own patterns only, merged with earlier ones by size class, so that registering n values one
-at a time costs O(n log n), never O(n^2), and O(log n) automata are searched; an NFA that has
-searched 1,024 bytes per byte of its patterns is rebuilt as a DFA (same matches, faster).
+at a time costs O(n log n), never O(n^2), and O(log n) automata are searched. Once they have
+searched 1,024 bytes per byte of their patterns (so that the build costs a fraction of the
+searching done), a job's NFAs are rebuilt as DFAs: as one, if together they are small enough.
 
 Masking cannot catch a value printed reversed, character by character, or transformed in any
 other way not listed here, a value (or a line of one) under 4 bytes, nor covert channels (exit
@@ -333,6 +334,32 @@ def _automaton(patterns: tuple[bytes, ...], dfa: bool) -> BytesAhoCorasick:
                             Implementation.ContiguousNFA)
 
 
+def _ripe(segments: list[_Segment]) -> bool:
+    """Whether some of a job's NFAs have searched enough for DFAs to pay for their build."""
+    total = sum(seg.size for seg in segments)
+    busy = max((seg.usage.searched for seg in segments if not seg.dfa), default=0)
+    return any(seg.ripe for seg in segments) or (
+        len(segments) > 1 and total <= DFA_MAX_BYTES and busy >= _DFA_AFTER * total)
+
+
+def _as_dfas(segments: list[_Segment]) -> list[_Segment]:
+    """A job's automata, the busy ones as DFAs: all in one if they are small enough together
+    (one search instead of several; matches of different automata could overlap, one
+    leftmost-longest search chooses among them), else each one for itself (same matches)."""
+    if len(segments) > 1 and sum(seg.size for seg in segments) <= DFA_MAX_BYTES:
+        return [_Segment.build(_union(segments), fold=True, dfa=True)]
+    return [seg.as_dfa() if seg.ripe else seg for seg in segments]
+
+
+def _union(segments: list[_Segment]) -> _Table:
+    table: _Table = {}
+    for seg in segments:
+        for pattern, (name, flags) in seg.table().items():
+            known = table.get(pattern, (name, 0))
+            table[pattern] = (known[0], known[1] | flags)
+    return table
+
+
 def _merge_tiers(segments: list[_Segment]) -> list[_Segment]:
     """Merge the newest automata so that there is at most one under ``_SMALL`` bytes and fewer
     than ``_FAN`` of each larger size class, the classes never growing towards the newest:
@@ -347,12 +374,7 @@ def _merge_tiers(segments: list[_Segment]) -> list[_Segment]:
             count = same
         else:
             break
-        table: _Table = {}
-        for seg in segments[-count:]:
-            for pattern, (name, flags) in seg.table().items():
-                known = table.get(pattern, (name, 0))
-                table[pattern] = (known[0], known[1] | flags)
-        segments[-count:] = [_Segment.build(table, fold=True, dfa=False)]
+        segments[-count:] = [_Segment.build(_union(segments[-count:]), fold=True, dfa=False)]
     return segments
 
 
@@ -442,7 +464,7 @@ class Masker:
     def _current(self) -> _State:
         """The automata, built now if values were registered since they were last built (and
         a job's NFA replaced by a DFA once it has searched enough for the DFA to pay)."""
-        if not self._stale and not any(seg.ripe for seg in self._job_segments):
+        if not self._stale and not _ripe(self._job_segments):
             return self._state
         with self._lock:
             if self._static and self._static_segment is None:
@@ -452,8 +474,8 @@ class Masker:
                     [*self._job_segments,
                      _Segment.build(self._job_pending, fold=True, dfa=False)])
                 self._job_pending = {}
-            self._job_segments = [seg.as_dfa() if seg.ripe else seg
-                                  for seg in self._job_segments]
+            if _ripe(self._job_segments):
+                self._job_segments = _as_dfas(self._job_segments)
             segments = (*([self._static_segment] if self._static_segment else []),
                         *self._job_segments)
             self._state = _State(segments, max((len(p) for seg in segments

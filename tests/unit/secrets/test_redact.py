@@ -400,3 +400,44 @@ def test_a_busy_job_automaton_becomes_a_dfa_and_masks_the_same() -> None:
     dfa = busy._current().segments[-1]
     assert dfa.dfa and dfa.key == nfa.key
     assert stream(busy, data, [1000, 50_000]) == expected
+
+
+def test_busy_job_automata_become_one_dfa(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redact, "_DFA_AFTER", 16)  # a DFA pays off sooner: a shorter test
+    masker = Masker([b"broker-secret"])
+    values = [b"job-value-%02d-" % i + os.urandom(300).hex().encode() for i in range(8)]
+    for value in values:
+        assert masker.add_job_mask(value) is None
+        masker.mask(b"x")
+    assert len(masker._current().segments) > 2
+    data = b"".join(b"line " + v + b" broker-secret\n" + b"filler " * 500 + b"\n"
+                    for v in values) * 40
+    out = stream(masker, data, list(range(0, len(data), 65536)))
+    assert [seg.dfa for seg in masker._current().segments] == [True, True]
+    for text in (out, stream(masker, data, [1000])):
+        assert not any(v in text for v in values) and b"broker-secret" not in text
+
+
+def test_registering_after_a_dfa_does_not_rebuild_it_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redact, "_DFA_AFTER", 16)
+    masker = Masker()
+    for i in range(2):  # a DFA over 16 KiB: later values get automata of their own
+        masker.add_job_mask(b"early-%d-" % i + os.urandom(1000).hex().encode())
+        masker.mask(b"x")
+    for _ in range(2):  # the NFAs search, become one DFA, which searches a lot in turn
+        stream(masker, b"filler line\n" * 200_000, [])
+    assert [seg.dfa for seg in masker._current().segments] == [True]
+    builds = []
+    real_build = redact._Segment.build.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[redact._Segment], table: dict[bytes, tuple[str, int]], fold: bool,
+                 dfa: bool) -> redact._Segment:
+        builds.append(dfa)
+        return real_build(cls, table, fold, dfa)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(redact._Segment, "build", classmethod(counting))
+    for i in range(20):  # each followed by a little output: no DFA is worth building yet
+        masker.add_job_mask(b"late-%02d-" % i + os.urandom(10).hex().encode())
+        masker.mask(b"some output\n" * 10)
+    assert True not in builds
