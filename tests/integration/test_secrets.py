@@ -174,6 +174,18 @@ def test_ref_globs_list_and_rotate(home: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "is not a ref glob" in bad.stderr
 
 
+def test_setting_an_existing_secret_says_when_its_scope_changes(home: Path) -> None:
+    put(home, "WIDEN_ME", "widen-" + VALUE, "--refs", "refs/heads/main", "--trust", "protected")
+    again = subprocess.run([STOCKADE, "secret", "set", "WIDEN_ME"], input="widen2-" + VALUE,
+                           capture_output=True, text=True, env=cli_env(home))
+    assert again.returncode == 0, again.stderr
+    assert "scope of WIDEN_ME changed from refs=refs/heads/main trust=protected" in again.stderr
+    assert "stockade secret rotate WIDEN_ME" in again.stderr
+    same = subprocess.run([STOCKADE, "secret", "set", "WIDEN_ME"], input="widen3-" + VALUE,
+                          capture_output=True, text=True, env=cli_env(home))
+    assert "warning" not in same.stderr
+
+
 def test_unknown_secret_is_denied(home: Path, tmp_path: Path) -> None:
     run = job(home, tmp_path, "name: x\nsecrets: [NOPE]\nsteps:\n  - {name: a, run: 'true'}\n")
     assert run.rc == 3 and "there is no secret named NOPE" in run.result["message"]

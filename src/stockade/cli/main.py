@@ -37,7 +37,7 @@ Exit codes: 0 succeeded, 1 job failed, 2 invalid spec or usage, 3 denied by poli
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
-        sys.stderr.write(f"stockade: error: {message}\nhint: stockade {{command}} --help\n")
+        sys.stderr.write(f"stockade: error: {message}\nhint: {self.prog} --help\n")
         raise SystemExit(2)
 
 

@@ -85,7 +85,8 @@ class Attempt:
               error: str | None = None) -> None:
         self.status, self.reason, self.exit_code = status, reason, None
         if error is not None:  # may quote what the job chose (a path, a name): cleaned
-            self.details["error"] = self.log.job_text(error)
+            self.details["error"] = "\n".join(self.log.job_text(line)
+                                               for line in error.splitlines())
         self.log.note(note)
 
     def _prepare(self, workspace: Path | None) -> None:

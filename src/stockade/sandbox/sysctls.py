@@ -53,8 +53,10 @@ def check_sysctls() -> list[Finding]:
         except (OSError, ValueError, IndexError):
             value = None
         ok = value is not None and value >= s.minimum
-        shown = "not available on this kernel" if value is None else f"= {value}"
-        found.append(Finding(f"sysctl {s.name}", ok, f"{shown}: {s.meaning}",
-                             "" if ok else f"sysctl -w {s.name}={s.minimum} (and persist it in "
-                             "/etc/sysctl.d/)", required=False))
+        state = "not available on this kernel" if value is None else f"= {value}"
+        detail = f"{state}; at {s.minimum} or more: {s.meaning}"
+        remedy = "" if value is None else (f"sysctl -w {s.name}={s.minimum} (and persist it "
+                                           "in /etc/sysctl.d/)")
+        found.append(Finding(f"sysctl {s.name}", ok, detail, "" if ok else remedy,
+                             required=False))
     return found

@@ -6,6 +6,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stockade.secrets.broker import Scope
 
 HELP = "manage secrets (values never on the command line)"
 DESCRIPTION = """\
@@ -79,9 +83,14 @@ def main(args: argparse.Namespace) -> int:
     assert broker is not None
     if args.action == "set":
         labels = tuple(x for x in args.labels.split(",") if x)
-        version = broker.set(args.name, read_value(args.from_file),
-                             Scope(args.jobs, labels, args.trust, args.refs))
+        scope = Scope(args.jobs, labels, args.trust, args.refs)
+        before = {s.name: s.scope for s in broker.secrets()}.get(args.name)
+        version = broker.set(args.name, read_value(args.from_file), scope)
         print(f"secret {args.name} stored (version {version})")
+        if before is not None and before != scope:  # set replaces the scope: say so loudly
+            sys.stderr.write(f"stockade: warning: the scope of {args.name} changed from "
+                             f"{_scope_text(before)} to {_scope_text(scope)}; to change only "
+                             f"the value, use: stockade secret rotate {args.name}\n")
     elif args.action == "rotate":
         version = broker.rotate(args.name, read_value(args.from_file), refs=args.refs)
         print(f"secret {args.name} rotated (version {version})")
@@ -99,3 +108,8 @@ def main(args: argparse.Namespace) -> int:
                   f"trust={s.scope.trust:<9} jobs={s.scope.jobs:<16} labels={shown:<12} "
                   f"key={s.key_id} updated {when}")
     return 0
+
+
+def _scope_text(scope: Scope) -> str:
+    labels = ",".join(scope.labels) or "-"
+    return f"refs={scope.refs} trust={scope.trust} jobs={scope.jobs} labels={labels}"
