@@ -180,7 +180,8 @@ def _convert(key: str, kind: str, value: Any, source: str) -> Any:
             return int(value) if kind == "int" else float(value)
     except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"{source}: {key} has an invalid value {str(value)[:80]!r}: "
-                          f"{str(e)[:200]}", hint="see the settings table in README (State and audit)") from e
+                          f"{str(e)[:200]}",
+                          hint="see the settings table in README (State and audit)") from e
     return str(value)
 
 
