@@ -104,6 +104,8 @@ class _Run:
     leaks: list[tuple[str, list[str]]] = field(default_factory=list)
     refusals: int = 0
     total: int = 0
+    # one scan per file, however many hard links name it: (st_dev, st_ino) -> its verdict
+    verdicts: dict[tuple[int, int], tuple[set[str], str | None]] = field(default_factory=dict)
 
     def refuse(self, rel: str, why: str) -> None:
         self.refusals += 1
@@ -200,7 +202,8 @@ def _open_file(root: int, rel: str, run: _Run, uid: int | None) -> int | None:
 
 def _take(run: _Run, rel: str, fd: int) -> None:
     caps = run.caps
-    size = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    size = st.st_size
     try:
         text_ok = rel.encode() and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in rel)
     except UnicodeEncodeError:
@@ -218,7 +221,10 @@ def _take(run: _Run, rel: str, fd: int) -> None:
         return run.refuse(rel, f"{size} bytes exceeds the artifact size cap")
     report = _copy(fd, run.dest, rel)
     if run.scan is not None:
-        found, unscannable = run.scan(run.dest / rel)
+        key = (st.st_dev, st.st_ino)
+        if key not in run.verdicts:
+            run.verdicts[key] = run.scan(run.dest / rel)
+        found, unscannable = run.verdicts[key]
         if found or unscannable:
             (run.dest / rel).unlink()
             if found:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 
 COLLECT_FLOOR_S = 30.0
+COLLECT_MAX_S = 120.0
 
 
 class Attempt:
@@ -143,8 +144,11 @@ class Attempt:
     def _collect(self, sandbox: Sandbox, secrets: JobSecrets) -> None:
         s = self.settings
         sandbox.quiesce()  # nothing of the job may run while the runner reads its files
-        # collecting (and scanning for secrets) counts against the job's time, with a floor
-        deadline = max(self.started + self.spec.timeout, time.monotonic() + COLLECT_FLOOR_S)
+        # collecting (and scanning for secrets) counts against the job's time, with a floor,
+        # and never takes the runner (outside the job's cgroup) more than COLLECT_MAX_S
+        now = time.monotonic()
+        deadline = min(max(self.started + self.spec.timeout, now + COLLECT_FLOOR_S),
+                       now + COLLECT_MAX_S)
         caps = Caps(s.artifact_max_file_bytes, s.artifact_max_total_bytes, s.artifact_max_files,
                     deadline=deadline)
         collected = collect(sandbox.workspace, self.spec.artifacts,

@@ -166,3 +166,19 @@ def test_a_huge_directory_is_never_listed_whole(tmp_path: Path) -> None:
                                                                   max_entries=100))
     assert got.refused == ["many: more than 100 entries in the workspace; the rest is not "
                            "collected"]
+
+
+def test_hard_links_are_scanned_once(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "a.bin").write_bytes(b"x")
+    for i in range(20):
+        os.link(ws / "a.bin", ws / f"link{i}.bin")
+    scanned: list[Path] = []
+
+    def scan(path: Path) -> tuple[set[str], str | None]:
+        scanned.append(path)
+        return {"TOKEN"}, None
+
+    got = collect(ws, ("*",), tmp_path / "d", Caps(1 << 20, 1 << 20), scan=scan)
+    assert len(scanned) == 1 and got.stored == [] and len(got.leaks) == 21
