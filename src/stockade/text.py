@@ -43,7 +43,16 @@ def _spell(code: int) -> str:
     return f"\\u{code:04x}"
 
 
-_TABLE = {code: _spell(code) for low, high in _RANGES for code in range(low, high + 1)}
+class _Spellings(dict[int, str]):
+    """Each unsafe character's spelling, made when first needed (``str.translate`` looks them
+    up only for characters inside an unsafe run): no table of 2,000 surrogates at start-up."""
+
+    def __missing__(self, code: int) -> str:
+        self[code] = spelled = _spell(code)
+        return spelled
+
+
+_TABLE = _Spellings()
 
 
 def _runs(ranges: tuple[tuple[int, int], ...]) -> re.Pattern[str]:

@@ -22,7 +22,6 @@ from stockade.api.protocol import (
 )
 from stockade.config import Settings
 from stockade.errors import PolicyDenied, StockadeError
-from stockade.runner.artifacts import Caps, collect
 from stockade.runner.environment import proxy_env, step_env
 from stockade.runner.logs import JobLog
 from stockade.runner.secrets import JobSecrets
@@ -142,8 +141,13 @@ class Attempt:
             self.log.note(f"step {step.name} succeeded in {exit.duration_s:.2f}s")
 
     def _collect(self, sandbox: Sandbox, secrets: JobSecrets) -> None:
-        s = self.settings
         sandbox.quiesce()  # nothing of the job may run while the runner reads its files
+        self.details["memory_peak_bytes"] = sandbox.memory_peak()
+        if not self.spec.artifacts:
+            return
+        from stockade.runner.artifacts import Caps, collect  # ctypes, openat2: when needed
+
+        s = self.settings
         # collecting (and scanning for secrets) counts against the job's time, with a floor,
         # and never takes the runner (outside the job's cgroup) more than COLLECT_MAX_S
         now = time.monotonic()
@@ -163,7 +167,6 @@ class Attempt:
             self.log.note(f"artifact refused: {problem}")
         if collected.refused:
             self.details["artifacts_refused"] = collected.refused
-        self.details["memory_peak_bytes"] = sandbox.memory_peak()
 
     def _teardown(self) -> None:
         if self.identity is not None:
