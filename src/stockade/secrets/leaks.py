@@ -224,7 +224,8 @@ def _top(fd: int, size: int, scan: _Scan) -> None:
 
 _COMPRESSED = ("gzip", "bzip2", "xz")
 _UNREADABLE = {b"\x28\xb5\x2f\xfd": "zstd", b"\x04\x22\x4d\x18": "lz4",
-               b"7z\xbc\xaf\x27\x1c": "7z", b"Rar!\x1a\x07": "rar", b"LZIP": "lzip"}
+               b"7z\xbc\xaf\x27\x1c": "7z", b"Rar!\x1a\x07": "rar", b"LZIP": "lzip",
+               b"\x1f\x9d": "compress (.Z)"}
 
 
 def _kind(head: bytes) -> str | None:
