@@ -182,6 +182,13 @@ def test_doctor_reports_the_full_baseline(stockade_home: Path) -> None:
     controls = {f["control"]: f for f in report["findings"]}
     assert controls["end-to-end probe"]["ok"]
     assert controls["seccomp filter"]["ok"] and controls["cgroups"]["ok"]
+    assert controls["per-job host uids"]["ok"]
+    for name in ("fs.protected_symlinks", "fs.protected_hardlinks", "kernel.kptr_restrict",
+                 "kernel.perf_event_paranoid", "kernel.unprivileged_bpf_disabled",
+                 "kernel.yama.ptrace_scope"):
+        finding = controls[f"sysctl {name}"]  # each says its value and what it means here
+        assert finding["detail"].startswith(("= ", "not available")), finding
+        assert not finding["required"]
 
 
 def test_help_documents_the_commands(stockade_home: Path) -> None:
