@@ -6,7 +6,6 @@ from typing import Any
 
 from stockade.api.protocol import EgressRecord
 from stockade.audit import AuditEvent
-from stockade.egress.policy import is_ip, parse_rule
 
 # a runner keeps at most egress_max_destinations; this bounds what any runner may send
 MAX_LISTED = 1024
@@ -38,6 +37,8 @@ def egress_summary(records: tuple[EgressRecord, ...], limit: int = MAX_LISTED
 
 def allow_entry(host: str, port: int) -> str:
     """The allowlist entry admitting exactly ``host:port`` (a /32 or /128 for IP literals)."""
+    from stockade.egress.policy import is_ip  # the baseline only: not on a job's path
+
     if not is_ip(host):
         return f"{host}:{port}"
     return f"[{host}/128]:{port}" if ":" in host else f"{host}/32:{port}"
@@ -47,6 +48,8 @@ def egress_baseline(events: list[AuditEvent]) -> tuple[list[str], list[str]]:
     """Allowlist entries covering every destination these audit events let through, and the
     destinations left out: refused outright, or ones no spec may name (an internal destination
     only the operator opens, a name masked when it was recorded)."""
+    from stockade.egress.policy import parse_rule
+
     allow: set[str] = set()
     refused: set[str] = set()
     for event in events:
