@@ -198,13 +198,19 @@ def test_help_documents_the_commands(stockade_home: Path) -> None:
     assert "--workspace" in run_cli(stockade_home, "run", "--help").stdout
 
 
+# an unprivileged user that can still read the checkout (a clone under /root is 0700), but not
+# write anything it does not own: what matters to these tests is that it is not root
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+
+
 def test_without_root_stockade_refuses_to_run_jobs() -> None:
     home = Path(tempfile.mkdtemp(prefix="stockade-nobody-"))
     os.chown(home, 65534, 65534)
     spec = home / "job.yaml"
     spec.write_text("name: x\nsteps:\n  - {name: a, run: 'true'}\n")
     os.chown(spec, 65534, 65534)
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    as_nobody = AS_NOBODY
     env = cli_env(home / "state", STOCKADE_RUNTIME_DIR=str(home / "run"))
     run = subprocess.run([*as_nobody, STOCKADE, "run", str(spec), "--workspace", str(home),
                           "--json"], capture_output=True, text=True, env=env, cwd=home)
@@ -222,10 +228,10 @@ def test_an_inaccessible_state_directory_is_an_error_not_a_traceback(tmp_path: P
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     env = cli_env(private / "home")
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           STOCKADE, "jobs"], capture_output=True, text=True, env=env, cwd="/")
+    proc = subprocess.run([*AS_NOBODY, STOCKADE, "jobs"], capture_output=True, text=True,
+                          env=env, cwd="/")
     assert proc.returncode == 2
-    assert "set STOCKADE_HOME to a directory you can access" in proc.stderr
+    assert "hint: set STOCKADE_HOME to a writable directory" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
