@@ -87,7 +87,8 @@ class Attempt:
         if error is not None:  # may quote what the job chose (a path, a name): cleaned
             self.details["error"] = "\n".join(self.log.job_text(line)
                                                for line in error.splitlines())
-        self.log.note(note)
+        for line in note.splitlines():  # a diagnostic and its hint: one note each
+            self.log.note(line)
 
     def _prepare(self, workspace: Path | None) -> None:
         a, spec = self.a, self.spec
