@@ -10,18 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-
-STEPS = "steps:\n  - {name: a, run: 'true'}\n"
-VALID = "name: t\n" + STEPS
-
-
-def alias_bomb(levels: int) -> str:
-    lines = ["  a: &a [" + ",".join(['"lol"'] * 9) + "]"]
-    for i in range(1, levels):
-        lines.append(f"  {chr(97 + i)}: &{chr(97 + i)} [" + ",".join([f"*{chr(96 + i)}"] * 9)
-                     + "]")
-    return f"{VALID}x:\n" + "\n".join(lines) + f"\nenv: {{A: *{chr(96 + levels)}}}\n"
-
+from tests.support.specs import STEPS, VALID, alias_bomb
 
 REPRODUCERS = {
     "aliases-7": (alias_bomb(7), "anchors (&a) are not allowed"),

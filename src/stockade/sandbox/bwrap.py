@@ -32,6 +32,8 @@ from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, Step
 from stockade.sandbox.plumbing import (
     EGRESS_SOCKET,
     FORWARDER,
+    MASKED_PROC,
+    MASKED_PROC_DIRS,
     PROXY_URL,
     SOCAT,
     memfd,
@@ -47,14 +49,6 @@ SIGNAL_POLL_S = 0.5
 # the whole environment of every host-side process the runner starts: the dynamic loader of
 # a host process must never see a job's LD_PRELOAD, LD_AUDIT, GCONV_PATH, ...
 HOST_ENV: dict[str, str] = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-# /proc files that tell a job about the host (boot arguments, kernel addresses, keys, timers),
-# covered with /dev/null as Docker's masked paths are
-MASKED_PROC = ("/proc/cmdline", "/proc/kallsyms", "/proc/kcore", "/proc/keys",
-               "/proc/key-users", "/proc/latency_stats", "/proc/timer_list",
-               "/proc/sched_debug", "/proc/sysrq-trigger", "/proc/config.gz", "/proc/modules",
-               "/proc/vmallocinfo", "/proc/iomem", "/proc/ioports",
-               "/proc/sys/kernel/random/boot_id")
-MASKED_PROC_DIRS = ("/proc/acpi", "/proc/scsi", "/proc/asound")  # covered with empty tmpfs
 class BwrapBackend:
     """Prepares bubblewrap sandboxes; cheap to construct, heavy work happens once, lazily."""
 
@@ -65,6 +59,7 @@ class BwrapBackend:
         self.runtime_dir = Path(settings.runtime_dir)
         self._bpf: bytes | None = None
         self._etc: Path | None = None
+        self._proc_masks: list[str] | None = None
 
     def bwrap_path(self) -> str:
         """The bwrap binary; SandboxError if it is not installed."""
@@ -90,6 +85,17 @@ class BwrapBackend:
             self._ensure_runtime_dir()
             self._etc = rootfs.synthetic_etc(self.runtime_dir)
         return self._etc
+
+    def proc_masks(self) -> list[str]:
+        """bwrap options covering the host-revealing ``/proc`` entries this kernel has (the
+        same for every step: looked up once)."""
+        if self._proc_masks is None:
+            masks = [arg for path in MASKED_PROC if os.path.exists(path)
+                     for arg in ("--ro-bind", "/dev/null", path)]
+            masks += [arg for path in MASKED_PROC_DIRS if os.path.isdir(path)
+                      for arg in ("--perms", "0555", "--tmpfs", path, "--remount-ro", path)]
+            self._proc_masks = masks
+        return self._proc_masks
 
     def _ensure_runtime_dir(self) -> None:
         try:
@@ -243,10 +249,7 @@ class BwrapSandbox:
                 secrets += ["--perms", "0400", "--ro-bind-data", str(fd), f"{SECRETS_DIR}/{name}"]
         egress = (["--ro-bind", str(self.egress_socket), EGRESS_SOCKET]
                   if self.egress_socket is not None else [])
-        masked = [arg for path in MASKED_PROC if os.path.exists(path)
-                  for arg in ("--ro-bind", "/dev/null", path)]
-        masked += [arg for path in MASKED_PROC_DIRS if os.path.isdir(path)
-                   for arg in ("--perms", "0555", "--tmpfs", path, "--remount-ro", path)]
+        masked = self.backend.proc_masks()
         return [
             "--unshare-all", "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",

@@ -1,4 +1,5 @@
-"""Small pieces of the bwrap backend: the in-sandbox egress forwarder, memfds, bwrap's status."""
+"""Small pieces of the bwrap backend: the in-sandbox egress forwarder, the masked ``/proc``
+entries, memfds, bwrap's status."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ EGRESS_SOCKET = "/run/stockade/egress.sock"
 PROXY_PORT = 3128
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
 SOCAT = "/usr/bin/socat"
+# /proc files that tell a job about the host (boot arguments, kernel addresses, keys, timers),
+# covered with /dev/null as Docker's masked paths are
+MASKED_PROC = ("/proc/cmdline", "/proc/kallsyms", "/proc/kcore", "/proc/keys",
+               "/proc/key-users", "/proc/latency_stats", "/proc/timer_list",
+               "/proc/sched_debug", "/proc/sysrq-trigger", "/proc/config.gz", "/proc/modules",
+               "/proc/vmallocinfo", "/proc/iomem", "/proc/ioports",
+               "/proc/sys/kernel/random/boot_id")
+MASKED_PROC_DIRS = ("/proc/acpi", "/proc/scsi", "/proc/asound")  # covered with empty tmpfs
+
 # Inside the sandbox a forwarder exposes the proxy's socket on 127.0.0.1:3128 (the network
 # namespace has only its own loopback), and the step starts once it listens. It is only a
 # convenience for proxy-aware clients: the policy is enforced by the proxy, outside.

@@ -39,15 +39,10 @@ def parse_range(text: str) -> range:
 
 @dataclass
 class UidLease:
-    """One job's host uid, held until :meth:`release`."""
+    """One job's host uid (its gid is the same number), held until :meth:`release`."""
 
     uid: int
     _fd: int | None
-
-    @property
-    def gid(self) -> int:
-        """The job's host gid (the same number as its uid)."""
-        return self.uid
 
     def release(self) -> None:
         """Give the uid back to the pool (only once nothing of the job is left)."""

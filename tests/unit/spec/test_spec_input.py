@@ -16,18 +16,7 @@ from stockade.errors import SpecError
 from stockade.spec import Job, load_spec
 from stockade.spec.parse import parse_spec
 from stockade.spec.problems import MAX_LINE, MAX_PROBLEMS
-
-STEPS = "steps:\n  - {name: a, run: x}\n"
-VALID = "name: t\n" + STEPS
-
-
-def alias_bomb(levels: int) -> str:
-    """The "billion laughs": each level refers nine times to the one below."""
-    lines = ["  a: &a [" + ",".join(['"lol"'] * 9) + "]"]
-    for i in range(1, levels):
-        lines.append(f"  {chr(97 + i)}: &{chr(97 + i)} [" + ",".join([f"*{chr(96 + i)}"] * 9)
-                     + "]")
-    return f"{VALID}x:\n" + "\n".join(lines) + f"\nenv: {{A: *{chr(96 + levels)}}}\n"
+from tests.support.specs import STEPS, VALID, alias_bomb
 
 
 def refused(text: str | bytes) -> list[str]:
