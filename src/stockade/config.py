@@ -8,17 +8,15 @@ read ``os.environ``. Job specs can never change these settings.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from stockade.errors import ConfigError
 
 MiB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """Settings of one stockade installation (state directory, caps, uid pool)."""
 
     home: Path
@@ -149,15 +147,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _apply(settings: Settings, values: dict[str, Any], source: str) -> Settings:
-    known = {f.name: f.type for f in fields(Settings) if f.name != "home"}
+    known = {name: type(default).__name__ for name, default in Settings._field_defaults.items()}
     changes: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(
                 f"{source}: unknown setting {key!r}", hint=f"known settings: {', '.join(known)}"
             )
-        changes[key] = _convert(key, str(known[key]), value, source)
-    return replace(settings, **changes)
+        changes[key] = _convert(key, known[key], value, source)
+    return settings._replace(**changes)
 
 
 def _convert(key: str, kind: str, value: Any, source: str) -> Any:
@@ -166,7 +164,7 @@ def _convert(key: str, kind: str, value: Any, source: str) -> Any:
     from stockade.spec.units import parse_duration, parse_size
 
     try:
-        if kind.startswith("tuple"):
+        if kind == "tuple":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())
         if kind == "int" and key.endswith("_bytes") and isinstance(value, str):

@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 # How far a job's origin is trusted, lowest first: fork pull requests are "untrusted".
 TRUST_LEVELS = ("untrusted", "trusted", "protected")
@@ -40,8 +40,7 @@ class FailureReason(StrEnum):
     SYSTEM_ERROR = "system_error"
 
 
-@dataclass(frozen=True)
-class LeaseGrant:
+class LeaseGrant(NamedTuple):
     """A secret issued to an attempt: redeem ``lease_id`` for the value, deliver it so."""
 
     name: str
@@ -49,8 +48,7 @@ class LeaseGrant:
     delivery: str  # "env" or "file"
 
 
-@dataclass(frozen=True)
-class Assignment:
+class Assignment(NamedTuple):
     """A job handed to a runner: run attempt ``attempt`` of ``spec_json``."""
 
     job_id: str
@@ -63,8 +61,7 @@ class Assignment:
     ref: str = "local"
 
 
-@dataclass(frozen=True)
-class StepReport:
+class StepReport(NamedTuple):
     """How one step ended: ``succeeded``, ``failed``, ``timed_out``, ``oom`` or ``canceled``."""
 
     name: str
@@ -73,8 +70,7 @@ class StepReport:
     duration_s: float
 
 
-@dataclass(frozen=True)
-class ArtifactReport:
+class ArtifactReport(NamedTuple):
     """An artifact stored under the state directory."""
 
     path: str
@@ -82,8 +78,7 @@ class ArtifactReport:
     size: int
 
 
-@dataclass(frozen=True)
-class EgressRecord:
+class EgressRecord(NamedTuple):
     """One connection attempt through the egress proxy and what became of it."""
 
     host: str
@@ -96,7 +91,7 @@ class EgressRecord:
     bytes_down: int
     duration_s: float
     at: float  # when it happened (of an aggregate: the first attempt)
-    count: int = 1  # attempts this record stands for (repeats of one decision, added up)
+    attempts: int = 1  # attempts this record stands for (repeats of one decision, added up)
     last_at: float = 0.0  # of an aggregate: the last attempt (0: the same as ``at``)
     omitted: int = 0  # > 0: no destination, but how many more were not recorded (the cap)
 
@@ -119,8 +114,7 @@ class EgressRecord:
                 "duration_s": round(self.duration_s, 3), "at": self.at}
 
 
-@dataclass(frozen=True)
-class Completion:
+class Completion(NamedTuple):
     """A runner's report of a finished attempt."""
 
     job_id: str
@@ -132,7 +126,7 @@ class Completion:
     steps: tuple[StepReport, ...]
     artifacts: tuple[ArtifactReport, ...]
     duration_s: float
-    details: dict[str, Any] = field(default_factory=dict)
+    details: Mapping[str, Any] = {}
     egress: tuple[EgressRecord, ...] = ()
 
 

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 GENESIS = "0" * 64
 
 
-@dataclass(frozen=True)
-class AuditEvent:
+class AuditEvent(NamedTuple):
     """One audit record: ``actor`` did ``action`` at ``at`` (epoch seconds) to ``job_id``."""
 
     actor: str
     action: str
     at: float
     job_id: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] = {}
 
     def canonical(self) -> str:
         """The stable JSON form the hash covers."""

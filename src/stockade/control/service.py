@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stockade.api.protocol import (
     TRUST_LEVELS,
@@ -36,8 +35,7 @@ LEASE_GRACE_S = 300.0
 MAX_REF_LENGTH = 200
 
 
-@dataclass(frozen=True)
-class AdmissionPolicy:
+class AdmissionPolicy(NamedTuple):
     """The operator's admission settings (the CLI builds them from
     :class:`~stockade.config.Settings`; the defaults are the settings' defaults).
 
@@ -67,8 +65,7 @@ class AdmissionPolicy:
                 f"it with the setting {setting} (STOCKADE_{setting.upper()})")
 
 
-@dataclass(frozen=True)
-class JobView:
+class JobView(NamedTuple):
     """A job with its steps and artifacts, as ``show`` and ``--json`` present it."""
 
     job: JobRow

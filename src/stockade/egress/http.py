@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 MAX_HEAD = 16 * 1024
@@ -31,8 +31,7 @@ class BadRequest(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A parsed proxy request: CONNECT (tunnel) or an absolute-URI plain HTTP request."""
 
     method: str

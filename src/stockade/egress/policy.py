@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -66,8 +66,7 @@ RULE_HINT = ("write host:port (pypi.org:443), host (port 443), *.domain:port "
              "(*.pythonhosted.org:443) or CIDR:port (203.0.113.0/24:443, [2001:db8::/32]:443)")
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     """One allowlist entry: a name, a wildcard suffix or a network, and a port."""
 
     text: str
@@ -208,8 +207,7 @@ def _embedded(address: IPAddress) -> list[IPAddress]:
     return found
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """A job's egress policy: the mode and its rules."""
 
     mode: str
@@ -233,8 +231,7 @@ class Policy:
         return any(r.matches_address(address, port) for r in self.rules)
 
 
-@dataclass(frozen=True)
-class Screen:
+class Screen(NamedTuple):
     """The verdict on a destination before or after resolution."""
 
     allowed: bool

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from stockade.api.protocol import EgressRecord
 from stockade.egress import http
@@ -45,8 +45,7 @@ STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed",
                502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """Per-job bounds of the proxy."""
 
     max_connections: int = 64
@@ -61,6 +60,9 @@ class Limits:
         return self.max_waiting or 4 * self.max_connections
 
 
+DEFAULT_LIMITS = Limits()
+
+
 def _same(text: str) -> str:
     return text
 
@@ -69,7 +71,7 @@ class JobProxy:
     """The proxy of one job, serving its listening socket from a thread of its own."""
 
     def __init__(self, policy: Policy, resolver: Resolver, listener: socket.socket,
-                 on_decision: Callable[[EgressRecord], None], limits: Limits = Limits(),
+                 on_decision: Callable[[EgressRecord], None], limits: Limits = DEFAULT_LIMITS,
                  clean: Callable[[str], str] = _same) -> None:
         self.policy = policy
         self.clean = clean

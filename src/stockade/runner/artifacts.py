@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from stockade.api.protocol import ArtifactReport
 from stockade.runner.globs import glob_match
@@ -70,8 +71,7 @@ def job_identity(uid: int | None) -> Iterator[None]:
         _libc.setfsgid(0)
 
 
-@dataclass(frozen=True)
-class Caps:
+class Caps(NamedTuple):
     """The operator's bounds on one job's artifacts."""
 
     max_file: int
@@ -81,13 +81,12 @@ class Caps:
     deadline: float = math.inf  # time.monotonic() after which nothing more is collected
 
 
-@dataclass(frozen=True)
-class Collected:
+class Collected(NamedTuple):
     """What was stored, what was refused (with the reason), and which files leaked secrets."""
 
     stored: list[ArtifactReport]
     refused: list[str]
-    leaks: list[tuple[str, list[str]]] = field(default_factory=list)  # (path, secret names)
+    leaks: list[tuple[str, list[str]]]  # (path, secret names)
 
 
 @dataclass
@@ -129,7 +128,7 @@ def collect(workspace: Path, patterns: tuple[str, ...], dest: Path, caps: Caps,
     ``show(text)`` is how a job-chosen name may be printed (masked, control-escaped); ``uid``
     is the job's host uid whose identity the files are opened with."""
     if not patterns:
-        return Collected([], [])
+        return Collected([], [], [])
     run = _Run(dest, caps, scan, secret_names, show)
     with job_identity(uid):
         root = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +70,17 @@ def job_policy(settings: Settings, spec: Job, trust: str) -> tuple[Policy, list[
 
 def merge(a: EgressRecord, b: EgressRecord) -> EgressRecord:
     """Two records of one destination and decision, added up (``b`` is the later one)."""
-    return replace(a, count=a.count + b.count, last_at=max(a.last_at or a.at, b.last_at or b.at),
-                   address=b.address or a.address, bytes_up=a.bytes_up + b.bytes_up,
-                   bytes_down=a.bytes_down + b.bytes_down, duration_s=a.duration_s + b.duration_s)
+    return a._replace(attempts=a.attempts + b.attempts,
+                      last_at=max(a.last_at or a.at, b.last_at or b.at),
+                      address=b.address or a.address, bytes_up=a.bytes_up + b.bytes_up,
+                      bytes_down=a.bytes_down + b.bytes_down,
+                      duration_s=a.duration_s + b.duration_s)
 
 
 def audit_row(record: EgressRecord, attempt: int) -> tuple[str, dict[str, Any]]:
     """The audit event of an (aggregated) record."""
     detail = record.audit_detail(attempt)
-    detail.update(count=record.count, last_at=record.last_at or record.at)
+    detail.update(count=record.attempts, last_at=record.last_at or record.at)
     return record.action, detail
 
 
@@ -130,7 +131,7 @@ class Overflow:
             host="", port=0, address=None, allowed=False,
             reason=f"{more} more destinations not recorded (egress_max_destinations {cap})",
             audit_only=False, bytes_up=0, bytes_down=0, duration_s=0.0, at=self.first_at,
-            count=self.attempts, last_at=self.last_at, omitted=self.destinations)
+            attempts=self.attempts, last_at=self.last_at, omitted=self.destinations)
 
 
 class EgressSession:

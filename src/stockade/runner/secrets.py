@@ -43,7 +43,7 @@ class JobSecrets:
         from stockade.secrets.leaks import scan_file  # archives' modules: only when needed
 
         result = scan_file(path, self.masker)
-        return result.found, result.unscannable
+        return set(result.found), result.unscannable
 
     def names_in(self, text: str) -> list[str]:
         """The secrets whose values (or encodings) occur in a job-chosen string."""

@@ -18,11 +18,11 @@ import os
 import resource
 import select
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stockade.config import Settings
 from stockade.errors import SandboxError
@@ -40,6 +40,9 @@ from stockade.sandbox.plumbing import (
     read_status,
 )
 from stockade.sandbox.workspace import copy_workspace
+
+if TYPE_CHECKING:
+    import socket
 
 SCRIPT_PATH = "/run/stockade/step.sh"
 SECRETS_DIR = "/run/secrets"
@@ -193,6 +196,8 @@ class BwrapSandbox:
         os.replace(tmp, directory / "token")
 
     def _listen_egress(self, path: Path) -> None:
+        import socket  # only jobs with egress need it
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(path))

@@ -13,8 +13,8 @@ import contextlib
 import errno
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from stockade.errors import SandboxError
 from stockade.sandbox.reaper import reap
@@ -25,8 +25,7 @@ V2_CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """What a job's cgroup enforces."""
 
     memory_bytes: int

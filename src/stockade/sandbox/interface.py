@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    import socket
 
 OutputSink = Callable[[bytes], None]
 
 
-@dataclass(frozen=True)
-class SandboxRequest:
+class SandboxRequest(NamedTuple):
     """Everything a backend needs to prepare one job's sandbox."""
 
     job_id: str
@@ -26,19 +26,17 @@ class SandboxRequest:
     identity: bool = False  # an OIDC token file the runner refreshes during the job
 
 
-@dataclass(frozen=True)
-class StepRun:
+class StepRun(NamedTuple):
     """One step to run in a prepared sandbox."""
 
     name: str
     script: str
     env: Mapping[str, str]
     timeout: float
-    secret_files: Mapping[str, bytes] = field(default_factory=dict)  # name -> /run/secrets/name
+    secret_files: Mapping[str, bytes] = {}
 
 
-@dataclass(frozen=True)
-class StepExit:
+class StepExit(NamedTuple):
     """How a step ended. ``exit_code`` is None if the step was killed before it exited."""
 
     exit_code: int | None
@@ -47,8 +45,7 @@ class StepExit:
     duration_s: float
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(NamedTuple):
     """One line of ``stockade doctor``: a hardening control, whether it is active, the remedy."""
 
     control: str

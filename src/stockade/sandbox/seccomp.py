@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ SUPPORTED_ARCHES = ("x86_64", "aarch64")
 
 def machine() -> str:
     """The host architecture as ``uname -m`` prints it."""
-    return platform.machine()
+    return os.uname().machine
 
 
 def compile_bpf() -> bytes:

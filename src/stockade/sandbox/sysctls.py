@@ -8,14 +8,13 @@ directory), and the runner never follows a path a job could have changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from stockade.sandbox.interface import Finding
 
 
-@dataclass(frozen=True)
-class Sysctl:
+class Sysctl(NamedTuple):
     """One setting: its name, the least safe value, why it matters here."""
 
     name: str

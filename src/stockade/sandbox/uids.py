@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.errors import ConfigError, SandboxError
@@ -37,12 +36,14 @@ def parse_range(text: str) -> range:
     return range(lo, hi + 1)
 
 
-@dataclass
 class UidLease:
     """One job's host uid (its gid is the same number), held until :meth:`release`."""
 
-    uid: int
-    _fd: int | None
+    __slots__ = ("_fd", "uid")
+
+    def __init__(self, uid: int, fd: int | None) -> None:
+        self.uid = uid
+        self._fd = fd
 
     def release(self) -> None:
         """Give the uid back to the pool (only once nothing of the job is left)."""

@@ -21,7 +21,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from stockade.api.protocol import TRUST_LEVELS, LeaseGrant
 from stockade.audit import AuditEvent
@@ -34,8 +34,7 @@ MAX_LENGTH = 64 * 1024
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 
 
-@dataclass(frozen=True)
-class Scope:
+class Scope(NamedTuple):
     """Which jobs may receive a secret."""
 
     jobs: str = "*"
@@ -44,8 +43,7 @@ class Scope:
     refs: str = "*"  # a glob over the job's ref, e.g. refs/heads/main or refs/tags/*
 
 
-@dataclass(frozen=True)
-class SecretInfo:
+class SecretInfo(NamedTuple):
     """What ``secret list`` shows: everything but the value."""
 
     name: str
@@ -109,7 +107,7 @@ class Broker:
         check_value(name, value)
         scope = _scope(old)
         if refs is not None:
-            scope = replace(scope, refs=check_refs(refs))
+            scope = scope._replace(refs=check_refs(refs))
         self._put(name, old.version + 1, value, scope, old, "secret.rotated")
         return old.version + 1
 

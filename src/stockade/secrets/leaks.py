@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 from stockade.secrets.redact import Masker
 
@@ -40,8 +40,7 @@ _SPOOL_IN_MEMORY = 16 * 1024 * 1024  # a nested zip larger than this is spooled 
 _MAX_TAR_HEADER = 1024 * 1024  # long names and pax headers are read into memory by tarfile
 
 
-@dataclass(frozen=True)
-class ScanLimits:
+class ScanLimits(NamedTuple):
     """How far :func:`scan_file` goes before it calls a file unscannable."""
 
     max_depth: int = 4  # nested layers: a .tar.gz is two, a .tar.gz inside a zip three
@@ -56,12 +55,14 @@ class ScanLimits:
         return min(self.cap, max(self.floor, self.ratio * size))
 
 
-@dataclass(frozen=True)
-class ScanResult:
+DEFAULT_LIMITS = ScanLimits()
+
+
+class ScanResult(NamedTuple):
     """What :func:`scan_file` found: the names of the secrets it saw (never their values), and
     why the file could not be scanned completely (None if it was)."""
 
-    found: set[str] = field(default_factory=set)
+    found: frozenset[str] = frozenset()
     unscannable: str | None = None
 
     @property
@@ -74,7 +75,7 @@ class Unscannable(Exception):
     """A layer could not be scanned completely (the message says why, without its content)."""
 
 
-def scan_file(path: Path, masker: Masker, limits: ScanLimits = ScanLimits()) -> ScanResult:
+def scan_file(path: Path, masker: Masker, limits: ScanLimits = DEFAULT_LIMITS) -> ScanResult:
     """Scan the regular file at ``path`` (opened without following links) for ``masker``'s
     values, inside archives and compressed streams too."""
     if not masker:
@@ -91,10 +92,10 @@ def scan_file(path: Path, masker: Masker, limits: ScanLimits = ScanLimits()) -> 
         try:
             _top(fd, info.st_size, scan)
         except Unscannable as e:
-            return ScanResult(scan.found, str(e))
+            return ScanResult(frozenset(scan.found), str(e))
         except (OSError, ValueError, EOFError, struct.error) as e:  # a reader gave up on it
-            return ScanResult(scan.found, f"it could not be read ({type(e).__name__})")
-        return ScanResult(scan.found)
+            return ScanResult(frozenset(scan.found), f"it could not be read ({type(e).__name__})")
+        return ScanResult(frozenset(scan.found))
     finally:
         os.close(fd)
 

@@ -50,7 +50,7 @@ import heapq
 import itertools
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ahocorasick_rs import BytesAhoCorasick, Implementation, MatchKind
 
@@ -102,20 +102,21 @@ class _Usage:
     searched = 0
 
 
-@dataclass(frozen=True, eq=False)
 class _Segment:
     """One automaton over some of the patterns. ``key`` names the pattern set: a DFA built
-    later for the same patterns keeps it (and finds the same matches)."""
+    later for the same patterns keeps it (and finds the same matches). ``fold``: the patterns
+    are folded with FOLD, and so must the text be."""
 
-    patterns: tuple[bytes, ...]
-    names: tuple[str, ...]
-    flags: tuple[int, ...]
-    size: int
-    fold: bool  # the patterns are folded with FOLD, and so must the text be
-    dfa: bool
-    automaton: BytesAhoCorasick
-    key: int = field(default_factory=lambda: next(_KEYS))
-    usage: _Usage = field(default_factory=_Usage)
+    __slots__ = ("automaton", "dfa", "flags", "fold", "key", "names", "patterns", "size",
+                 "usage")
+
+    def __init__(self, patterns: tuple[bytes, ...], names: tuple[str, ...],
+                 flags: tuple[int, ...], size: int, fold: bool, dfa: bool,
+                 automaton: BytesAhoCorasick, key: int | None = None) -> None:
+        self.patterns, self.names, self.flags, self.size = patterns, names, flags, size
+        self.fold, self.dfa, self.automaton = fold, dfa, automaton
+        self.key = next(_KEYS) if key is None else key
+        self.usage = _Usage()
 
     @classmethod
     def build(cls, table: _Table, fold: bool, dfa: bool) -> _Segment:
@@ -221,8 +222,7 @@ def _merge_tiers(segments: list[_Segment]) -> list[_Segment]:
     return segments
 
 
-@dataclass(frozen=True)
-class _State:
+class _State(NamedTuple):
     segments: tuple[_Segment, ...] = ()
     longest: int = 0
 
@@ -232,10 +232,12 @@ class _State:
         return [folded if seg.fold else data for seg in self.segments]
 
 
-@dataclass
 class _JobMasks:
-    values: set[bytes] = field(default_factory=set)
-    total: int = 0
+    __slots__ = ("total", "values")
+
+    def __init__(self) -> None:
+        self.values: set[bytes] = set()
+        self.total = 0
 
 
 class Masker:

@@ -13,16 +13,15 @@ import base64
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from stockade.errors import ConfigError, StoreError
 
 _HEADER = "stockade-master-key-v1"
 
 
-@dataclass(frozen=True)
-class Sealed:
+class Sealed(NamedTuple):
     """A ciphertext and what is needed to open it."""
 
     key_id: str

@@ -1,4 +1,4 @@
-"""The validated job as the rest of stockade sees it: frozen dataclasses, no pydantic.
+"""The validated job as the rest of stockade sees it: frozen records, no pydantic.
 
 :mod:`stockade.spec.model` (pydantic) validates untrusted YAML once; it is converted into a
 :class:`Job`, which the control plane stores as JSON and the runner reads back without
@@ -8,12 +8,11 @@ re-validating (the database and the spec cache are stockade's own, trusted data)
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class JobStep:
+class JobStep(NamedTuple):
     """One step: a shell script and an optional timeout in seconds."""
 
     name: str
@@ -21,8 +20,7 @@ class JobStep:
     timeout: float | None = None
 
 
-@dataclass(frozen=True)
-class JobResources:
+class JobResources(NamedTuple):
     """Limits of the whole job (bytes, seconds, CPUs)."""
 
     cpus: float
@@ -33,23 +31,20 @@ class JobResources:
     timeout: float
 
 
-@dataclass(frozen=True)
-class JobSecret:
+class JobSecret(NamedTuple):
     """A secret the job asks for, delivered as an environment variable or a file."""
 
     name: str
     delivery: str = "env"
 
 
-@dataclass(frozen=True)
-class IdToken:
+class IdToken(NamedTuple):
     """The job's OIDC identity token: its audience."""
 
     aud: str
 
 
-@dataclass(frozen=True)
-class JobEgress:
+class JobEgress(NamedTuple):
     """The network policy."""
 
     mode: str = "none"
@@ -57,15 +52,14 @@ class JobEgress:
     on_violation: str = "log"
 
 
-@dataclass(frozen=True)
-class Job:
+class Job(NamedTuple):
     """A validated job spec with every default applied."""
 
     name: str
     image: str
     steps: tuple[JobStep, ...]
     resources: JobResources
-    env: dict[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = {}
     secrets: tuple[JobSecret, ...] = ()
     egress: JobEgress = JobEgress()
     artifacts: tuple[str, ...] = ()
@@ -79,7 +73,7 @@ class Job:
 
     def to_json(self) -> str:
         """Stable JSON for the database and the spec cache."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return json.dumps(_plain(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Job:
@@ -95,3 +89,14 @@ class Job:
             artifacts=tuple(d["artifacts"]), labels=tuple(d["labels"]),
             id_token=IdToken(**d["id_token"]) if d.get("id_token") else None,
         )
+
+
+def _plain(value: Any) -> Any:
+    """Records as JSON objects (nested ones too), tuples as arrays."""
+    if hasattr(value, "_asdict"):
+        return {k: _plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from stockade.audit import AuditEvent
 
 
-@dataclass(frozen=True)
-class JobRow:
+class JobRow(NamedTuple):
     """A job as stored."""
 
     id: str
@@ -31,8 +29,7 @@ class JobRow:
     ref: str = "local"
 
 
-@dataclass(frozen=True)
-class StepRow:
+class StepRow(NamedTuple):
     """A finished step of a job."""
 
     idx: int
@@ -42,8 +39,7 @@ class StepRow:
     duration_s: float
 
 
-@dataclass(frozen=True)
-class ArtifactRow:
+class ArtifactRow(NamedTuple):
     """A collected artifact of a job."""
 
     path: str
@@ -51,8 +47,7 @@ class ArtifactRow:
     size: int
 
 
-@dataclass(frozen=True)
-class SecretRow:
+class SecretRow(NamedTuple):
     """A stored secret: its scope and its sealed value (never plaintext)."""
 
     name: str
@@ -68,8 +63,7 @@ class SecretRow:
     updated_at: float
 
 
-@dataclass(frozen=True)
-class LeaseRow:
+class LeaseRow(NamedTuple):
     """A secret issued to one attempt of one job."""
 
     id: str

@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,9 @@ from stockade.errors import StoreError
 from stockade.store.interface import ArtifactRow, JobRow, LeaseRow, SecretRow, StepRow
 
 HEAD_REVISION = "0003"  # tests check this equals the newest Alembic migration
-_JOB_COLUMNS = ", ".join(f.name for f in fields(JobRow))
-_SECRET_COLUMNS = ", ".join(f.name for f in fields(SecretRow))
-_LEASE_COLUMNS = ", ".join(f.name for f in fields(LeaseRow))
+_JOB_COLUMNS = ", ".join(JobRow._fields)
+_SECRET_COLUMNS = ", ".join(SecretRow._fields)
+_LEASE_COLUMNS = ", ".join(LeaseRow._fields)
 
 
 def _job_row(row: tuple[Any, ...]) -> JobRow:
@@ -88,9 +87,9 @@ class SqliteStore:
 
     def insert_job(self, job: JobRow, event: AuditEvent) -> None:
         """Add a new job and its audit event."""
-        marks = ", ".join("?" for _ in fields(JobRow))
+        marks = ", ".join("?" for _ in JobRow._fields)
         with self._tx() as db:
-            db.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({marks})", astuple(job))
+            db.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({marks})", job)
             self._append_audit(db, event)
 
     @staticmethod
@@ -111,10 +110,12 @@ class SqliteStore:
             job = next((j for j in map(_job_row, rows) if eligible(j)), None)
             if job is None:
                 return None
-            changes = {"status": "running", "runner_id": runner_id, "attempt": job.attempt + 1,
-                       "lease_expires_at": lease_until(job), "started_at": time.time()}
+            changes: dict[str, Any] = {"status": "running", "runner_id": runner_id,
+                                       "attempt": job.attempt + 1,
+                                       "lease_expires_at": lease_until(job),
+                                       "started_at": time.time()}
             self._update(db, job.id, "status = 'queued'", (), changes)
-            claimed = JobRow(**{**job.__dict__, **changes})
+            claimed = job._replace(**changes)
             self._append_audit(db, event_for(claimed))
             return claimed
 
@@ -127,9 +128,9 @@ class SqliteStore:
                                 (runner_id,), changes):
                 return False
             db.executemany("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?)",
-                           [(job_id, *astuple(s)) for s in steps])
+                           [(job_id, *s) for s in steps])
             db.executemany("INSERT INTO artifacts VALUES (?, ?, ?, ?)",
-                           [(job_id, *astuple(a)) for a in artifacts])
+                           [(job_id, *a) for a in artifacts])
             for event in events:
                 self._append_audit(db, event)
             return True
@@ -203,10 +204,10 @@ class SqliteStore:
 
     def put_secret(self, row: SecretRow, event: AuditEvent) -> None:
         """Create or replace a secret."""
-        marks = ", ".join("?" for _ in fields(SecretRow))
+        marks = ", ".join("?" for _ in SecretRow._fields)
         with self._tx() as db:
             db.execute(f"INSERT OR REPLACE INTO secrets ({_SECRET_COLUMNS}) VALUES ({marks})",
-                       astuple(row))
+                       row)
             self._append_audit(db, event)
 
     def get_secret(self, name: str) -> SecretRow | None:
@@ -229,10 +230,10 @@ class SqliteStore:
 
     def insert_leases(self, leases: list[LeaseRow], events: list[AuditEvent]) -> None:
         """Record issued leases with their audit events."""
-        marks = ", ".join("?" for _ in fields(LeaseRow))
+        marks = ", ".join("?" for _ in LeaseRow._fields)
         with self._tx() as db:
             db.executemany(f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES ({marks})",
-                           [astuple(lease) for lease in leases])
+                           leases)
             for event in events:
                 self._append_audit(db, event)
 

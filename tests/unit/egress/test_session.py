@@ -102,11 +102,11 @@ def test_denials_are_added_up_capped_and_said_so(make: Any) -> None:
     records = job.close()
     kept = [r for r in records if not r.omitted]
     assert len(kept) == 10
-    assert {r.destination: r.count for r in kept[:3]} == {
+    assert {r.destination: r.attempts for r in kept[:3]} == {
         "rep0.x.test:443": 100, "rep1.x.test:443": 100, "rep2.x.test:443": 100}
-    assert all(r.count == 2 for r in kept[3:])
+    assert all(r.attempts == 2 for r in kept[3:])
     [more] = [r for r in records if r.omitted]
-    assert (more.omitted, more.count) == (393, 786)
+    assert (more.omitted, more.attempts) == (393, 786)
     assert all(r.last_at >= r.at for r in records)
 
     summary = egress_summary(records)
@@ -160,7 +160,7 @@ def test_destinations_are_cleaned_before_anything_keeps_them(make: Any) -> None:
     job.connect(f"{secret}.x.test:443")  # the proxy lower-cases names: cleaned before that
     job.connect(f"http://{secret}.x.test/")
     records = job.close()
-    kept = json.dumps([r.__dict__ for r in records]) + json.dumps(job.control.events)
+    kept = json.dumps([r._asdict() for r in records]) + json.dumps(job.control.events)
     kept += json.dumps(egress_summary(records)) + job.log_path.read_text()
     assert secret.lower() not in kept.lower()
     assert egress_summary(records)["denied"] == ["[masked].x.test:443", "[masked].x.test:80"]

@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
     findings = get_backend("bwrap", settings).check()
     ok = all(f.ok for f in findings if f.required)
     if args.json:
-        sys.stdout.write(json.dumps({"ok": ok, "findings": [f.__dict__ for f in findings]}) + "\n")
+        sys.stdout.write(json.dumps({"ok": ok, "findings": [f._asdict() for f in findings]}) + "\n")
         return 0 if ok else 4
     from rich.console import Console
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 HELP = "show one job"
@@ -47,7 +48,7 @@ def _e(value: object) -> str:
     return escape_controls(str(value))
 
 
-def _details(detail: dict[str, Any]) -> str:
+def _details(detail: Mapping[str, Any]) -> str:
     return "".join(f"  {_e(k)}={_e(v)}" for k, v in sorted(detail.items()))
 
 
