@@ -5,8 +5,6 @@ Sources, later ones winning: built-in defaults, the TOML file (``$STOCKADE_CONFI
 read ``os.environ``. Job specs can never change these settings.
 """
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 from typing import Any, NamedTuple

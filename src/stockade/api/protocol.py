@@ -3,8 +3,6 @@
 ``runner`` and ``control`` never import each other: both import these types only.
 """
 
-from __future__ import annotations
-
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol

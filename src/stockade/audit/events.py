@@ -1,7 +1,5 @@
 """Audit event values and the hash chain over them."""
 
-from __future__ import annotations
-
 import hashlib
 import json
 from collections.abc import Iterable, Mapping

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import threading
+from typing import NoReturn
 
 from stockade import __version__
 from stockade.errors import StockadeError
@@ -80,5 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> NoReturn:
+    """The ``stockade`` console script: :func:`main`, then the output flushed and the process
+    ended without finalising the interpreter. Every file and transaction is closed by then
+    (SQLite's committed transactions are durable whenever the process ends), and tearing down
+    some 300 modules would add ~20 ms to every command. If a thread other than a daemon is
+    still at work, the process exits normally (and waits for it)."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -5,8 +5,6 @@ job's trust level (decided by the submitter, never by the spec): which ID-token 
 may get, which secrets (the broker's scopes) and, for untrusted jobs, how much egress.
 """
 
-from __future__ import annotations
-
 import json
 import time
 from collections.abc import Callable
@@ -97,8 +95,8 @@ class ControlService:
     """The control plane over a :class:`~stockade.store.interface.Store`."""
 
     def __init__(self, store: Store, actor: str, clock: Callable[[], float] = time.time,
-                 broker: Broker | None = None,
-                 identity: Callable[[], KeyRing] | None = None,
+                 broker: "Broker | None" = None,
+                 identity: "Callable[[], KeyRing] | None" = None,
                  policy: AdmissionPolicy | None = None) -> None:
         self.store = store
         self.policy = policy or AdmissionPolicy()
@@ -109,7 +107,7 @@ class ControlService:
         self._keyring: KeyRing | None = None
 
     @property
-    def keyring(self) -> KeyRing:
+    def keyring(self) -> "KeyRing":
         """The OIDC signing keys (loaded on first use)."""
         if self._keyring is None:
             if self._identity is None:

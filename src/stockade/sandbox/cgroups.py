@@ -7,8 +7,6 @@ open files to enter the cgroup before it executes bwrap: the kernel checks the c
 whoever opened the file, so the job's processes never need write access to any cgroup file.
 """
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import os

@@ -1,7 +1,5 @@
 """The sandbox seam: what every execution backend (bwrap today, OCI runtimes later) provides."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -69,7 +67,7 @@ class Sandbox(Protocol):
         ...
 
     @property
-    def egress_listener(self) -> socket.socket | None:
+    def egress_listener(self) -> "socket.socket | None":
         """The listening socket the runner's egress proxy serves for this job (or None)."""
         ...
 

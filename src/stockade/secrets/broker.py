@@ -13,8 +13,6 @@ revoked when the job ends; redeeming a lease that is revoked, expired or not the
 refused and audited.
 """
 
-from __future__ import annotations
-
 import fnmatch
 import json
 import os

@@ -7,8 +7,6 @@ data, so a ciphertext cannot be moved to another secret. The key id (a hash of t
 recorded with each ciphertext.
 """
 
-from __future__ import annotations
-
 import base64
 import hashlib
 import os
@@ -39,7 +37,7 @@ class Vault:
         self.key_id = hashlib.sha256(b"stockade-key-id\0" + key).hexdigest()[:16]
 
     @classmethod
-    def open(cls, path: Path, create: bool) -> Vault:
+    def open(cls, path: Path, create: bool) -> "Vault":
         """The vault of the master key at ``path`` (created 0600 if ``create`` and missing)."""
         if not path.exists():
             if not create:

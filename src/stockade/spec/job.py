@@ -5,8 +5,6 @@
 re-validating (the database and the spec cache are stockade's own, trusted data).
 """
 
-from __future__ import annotations
-
 import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -76,7 +74,7 @@ class Job(NamedTuple):
         return json.dumps(_plain(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> Job:
+    def from_json(cls, text: str) -> "Job":
         """The inverse of :meth:`to_json` (for stockade's own data only)."""
         d: dict[str, Any] = json.loads(text)
         return cls(

@@ -1,7 +1,5 @@
 """The store seam: row types and the Protocol every backend implements."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
