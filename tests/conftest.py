@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -57,6 +58,18 @@ class JobRun:
 def stockade_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One state directory for the session (the database is migrated once)."""
     return tmp_path_factory.mktemp("stockade-home") / "home"
+
+
+def job_dir(home: Path, job_id: str) -> Path:
+    """The host directory of a job's sandbox: <runtime dir>/<installation id>/<job>."""
+    return Path("/run/stockade") / (home / "installation-id").read_text().strip() / job_id
+
+
+def job_cgroups(home: Path, job_id: str, parent: str = "stockade") -> list[str]:
+    """The job's cgroup directories that exist (v1 hierarchies or v2), of any hierarchy."""
+    name = f"{(home / 'installation-id').read_text().strip()}-{job_id}"
+    return glob.glob(f"/sys/fs/cgroup/*/{parent}/{name}") + glob.glob(
+        f"/sys/fs/cgroup/{parent}/{name}")
 
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:

@@ -50,6 +50,9 @@ class Settings(NamedTuple):
     # the most an untrusted job's egress.allow may ask for (each entry must be covered)
     egress_untrusted_allow: tuple[str, ...] = ()
     egress_max_destinations: int = 256
+    # a PEM file of the operator's own CA certificates (an internal CA), added to the host's
+    # public CA bundle that every job sees at /etc/ssl/certs/ca-certificates.crt
+    tls_extra_ca_file: str = ""
 
     @property
     def db_path(self) -> Path:
@@ -94,6 +97,7 @@ _ENV = {
     "STOCKADE_EGRESS_INTERNAL_ALLOW": "egress_internal_allow",
     "STOCKADE_EGRESS_UNTRUSTED_ALLOW": "egress_untrusted_allow",
     "STOCKADE_EGRESS_MAX_DESTINATIONS": "egress_max_destinations",
+    "STOCKADE_TLS_EXTRA_CA_FILE": "tls_extra_ca_file",
     "STOCKADE_ARTIFACT_MAX_FILES": "artifact_max_files",
     "STOCKADE_MAX_CPUS": "max_cpus",
     "STOCKADE_MAX_MEMORY": "max_memory_bytes",
@@ -123,7 +127,67 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     if _exists(path):
         settings = _apply(settings, _read_toml(path), str(path))
     overrides = {name: env[var] for var, name in _ENV.items() if env.get(var)}
-    return _apply(settings, overrides, "environment")
+    settings = _apply(settings, overrides, "environment")
+    _check_owned_locations(settings)
+    return settings
+
+
+# directories other software owns: the reaper removes what it finds in its runtime directory,
+# so that directory must be stockade's alone
+_SHARED_DIRS = frozenset({
+    "/", "/run", "/var/run", "/run/lock", "/run/user", "/run/shm", "/tmp", "/var/tmp", "/dev",
+    "/dev/shm", "/var", "/var/lib", "/var/cache", "/var/log", "/etc", "/usr", "/home", "/root",
+    "/boot", "/srv", "/opt", "/mnt", "/media", "/proc", "/sys", "/sys/fs/cgroup",
+})
+_CGROUP_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def _check_owned_locations(settings: Settings) -> None:
+    """Refuse a runtime directory or cgroup name that other software shares."""
+    runtime = os.path.normpath(settings.runtime_dir)
+    if not os.path.isabs(runtime) or runtime in _SHARED_DIRS \
+            or runtime.startswith(("/proc/", "/sys/", "/dev/")):
+        raise ConfigError(f"runtime_dir {settings.runtime_dir!r} is not a directory of "
+                          "stockade's own (it must be absolute and not a shared system "
+                          "directory: stockade removes what it leaves there)",
+                          hint="use e.g. /run/stockade (the default)")
+    name = settings.cgroup_name
+    if not name or len(name) > 64 or not set(name) <= _CGROUP_NAME_CHARS \
+            or name.startswith(".") or name.endswith((".slice", ".scope", ".service", ".mount")):
+        raise ConfigError(f"cgroup_name {name[:80]!r} is not a cgroup of stockade's own (one "
+                          "name of letters, digits, '_', '-', '.', not a systemd unit)",
+                          hint="use e.g. stockade (the default)")
+
+
+def installation_id(home: Path) -> str:
+    """This installation's id (created with the state directory): it names the installation's
+    runtime directory and prefixes its cgroups, so that its reaper never touches another's."""
+    path = home / "installation-id"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if len(text) == 10 and text.isalnum() and text.islower():
+        return text
+    from stockade.ids import new_installation_id
+
+    tmp = home / f".installation-id.{os.getpid()}"
+    try:
+        tmp.write_text(new_installation_id() + "\n")
+        try:
+            os.link(tmp, path)  # the first of concurrent first runs wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot create {path}: {e.strerror}",
+                          hint="set STOCKADE_HOME to a writable directory") from e
+    if len(text) != 10 or not text.isalnum():
+        raise ConfigError(f"{path} does not hold an installation id",
+                          hint="remove the file if no job is running (a new id is made)")
+    return text
 
 
 def _exists(path: Path) -> bool:
@@ -138,9 +202,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
     import tomllib  # only when a settings file exists: keeps CLI start-up lean
 
     try:
-        return tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read settings: {e}",
+        if not path.is_file():
+            raise ConfigError(f"{path}: the settings file is not a regular file",
+                              hint="give a TOML file (see the settings table in README)")
+        with path.open("rb") as f:
+            data = f.read(_MAX_SETTINGS_BYTES + 1)
+        if len(data) > _MAX_SETTINGS_BYTES:
+            raise ConfigError(f"{path}: the settings file is larger than 1 MiB",
+                              hint="a settings file holds a few lines (see README)")
+        return tomllib.loads(data.decode("utf-8"))
+    except (OSError, ValueError) as e:  # TOMLDecodeError, UnicodeDecodeError, huge numbers
+        why = str(e) if isinstance(e, (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError)) \
+            else "a number in it has too many digits"
+        raise ConfigError(f"{path}: cannot read settings: {why[:200]}",
                           hint="fix or remove the file") from e
 
 
@@ -154,6 +228,10 @@ def _apply(settings: Settings, values: dict[str, Any], source: str) -> Settings:
             )
         changes[key] = _convert(key, known[key], value, source)
     return settings._replace(**changes)
+
+
+_MAX_SETTINGS_BYTES = 1 << 20
+_MAX_NUMBER = 1 << 62  # beyond any size, count or duration a host has
 
 
 def _convert(key: str, kind: str, value: Any, source: str) -> Any:
@@ -173,7 +251,12 @@ def _convert(key: str, kind: str, value: Any, source: str) -> Any:
         if kind in ("int", "float"):
             if isinstance(value, bool):
                 raise TypeError("a boolean is not a number")
-            return int(value) if kind == "int" else float(value)
+            if isinstance(value, str) and len(value) > 40:
+                raise ValueError("too many digits")
+            number = int(value) if kind == "int" else float(value)
+            if not 0 <= number <= _MAX_NUMBER:  # also refuses NaN
+                raise ValueError(f"must be from 0 to {_MAX_NUMBER}")
+            return number
     except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"{source}: {key} has an invalid value {str(value)[:80]!r}: "
                           f"{str(e)[:200]}",

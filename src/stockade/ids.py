@@ -30,3 +30,8 @@ def new_job_id() -> JobId:
 def new_runner_id(prefix: str = "local") -> RunnerId:
     """A unique runner id such as ``local-3k9x2m4q``."""
     return RunnerId(f"{prefix}-{_b32(int.from_bytes(os.urandom(5), 'big'), 8)}")
+
+
+def new_installation_id() -> str:
+    """A random id of one stockade installation such as ``i3k9x2m4q7``."""
+    return "i" + _b32(int.from_bytes(os.urandom(6), "big"), 9)

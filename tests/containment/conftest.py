@@ -25,7 +25,7 @@ import pytest
 
 from stockade.config import Settings
 from stockade.sandbox.uids import parse_range
-from tests.conftest import JobRun
+from tests.conftest import JobRun, job_cgroups, job_dir
 
 # the host uids jobs run as (each job its own, see sandbox/uids.py)
 UID_POOL = parse_range(Settings(home=Path("/")).uid_pool)
@@ -92,7 +92,7 @@ class UidSampler:
         while not self._stop.wait(0.005):
             for pattern in self.PATTERNS:
                 for procs in glob.glob(pattern):
-                    job = Path(procs).parent.name
+                    job = Path(procs).parent.name.rsplit("-", 1)[-1]  # <installation>-<job>
                     for pid in _read(procs).split():
                         uid = _host_uid(int(pid))
                         if uid is not None:
@@ -173,9 +173,8 @@ class HostGuard:
         assert set(uids) <= {run.result.get("host_uid")}, set(uids)
         assert run.result.get("host_uid") in UID_POOL, run.result.get("host_uid")
         assert job_processes(run) == [], "processes of the job's uid survived"
-        assert not glob.glob(f"/sys/fs/cgroup/*/stockade/{job}"), "a job cgroup remains"
-        assert not glob.glob(f"/sys/fs/cgroup/stockade/{job}"), "a job cgroup remains"
-        assert not Path(f"/run/stockade/{job}").exists(), "the job directory remains"
+        assert not job_cgroups(run.home, job), "a job cgroup remains"
+        assert not job_dir(run.home, job).exists(), "the job directory remains"
         assert job not in Path("/proc/self/mountinfo").read_text(), "a job mount remains"
         assert "leftovers" not in run.result, run.result.get("leftovers")
 

@@ -122,6 +122,7 @@ def test_limits_are_set_on_the_job_cgroup(run_job, stockade_home, tmp_path) -> N
         if "started" in line:
             break
     job = json.loads(run_cli(stockade_home, "jobs", "--json").stdout)[0]["job_id"]
+    job = f"{(stockade_home / 'installation-id').read_text().strip()}-{job}"  # the cgroup's name
     root = Path("/sys/fs/cgroup")
     if (root / "cgroup.controllers").exists():
         d = root / "stockade" / job

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import job_dir
 from tests.containment.conftest import UID_POOL
 
 PRELOAD_SOURCE = r"""
@@ -113,7 +114,7 @@ def test_host_side_processes_see_no_job_variable_or_secret(run_job, stockade_hom
     assert seen, "no host-side process of the job was sampled"
     blob = b"\n".join(seen)
     assert marker.encode() not in blob and value.encode() not in blob
-    assert b"/run/stockade/" + run.result["job_id"].encode() not in blob
+    assert bytes(job_dir(run.home, run.result["job_id"])) not in blob
     assert b"--bind" not in blob
 
 
@@ -130,7 +131,7 @@ def test_proc_tells_nothing_of_the_host(hostile) -> None:
     """)
     out = run.output("probe")
     assert "DONE" in out
-    assert "--bind" not in out and f"/run/stockade/{run.result['job_id']}" not in out
+    assert "--bind" not in out and str(job_dir(run.home, run.result["job_id"])) not in out
     for masked in ("cmdline", "kallsyms", "keys", "boot_id", "acpi"):
         assert f"{masked}=[]" in out, masked
     assert "BOOT_IMAGE" not in out and "root=" not in out

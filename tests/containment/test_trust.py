@@ -44,7 +44,8 @@ def submit(home: Path, tmp_path: Path, extra: str, *args: str, **env: str) -> Jo
 
 def audit(home: Path, job_id: str) -> list[dict[str, object]]:
     out = run_cli(home, "audit", "list", "--job", job_id, "--json").stdout
-    return [json.loads(line) for line in out.splitlines()]
+    events: list[dict[str, object]] = json.loads(out)
+    return events
 
 
 def assert_denied_before_running(run: JobRun, reason: str, *words: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import STOCKADE, JobRun, cli_env, run_cli
+from tests.conftest import STOCKADE, JobRun, cli_env, job_dir, run_cli
 from tests.containment.conftest import Listener
 from tests.support.internet import Internet
 
@@ -105,8 +105,7 @@ CURL = "curl -sS --max-time 10 --cacert ca.crt"
 def audit_rows(home: Path, job_id: str, action: str) -> list[dict[str, Any]]:
     """The details of this job's audit events of ``action``."""
     out = run_cli(home, "audit", "list", "--job", job_id, "--json").stdout
-    events = [json.loads(line) for line in out.splitlines()]
-    return [e["detail"] for e in events if e["action"] == action]
+    return [e["detail"] for e in json.loads(out) if e["action"] == action]
 
 
 def test_allowed_host_works_with_curl_and_urllib(net: Net, stockade_home: Path,
@@ -254,6 +253,8 @@ def test_audit_mode_allows_records_and_baselines(net: Net, stockade_home: Path,
     assert base.stdout.splitlines()[:2] == ["egress:", "  mode: block"]
     allow = [line.strip()[2:] for line in base.stdout.splitlines() if line.strip().startswith("- ")]
     assert allow == ["api.example.test:443", "files.example.test:443", "v6.example.test:80"]
+    refused = [line for line in base.stderr.splitlines() if "internal.example.test" in line]
+    assert len(refused) == 1 and "the operator may, with egress_internal_allow" in refused[0]
 
 
 def test_on_violation_kill_stops_the_job(net: Net, stockade_home: Path, tmp_path: Path) -> None:
@@ -342,22 +343,10 @@ def test_invalid_allow_entries_exit_2(stockade_home: Path, tmp_path: Path) -> No
     assert "an IP address needs the CIDR form, e.g. 10.0.0.1/32:443" in proc.stderr
 
 
-@pytest.fixture
-def runtime_dir() -> Iterator[Path]:
-    """A runtime directory of this test's own: stockade processes of other installations on
-    this host reap orphans under the shared /run/stockade, and would tidy this one away."""
-    path = Path(f"/run/stockade-test-{os.getpid()}")
-    path.mkdir(mode=0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_decisions_are_audited_even_if_the_runner_dies(net: Net, stockade_home: Path,
-                                                       tmp_path: Path, runtime_dir: Path
-                                                       ) -> None:
-    own = {"STOCKADE_RUNTIME_DIR": str(runtime_dir)}
+                                                       tmp_path: Path) -> None:
     proc = start(net, stockade_home, tmp_path, "{mode: block, allow: [api.example.test]}",
-                 f"{CURL} https://api.example.test/x; echo fetched; sleep 60", **own)
+                 f"{CURL} https://api.example.test/x; echo fetched; sleep 60")
     assert proc.stderr is not None
     for line in proc.stderr:
         if "fetched" in line:
@@ -369,11 +358,11 @@ def test_decisions_are_audited_even_if_the_runner_dies(net: Net, stockade_home: 
     assert "egress.allowed" in run_cli(stockade_home, "show", job_id).stdout
     tidy = tmp_path / "tidy.yaml"  # the next run reaps what the killed runner left
     tidy.write_text("name: tidy\nsteps:\n  - {name: a, run: 'true'}\n")
-    tidied = run_cli(stockade_home, "run", str(tidy), "--workspace", str(tmp_path), **own)
+    tidied = run_cli(stockade_home, "run", str(tidy), "--workspace", str(tmp_path))
     assert tidied.returncode == 0, tidied.stderr
     shown = json.loads(run_cli(stockade_home, "show", job_id, "--json").stdout)
     assert shown["failure_reason"] == "runner_lost"
-    assert not (runtime_dir / job_id).exists()
+    assert not job_dir(stockade_home, job_id).exists()
 
 
 @pytest.mark.parametrize("entry", ["127.0.0.1/32:{port}", "169.254.169.254/32:80",

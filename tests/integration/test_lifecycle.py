@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import STOCKADE, cli_env, run_cli
+from tests.conftest import STOCKADE, cli_env, job_cgroups, job_dir, run_cli
 
 SLOW = "name: slow\nsteps:\n  - {name: a, run: 'echo started; sleep 300'}\n"
 
@@ -27,9 +26,9 @@ def start(home: Path, tmp_path: Path) -> subprocess.Popen[str]:
     raise AssertionError(f"the job never started: {proc.wait()}")
 
 
-def nothing_left(job_id: str) -> None:
-    assert not glob.glob(f"/sys/fs/cgroup/*/stockade/{job_id}")
-    assert not Path(f"/run/stockade/{job_id}").exists()
+def nothing_left(home: Path, job_id: str) -> None:
+    assert not job_cgroups(home, job_id)
+    assert not job_dir(home, job_id).exists()
     assert job_id not in Path("/proc/self/mountinfo").read_text()
 
 
@@ -40,24 +39,27 @@ def test_sigterm_cancels_and_tears_down(stockade_home: Path, tmp_path: Path) -> 
     result = json.loads(out)
     assert proc.returncode == 1
     assert (result["status"], result["failure_reason"]) == ("failed", "canceled")
-    nothing_left(result["job_id"])
+    assert result["steps"][-1]["name"] == "a" and result["steps"][-1]["status"] == "canceled"
+    log = (stockade_home / "logs" / f"{result['job_id']}.log").read_text()
+    assert "canceled by the user during step a" in log
+    nothing_left(stockade_home, result["job_id"])
 
 
 def test_killed_runner_is_reaped_by_the_next_run(stockade_home: Path, tmp_path: Path) -> None:
     proc = start(stockade_home, tmp_path)
     jobs = json.loads(run_cli(stockade_home, "jobs", "--json").stdout)
     lost_id = next(j["job_id"] for j in jobs if j["status"] == "running")
-    assert Path(f"/run/stockade/{lost_id}").exists()
+    assert job_dir(stockade_home, lost_id).exists()
     proc.kill()
     proc.wait()
     time.sleep(0.2)
-    assert Path(f"/run/stockade/{lost_id}").exists()  # SIGKILL: nobody could clean up
+    assert job_dir(stockade_home, lost_id).exists()  # SIGKILL: nobody could clean up
     spec = tmp_path / "next.yaml"
     spec.write_text("name: next\nsteps:\n  - {name: a, run: 'true'}\n")
     nxt = run_cli(stockade_home, "run", str(spec), "--workspace", str(tmp_path))
     assert nxt.returncode == 0
     assert f"job {lost_id} lost its runner" in nxt.stderr
-    nothing_left(lost_id)
+    nothing_left(stockade_home, lost_id)
     shown = json.loads(run_cli(stockade_home, "show", lost_id, "--json").stdout)
     assert (shown["status"], shown["failure_reason"]) == ("failed", "runner_lost")
     audit = run_cli(stockade_home, "show", lost_id).stdout

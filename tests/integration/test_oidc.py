@@ -10,7 +10,7 @@ from pathlib import Path
 import jwt
 from jwt.algorithms import ECAlgorithm
 
-from tests.conftest import STOCKADE, cli_env, run_cli
+from tests.conftest import STOCKADE, cli_env, job_dir, run_cli
 
 SPEC = """name: deploy-oidc
 id_token: {aud: "https://vault.example.test"}
@@ -40,7 +40,7 @@ def tokens_during_job(home: Path, tmp_path: Path) -> tuple[list[str], str, str]:
     job_id = json.loads(run_cli(home, "jobs", "--json").stdout)[0]["job_id"]
     seen = []
     for _ in range(25):
-        token_file = Path(f"/run/stockade/{job_id}/identity/token")
+        token_file = job_dir(home, job_id) / "identity" / "token"
         if token_file.exists():
             token = token_file.read_text()
             if token not in seen:
@@ -122,7 +122,7 @@ def test_untrusted_jobs_get_no_token_by_default(tmp_path: Path) -> None:
         in message
     assert "STOCKADE_OIDC_AUDIENCES_UNTRUSTED" in message and "oidc_audiences_untrusted" in stderr
     audit = run_cli(home, "audit", "list", "--json").stdout
-    denied = [json.loads(line) for line in audit.splitlines() if '"job.denied"' in line]
+    denied = [e for e in json.loads(audit) if e["action"] == "job.denied"]
     assert denied and denied[0]["detail"]["reason"] == "policy_denied"
     assert "oidc.token_issued" not in audit
 

@@ -220,6 +220,7 @@ def test_leaked_artifact_is_withheld_and_fails_the_job(home: Path, tmp_path: Pat
         'cp /run/secrets/SIGNING_KEY out/key.copy'), "--trust", "protected")
     assert run.rc == 1
     assert run.result["failure_reason"] == "secret_leak"
+    assert run.result["exit_code"] is None  # the steps succeeded: no exit code explains it
     assert [a["path"] for a in run.result["artifacts"]] == ["out/ok.txt"]
     leaks = {leak["where"]: leak["secrets"] for leak in run.result["secret_leaks"]}
     assert leaks == {"artifact out/key.copy": ["SIGNING_KEY"],

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import getpass
+import shutil
+import sys
 from typing import TYPE_CHECKING
 
+from stockade import liveness
 from stockade.config import Settings, ensure_home, load_settings
 from stockade.control import AdmissionPolicy, ControlService, JobView
 from stockade.errors import UsageError
@@ -12,18 +15,67 @@ from stockade.secrets.broker import Broker
 from stockade.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
+    from stockade.sandbox.interface import Backend
     from stockade.secrets.oidc import KeyRing
 
 
+_OPEN: list[SqliteStore] = []
+
+
 def open_control() -> tuple[Settings, ControlService]:
-    """Settings, the state directory, and the control service over the embedded store."""
+    """Settings, the state directory, and the control service over the embedded store; jobs
+    whose runner is gone are failed first (so no command shows them running)."""
     settings = load_settings()
     ensure_home(settings)
     store = SqliteStore(settings.db_path)
+    _OPEN.append(store)
     actor = f"cli:{getpass.getuser()}"
-    return settings, ControlService(store, actor=actor, broker=open_broker(settings, store),
-                                    identity=lambda: open_keyring(settings),
-                                    policy=admission_policy(settings))
+    control = ControlService(store, actor=actor, broker=open_broker(settings, store),
+                             identity=lambda: open_keyring(settings),
+                             policy=admission_policy(settings))
+    recover_lost(settings, control)
+    return settings, control
+
+
+def close_control() -> None:
+    """Close the databases :func:`open_control` opened (the last close merges SQLite's
+    write-ahead log into the database file, so that the file alone holds every commit)."""
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def recover_lost(settings: Settings, control: ControlService,
+                 backend: Backend | None = None) -> list[str]:
+    """Fail (runner_lost) the jobs whose runner died, whatever it was doing: its lock in the
+    state directory is free (see ``liveness.py``) or, for runners without one, its lease
+    expired. Their secret leases are revoked and partial artifacts removed; with ``backend``
+    (root), what their sandboxes left is torn down too. Each is reported on stderr; returns
+    their ids."""
+    dead: set[str] = set()
+
+    def runner_gone(runner_id: str) -> bool | None:
+        state = liveness.gone(settings.home, runner_id)
+        if state:
+            dead.add(runner_id)
+        return state
+
+    def ours(job_id: str) -> bool:  # a job of this installation that no live runner holds
+        job = control.job(job_id)
+        if job is None:
+            return False
+        if job.status in ("queued", "running") and job.runner_id:
+            return liveness.gone(settings.home, job.runner_id) is not False
+        return True
+
+    orphaned = backend.reap_orphans(ours) if backend is not None else []
+    lost = control.fail_lost(orphaned, runner_gone)
+    for job_id in lost:
+        shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
+        sys.stderr.write(f"stockade: job {job_id} lost its runner; marked failed "
+                         "(runner_lost)\n")
+    for runner_id in dead:
+        liveness.forget(settings.home, runner_id)
+    return lost
 
 
 def admission_policy(settings: Settings) -> AdmissionPolicy:
@@ -55,6 +107,9 @@ def open_broker(settings: Settings, store: SqliteStore) -> Broker:
 
 def require_job(control: ControlService, id_or_prefix: str) -> JobView:
     """The job, or a UsageError naming the fix."""
+    if not (0 < len(id_or_prefix) <= 64 and id_or_prefix.isascii() and id_or_prefix.isalnum()):
+        raise UsageError(f"{id_or_prefix[:40]!r}{'...' if len(id_or_prefix) > 40 else ''} is "
+                         "not a job id", hint="list jobs with: stockade jobs")
     view = control.view(id_or_prefix)
     if view is None:
         raise UsageError(f"no job matches {id_or_prefix!r} (or the prefix is ambiguous)",

@@ -7,7 +7,7 @@ may get, which secrets (the broker's scopes) and, for untrusted jobs, how much e
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stockade.api.protocol import (
@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 LEASE_GRACE_S = 300.0
 MAX_REF_LENGTH = 200
+
+
+def _unknown(runner_id: str) -> bool | None:
+    return None
 
 
 class AdmissionPolicy(NamedTuple):
@@ -150,11 +154,14 @@ class ControlService:
                **detail: Any) -> AuditEvent:
         return AuditEvent(actor or self.actor, action, self.clock(), job_id, detail)
 
-    def submit(self, spec: Job, trust: str = "trusted", ref: str = "local") -> JobRow:
+    def submit(self, spec: Job, trust: str = "trusted", ref: str = "local",
+               runner_id: str | None = None) -> JobRow:
         """Admit ``spec`` (queued) or deny it (denied, with the reason); return the job.
 
         ``trust`` says how far the job's origin is trusted (``untrusted`` for fork pull
-        requests, ``trusted``, ``protected``); ``ref`` is the source reference it runs."""
+        requests, ``trusted``, ``protected``); ``ref`` is the source reference it runs;
+        ``runner_id`` reserves the job for that runner (``stockade run``'s own): only it may
+        claim the job, and if it dies before, the job is lost at once instead of queued."""
         check_submission(trust, ref)
         now = self.clock()
         job_id = new_job_id()
@@ -166,7 +173,7 @@ class ControlService:
             id=job_id, name=spec.name, spec_json=spec.to_json(),
             labels_json=json.dumps(list(spec.labels)), status=status.value,
             failure_reason=reason.value if reason else None, exit_code=None, attempt=0,
-            runner_id=None, lease_expires_at=None, created_at=now, started_at=None,
+            runner_id=runner_id, lease_expires_at=None, created_at=now, started_at=None,
             finished_at=now if reason else None, result_json=extra, trust=trust, ref=ref,
         )
         action = "job.denied" if reason else "job.admitted"
@@ -220,6 +227,8 @@ class ControlService:
         """Lease the oldest queued job whose labels this runner has (or exactly ``job_id``)."""
 
         def eligible(job: JobRow) -> bool:
+            if job.runner_id not in (None, runner_id):  # reserved for another runner
+                return False
             if job_id is not None:
                 return job.id == job_id
             return set(json.loads(job.labels_json)) <= set(labels)
@@ -254,14 +263,17 @@ class ControlService:
         self.store.record([AuditEvent(self.actor, action, self.clock(), job_id, detail)
                            for action, detail in events])
 
-    def fail_lost(self, dead_runner_jobs: list[str]) -> list[str]:
-        """Fail jobs whose runner died (lease expired, or its sandbox found orphaned)."""
+    def fail_lost(self, orphaned: Sequence[str] = (),
+                  runner_gone: Callable[[str], bool | None] = _unknown) -> list[str]:
+        """Fail jobs whose runner died: its sandbox was found orphaned, its lease expired, or
+        ``runner_gone`` says it is dead (queued jobs reserved for it too); their secret leases
+        are revoked at once."""
 
         def event(job: JobRow) -> AuditEvent:
             return self._event("job.runner_lost", job.id, attempt=job.attempt,
                                runner_id=job.runner_id)
 
-        lost = self.store.fail_lost(self.clock(), dead_runner_jobs, event)
+        lost = self.store.fail_lost(self.clock(), list(orphaned), runner_gone, event)
         if self.broker is not None:
             for job_id in lost:
                 job = self.store.get_job(job_id)
@@ -290,6 +302,11 @@ class ControlService:
         if self.broker is not None:
             self.broker.revoke(c.job_id, c.attempt)
         return finished
+
+    def job(self, job_id: str) -> JobRow | None:
+        """A job by its exact id (None if unknown)."""
+        job = self.store.get_job(job_id)
+        return job if job is not None and job.id == job_id else None
 
     def view(self, id_or_prefix: str) -> JobView | None:
         """A job by id or unique prefix, with steps and artifacts."""

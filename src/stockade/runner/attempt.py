@@ -6,9 +6,10 @@ the job is always accounted for.
 
 from __future__ import annotations
 
+import errno
 import math
+import shutil
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stockade.api.protocol import (
@@ -21,11 +22,19 @@ from stockade.api.protocol import (
     StepReport,
 )
 from stockade.config import Settings
-from stockade.errors import PolicyDenied, StockadeError
+from stockade.errors import InfrastructureError, PolicyDenied, StockadeError
 from stockade.runner.environment import proxy_env, step_env
 from stockade.runner.logs import JobLog
 from stockade.runner.secrets import JobSecrets
-from stockade.sandbox.interface import Backend, Sandbox, SandboxRequest, StepExit, StepRun
+from stockade.sandbox.interface import (
+    Backend,
+    Sandbox,
+    SandboxRequest,
+    StepExit,
+    StepRun,
+    WorkspaceCopy,
+    WorkspaceSource,
+)
 from stockade.spec import Job
 from stockade.spec.units import format_size
 
@@ -58,8 +67,9 @@ class Attempt:
         self.egress: EgressSession | None = None
         self.identity: TokenRefresher | None = None
         self.records: tuple[EgressRecord, ...] = ()
+        self._running: tuple[str, float] | None = None  # the step running, since when
 
-    def run(self, workspace: Path | None) -> Completion:
+    def run(self, workspace: WorkspaceSource | None) -> Completion:
         """Everything, in order; the completion to report."""
         try:
             self._prepare(workspace)
@@ -67,19 +77,35 @@ class Attempt:
             self._run_steps(self.sandbox, self.secrets)
             self._collect(self.sandbox, self.secrets)
         except KeyboardInterrupt:
-            self._fail(JobStatus.FAILED, FailureReason.CANCELED, "canceled by the user")
+            running = self._stopped("canceled")
+            during = f" during step {self.log.job_text(running)}" if running else ""
+            self._fail(JobStatus.FAILED, FailureReason.CANCELED, f"canceled by the user{during}")
         except PolicyDenied as e:
             self._fail(JobStatus.FAILED, FailureReason.SECRET_UNAVAILABLE,
                        f"secret unavailable: {e.diagnostics()}", e.diagnostics())
         except StockadeError as e:
+            self._stopped("error")
             self._fail(JobStatus.ERROR, FailureReason.SYSTEM_ERROR, f"error: {e.diagnostics()}",
                        e.diagnostics())
         except Exception as e:  # the job boundary: record it, never lose the job
             text = f"internal error: {type(e).__name__}: {e}"
             self._fail(JobStatus.ERROR, FailureReason.SYSTEM_ERROR, text, text)
         finally:
-            self._teardown()
+            try:
+                self._teardown()
+            except BaseException:
+                self.log.close()  # whatever escapes, what the log holds is stored
+                raise
         return self._finish()
+
+    def _stopped(self, status: str) -> str | None:
+        """The step that was running when the job was stopped, recorded with ``status``."""
+        if self._running is None:
+            return None
+        name, since = self._running
+        self.steps.append(StepReport(name, status, None, time.monotonic() - since))
+        self._running = None
+        return name
 
     def _fail(self, status: JobStatus, reason: FailureReason, note: str,
               error: str | None = None) -> None:
@@ -90,7 +116,7 @@ class Attempt:
         for line in note.splitlines():  # a diagnostic and its hint: one note each
             self.log.note(line)
 
-    def _prepare(self, workspace: Path | None) -> None:
+    def _prepare(self, workspace: WorkspaceSource | None) -> None:
         a, spec = self.a, self.spec
         self.log.note(f"job {spec.name} ({a.job_id}) attempt {a.attempt} on {self.runner_id}")
         self.secrets = JobSecrets(self.control, a, self.runner_id)
@@ -101,6 +127,8 @@ class Attempt:
             workspace_bytes=r.workspace, workspace_src=workspace,
             egress=spec.egress.mode != "none", identity=spec.id_token is not None))
         self.details["host_uid"] = sandbox.host_uid
+        if sandbox.workspace_copy is not None:
+            self.log.note(_workspace_note(sandbox.workspace_copy, self.log))
         if sandbox.egress_listener is not None:
             from stockade.runner.egress import EgressSession  # asyncio: only when needed
 
@@ -126,17 +154,27 @@ class Attempt:
                 self.status, self.reason, self.exit_code = (
                     JobStatus.FAILED, FailureReason.EGRESS_VIOLATION, None)
                 return
-            timeout = max(0.0, min(step.timeout or math.inf, deadline - time.monotonic()))
+            left = deadline - time.monotonic()
+            timeout = max(0.0, min(step.timeout or math.inf, left))
             self.log.note(f"step {step.name}")
             env = {**step_env(spec, a.job_id, a.attempt, step.name), **extra}
+            self._running = (step.name, time.monotonic())
             exit = sandbox.run(StepRun(step.name, step.run, env, timeout, secrets.files),
                                self.log.output)
+            self._running = None
             self.log.flush_partial()
+            self.log.check_stored()
             step_status, reason = _classify(exit, self._violated())
             self.steps.append(StepReport(step.name, step_status, exit.exit_code,
                                          exit.duration_s))
             if reason is not None:
-                self.log.note(_explain(step.name, exit, reason, timeout, spec))
+                job_limit = reason is FailureReason.TIMEOUT and timeout >= left - 0.001
+                if exit.failed_at:  # the job's own text: cleaned like any job-chosen string
+                    exit = exit._replace(failed_at=self.log.job_text(exit.failed_at))
+                    self.details["failed_at"] = exit.failed_at
+                self.log.note(_explain(step.name, exit, reason, timeout, spec, job_limit))
+                if reason is FailureReason.TIMEOUT:
+                    self.details["timeout"] = "job" if job_limit else "step"
                 self.status, self.reason, self.exit_code = JobStatus.FAILED, reason, exit.exit_code
                 return
             self.log.note(f"step {step.name} succeeded in {exit.duration_s:.2f}s")
@@ -156,13 +194,23 @@ class Attempt:
                        now + COLLECT_MAX_S)
         caps = Caps(s.artifact_max_file_bytes, s.artifact_max_total_bytes, s.artifact_max_files,
                     deadline=deadline)
-        collected = collect(sandbox.workspace, self.spec.artifacts,
-                            s.artifacts_dir / self.a.job_id, caps, secrets.scan,
-                            secrets.names_in, self.log.job_text, sandbox.host_uid)
+        dest = s.artifacts_dir / self.a.job_id
+        try:
+            collected = collect(sandbox.workspace, self.spec.artifacts, dest, caps,
+                                secrets.scan, secrets.names_in, self.log.job_text,
+                                sandbox.host_uid)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            shutil.rmtree(dest, ignore_errors=True)  # a partial set is no use: free the space
+            raise InfrastructureError(
+                f"the artifacts could not be stored ({e.strerror}); none were kept",
+                hint=f"free space on the file system of {s.artifacts_dir}") from e
         for path, names in collected.leaks:
             secrets.leaked(f"artifact {path}", names)
         if collected.leaks:
             self.status, self.reason = JobStatus.FAILED, FailureReason.SECRET_LEAK
+            self.exit_code = None
         self.artifacts = collected.stored
         for problem in collected.refused:
             self.log.note(f"artifact refused: {problem}")
@@ -189,6 +237,12 @@ class Attempt:
         self._summary(duration)
         self.details["log_truncated"] = self.log.dropped > 0
         self.log.close()
+        if self.log.disk_error is not None:
+            self.details["log_truncated"] = True
+            if self.status is not JobStatus.ERROR:
+                self.status, self.reason = JobStatus.ERROR, FailureReason.SYSTEM_ERROR
+                self.details["error"] = (f"the job log could not be stored "
+                                         f"({self.log.disk_error.strerror}) and was cut")
         secrets = self.secrets
         if secrets is not None:
             in_log, _ = secrets.scan(self.log.path)
@@ -196,6 +250,7 @@ class Attempt:
                 secrets.leaked("the stored log", sorted(in_log))
             if secrets.leaks:
                 self.status, self.reason = JobStatus.FAILED, FailureReason.SECRET_LEAK
+                self.exit_code = None  # the steps' exit codes do not say why it failed
                 self.details["secret_leaks"] = [{"where": w, "secrets": n}
                                                 for w, n in secrets.leaks]
             if secrets.reports:
@@ -217,6 +272,16 @@ class Attempt:
             self.log.note(f"artifacts stored in {self.settings.artifacts_dir / self.a.job_id}")
 
 
+def _workspace_note(copied: WorkspaceCopy, log: JobLog) -> str:
+    files = f"{copied.files} file" + ("" if copied.files == 1 else "s")
+    note = f"workspace: copied {files} ({format_size(copied.bytes)})"
+    if not copied.excluded:
+        return note + ", nothing excluded"
+    more = ", ..." if copied.excluded > len(copied.excluded_paths) else ""
+    paths = ", ".join(log.job_text(p) for p in copied.excluded_paths)
+    return f"{note}, excluded {copied.excluded} ({paths}{more})"
+
+
 def _classify(exit: StepExit, violated: bool) -> tuple[str, FailureReason | None]:
     if violated:
         return "killed", FailureReason.EGRESS_VIOLATION
@@ -230,12 +295,16 @@ def _classify(exit: StepExit, violated: bool) -> tuple[str, FailureReason | None
 
 
 def _explain(name: str, exit: StepExit, reason: FailureReason, timeout: float,
-             spec: Job) -> str:
+             spec: Job, job_limit: bool) -> str:
     if reason is FailureReason.OOM:
         return (f"step {name} was killed: out of memory (limit "
                 f"{format_size(spec.resources.memory)}, /tmp and /workspace count against it)")
     if reason is FailureReason.EGRESS_VIOLATION:
         return f"step {name} was killed: it tried to reach a destination the policy denies"
+    if reason is FailureReason.TIMEOUT and job_limit:
+        return (f"job timeout {spec.timeout:g}s reached during step {name}; all its processes "
+                "were killed")
     if reason is FailureReason.TIMEOUT:
-        return f"step {name} timed out after {timeout:.0f}s; all its processes were killed"
-    return f"step {name} failed with exit code {exit.exit_code}"
+        return f"step {name} timed out after {timeout:g}s; all its processes were killed"
+    where = f" at {exit.failed_at}" if exit.failed_at else ""
+    return f"step {name} failed with exit code {exit.exit_code}{where}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import BinaryIO
 
 from stockade.api.protocol import Assignment, Completion, ControlPlane
@@ -10,7 +9,7 @@ from stockade.config import Settings
 from stockade.errors import StockadeError
 from stockade.runner.attempt import Attempt
 from stockade.runner.logs import JobLog
-from stockade.sandbox.interface import Backend
+from stockade.sandbox.interface import Backend, WorkspaceSource
 
 
 class Runner:
@@ -26,7 +25,8 @@ class Runner:
         self.labels = labels
         self.live = live
 
-    def run_one(self, workspace: Path | None, job_id: str | None = None) -> Completion | None:
+    def run_one(self, workspace: WorkspaceSource | None, job_id: str | None = None
+                ) -> Completion | None:
         """Claim one job (``job_id`` if given), execute it, report it; None if none was queued."""
         assignment = self.control.claim(self.runner_id, self.labels, job_id)
         if assignment is None:
@@ -36,7 +36,7 @@ class Runner:
             raise StockadeError(f"job {assignment.job_id} is no longer leased to this runner")
         return completion
 
-    def execute(self, a: Assignment, workspace: Path | None) -> Completion:
+    def execute(self, a: Assignment, workspace: WorkspaceSource | None) -> Completion:
         """Run the assignment end to end; every failure becomes a reason, never an exception."""
         log = JobLog(self.settings.logs_dir / f"{a.job_id}.log", self.settings.log_cap_bytes,
                      self.live)

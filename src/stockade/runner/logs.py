@@ -22,6 +22,7 @@ complete.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
@@ -34,11 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from stockade.errors import InfrastructureError
 from stockade.secrets.redact import ADD_MASK, Masker, Redactor, decode_add_mask
 from stockade.text import escape_bytes, escape_lines
 
 MAX_LINE = 16 * 1024
 NOTE_BUDGET = 1024 * 1024  # bytes of stockade's own notes per job, apart from the output cap
+KEEP_ON_ERROR = 64 * 1024  # what is kept of a log the file system had no room for
 MAX_NOTE = 4096  # one note's text at most (a note may quote a job-chosen string)
 OUTPUT_MARK = b"| "
 NOTE_MARK = b"==> "
@@ -71,6 +74,9 @@ class JobLog:
         self._refusals: list[str] = []  # ::add-mask:: refusals, noted after the lines before
         self._swallowing = False  # in an ::add-mask:: line too long to hold: drop the rest
         self._lock = threading.RLock()  # the egress proxy's thread writes notes too
+        self.disk_error: OSError | None = None  # the log could not be written: it is removed
+        self._disk_error_raised = False
+        self._closed = False
 
     @property
     def dropped(self) -> int:
@@ -89,9 +95,36 @@ class JobLog:
         return time.strftime("%H:%M:%S ", time.localtime()).encode()
 
     def _store(self, data: bytes, note: bool = False) -> None:
-        self._file.write(data)
+        if self.disk_error is None:
+            try:
+                self._file.write(data)
+            except OSError as e:
+                self._lose(e)
         if self.live is not None:
             self.live.write(data, keep=note)
+
+    def _lose(self, error: OSError) -> None:
+        """The log cannot be written (a full file system): cut it to its first KEEP_ON_ERROR
+        bytes, so that the space is there again for the job's result and the start of the
+        log tells what ran, and store nothing more."""
+        self.disk_error = error
+        with contextlib.suppress(OSError):
+            self._file.close()  # the raw file is closed even when the last flush fails
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_size > KEEP_ON_ERROR:
+                os.truncate(self.path, KEEP_ON_ERROR)
+            with self.path.open("ab") as f:
+                f.write(self._stamp() + NOTE_MARK + b"log cut here: the file system is full ("
+                        + (error.strerror or "").encode() + b")\n")
+
+    def check_stored(self) -> None:
+        """Raise InfrastructureError (once) if the log could not be stored."""
+        if self.disk_error is not None and not self._disk_error_raised:
+            self._disk_error_raised = True
+            raise InfrastructureError(
+                f"the job log could not be stored ({self.disk_error.strerror}); the job was "
+                f"stopped and its log cut to its first {KEEP_ON_ERROR // 1024} KiB",
+                hint=f"free space on the file system of {self.path.parent}")
 
     def _clean(self, data: bytes, maskers: tuple[Masker, ...]) -> bytes:
         """Masked, then control-escaped; masked again if escaping changed anything (so that
@@ -135,6 +168,7 @@ class JobLog:
             for redactor in self._redactors:
                 chunk = redactor.feed(chunk)
             self._lines(chunk)
+        self.check_stored()  # stops the step: its output has nowhere to go
 
     def _lines(self, masked: bytes) -> None:
         data = self._partial + masked
@@ -226,15 +260,23 @@ class JobLog:
                 self._output_records([last])
 
     def close(self) -> None:
-        """Flush, note what was dropped, and let the live stream drain (bounded in time)."""
+        """Flush, note what was dropped, and let the live stream drain (bounded in time);
+        closing again does nothing."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self.flush_partial()
             if self.dropped:
                 self._note_record(self._stamp() + NOTE_MARK + (
                     f"log truncated at {self.cap} bytes of job output; {self.output_dropped} "
                     f"more bytes of output and {self.notes_dropped} bytes of notes were "
                     "dropped\n").encode(), always=True)
-            self._file.close()
+            if self.disk_error is None:
+                try:
+                    self._file.close()
+                except OSError as e:
+                    self._lose(e)
         if self.live is not None:
             self.live.close()
 

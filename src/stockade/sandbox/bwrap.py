@@ -20,23 +20,27 @@ import select
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stockade.config import Settings
+from stockade.config import Settings, installation_id
 from stockade.errors import SandboxError
 from stockade.sandbox import mounts, orphans, reaper, rootfs, seccomp, uids
 from stockade.sandbox.cgroups import JobCgroup, Limits
 from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, StepExit, StepRun
 from stockade.sandbox.plumbing import (
     EGRESS_SOCKET,
+    ERR_TRAP,
+    FAILED_FILE,
     FORWARDER,
     MASKED_PROC,
     MASKED_PROC_DIRS,
     PROXY_URL,
     SOCAT,
+    TRAP_PATH,
     memfd,
+    read_failed_at,
     read_status,
 )
 from stockade.sandbox.workspace import copy_workspace
@@ -60,6 +64,10 @@ class BwrapBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime_dir = Path(settings.runtime_dir)
+        # this installation's own part of the runtime directory and of the cgroup tree
+        self.installation = installation_id(settings.home)
+        self.jobs_dir = self.runtime_dir / self.installation
+        self.cgroup_prefix = f"{self.installation}-"
         self._bpf: bytes | None = None
         self._etc: Path | None = None
         self._proc_masks: list[str] | None = None
@@ -83,10 +91,12 @@ class BwrapBackend:
         return self._bpf
 
     def etc_dir(self) -> Path:
-        """The synthetic /etc (built once)."""
+        """The synthetic /etc, with the host's CA store: built once, and again when the
+        host's copy changes (checked with a few stats per call)."""
         if self._etc is None:
             self._ensure_runtime_dir()
-            self._etc = rootfs.synthetic_etc(self.runtime_dir)
+        self._etc = rootfs.synthetic_etc(self.jobs_dir,
+                                         tls_extra_ca_file=self.settings.tls_extra_ca_file)
         return self._etc
 
     def proc_masks(self) -> list[str]:
@@ -102,8 +112,10 @@ class BwrapBackend:
 
     def _ensure_runtime_dir(self) -> None:
         try:
-            self.runtime_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-            os.chmod(self.runtime_dir, 0o711)
+            for d in (self.runtime_dir, self.jobs_dir):
+                d.mkdir(mode=0o711, parents=True, exist_ok=True)
+                os.chmod(d, 0o711)
+            orphans.mark(self.jobs_dir, self.installation, self.settings.home)
         except OSError as e:
             raise SandboxError(f"cannot create {self.runtime_dir}: {e.strerror}",
                                hint="run stockade as root or set STOCKADE_RUNTIME_DIR") from e
@@ -114,11 +126,15 @@ class BwrapBackend:
 
         return check_host(self)
 
-    def reap_orphans(self) -> list[str]:
-        """Tear down what runners that died left behind; return the job ids cleaned up."""
-        if os.geteuid() != 0 or not self.runtime_dir.is_dir():
+    def reap_orphans(self, ours: Callable[[str], bool]) -> list[str]:
+        """Tear down what this installation's runners that died left behind; return the job
+        ids cleaned up. Only entries in the installation's own runtime directory (carrying its
+        marker) or cgroups with its prefix are considered, and only jobs ``ours`` confirms
+        (recorded in this installation's database)."""
+        if os.geteuid() != 0 or not orphans.marked(self.jobs_dir, self.installation):
             return []
-        return orphans.reap_orphans(self.runtime_dir, self.settings.cgroup_name)
+        return orphans.reap_orphans(self.jobs_dir, self.settings.cgroup_name,
+                                    self.cgroup_prefix, ours)
 
     def prepare(self, request: SandboxRequest) -> BwrapSandbox:
         """Create the job's tmpfs mounts, workspace copy and cgroup."""
@@ -144,15 +160,16 @@ class BwrapSandbox:
         self.request = request
         self._uid: uids.UidLease | None = None
         self.bwrap = bwrap
-        self.job_dir = backend.runtime_dir / request.job_id
-        self.cgroup = JobCgroup(request.job_id, backend.settings.cgroup_name)
+        self.job_dir = backend.jobs_dir / request.job_id
+        self.cgroup = JobCgroup(backend.cgroup_prefix + request.job_id,
+                                backend.settings.cgroup_name)
         self._mounted: list[Path] = []
         self._lock: int | None = None
         self._egress: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._killed = False
-        self._shell = ["/usr/bin/bash", "-e", "-o", "pipefail"] if Path(
-            "/usr/bin/bash").exists() else ["/bin/sh", "-e"]
+        self._bash = Path("/usr/bin/bash").exists()
+        self._shell = ["/usr/bin/bash", "-e", "-o", "pipefail"] if self._bash else ["/bin/sh", "-e"]
 
     @property
     def host_uid(self) -> int:
@@ -236,13 +253,13 @@ class BwrapSandbox:
         except OSError as e:
             raise SandboxError(f"cannot prepare {self.job_dir}: {e}",
                                hint="run stockade as root; see stockade doctor") from e
-        if r.workspace_src is not None:
-            copy_workspace(r.workspace_src, self.workspace, self.host_uid, self.host_uid,
-                           r.workspace_bytes)
+        self.workspace_copy = None if r.workspace_src is None else copy_workspace(
+            r.workspace_src, self.workspace, self.host_uid, self.host_uid, r.workspace_bytes)
         self.cgroup.create(Limits(memory_bytes=r.memory_bytes, pids=r.pids, cpus=r.cpus))
 
     def options(self, seccomp_fd: int, script_fd: int, status_fd: int, env: Mapping[str, str],
-                secret_fds: Mapping[str, int] | None = None) -> list[str]:
+                secret_fds: Mapping[str, int] | None = None,
+                trap_fd: int | None = None) -> list[str]:
         """bwrap's options for one step, handed over in a memfd (``--args``), never in argv:
         no host path, job variable or secret shows in any process list or ``/proc/PID/cmdline``.
         The job's variables reach only the sandboxed command (``--clearenv``/``--setenv``)."""
@@ -270,6 +287,7 @@ class BwrapSandbox:
             "--bind", str(self.workspace), "/workspace",
             "--bind", str(self.job_dir / "tmp"), "/tmp",
             "--ro-bind-data", str(script_fd), SCRIPT_PATH,
+            *(["--ro-bind-data", str(trap_fd), TRAP_PATH] if trap_fd is not None else []),
             *secrets,
             *egress,
             *(["--ro-bind", str(self.job_dir / "identity"), IDENTITY_DIR]
@@ -296,12 +314,14 @@ class BwrapSandbox:
         ooms_before = self.cgroup.oom_kills()
         seccomp_fd = memfd("seccomp", self.backend.seccomp_bpf())
         script_fd = memfd("script", step.script.encode())
+        trap_fd = memfd("trap", ERR_TRAP)  # which command failed (bash only)
+        env = {**step.env, "BASH_ENV": TRAP_PATH} if self._bash else step.env
         secret_fds = {name: memfd("secret", value) for name, value in step.secret_files.items()}
         status_r, status_w = os.pipe()
-        options = self.options(seccomp_fd, script_fd, status_w, step.env, secret_fds)
+        options = self.options(seccomp_fd, script_fd, status_w, env, secret_fds, trap_fd)
         args_fd = memfd("args", b"".join(arg.encode("utf-8", "surrogateescape") + b"\0"
                                          for arg in options))
-        passed = (seccomp_fd, script_fd, status_w, args_fd, *secret_fds.values())
+        passed = (seccomp_fd, script_fd, status_w, args_fd, trap_fd, *secret_fds.values())
         procs_fds = self.cgroup.procs_fds()
 
         def in_child() -> None:
@@ -340,9 +360,11 @@ class BwrapSandbox:
                                "see the log above", hint="run stockade doctor")
         oom = self.cgroup.oom_kills() > ooms_before
         code = status.get("exit-code")
+        failed_at = read_failed_at(self.job_dir / "tmp" / FAILED_FILE)
         return StepExit(exit_code=None if (timed_out or self._killed or code is None) else code,
                         timed_out=timed_out, oom_killed=oom,
-                        duration_s=time.monotonic() - start)
+                        duration_s=time.monotonic() - start,
+                        failed_at=failed_at if code else None)
 
     def _pump(self, fd: int, sink: OutputSink, deadline: float) -> bool:
         """Copy output to ``sink`` until EOF; kill the job at ``deadline``. True if it timed out."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stockade.errors import StockadeError
-from stockade.sandbox import cgroups, seccomp
+from stockade.sandbox import cgroups, rootfs, seccomp
 from stockade.sandbox.interface import Finding, SandboxRequest, StepRun
 from stockade.sandbox.sysctls import check_sysctls
 
@@ -59,6 +59,7 @@ def check_host(backend: BwrapBackend) -> list[Finding]:
         "egress forwarder", Path("/usr/bin/socat").exists(),
         "socat exposes the egress proxy inside sandboxes (jobs with egress block/audit)",
         "apt-get install socat", required=False))
+    findings.append(_ca_store(backend))
     if all(f.ok for f in findings if f.required):
         findings.append(_probe(backend))
     else:
@@ -108,6 +109,25 @@ def _seccomp(backend: BwrapBackend) -> Finding:
                         f"({len(bpf) // 8} BPF instructions, Moby default plus extra refusals)")
     except StockadeError as e:
         return _finding("seccomp filter", False, e.message, e.hint)
+
+
+def _ca_store(backend: BwrapBackend) -> Finding:
+    """What jobs trust for TLS: the host's public CA bundle plus the operator's extra CAs."""
+    extra_file = backend.settings.tls_extra_ca_file
+    try:
+        extra = rootfs.extra_certificates(extra_file).count(b"-----BEGIN")
+    except StockadeError as e:
+        return _finding("TLS CA store", False, e.message, e.hint)
+    try:
+        host = rootfs.certificates((Path("/etc") / rootfs.CERTS / rootfs.BUNDLE).read_bytes())
+    except OSError:
+        host = b""
+    count = host.count(b"-----BEGIN")
+    plus = f" plus {extra} from tls_extra_ca_file {extra_file}" if extra_file else ""
+    return _finding("TLS CA store", count + extra > 0,
+                    f"jobs verify TLS against {count} host CA certificates{plus} at "
+                    "/etc/ssl/certs (read-only, certificates only)",
+                    "apt-get install ca-certificates, or set tls_extra_ca_file", required=False)
 
 
 def _cgroups() -> list[Finding]:

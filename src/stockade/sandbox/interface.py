@@ -10,6 +10,25 @@ if TYPE_CHECKING:
 OutputSink = Callable[[bytes], None]
 
 
+class WorkspaceSource(NamedTuple):
+    """The directory copied to /workspace, and the exclude patterns its submitter gave on the
+    command line (``--exclude``, gitignore syntax, applied after the ``.stockadeignore`` the
+    directory itself holds)."""
+
+    path: Path
+    excludes: tuple[str, ...] = ()
+
+
+class WorkspaceCopy(NamedTuple):
+    """What the backend copied into /workspace: files (and links) and their bytes, and the
+    paths the excludes left out (an excluded directory counts once: it is not walked)."""
+
+    files: int
+    bytes: int
+    excluded: int
+    excluded_paths: tuple[str, ...] = ()  # the first few, as the workspace names them
+
+
 class SandboxRequest(NamedTuple):
     """Everything a backend needs to prepare one job's sandbox."""
 
@@ -19,7 +38,7 @@ class SandboxRequest(NamedTuple):
     pids: int
     tmp_bytes: int
     workspace_bytes: int
-    workspace_src: Path | None
+    workspace_src: WorkspaceSource | None
     egress: bool = False  # reach the runner's egress proxy through a socket (see bwrap.py)
     identity: bool = False  # an OIDC token file the runner refreshes during the job
 
@@ -35,12 +54,15 @@ class StepRun(NamedTuple):
 
 
 class StepExit(NamedTuple):
-    """How a step ended. ``exit_code`` is None if the step was killed before it exited."""
+    """How a step ended. ``exit_code`` is None if the step was killed before it exited;
+    ``failed_at`` is the line and command of the script that failed, if known (``line 3:
+    make test``: the job's own text)."""
 
     exit_code: int | None
     timed_out: bool
     oom_killed: bool
     duration_s: float
+    failed_at: str | None = None
 
 
 class Finding(NamedTuple):
@@ -59,6 +81,11 @@ class Sandbox(Protocol):
     @property
     def workspace(self) -> Path:
         """The host path of the job's workspace copy (valid until teardown)."""
+        ...
+
+    @property
+    def workspace_copy(self) -> WorkspaceCopy | None:
+        """What preparing copied into the workspace (None: there was nothing to copy)."""
         ...
 
     @property
@@ -115,8 +142,9 @@ class Backend(Protocol):
         """What this host supports and what is active, for ``stockade doctor``."""
         ...
 
-    def reap_orphans(self) -> list[str]:
-        """Tear down sandboxes whose runner died; return their job ids."""
+    def reap_orphans(self, ours: Callable[[str], bool]) -> list[str]:
+        """Tear down this installation's sandboxes whose runner died, of jobs ``ours``
+        confirms; return their job ids."""
         ...
 
     def prepare(self, request: SandboxRequest) -> Sandbox:

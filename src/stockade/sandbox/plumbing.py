@@ -3,8 +3,11 @@ entries, memfds, bwrap's status."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
+from pathlib import Path
 
 EGRESS_SOCKET = "/run/stockade/egress.sock"
 PROXY_PORT = 3128
@@ -60,3 +63,37 @@ def read_status(fd: int) -> dict[str, int]:
         if isinstance(doc, dict):
             status.update({k: v for k, v in doc.items() if isinstance(v, int)})
     return status
+
+
+# bash reads BASH_ENV before the step's script (whose line numbers stay its own): on every
+# command that fails, the trap overwrites a small file in the job's /tmp with its line and text;
+# nothing blocks however often it fires, and child shells do not inherit it
+TRAP_PATH = "/run/stockade/trap.sh"
+FAILED_FILE = ".stockade-failed"
+ERR_TRAP = (b"unset BASH_ENV\n"
+            b"trap '{ printf \"%s\\t%s\\n\" \"$LINENO\" \"$BASH_COMMAND\" > /tmp/"
+            + FAILED_FILE.encode() + b"; } 2>/dev/null' ERR\n")
+
+
+def read_failed_at(path: Path) -> str | None:
+    """``line N: COMMAND`` from the file the trap wrote (then removed); None if there is none.
+    The job could write the file itself: it is opened without following a link, must be a
+    regular file, and at most 4 KiB of it is read; what it says is the job's own text."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        raw = b""
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    number, tab, command = raw.split(b"\n", 1)[0].partition(b"\t")
+    if not tab or not number.isdigit() or len(number) > 9:
+        return None
+    text = command.decode("utf-8", "replace").strip()
+    text = text if len(text) <= 200 else text[:200] + "..."
+    return f"line {int(number)}: {text}"

@@ -29,7 +29,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=/+-]{0,99}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _PRINTABLE_ASCII = re.compile(r"[!-~]+")  # no space, no control character
-RESERVED_ENV = ("CI", "HOME", "PATH", "HOSTNAME", "USER", "LOGNAME")
+RESERVED_ENV = ("CI", "HOME", "PATH", "HOSTNAME", "USER", "LOGNAME", "BASH_ENV")
 
 MAX_TIMEOUT_S = 72 * 3600
 MiB, TiB = 1024**2, 1024**4

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from stockade.spec.model import JobSpec
+from stockade.spec.model import EgressSpec, IdTokenSpec, JobSpec, Resources, SecretRef, Step
 from stockade.spec.problems import excerpt, spec_error
 from stockade.spec.yamldoc import RefusedYaml, load_document
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+# the mapping a key belongs to, by its path without list indexes: for "did you mean"
+_MODELS: dict[tuple[str, ...], Any] = {
+    (): JobSpec, ("steps",): Step, ("resources",): Resources, ("egress",): EgressSpec,
+    ("secrets",): SecretRef, ("id_token",): IdTokenSpec,
+}
+# pydantic's wording for a value of the wrong type, as a spec author would say it
+_SHOULD_BE = {
+    "dict_type": "should be a mapping (key: value lines or {key: value})",
+    "model_type": "should be a mapping (key: value lines or {key: value})",
+    "model_attributes_type": "should be a mapping (key: value lines or {key: value})",
+    "list_type": "should be a list (- item lines or [a, b])",
+    "tuple_type": "should be a list (- item lines or [a, b])",
+    "string_type": "should be text",
+    "int_type": "should be a whole number",
+    "float_type": "should be a number",
+    "bool_type": "should be true or false",
+}
 
 
 def parse_spec(data: bytes | str, *, source: str = "<spec>") -> JobSpec:
@@ -64,7 +83,7 @@ def _problem(err: Any) -> str | None:
     loc = _path(tuple(err["loc"]))
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
-        return f"{loc}: unknown key; remove it or check its spelling (see the job spec in README)"
+        return f"{loc}: unknown key; {_suggest(tuple(err['loc']))}"
     if kind == "missing":
         return f"{loc}: required key is missing"
     if kind == "too_short" and loc == "steps":
@@ -75,10 +94,32 @@ def _problem(err: Any) -> str | None:
         msg = msg.removeprefix("Value error, ")
     elif kind.endswith("_type"):
         got = err.get("input")
-        msg = f"{msg[0].lower()}{msg[1:]}, got {type(got).__name__} {excerpt(got)}"
+        wanted = _SHOULD_BE.get(kind, f"{msg[0].lower()}{msg[1:]}")
+        msg = f"{wanted}, got {_kind(got)} {excerpt(got)}"
         if kind == "string_type" and isinstance(got, (int, float)):
             text = str(got).lower() if isinstance(got, bool) else excerpt(got)
             msg += f'; quote it: "{text}"'
     else:
         msg = f"{msg[0].lower()}{msg[1:]}"
     return f"{loc}: {msg}"
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """"did you mean" for an unknown key, else where the keys are listed."""
+    key = loc[-1] if loc else None
+    parent = tuple(p for p in loc[:-1] if isinstance(p, str))
+    model = _MODELS.get(parent)
+    if isinstance(key, str) and model is not None:
+        known = [f.alias or name for name, f in model.model_fields.items()]
+        close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.6)
+        if close:
+            return f"did you mean {close[0]!r}? (keys here: {', '.join(known)})"
+        return f"remove it or check its spelling (keys here: {', '.join(known)})"
+    return "remove it or check its spelling (see the job spec in README)"
+
+
+def _kind(value: Any) -> str:
+    """What YAML made of a value, in YAML's words."""
+    names = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "nothing (null)"}
+    return names.get(type(value), type(value).__name__)

@@ -97,8 +97,11 @@ class Store(Protocol):
         ...
 
     def fail_lost(self, now: float, lost_ids: list[str],
+                  runner_gone: Callable[[str], bool | None],
                   event_for: Callable[[JobRow], AuditEvent]) -> list[str]:
-        """Fail running jobs whose lease expired or whose runner is known dead."""
+        """Fail jobs no runner will finish: in ``lost_ids``, queued or running for a runner
+        that is gone (``runner_gone`` True), or running past their lease for a runner whose
+        liveness is unknown (None)."""
         ...
 
     def get_job(self, id_or_prefix: str) -> JobRow | None:

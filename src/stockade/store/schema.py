@@ -56,6 +56,13 @@ audit_events = Table(
     Column("hash", String(64), nullable=False),
 )
 
+audit_head = Table(  # one row: the count and last hash of audit_events (migration 0004)
+    "audit_head", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("count", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
 secrets = Table(
     "secrets", metadata,
     Column("name", String(100), primary_key=True),

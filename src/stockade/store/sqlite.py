@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stockade.audit import GENESIS, AuditEvent, chain_hash
+from stockade.audit import GENESIS, AuditEvent, AuditHead, AuditSnapshot, HeadFile, chain_hash
 from stockade.errors import StoreError
 from stockade.store.interface import ArtifactRow, JobRow, LeaseRow, SecretRow, StepRow
 
-HEAD_REVISION = "0003"  # tests check this equals the newest Alembic migration
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+HEAD_REVISION = "0004"  # tests check this equals the newest Alembic migration
+_AWAY = ("restore it from a backup, or move it away so that stockade starts afresh (the moved "
+         "file keeps its jobs and audit trail)")
 _JOB_COLUMNS = ", ".join(JobRow._fields)
 _SECRET_COLUMNS = ", ".join(SecretRow._fields)
 _LEASE_COLUMNS = ", ".join(LeaseRow._fields)
@@ -26,44 +32,107 @@ def _job_row(row: tuple[Any, ...]) -> JobRow:
     return JobRow(*row)
 
 
+@contextmanager
+def _locked(path: Path, wait_s: float) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created 0600); the kernel releases it if we die."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{path} stayed locked for {wait_s:.0f} s",
+                                     hint=f"another stockade process holds it; find it with: "
+                                          f"fuser -v {path}") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
 class SqliteStore:
     """A :class:`~stockade.store.interface.Store` in one SQLite file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.audit_head = HeadFile(path.with_name("audit.head"))  # the copy outside the file
+        self._lock_path = path.with_name(path.name + ".lock")
+        self._moved: tuple[AuditHead, AuditHead] | None = None  # the audit head in this tx
         try:
-            fresh = not path.exists()
+            if not path.exists():  # private from its first byte
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             # shared by the runner's threads (token refresh); every use holds self._lock
             self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
                                        check_same_thread=False)
             self._lock = threading.RLock()
-            if fresh:
-                os.chmod(path, 0o600)
             self._db.execute("PRAGMA busy_timeout = 30000")
             self._migrate_if_behind()
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open the state database {path}: {e}",
-                             hint="check the file, or move it away to start afresh") from e
+            raise self._error(e) from e
+
+    def _error(self, e: sqlite3.Error) -> StoreError:
+        """``e`` for a person: which file, what is wrong with it, and what to do."""
+        text = str(e)
+        if "not a database" in text:
+            return StoreError(f"{self.path} is not a SQLite database ({text})", hint=_AWAY)
+        if any(s in text for s in ("no such table", "no such column", "malformed")):
+            return StoreError(f"the state database {self.path} is damaged ({text})", hint=_AWAY)
+        return StoreError(f"state database error in {self.path}: {text}",
+                          hint="check the file, its permissions and the free space left")
+
+    def _revision(self) -> str | None:
+        try:
+            rows = self._db.execute("SELECT version_num FROM alembic_version").fetchall()
+        except sqlite3.OperationalError as e:
+            if "no such table" not in str(e):
+                raise
+            return None
+        return str(rows[0][0]) if rows else None
 
     def _migrate_if_behind(self) -> None:
-        try:
-            row = self._db.execute("SELECT version_num FROM alembic_version").fetchone()
-        except sqlite3.OperationalError:
-            row = None
-        if row and row[0] == HEAD_REVISION:
+        """At the newest schema (the common case) this is one SELECT. Otherwise whichever
+        process takes the lock file first migrates, in one transaction; the others wait and
+        find it done. A process killed while migrating changed nothing, and freed the lock."""
+        if self._revision() == HEAD_REVISION:
             return
+        with _locked(self._lock_path, wait_s=120):
+            revision = self._revision()
+            if revision != HEAD_REVISION:
+                if revision is None:  # a new trail: an earlier one's head is kept, not matched
+                    self.audit_head.retire()
+                self._migrate()
+            self._db.execute("PRAGMA journal_mode = WAL")  # while no other process uses it
+
+    def _migrate(self) -> None:
         from stockade.store.migrate import upgrade
 
         try:
-            upgrade(f"sqlite:///{self.path}")
+            upgrade(self.path, before_commit=self._anchor_audit_head)
+        except StoreError:
+            raise
         except Exception as e:  # Alembic and SQLAlchemy raise many types; translate all
-            raise StoreError(f"cannot migrate {self.path}: {e}") from e
+            cause = str(getattr(e, "orig", None) or e).splitlines()[0]
+            raise StoreError(f"cannot migrate the state database {self.path}: {cause}",
+                             hint=_AWAY) from e
+
+    def _anchor_audit_head(self, conn: Connection) -> None:
+        """In the migration's transaction: give a trail without a head file (a new database,
+        or one from before migration 0004) its file. Before the commit, so that no crash
+        leaves a migrated database without it (the migration adds no events: it holds either
+        way)."""
+        row = conn.exec_driver_sql("SELECT count, hash FROM audit_head WHERE id = 1").first()
+        if row is not None:
+            self.audit_head.create(AuditHead(row[0], row[1]))
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self._moved = None
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -73,17 +142,38 @@ class SqliteStore:
                     raise
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
-                raise StoreError(f"state database error: {e}") from e
+                raise self._error(e) from e
+            if self._moved is not None:
+                with suppress(OSError):  # the commit stands; the file lags, which verify allows
+                    self.audit_head.advance(*self._moved, on_chain=self._on_chain)
 
     def _append_audit(self, db: sqlite3.Connection, event: AuditEvent) -> None:
-        row = db.execute("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
-        prev = row[0] if row else GENESIS
-        db.execute(
+        row = db.execute("SELECT count, hash FROM audit_head WHERE id = 1").fetchone()
+        if row is None:  # removed behind stockade's back: chain on from the start, visibly
+            db.execute("INSERT INTO audit_head (id, count, hash) VALUES (1, 0, ?)", (GENESIS,))
+            row = (0, GENESIS)
+        before = AuditHead(*row)
+        digest = chain_hash(before.hash, event)
+        db.execute(  # a trigger moves audit_head in this statement (migration 0004)
             "INSERT INTO audit_events (at, actor, action, job_id, detail_json, prev_hash, hash) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (event.at, event.actor, event.action, event.job_id,
-             json.dumps(event.detail, sort_keys=True), prev, chain_hash(prev, event)),
+             json.dumps(event.detail, sort_keys=True), before.hash, digest),
         )
+        self._moved = (self._moved[0] if self._moved else before,
+                       AuditHead(before.events + 1, digest))
+
+    def _on_chain(self, head: AuditHead) -> bool:
+        """Whether the trail's event number ``head.events`` has hash ``head.hash``."""
+        if head.events == 0:
+            return head.hash == GENESIS
+        # seq is the position: the table is append-only (triggers), so rowids have no gaps
+        try:
+            rows = self._db.execute("SELECT hash FROM audit_events WHERE seq = ?",
+                                    (head.events,)).fetchall()
+        except sqlite3.Error:
+            return False
+        return bool(rows) and rows[0][0] == head.hash
 
     def insert_job(self, job: JobRow, event: AuditEvent) -> None:
         """Add a new job and its audit event."""
@@ -136,15 +226,24 @@ class SqliteStore:
             return True
 
     def fail_lost(self, now: float, lost_ids: list[str],
+                  runner_gone: Callable[[str], bool | None],
                   event_for: Callable[[JobRow], AuditEvent]) -> list[str]:
-        """Mark running jobs with an expired lease (or in ``lost_ids``) failed: runner_lost."""
+        """Mark jobs failed (runner_lost) that no runner will finish: in ``lost_ids``, queued
+        or running for a runner that is gone, or running with an expired lease for a runner
+        whose liveness is unknown (``runner_gone`` None; a live runner is never failed)."""
         with self._tx() as db:
-            marks = ", ".join("?" for _ in lost_ids) or "NULL"
-            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'running' AND "
-                              f"(lease_expires_at < ? OR id IN ({marks}))", (now, *lost_ids))
-            lost = [_job_row(r) for r in rows]
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN "
+                              "('queued', 'running') AND runner_id IS NOT NULL")
+            ids = set(lost_ids)
+            lost = []
+            for job in map(_job_row, rows):
+                state = runner_gone(job.runner_id or "")
+                expired = (job.status == "running" and job.lease_expires_at is not None
+                           and job.lease_expires_at < now)
+                if job.id in ids or state is True or (state is None and expired):
+                    lost.append(job)
             for job in lost:
-                self._update(db, job.id, "status = 'running'", (), {
+                self._update(db, job.id, "status = ?", (job.status,), {
                     "status": "failed", "failure_reason": "runner_lost", "finished_at": now,
                     "lease_expires_at": None})
                 self._append_audit(db, event_for(job))
@@ -152,7 +251,10 @@ class SqliteStore:
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise self._error(e) from e
 
     def get_job(self, id_or_prefix: str) -> JobRow | None:
         """A job by id or unique prefix (None if unknown or ambiguous)."""
@@ -163,8 +265,17 @@ class SqliteStore:
         )
         exact = [r for r in rows if r[0] == id_or_prefix]
         if exact:
-            return JobRow(*exact[0])
-        return JobRow(*rows[0]) if len(rows) == 1 else None
+            return self._checked(JobRow(*exact[0]))
+        return self._checked(JobRow(*rows[0])) if len(rows) == 1 else None
+
+    def _checked(self, job: JobRow) -> JobRow:
+        """``job``, or a StoreError if its stored result is not the JSON object stockade wrote."""
+        if job.result_json is None or isinstance(_json_or_none(job.result_json), dict):
+            return job
+        from stockade.text import escape_controls
+
+        raise StoreError(f"the state database {self.path} is damaged: the result of job "
+                         f"{escape_controls(str(job.id)[:40])} is not a JSON object", hint=_AWAY)
 
     def list_jobs(self, limit: int) -> list[JobRow]:
         """The newest jobs first."""
@@ -193,8 +304,39 @@ class SqliteStore:
         out = []
         for at, actor, action, jid, detail, prev, digest in self._read(
                 sql + " ORDER BY seq", args):
-            out.append((AuditEvent(actor, action, at, jid, json.loads(detail)), prev, digest))
+            parsed = _json_or_none(detail)  # not JSON: altered, and its hash will say so
+            if not isinstance(parsed, dict):
+                parsed = {"unreadable_detail": str(detail)[:200]}
+            out.append((AuditEvent(actor, action, at, jid, parsed), prev, digest))
         return out
+
+    def audit_snapshot(self) -> AuditSnapshot:
+        """The whole trail and both heads, read so that they agree unless someone tampered:
+        the file first (it is written after each commit, so it can only be behind what is read
+        next), then the events and the head record in one read transaction."""
+        try:
+            file_head, problem = self.audit_head.read(), ""
+        except ValueError as e:
+            file_head, problem = None, str(e)
+        except OSError as e:
+            file_head, problem = None, f"{self.audit_head.path} cannot be read: {e.strerror}"
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    records = self.audit_records()
+                    row = self._db.execute("SELECT count, hash FROM audit_head WHERE id = 1"
+                                           ).fetchone()
+                except sqlite3.OperationalError as e:
+                    if "no such table: audit_head" not in str(e):
+                        raise
+                    row = None  # the table itself was dropped: that is what verify reports
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise self._error(e) from e
+        return AuditSnapshot(records, AuditHead(row[0], row[1]) if row else None, file_head,
+                             problem)
 
     def record(self, events: list[AuditEvent]) -> None:
         """Append audit events in one transaction."""
@@ -258,3 +400,10 @@ class SqliteStore:
     def close(self) -> None:
         """Close the connection."""
         self._db.close()
+
+
+def _json_or_none(text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return None

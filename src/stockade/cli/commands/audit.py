@@ -1,4 +1,4 @@
-"""``stockade audit verify|list``: the append-only, hash-chained audit trail."""
+"""``stockade audit verify|list|anchor``: the append-only, hash-chained audit trail."""
 
 from __future__ import annotations
 
@@ -9,57 +9,127 @@ import time
 
 HELP = "verify or list the audit trail"
 DESCRIPTION = """\
-stockade audit verify          check the hash chain of every audit event (exit 1 if broken)
-stockade audit list [--job J]  the events, oldest first (--json: one JSON object per line)
+stockade audit verify          check the hash chain and its head (exit 1 if broken)
+stockade audit list [--job J]  the events, oldest first (--json: one JSON array)
+stockade audit anchor          write a missing audit.head from the database's head
+
+A new database starts a new trail; the head of the one before is kept as
+audit.head.before-<time>, and verify fails until that file is taken away (keep it with the
+moved database). After restoring a backup of the database, restore audit.head from the same
+backup.
 
 Values a job chose (names, paths, destinations) are printed with control characters spelled
 out (\\n, \\x1b, \\u202e, ...), so that they cannot pass for another event or act on the
 terminal.
 
 Every event's hash covers the previous event's hash: an edited, deleted or reordered event
-breaks the chain from that point on."""
+breaks the chain from that point on. The head of the chain (event count and last hash) is kept
+in the database with every event and copied to $STOCKADE_HOME/audit.head after each commit, so
+removing the newest events, or putting back an older copy of the database, is detected too.
+Someone who can rewrite both the database and audit.head can still forge a shorter trail: to
+detect that as well, keep the line verify prints (count and last hash) somewhere else."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``verify`` and ``list``."""
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
-    sub.add_parser("verify", help="check the hash chain")
+    sub.add_parser("verify", help="check the hash chain and its head")
+    sub.add_parser("anchor", help="write a missing audit.head from the database's head")
     listing = sub.add_parser("list", help="print the events")
     listing.add_argument("--job", metavar="JOB", help="only the events of this job")
-    listing.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    listing.add_argument("--json", action="store_true", help="one JSON array on stdout")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the action."""
-    from stockade.audit import verify_chain
     from stockade.cli.context import open_control, require_job
 
-    _, control = open_control()
     if args.action == "verify":
-        records = control.store.audit_records()
-        broken = verify_chain(records)
-        if broken is None:
-            head = records[-1][2] if records else "none"
-            # the chain cannot show a cut-off tail by itself: keep these two somewhere else
-            print(f"audit trail intact: {len(records)} events, last hash {head}")
-            return 0
-        event = records[broken][0]
-        sys.stderr.write(f"stockade: audit trail BROKEN at event {broken + 1} of {len(records)} "
-                         f"({_e(event.action)} for job {_e(event.job_id)}): it or an earlier "
-                         "event was altered or removed\n")
-        return 1
+        return _verify()
+    if args.action == "anchor":
+        return _anchor()
+    _, control = open_control()
     job_id = require_job(control, args.job).job.id if args.job else None
-    for event, _, digest in control.store.audit_records(job_id):
-        if args.json:  # ensure_ascii: every control and bidi character becomes a \u escape
-            sys.stdout.write(json.dumps({"at": event.at, "actor": event.actor,
-                                         "action": event.action, "job_id": event.job_id,
-                                         "detail": event.detail, "hash": digest}) + "\n")
-        else:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
-            detail = " ".join(f"{_e(k)}={_e(v)}" for k, v in sorted(event.detail.items()))
-            print(f"{when} {_e(event.action):<22} {_e(event.job_id or '-'):<19} "
-                  f"{_e(event.actor):<24} {detail}")
+    records = control.store.audit_records(job_id)
+    if args.json:  # one array, as jobs --json; ensure_ascii: controls become \u escapes
+        sys.stdout.write(json.dumps([{"at": event.at, "actor": event.actor,
+                                      "action": event.action, "job_id": event.job_id,
+                                      "detail": event.detail, "hash": digest}
+                                     for event, _, digest in records]) + "\n")
+        return 0
+    for event, _, _ in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
+        detail = " ".join(f"{_e(k)}={_e(v)}" for k, v in sorted(event.detail.items()))
+        print(f"{when} {_e(event.action):<22} {_e(event.job_id or '-'):<19} "
+              f"{_e(event.actor):<24} {detail}")
+    return 0
+
+
+def _verify() -> int:
+    """Check the chain, then its head against the database's record and the file's copy."""
+    from stockade.audit import GENESIS, check_head, verify_chain
+    from stockade.audit.head import HeadFile
+    from stockade.config import ensure_home, load_settings
+    from stockade.store.sqlite import SqliteStore
+
+    settings = load_settings()
+    ensure_home(settings)
+    store = SqliteStore(settings.db_path)
+    snap = store.audit_snapshot()
+    records = snap.records
+    problems = []
+    broken = verify_chain(records)
+    if broken is not None:
+        event = records[broken][0]
+        problems.append(f" at event {broken + 1} of {len(records)} ({_e(event.action)} for job "
+                        f"{_e(event.job_id)}): it or an earlier event was altered or removed")
+    problems += [f": {p}" for p in check_head([digest for _, _, digest in records],
+                                               snap.db_head, snap.file_head, snap.file_problem,
+                                               str(store.audit_head.path))]
+    for path in store.audit_head.retired():  # a deleted or moved-away database
+        try:
+            earlier = HeadFile(path).read()
+            said = f"ended at {earlier.events} events, last hash {earlier.hash}" if earlier \
+                else "left an empty head"
+        except ValueError:
+            said = "left a file that is not a head"
+        problems.append(f": this database started afresh after an earlier trail that {said} "
+                        f"({path}); if the database was moved away on purpose, keep that file "
+                        "with it and remove it here")
+    if not problems:
+        head = records[-1][2] if records else GENESIS
+        print(f"audit trail intact: {len(records)} events, last hash {head}")
+        return 0
+    sys.stderr.write("".join(f"stockade: audit trail BROKEN{p}\n" for p in problems))
+    return 1
+
+
+def _anchor() -> int:
+    """Write audit.head from the database's head, if it is missing (never overwriting one)
+    and the trail in the database verifies."""
+    from stockade.audit import verify_chain
+    from stockade.audit.head import head_of
+    from stockade.config import ensure_home, load_settings
+    from stockade.store.sqlite import SqliteStore
+
+    settings = load_settings()
+    ensure_home(settings)
+    store = SqliteStore(settings.db_path)
+    snap = store.audit_snapshot()
+    if snap.file_head is not None or snap.file_problem:
+        sys.stderr.write(f"stockade: {store.audit_head.path} exists; it is never overwritten "
+                         "(it may be the evidence of a removed tail)\nhint: stockade audit "
+                         "verify says whether it matches\n")
+        return 2
+    hashes = [digest for _, _, digest in snap.records]
+    if snap.db_head is None or verify_chain(snap.records) is not None \
+            or head_of(hashes) != snap.db_head:
+        sys.stderr.write("stockade: the trail in the database does not verify; no head is "
+                         "written for it\nhint: stockade audit verify\n")
+        return 1
+    store.audit_head.create(snap.db_head)
+    print(f"audit head written: {snap.db_head.events} events, last hash {snap.db_head.hash}")
     return 0
 
 

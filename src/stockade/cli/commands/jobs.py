@@ -7,13 +7,16 @@ import json
 import sys
 import time
 
+from stockade.cli.argtypes import count
+
 HELP = "list recent jobs"
 DESCRIPTION = "List the newest jobs with their status, failure reason and duration."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``[--limit N] [--json]``."""
-    p.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
+    p.add_argument("--limit", type=count, default=20, metavar="N",
+                   help="how many jobs, 1 to 100000 (default 20)")
     p.add_argument("--json", action="store_true", help="one JSON array on stdout")
 
 
@@ -22,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
     from stockade.cli.context import open_control
 
     _, control = open_control()
-    rows = control.jobs(max(1, args.limit))
+    rows = control.jobs(args.limit)
     if args.json:
         sys.stdout.write(json.dumps([
             {"job_id": j.id, "name": j.name, "status": j.status,

@@ -13,8 +13,10 @@ HELP = "run one job locally in a hardened sandbox"
 DESCRIPTION = """\
 Run the job spec FILE once, locally: it is admitted, queued, claimed by an in-process runner
 and executed in a fresh bubblewrap sandbox; the workspace (--workspace, default: the current
-directory) is copied into the sandbox, never mounted. Live logs go to stderr; with --json one
-JSON object with the result is printed on stdout at the end.
+directory) is copied into the sandbox, never mounted, without the paths that .stockadeignore
+at its root or --exclude name (gitignore syntax); a workspace larger than the job's
+resources.workspace is refused before the job is submitted. Live logs go to stderr; with --json
+one JSON object with the result is printed on stdout at the end.
 
 Exit codes: 0 succeeded, 1 failed (script, timeout, oom, ...), 2 invalid spec or usage,
 3 denied by policy, 4 infrastructure error."""
@@ -27,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", type=Path, help="the job spec (YAML)")
     p.add_argument("--workspace", metavar="DIR", type=Path, default=None,
                    help="directory copied to /workspace (default: current directory)")
+    p.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
+                   help="leave paths matching PATTERN (gitignore syntax) out of the workspace "
+                   "copy, after those of .stockadeignore; repeatable")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--trust", default="trusted", choices=("untrusted", "trusted", "protected"),
                    help="how far the job's origin is trusted (untrusted: e.g. a fork pull "
@@ -37,11 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the job and report it."""
-    from stockade.cli.context import open_control
+    from stockade import liveness
+    from stockade.cli.context import open_control, recover_lost
     from stockade.errors import UsageError
     from stockade.ids import new_runner_id
     from stockade.runner import Runner
     from stockade.sandbox import get_backend
+    from stockade.sandbox.interface import WorkspaceSource
+    from stockade.sandbox.workspace import check_workspace
     from stockade.spec import ceilings, load_spec
 
     settings, control = open_control()
@@ -51,16 +59,26 @@ def main(args: argparse.Namespace) -> int:
     if not workspace.is_dir():
         raise UsageError(f"workspace {workspace} is not a directory",
                          hint="pass --workspace DIR with an existing directory")
+    workspace = WorkspaceSource(workspace, tuple(args.exclude))
+    check_workspace(workspace, spec.resources.workspace, settings.max_workspace_bytes)
     backend = get_backend("bwrap", settings)
-    for lost in control.fail_lost(backend.reap_orphans()):
-        sys.stderr.write(f"stockade: job {lost} lost its runner; marked failed (runner_lost)\n")
-    job = control.submit(spec, trust=args.trust, ref=args.ref)
-    if job.status == "queued":
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # cancel, then tear down
-        signal.signal(signal.SIGHUP, signal.default_int_handler)
-        runner = Runner(settings, backend, control,
-                        new_runner_id(f"local-{os.uname().nodename}"), live=sys.stderr.buffer)
-        runner.run_one(workspace, job_id=job.id)
+    recover_lost(settings, control, backend)
+    runner_id = new_runner_id(f"local-{os.uname().nodename}")
+    # held from before the job exists until its result is committed: if this process dies
+    # at any point, the next command sees the lock free and fails the job at once
+    lock = liveness.hold(settings.home, runner_id)
+    recorded = False
+    try:
+        job = control.submit(spec, trust=args.trust, ref=args.ref, runner_id=runner_id)
+        if job.status == "queued":
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # cancel, then tear down
+            signal.signal(signal.SIGHUP, signal.default_int_handler)
+            live = sys.stderr.buffer if sys.stderr is not None else None  # None: stderr closed
+            runner = Runner(settings, backend, control, runner_id, live=live)
+            runner.run_one(workspace, job_id=job.id)
+        recorded = True
+    finally:
+        liveness.release(settings.home, runner_id, lock, recorded)
     view = control.view(job.id)
     assert view is not None
     result = view.result()

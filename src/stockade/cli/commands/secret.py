@@ -56,20 +56,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rm.add_argument("name", metavar="NAME")
 
 
+MAX_VALUE_BYTES = 64 * 1024
+
+
 def read_value(path: Path | None) -> bytes:
     """The value from a file or standard input (a prompt without echo on a terminal)."""
     from stockade.errors import UsageError
 
     if path is not None:
-        try:
-            return path.read_bytes()
+        import os
+        import stat
+
+        try:  # never blocks (a FIFO) and never reads more than a secret may hold (/dev/zero)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise UsageError(f"cannot read {path}: {e.strerror}") from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"{path} is not a regular file",
+                                 hint="give a file, or pipe the value on standard input")
+            data = os.read(fd, MAX_VALUE_BYTES + 1)
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror}") from e
+        finally:
+            os.close(fd)
+        if len(data) > MAX_VALUE_BYTES:
+            raise UsageError(f"{path} is larger than a secret may be (64 KiB)",
+                             hint="store a smaller value, or a key that unlocks the data")
+        return data
     if sys.stdin.isatty():
         import getpass
 
         return getpass.getpass("value: ").encode()
-    data = sys.stdin.buffer.read(64 * 1024 + 2)
+    data = sys.stdin.buffer.read(MAX_VALUE_BYTES + 2)
     return data[:-1] if data.endswith(b"\n") else data
 
 

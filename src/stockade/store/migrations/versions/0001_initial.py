@@ -2,10 +2,19 @@
 
 Revision ID: 0001
 Revises:
+
+Every step skips what exists (``idempotent``): earlier versions of stockade committed each
+statement on its own, and a first run killed among them left some tables without the stamp.
 """
 
 import sqlalchemy as sa
 from alembic import op
+
+from stockade.store.migrations.idempotent import (
+    create_index,
+    create_sqlite_trigger,
+    create_table,
+)
 
 revision = "0001"
 down_revision = None
@@ -15,7 +24,7 @@ depends_on = None
 
 def upgrade() -> None:
     """Create the tables, and triggers that make audit_events append-only."""
-    op.create_table(
+    create_table(
         "jobs",
         sa.Column("id", sa.String(32), primary_key=True),
         sa.Column("name", sa.String(100), nullable=False),
@@ -32,9 +41,9 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.Float),
         sa.Column("result_json", sa.Text),
     )
-    op.create_index("ix_jobs_status", "jobs", ["status"])
-    op.create_index("ix_jobs_created_at", "jobs", ["created_at"])
-    op.create_table(
+    create_index("ix_jobs_status", "jobs", ["status"])
+    create_index("ix_jobs_created_at", "jobs", ["created_at"])
+    create_table(
         "steps",
         sa.Column("job_id", sa.String(32), primary_key=True),
         sa.Column("idx", sa.Integer, primary_key=True),
@@ -43,14 +52,14 @@ def upgrade() -> None:
         sa.Column("exit_code", sa.Integer),
         sa.Column("duration_s", sa.Float, nullable=False),
     )
-    op.create_table(
+    create_table(
         "artifacts",
         sa.Column("job_id", sa.String(32), primary_key=True),
         sa.Column("path", sa.Text, primary_key=True),
         sa.Column("sha256", sa.String(64), nullable=False),
         sa.Column("size", sa.Integer, nullable=False),
     )
-    op.create_table(
+    create_table(
         "audit_events",
         sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("at", sa.Float, nullable=False),
@@ -61,13 +70,13 @@ def upgrade() -> None:
         sa.Column("prev_hash", sa.String(64), nullable=False),
         sa.Column("hash", sa.String(64), nullable=False),
     )
-    op.create_index("ix_audit_events_job_id", "audit_events", ["job_id"])
-    if op.get_bind().dialect.name == "sqlite":
-        for verb in ("UPDATE", "DELETE"):
-            op.execute(
-                f"CREATE TRIGGER audit_events_no_{verb.lower()} BEFORE {verb} ON audit_events "
-                "BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END"
-            )
+    create_index("ix_audit_events_job_id", "audit_events", ["job_id"])
+    for verb in ("UPDATE", "DELETE"):
+        create_sqlite_trigger(
+            f"audit_events_no_{verb.lower()}",
+            f"BEFORE {verb} ON audit_events "
+            "BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END",
+        )
 
 
 def downgrade() -> None:

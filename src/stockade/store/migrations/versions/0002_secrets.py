@@ -7,6 +7,8 @@ Revises: 0001
 import sqlalchemy as sa
 from alembic import op
 
+from stockade.store.migrations.idempotent import add_columns, create_index, create_table
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -14,8 +16,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Add the tables and columns."""
-    op.create_table(
+    """Add the tables and columns (skipping those that exist, see 0001)."""
+    create_table(
         "secrets",
         sa.Column("name", sa.String(100), primary_key=True),
         sa.Column("version", sa.Integer, nullable=False),
@@ -28,7 +30,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Float, nullable=False),
         sa.Column("updated_at", sa.Float, nullable=False),
     )
-    op.create_table(
+    create_table(
         "leases",
         sa.Column("id", sa.String(40), primary_key=True),
         sa.Column("job_id", sa.String(32), nullable=False),
@@ -41,12 +43,10 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.Float, nullable=False),
         sa.Column("revoked_at", sa.Float),
     )
-    op.create_index("ix_leases_job_id", "leases", ["job_id"])
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("trust", sa.String(16), nullable=False,
-                                   server_default="trusted"))
-        batch.add_column(sa.Column("ref", sa.String(200), nullable=False,
-                                   server_default="local"))
+    create_index("ix_leases_job_id", "leases", ["job_id"])
+    add_columns("jobs",
+                sa.Column("trust", sa.String(16), nullable=False, server_default="trusted"),
+                sa.Column("ref", sa.String(200), nullable=False, server_default="local"))
 
 
 def downgrade() -> None:

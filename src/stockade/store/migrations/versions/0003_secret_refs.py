@@ -7,6 +7,8 @@ Revises: 0002
 import sqlalchemy as sa
 from alembic import op
 
+from stockade.store.migrations.idempotent import add_columns
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -14,10 +16,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Add the column; every existing secret keeps admitting any ref."""
-    with op.batch_alter_table("secrets") as batch:
-        batch.add_column(sa.Column("scope_refs", sa.String(200), nullable=False,
-                                   server_default="*"))
+    """Add the column (unless there, see 0001); every existing secret keeps admitting any ref."""
+    add_columns("secrets",
+                sa.Column("scope_refs", sa.String(200), nullable=False, server_default="*"))
 
 
 def downgrade() -> None:
