@@ -231,6 +231,9 @@ class SqliteStore:
         """Mark jobs failed (runner_lost) that no runner will finish: in ``lost_ids``, queued
         or running for a runner that is gone, or running with an expired lease for a runner
         whose liveness is unknown (``runner_gone`` None; a live runner is never failed)."""
+        if not lost_ids and not self._read("SELECT 1 FROM jobs WHERE status IN ('queued', "
+                                           "'running') AND runner_id IS NOT NULL LIMIT 1"):
+            return []  # the common case: no write transaction
         with self._tx() as db:
             rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN "
                               "('queued', 'running') AND runner_id IS NOT NULL")
