@@ -56,8 +56,14 @@ def gone(home: Path, runner_id: str) -> bool | None:
     """True if the runner is provably dead (its lock can be taken), False if it is alive, None
     if it has no lock file here (another host's runner, or an older version's: only its lease
     can tell)."""
+    return lock_is_free(_path(home, runner_id))
+
+
+def lock_is_free(path: Path) -> bool | None:
+    """Whether nobody holds the ``flock`` on ``path`` (taken and let go at once); None if
+    there is no such file."""
     try:
-        fd = os.open(_path(home, runner_id), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     try:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stockade.liveness import lock_is_free
 from stockade.sandbox import mounts
 from stockade.sandbox.cgroups import ROOT, JobCgroup
 
@@ -55,20 +56,13 @@ def hold_lock(job_dir: Path) -> int:
 
 
 def _is_orphan(job_dir: Path) -> bool:
+    free = lock_is_free(job_dir / LOCK_NAME)
+    if free is not None:
+        return free
     try:
-        fd = os.open(job_dir / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+        return time.time() - job_dir.stat().st_mtime > _GRACE_S
     except FileNotFoundError:
-        try:
-            return time.time() - job_dir.stat().st_mtime > _GRACE_S
-        except FileNotFoundError:
-            return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
         return False
-    finally:
-        os.close(fd)
 
 
 def _cgroup_names(parent: str) -> set[str]:
