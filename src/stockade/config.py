@@ -129,7 +129,25 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     overrides = {name: env[var] for var, name in _ENV.items() if env.get(var)}
     settings = _apply(settings, overrides, "environment")
     _check_owned_locations(settings)
+    _check_egress_entries(settings)
     return settings
+
+
+def _check_egress_entries(settings: Settings) -> None:
+    """The operator's egress entries parse (a mistake there would fail every egress job)."""
+    for key in ("egress_internal_allow", "egress_untrusted_allow"):
+        entries = getattr(settings, key)
+        if not entries:
+            continue
+        from stockade.egress.policy import parse_rule  # only when the operator set some
+
+        for entry in entries:
+            try:
+                parse_rule(entry, operator=True)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {str(e)[:300]}",
+                                  hint="write CIDR:port entries, e.g. 10.1.2.0/24:5432 "
+                                  "(see the settings table in README)") from e
 
 
 # directories other software owns: the reaper removes what it finds in its runtime directory,

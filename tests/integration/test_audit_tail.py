@@ -132,6 +132,7 @@ def test_a_database_moved_away_on_purpose_can_be_acknowledged(trail: Path,
     (home / "audit.head").unlink()
     missing = run_cli(home, "audit", "verify")
     assert missing.returncode == 1 and "is missing" in missing.stderr
+    assert "stockade audit anchor" in missing.stderr
     anchored = run_cli(home, "audit", "anchor")
     assert anchored.returncode == 0 and "audit head written: 3 events" in anchored.stdout
     assert run_cli(home, "audit", "verify").returncode == 0

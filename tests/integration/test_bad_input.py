@@ -58,6 +58,7 @@ def test_jobs_limit_must_be_a_count(stockade_home: Path, limit: str) -> None:
     (b"log_cap_bytes = " + b"9" * 5000 + b"\n", "a number in it has too many digits"),
     (b'oidc_issuer = "\xff"\n', "cannot read settings"),
     (b"max_pids = [1, 2]\n", "max_pids"),
+    (b'egress_internal_allow = ["127.0.0.1:8765"]\n', "egress_internal_allow: '127.0.0.1:8765'"),
 ])
 def test_bad_settings_files_are_named(stockade_home: Path, tmp_path: Path, content: bytes,
                                       named: str) -> None:

@@ -207,7 +207,8 @@ def test_names_resolving_to_internal_addresses_are_refused(net: Net, stockade_ho
         curl -sS --max-time 5 http://internal.example.test:{port}/ || true
         curl -sS --max-time 5 http://rebind.example.test/mixed
     """)
-    assert "internal.example.test resolves to loopback address 127.0.0.5" in job.log
+    assert "internal.example.test resolves to 127.0.0.5: loopback address 127.0.0.5 is refused" \
+        in job.log
     assert "hello from 198.51.100.11:80 path=/mixed" in job.log  # only the public address used
     assert net.listener.hits == 0
     audit = run_cli(stockade_home, "show", job.result["job_id"]).stdout
@@ -254,7 +255,7 @@ def test_audit_mode_allows_records_and_baselines(net: Net, stockade_home: Path,
     allow = [line.strip()[2:] for line in base.stdout.splitlines() if line.strip().startswith("- ")]
     assert allow == ["api.example.test:443", "files.example.test:443", "v6.example.test:80"]
     refused = [line for line in base.stderr.splitlines() if "internal.example.test" in line]
-    assert len(refused) == 1 and "the operator may, with egress_internal_allow" in refused[0]
+    assert len(refused) == 1 and "the entry it needs: egress_internal_allow" in refused[0]
 
 
 def test_on_violation_kill_stops_the_job(net: Net, stockade_home: Path, tmp_path: Path) -> None:

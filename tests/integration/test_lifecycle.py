@@ -59,6 +59,8 @@ def test_killed_runner_is_reaped_by_the_next_run(stockade_home: Path, tmp_path: 
     nxt = run_cli(stockade_home, "run", str(spec), "--workspace", str(tmp_path))
     assert nxt.returncode == 0
     assert f"job {lost_id} lost its runner" in nxt.stderr
+    logged = run_cli(stockade_home, "logs", lost_id).stdout  # what it printed is kept
+    assert "| started" in logged and "==> step a" in logged
     nothing_left(stockade_home, lost_id)
     shown = json.loads(run_cli(stockade_home, "show", lost_id, "--json").stdout)
     assert (shown["status"], shown["failure_reason"]) == ("failed", "runner_lost")

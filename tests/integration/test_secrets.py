@@ -174,16 +174,22 @@ def test_ref_globs_list_and_rotate(home: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "is not a ref glob" in bad.stderr
 
 
-def test_setting_an_existing_secret_says_when_its_scope_changes(home: Path) -> None:
-    put(home, "WIDEN_ME", "widen-" + VALUE, "--refs", "refs/heads/main", "--trust", "protected")
+def test_setting_an_existing_secret_never_widens_its_scope_unasked(home: Path) -> None:
+    put(home, "WIDEN_ME", "widen-" + VALUE, "--refs", "refs/heads/main", "--trust", "protected",
+        "--jobs", "release-*", "--labels", "release")
     again = subprocess.run([STOCKADE, "secret", "set", "WIDEN_ME"], input="widen2-" + VALUE,
                            capture_output=True, text=True, env=cli_env(home))
-    assert again.returncode == 0, again.stderr
-    assert "scope of WIDEN_ME changed from refs=refs/heads/main trust=protected" in again.stderr
-    assert "stockade secret rotate WIDEN_ME" in again.stderr
-    same = subprocess.run([STOCKADE, "secret", "set", "WIDEN_ME"], input="widen3-" + VALUE,
-                          capture_output=True, text=True, env=cli_env(home))
-    assert "warning" not in same.stderr
+    assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
+    listed = run_cli(home, "secret", "list").stdout
+    assert "refs=refs/heads/main" in listed and "trust=protected" in listed
+    assert "jobs=release-*" in listed and "labels=release" in listed
+    changed = subprocess.run([STOCKADE, "secret", "set", "WIDEN_ME", "--trust", "trusted"],
+                             input="widen3-" + VALUE, capture_output=True, text=True,
+                             env=cli_env(home))  # asked for: done, and said loudly
+    assert changed.returncode == 0, changed.stderr
+    assert "scope of WIDEN_ME changed from refs=refs/heads/main trust=protected" \
+        in changed.stderr
+    assert "stockade secret rotate WIDEN_ME" in changed.stderr
 
 
 def test_unknown_secret_is_denied(home: Path, tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ def allow_entry(host: str, port: int) -> str:
 
 
 # the address in a denial's reason (the policy's own words, after the job-chosen host name)
-_REFUSED_ADDRESS = re.compile(r"address ([0-9A-Fa-f.:]{2,45}) is always refused$")
+_REFUSED_ADDRESS = re.compile(r"address ([0-9A-Fa-f.:]{2,45}) is refused \(only the operator")
+_OPERATOR_ONLY = "(only the operator can open it, with egress_internal_allow)"
 
 
 def egress_baseline(events: list[AuditEvent]) -> tuple[list[str], list[str]]:
@@ -66,11 +67,11 @@ def egress_baseline(events: list[AuditEvent]) -> tuple[list[str], list[str]]:
                 allow.add(entry)
             except ValueError as e:
                 refused.add(f"{d['host']}:{d['port']} ({str(e)[:300]})")
-        elif event.action == "egress.denied" and "always refused" in d["reason"]:
+        elif event.action == "egress.denied" and str(d["reason"]).endswith(_OPERATOR_ONLY):
             need = ""
             found = _REFUSED_ADDRESS.search(str(d["reason"]))
             if found:  # an internal address: only the operator can open it
-                need = (f"; a spec cannot open it: the operator may, with egress_internal_allow"
-                        f" = [\"{allow_entry(found.group(1), d['port'])}\"]")
+                need = (f"; the entry it needs: egress_internal_allow = "
+                        f"[\"{allow_entry(found.group(1), d['port'])}\"]")
             refused.add(f"{d['host']}:{d['port']} ({d['reason']}{need})")
     return sorted(allow), sorted(refused)

@@ -256,10 +256,12 @@ def screen_address(policy: Policy, address: IPAddress, port: int, literal: bool,
         return Screen(True, "allowlisted network (operator)")
     refused = refused_range(address)
     if refused:
-        return Screen(False, f"{refused} is always refused")
+        return Screen(False, f"{refused} is refused (only the operator can open it, with "
+                             "egress_internal_allow)")
     if address in host or any(a in host for a in _embedded(address)[1:]):
         return Screen(False, f"{address} is an address of the runner host itself and is "
-                             "always refused")
+                             "refused (only the operator can open it, with "
+                             "egress_internal_allow)")
     if policy.cidr_allows(address, port):
         return Screen(True, "allowlisted network")
     if not literal:

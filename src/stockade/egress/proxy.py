@@ -245,7 +245,7 @@ class JobProxy:
             if check.allowed:
                 usable.append(address)
             else:
-                last = Screen(False, f"{request.host} resolves to {check.reason}")
+                last = Screen(False, f"{request.host} resolves to {address}: {check.reason}")
         return (verdict if usable else last), usable
 
     async def _connect(self, targets: list[IPAddress], port: int

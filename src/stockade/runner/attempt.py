@@ -263,8 +263,9 @@ class Attempt:
     def _summary(self, duration: float) -> None:
         outcome = self.status.value + (f" ({self.reason.value})" if self.reason else "")
         self.log.note(f"job {self.spec.name}: {outcome} in {duration:.2f}s, "
-                      f"{len(self.steps)}/{len(self.spec.steps)} steps run, "
-                      f"{len(self.artifacts)} artifacts")
+                      f"{len(self.steps)}/{len(self.spec.steps)} "
+                      f"step{'' if len(self.spec.steps) == 1 else 's'} run, "
+                      f"{len(self.artifacts)} artifact{'' if len(self.artifacts) == 1 else 's'}")
         for art in self.artifacts:
             self.log.note(f"artifact {art.path} {format_size(art.size)} "
                           f"sha256:{art.sha256[:16]}…")

@@ -61,7 +61,7 @@ def job_policy(settings: Settings, spec: Job, trust: str) -> tuple[Policy, list[
         internal = tuple(parse_rule(e, operator=True) for e in settings.egress_internal_allow)
         ceiling = tuple(parse_rule(e, operator=True) for e in settings.egress_untrusted_allow)
     except ValueError as e:
-        raise ConfigError(f"egress_internal_allow / egress_untrusted_allow: {e}",
+        raise ConfigError(f"egress_internal_allow or egress_untrusted_allow: {e}",
                           hint="write CIDR:port entries, e.g. 10.1.2.0/24:5432") from e
     if trust == "untrusted":  # internal destinations too: only what untrusted work may reach
         internal = tuple(r for r in internal if any(covered(r, by) for by in ceiling))

@@ -103,6 +103,15 @@ class JobLog:
         if self.live is not None:
             self.live.write(data, keep=note)
 
+    def _flush(self) -> None:
+        """Hand what is stored to the kernel: `stockade logs` shows a running job's output,
+        and a runner killed at any moment leaves its log behind (one write per chunk)."""
+        if self.disk_error is None:
+            try:
+                self._file.flush()
+            except OSError as e:
+                self._lose(e)
+
     def _lose(self, error: OSError) -> None:
         """The log cannot be written (a full file system): cut it to its first KEEP_ON_ERROR
         bytes, so that the space is there again for the job's result and the start of the
@@ -150,6 +159,7 @@ class JobLog:
             data = data[:_char_boundary(data, MAX_NOTE)] + b"... (note cut)"
         with self._lock:  # never flushes the redactors: a value may straddle the next chunk
             self._note_record(self._stamp() + NOTE_MARK + data + b"\n")
+            self._flush()
 
     def _note_record(self, record: bytes, always: bool = False) -> None:
         if not always and self.notes_written + len(record) > self.note_budget:
@@ -168,6 +178,7 @@ class JobLog:
             for redactor in self._redactors:
                 chunk = redactor.feed(chunk)
             self._lines(chunk)
+            self._flush()
         self.check_stored()  # stops the step: its output has nowhere to go
 
     def _lines(self, masked: bytes) -> None:
@@ -258,6 +269,7 @@ class JobLog:
                 self._swallowing = False
             elif last:
                 self._output_records([last])
+            self._flush()
 
     def close(self) -> None:
         """Flush, note what was dropped, and let the live stream drain (bounded in time);

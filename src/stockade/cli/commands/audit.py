@@ -102,6 +102,9 @@ def _verify() -> int:
         print(f"audit trail intact: {len(records)} events, last hash {head}")
         return 0
     sys.stderr.write("".join(f"stockade: audit trail BROKEN{p}\n" for p in problems))
+    if snap.file_head is None and not snap.file_problem and broken is None:
+        sys.stderr.write("hint: if audit.head was lost, stockade audit anchor writes it again "
+                         "from the database's trail (it never overwrites one)\n")
     return 1
 
 

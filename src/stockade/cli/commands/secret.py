@@ -37,15 +37,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The four actions."""
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
-    put = sub.add_parser("set", help="store a secret (value on stdin)")
+    put = sub.add_parser("set", help="store a secret (value on stdin)",
+                         description="Store a secret. For an existing secret, the scope options "
+                         "not given keep their values (a new value never widens a scope).")
     put.add_argument("name", metavar="NAME")
     put.add_argument("--from-file", type=Path, metavar="F", help="read the value from F")
-    put.add_argument("--jobs", default="*", metavar="GLOB", help="job names (default '*')")
-    put.add_argument("--labels", default="", metavar="L1,L2", help="labels the job must have")
-    put.add_argument("--trust", default="trusted", choices=("trusted", "protected"),
-                     help="the least trust a job needs (default trusted)")
-    put.add_argument("--refs", default="*", metavar="GLOB",
-                     help="refs the job must run, e.g. refs/heads/main (default '*')")
+    put.add_argument("--jobs", metavar="GLOB", help="job names (new secret: '*')")
+    put.add_argument("--labels", metavar="L1,L2", help="labels the job must have (new: none)")
+    put.add_argument("--trust", choices=("trusted", "protected"),
+                     help="the least trust a job needs (new secret: trusted)")
+    put.add_argument("--refs", metavar="GLOB",
+                     help="refs the job must run, e.g. refs/heads/main (new secret: '*')")
     rot = sub.add_parser("rotate", help="a new value for a secret, same scope (value on stdin)")
     rot.add_argument("name", metavar="NAME")
     rot.add_argument("--from-file", type=Path, metavar="F", help="read the value from F")
@@ -101,9 +103,12 @@ def main(args: argparse.Namespace) -> int:
     broker = control.broker
     assert broker is not None
     if args.action == "set":
-        labels = tuple(x for x in args.labels.split(",") if x)
-        scope = Scope(args.jobs, labels, args.trust, args.refs)
         before = {s.name: s.scope for s in broker.secrets()}.get(args.name)
+        base = before or Scope("*", (), "trusted", "*")  # unset options keep what is there
+        labels = base.labels if args.labels is None else tuple(
+            x for x in args.labels.split(",") if x)
+        scope = Scope(args.jobs or base.jobs, labels, args.trust or base.trust,
+                      args.refs or base.refs)
         version = broker.set(args.name, read_value(args.from_file), scope)
         print(f"secret {args.name} stored (version {version})")
         if before is not None and before != scope:  # set replaces the scope: say so loudly
