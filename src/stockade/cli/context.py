@@ -112,6 +112,11 @@ def require_job(control: ControlService, id_or_prefix: str) -> JobView:
                          "not a job id", hint="list jobs with: stockade jobs")
     view = control.view(id_or_prefix)
     if view is None:
-        raise UsageError(f"no job matches {id_or_prefix!r} (or the prefix is ambiguous)",
-                         hint="list jobs with: stockade jobs")
+        matches = control.store.job_ids_with_prefix(id_or_prefix, 4)
+        if len(matches) > 1:
+            more = ", ..." if len(matches) > 3 else ""
+            raise UsageError(f"{id_or_prefix!r} is the start of several job ids: "
+                             f"{', '.join(matches[:3])}{more}",
+                             hint="give more of the id (stockade jobs lists them)")
+        raise UsageError(f"no job matches {id_or_prefix!r}", hint="list jobs with: stockade jobs")
     return view

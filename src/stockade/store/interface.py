@@ -108,6 +108,10 @@ class Store(Protocol):
         """A job by id or unique id prefix."""
         ...
 
+    def job_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` job ids starting with ``prefix``, newest first."""
+        ...
+
     def list_jobs(self, limit: int) -> list[JobRow]:
         """The newest jobs first."""
         ...

@@ -271,6 +271,14 @@ class SqliteStore:
             return self._checked(JobRow(*exact[0]))
         return self._checked(JobRow(*rows[0])) if len(rows) == 1 else None
 
+    def job_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` job ids starting with ``prefix``, newest first."""
+        rows = self._read("SELECT id FROM jobs WHERE id LIKE ? ESCAPE '\\' "
+                          "ORDER BY created_at DESC LIMIT ?",
+                          (prefix.replace("\\", "\\\\").replace("%", "\\%")
+                           .replace("_", "\\_") + "%", limit))
+        return [str(r[0]) for r in rows]
+
     def _checked(self, job: JobRow) -> JobRow:
         """``job``, or a StoreError if its stored result is not the JSON object stockade wrote."""
         if job.result_json is None or isinstance(_json_or_none(job.result_json), dict):

@@ -28,7 +28,13 @@ def main(args: argparse.Namespace) -> int:
     from stockade.control.egress import egress_baseline
 
     _, control = open_control()
-    events = [e for j in args.jobs for e in control.audit_trail(require_job(control, j).job.id)]
+    events = []
+    for ref in args.jobs:
+        trail = control.audit_trail(require_job(control, ref).job.id)
+        if not any(e.action.startswith("egress.") for e in trail):
+            sys.stderr.write(f"stockade: note: job {_e(ref)} recorded no egress; run it with "
+                             "egress: {mode: audit} to record what it reaches\n")
+        events += trail
     allow, refused = egress_baseline(events)
     lines = ["egress:", "  mode: block", "  allow:" if allow else "  allow: []"]
     lines += [f"    - {entry!r}" if entry.startswith("[") else f"    - {entry}"
@@ -37,3 +43,9 @@ def main(args: argparse.Namespace) -> int:
     for entry in refused:
         sys.stderr.write(f"stockade: not included (refused by policy): {entry}\n")
     return 0
+
+
+def _e(value: object) -> str:
+    from stockade.text import escape_controls
+
+    return escape_controls(str(value))

@@ -29,7 +29,9 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps([
             {"job_id": j.id, "name": j.name, "status": j.status,
-             "failure_reason": j.failure_reason, "created_at": j.created_at}
+             "failure_reason": j.failure_reason, "created_at": j.created_at,
+             "duration_s": round(j.finished_at - j.started_at, 3)
+             if j.started_at is not None and j.finished_at is not None else None}
             for j in rows]) + "\n")
         return 0
     if not rows:

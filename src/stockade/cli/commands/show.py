@@ -49,7 +49,17 @@ def _e(value: object) -> str:
 
 
 def _details(detail: Mapping[str, Any]) -> str:
-    return "".join(f"  {_e(k)}={_e(v)}" for k, v in sorted(detail.items()))
+    return "".join(f"  {_e(k)}={_value(k, v)}" for k, v in sorted(detail.items())
+                   if v is not None)
+
+
+def _value(key: str, value: object) -> str:
+    """A detail as a person reads it: times as times, booleans as yes/no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float) and (key == "at" or key.endswith("_at")) and value > 1e9:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return _e(value)
 
 
 def _summary(result: dict[str, Any]) -> list[str]:
@@ -58,12 +68,13 @@ def _summary(result: dict[str, Any]) -> list[str]:
            + (f"  reason: {_e(result['failure_reason'])}" if result["failure_reason"] else ""),
            f"attempt   {result['attempt']}",
            f"duration  {result['duration_s']}s" if result["duration_s"] is not None else ""]
-    for key in ("message", "error"):
+    for key in ("message", "error", "failed_at", "timeout"):
         if result.get(key):
-            out.append(f"{key:<9} {_e(result[key])}")
+            out.append(f"{key.replace('_', ' '):<9} {_e(result[key])}")
     out.append("steps:")
-    out += [f"  {_e(s['name']):<24} {_e(s['status']):<10} exit={s['exit_code']} "
-            f"{s['duration_s']}s" for s in result["steps"]] or ["  (none ran)"]
+    out += [f"  {_e(s['name']):<24} {_e(s['status']):<10} "
+            + (f"exit={s['exit_code']} " if s["exit_code"] is not None else "")
+            + f"{s['duration_s']}s" for s in result["steps"]] or ["  (none ran)"]
     if result["artifacts"]:
         out.append("artifacts:")
         out += [f"  {_e(a['path'])}  {a['size']} bytes  sha256:{_e(a['sha256'])}"
