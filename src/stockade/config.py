@@ -127,6 +127,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     if _exists(path):
         settings = _apply(settings, _read_toml(path), str(path))
     overrides = {name: env[var] for var, name in _ENV.items() if env.get(var)}
+    _warn_unknown_variables(env)
     settings = _apply(settings, overrides, "environment")
     _check_owned_locations(settings)
     _check_egress_entries(settings)
@@ -206,6 +207,23 @@ def installation_id(home: Path) -> str:
         raise ConfigError(f"{path} does not hold an installation id",
                           hint="remove the file if no job is running (a new id is made)")
     return text
+
+
+_OTHER_VARIABLES = frozenset({"STOCKADE_HOME", "STOCKADE_CONFIG"})
+
+
+def _warn_unknown_variables(env: dict[str, str]) -> None:
+    """A misspelt STOCKADE_* variable would be ignored: say so (without failing, so that
+    variables of newer versions or other tools do not break a command)."""
+    known = _OTHER_VARIABLES | _ENV.keys()
+    for var in sorted(v for v in env if v.startswith("STOCKADE_") and v not in known):
+        import difflib
+        import sys
+
+        close = difflib.get_close_matches(var, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        sys.stderr.write(f"stockade: warning: {var[:80]} is not a stockade setting and is "
+                         f"ignored{hint}\n")
 
 
 def _exists(path: Path) -> bool:

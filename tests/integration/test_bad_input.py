@@ -71,3 +71,10 @@ def test_bad_settings_files_are_named(stockade_home: Path, tmp_path: Path, conte
 def test_a_settings_fifo_never_hangs(stockade_home: Path, fifo: Path) -> None:
     proc = run_cli(stockade_home, "jobs", STOCKADE_CONFIG=str(fifo), timeout=10)
     refused(proc.stderr, proc.returncode, "not a regular file")
+
+
+def test_a_misspelt_variable_is_named_not_silently_ignored(stockade_home: Path) -> None:
+    proc = run_cli(stockade_home, "jobs", STOCKADE_MAX_MEMROY="1Gi", timeout=10)
+    assert proc.returncode == 0
+    assert "STOCKADE_MAX_MEMROY is not a stockade setting and is ignored; did you mean " \
+        "STOCKADE_MAX_MEMORY?" in proc.stderr
