@@ -27,6 +27,8 @@ COMMANDS = {
     "secret": "stockade.cli.commands.secret",
     "oidc": "stockade.cli.commands.oidc",
     "audit": "stockade.cli.commands.audit",
+    "token": "stockade.cli.commands.token",
+    "server": "stockade.cli.commands.server",
 }
 
 DESCRIPTION = """\

@@ -155,7 +155,7 @@ class ControlService:
         return AuditEvent(actor or self.actor, action, self.clock(), job_id, detail)
 
     def submit(self, spec: Job, trust: str = "trusted", ref: str = "local",
-               runner_id: str | None = None) -> JobRow:
+               runner_id: str | None = None, actor: str | None = None) -> JobRow:
         """Admit ``spec`` (queued) or deny it (denied, with the reason); return the job.
 
         ``trust`` says how far the job's origin is trusted (``untrusted`` for fork pull
@@ -179,7 +179,7 @@ class ControlService:
         action = "job.denied" if reason else "job.admitted"
         detail = {"name": spec.name, **({"reason": reason.value, "message": message}
                                         if reason else {})}
-        self.store.insert_job(job, self._event(action, job_id, **detail))
+        self.store.insert_job(job, self._event(action, job_id, actor=actor, **detail))
         if self.broker is not None:
             for name, why in refusals:
                 self.broker.refuse(job_id, name, why)

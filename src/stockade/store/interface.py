@@ -76,6 +76,19 @@ class LeaseRow(NamedTuple):
     revoked_at: float | None
 
 
+class TokenRow(NamedTuple):
+    """An API token of ``stockade server``: only the sha256 of its secret part is kept."""
+
+    id: str
+    name: str
+    role: str  # viewer, submitter or admin
+    max_trust: str  # the highest trust a job submitted with it gets
+    secret_sha256: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+
 class Store(Protocol):
     """Transactions the control plane needs; each call is one transaction with its audit event."""
 
@@ -110,6 +123,22 @@ class Store(Protocol):
 
     def job_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
         """Up to ``limit`` job ids starting with ``prefix``, newest first."""
+        ...
+
+    def insert_token(self, token: TokenRow, event: AuditEvent) -> None:
+        """Add an API token and its audit event."""
+        ...
+
+    def get_token(self, token_id: str) -> TokenRow | None:
+        """An API token by id."""
+        ...
+
+    def tokens(self) -> list[TokenRow]:
+        """Every API token, newest first."""
+        ...
+
+    def revoke_token(self, token_id: str, now: float, event: AuditEvent) -> bool:
+        """Revoke a token not revoked yet (False if there is none)."""
         ...
 
     def list_jobs(self, limit: int) -> list[JobRow]:

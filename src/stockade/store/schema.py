@@ -91,3 +91,15 @@ leases = Table(
     Column("expires_at", Float, nullable=False),
     Column("revoked_at", Float),
 )
+
+api_tokens = Table(  # stockade server's API tokens (migration 0005): a hash, never the secret
+    "api_tokens", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("max_trust", String(16), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float),
+    Column("revoked_at", Float),
+)

@@ -15,17 +15,25 @@ from typing import TYPE_CHECKING, Any
 
 from stockade.audit import GENESIS, AuditEvent, AuditHead, AuditSnapshot, HeadFile, chain_hash
 from stockade.errors import StoreError
-from stockade.store.interface import ArtifactRow, JobRow, LeaseRow, SecretRow, StepRow
+from stockade.store.interface import (
+    ArtifactRow,
+    JobRow,
+    LeaseRow,
+    SecretRow,
+    StepRow,
+    TokenRow,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
-HEAD_REVISION = "0004"  # tests check this equals the newest Alembic migration
+HEAD_REVISION = "0005"  # tests check this equals the newest Alembic migration
 _AWAY = ("restore it from a backup, or move it away so that stockade starts afresh (the moved "
          "file keeps its jobs and audit trail)")
 _JOB_COLUMNS = ", ".join(JobRow._fields)
 _SECRET_COLUMNS = ", ".join(SecretRow._fields)
 _LEASE_COLUMNS = ", ".join(LeaseRow._fields)
+_TOKEN_COLUMNS = ", ".join(TokenRow._fields)
 
 
 def _job_row(row: tuple[Any, ...]) -> JobRow:
@@ -407,6 +415,33 @@ class SqliteStore:
             for lease in live:
                 self._append_audit(db, event_for(lease))
             return live
+
+    def insert_token(self, token: TokenRow, event: AuditEvent) -> None:
+        """Add an API token (its secret's hash only) and its audit event."""
+        with self._tx() as db:
+            db.execute(f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES "
+                       f"({', '.join('?' for _ in TokenRow._fields)})", token)
+            self._append_audit(db, event)
+
+    def get_token(self, token_id: str) -> TokenRow | None:
+        """An API token by id."""
+        rows = self._read(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE id = ?", (token_id,))
+        return TokenRow(*rows[0]) if rows else None
+
+    def tokens(self) -> list[TokenRow]:
+        """Every API token, newest first."""
+        return [TokenRow(*r) for r in self._read(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at DESC")]
+
+    def revoke_token(self, token_id: str, now: float, event: AuditEvent) -> bool:
+        """Revoke a token not revoked yet (False if there is none)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND "
+                             "revoked_at IS NULL", (now, token_id))
+            if cur.rowcount != 1:
+                return False
+            self._append_audit(db, event)
+            return True
 
     def close(self) -> None:
         """Close the connection."""
