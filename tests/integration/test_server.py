@@ -139,3 +139,44 @@ def test_bad_bodies_are_refused_and_change_nothing(server: Server, body: Any,
         assert expected in json.dumps(answer)
     after = len(json.loads(run_cli(server.home, "jobs", "--json", "--limit", "1000").stdout))
     assert after == before
+
+
+def test_the_token_is_checked_before_the_body_is_read(server: Server) -> None:
+    status, answer = server.call("POST", "/api/v1/jobs", None, raw=b"{not json")
+    assert status == 401 and answer["detail"] == "no valid bearer token"
+    assert server.call("GET", "/api/v1/jobs/", None)[0] == 401
+    viewer = token(server.home, "slash", "--role", "viewer")
+    assert server.call("GET", "/api/v1/jobs/", viewer)[0] == 404  # no redirect to any Host
+
+
+def test_a_token_speaks_only_for_its_refs(server: Server) -> None:
+    prs = token(server.home, "prs", "--role", "submitter", "--max-trust", "trusted",
+                "--refs", "refs/pull/*")
+    status, _ = server.call("POST", "/api/v1/jobs", prs, {"spec": SPEC, "ref": "refs/heads/main"})
+    assert status == 403
+    status, job = server.call("POST", "/api/v1/jobs", prs, {"spec": SPEC, "ref": "refs/pull/7"})
+    assert status == 201 and job["trust"] == "trusted"
+
+
+def test_text_that_cannot_be_encoded_is_a_4xx_not_a_crash(server: Server) -> None:
+    submitter = token(server.home, "surrogate", "--role", "submitter")
+    status, _ = server.call("POST", "/api/v1/jobs", submitter, raw=b'{"spec": "\\ud800"}')
+    assert 400 <= status < 500
+
+
+def test_refusals_are_audited_within_a_budget(server: Server) -> None:
+    before = json.loads(run_cli(server.home, "audit", "list", "--json").stdout)
+    for _ in range(200):
+        assert server.call("GET", "/api/v1/jobs", "stk_tflood_x")[0] == 401
+    after = json.loads(run_cli(server.home, "audit", "list", "--json").stdout)
+    added = [e for e in after[len(before):] if e["action"] == "api.refused"]
+    # 60 a minute (this may span two minutes); the rest is counted, not written one by one
+    assert 0 < len(added) <= 120
+    assert added[-1]["detail"]["claimed_token"] == "tflood"
+    assert added[-1]["detail"]["client"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("ttl", ["0s", "0ms", "999999999h"])
+def test_a_token_lifetime_must_be_real(server: Server, ttl: str) -> None:
+    made = run_cli(server.home, "token", "create", "odd", "--role", "viewer", "--ttl", ttl)
+    assert made.returncode == 2 and "lifetime" in made.stderr

@@ -87,6 +87,7 @@ class TokenRow(NamedTuple):
     created_at: float
     expires_at: float | None
     revoked_at: float | None
+    refs: str = "*"  # a glob over the refs of the jobs it may submit
 
 
 class Store(Protocol):

@@ -102,4 +102,5 @@ api_tokens = Table(  # stockade server's API tokens (migration 0005): a hash, ne
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float),
     Column("revoked_at", Float),
+    Column("refs", String(200), nullable=False, server_default="*"),  # migration 0006
 )

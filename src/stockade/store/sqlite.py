@@ -27,7 +27,7 @@ from stockade.store.interface import (
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
-HEAD_REVISION = "0005"  # tests check this equals the newest Alembic migration
+HEAD_REVISION = "0006"  # tests check this equals the newest Alembic migration
 _AWAY = ("restore it from a backup, or move it away so that stockade starts afresh (the moved "
          "file keeps its jobs and audit trail)")
 _JOB_COLUMNS = ", ".join(JobRow._fields)

@@ -18,6 +18,9 @@ process then ends by that signal).
 Not yet: runner agents, so submitted jobs wait queued; TLS; PostgreSQL (see issue 9)."""
 
 
+MAX_CONNECTIONS = 256
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``[--listen HOST:PORT]``."""
     p.add_argument("--listen", default="127.0.0.1:8377", metavar="HOST:PORT",
@@ -52,8 +55,10 @@ def main(args: argparse.Namespace) -> int:
     sock.listen(128)
     bound = sock.getsockname()
     where = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+    # bounded: at most MAX_CONNECTIONS at once (more get 503), idle ones closed after 5 s
     config = uvicorn.Config(create_app(settings, control), log_level="warning",
-                            access_log=False, server_header=False)
+                            access_log=False, server_header=False,
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
     server = uvicorn.Server(config)
     sys.stderr.write(f"stockade server listening on http://{where}:{bound[1]}\n")
     sys.stderr.flush()

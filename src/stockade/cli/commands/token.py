@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         choices=("untrusted", "trusted", "protected"),
                         help="the highest trust of jobs it submits (default untrusted)")
     create.add_argument("--ttl", metavar="DURATION", help="expire after, e.g. 720h or 90m")
+    create.add_argument("--refs", default="*", metavar="GLOB",
+                        help="the refs its jobs may say they run, e.g. 'refs/pull/*' "
+                        "(default '*')")
     sub.add_parser("list", help="the tokens (never their secrets)")
     revoke = sub.add_parser("revoke", help="revoke a token at once")
     revoke.add_argument("id", metavar="ID")
@@ -52,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
                 ttl = parse_duration(args.ttl)
             except ValueError as e:
                 raise UsageError(f"--ttl: {e}", hint="e.g. --ttl 720h, 12h or 10m") from e
-        row, token = auth.new_token(args.name, args.role, args.max_trust, ttl, now)
+        row, token = auth.new_token(args.name, args.role, args.max_trust, ttl, now, args.refs)
         store.insert_token(row, AuditEvent(control.actor, "token.created", now, None,
                                            {"token": row.id, "role": row.role,
                                             "max_trust": row.max_trust}))
@@ -66,8 +69,8 @@ def main(args: argparse.Namespace) -> int:
         for t in rows:
             state = ("revoked" if t.revoked_at is not None else "expired"
                      if t.expires_at is not None and t.expires_at <= now else "active")
-            print(f"{t.id:<10} {t.role:<10} max-trust={t.max_trust:<10} {state:<8} "
-                  f"{_e(t.name)}")
+            print(f"{t.id:<10} {t.role:<10} max-trust={t.max_trust:<10} refs={_e(t.refs):<16} "
+                  f"{state:<8} {_e(t.name)}")
     elif not store.revoke_token(args.id[:64], now, AuditEvent(
             control.actor, "token.revoked", now, None, {"token": args.id[:64]})):
         raise UsageError(f"no active token {_e(args.id[:64])!r}",
