@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,6 +53,22 @@ class JobRun:
     def step_status(self) -> list[str]:
         """The status of each step that ran."""
         return [s["status"] for s in self.result["steps"]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tidy_runtime_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each state directory a test makes is an installation with a runtime directory of its
+    own (its marker and /etc copy, ~1 MB, often on a tmpfs): removed when the session ends,
+    unless a job directory is still in it."""
+    yield
+    for marker in tmp_path_factory.getbasetemp().rglob("installation-id"):
+        installation = marker.read_text().strip()
+        if not (len(installation) == 10 and installation.isascii() and installation.isalnum()):
+            continue
+        runtime = Path("/run/stockade") / installation
+        if runtime.is_dir() and all(p.name.startswith((".", "etc-"))
+                                    for p in runtime.iterdir()):
+            shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
