@@ -81,7 +81,7 @@ class EgressRecord(NamedTuple):
 
     host: str
     port: int
-    address: str | None
+    address: str | None  # connected to; of a denial: the internal address only an operator opens
     allowed: bool
     reason: str
     audit_only: bool  # allowed only because the mode is audit: block mode would refuse it

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from stockade.api.protocol import EgressRecord
@@ -45,11 +44,6 @@ def allow_entry(host: str, port: int) -> str:
     return f"[{host}/128]:{port}" if ":" in host else f"{host}/32:{port}"
 
 
-# the address in a denial's reason (the policy's own words, after the job-chosen host name)
-_REFUSED_ADDRESS = re.compile(r"address ([0-9A-Fa-f.:]{2,45}) is refused \(only the operator")
-_OPERATOR_ONLY = "(only the operator can open it, with egress_internal_allow)"
-
-
 def egress_baseline(events: list[AuditEvent]) -> tuple[list[str], list[str]]:
     """Allowlist entries covering every destination these audit events let through, and the
     destinations left out: refused outright, or ones no spec may name (an internal destination
@@ -67,11 +61,8 @@ def egress_baseline(events: list[AuditEvent]) -> tuple[list[str], list[str]]:
                 allow.add(entry)
             except ValueError as e:
                 refused.add(f"{d['host']}:{d['port']} ({str(e)[:300]})")
-        elif event.action == "egress.denied" and str(d["reason"]).endswith(_OPERATOR_ONLY):
-            need = ""
-            found = _REFUSED_ADDRESS.search(str(d["reason"]))
-            if found:  # an internal address: only the operator can open it
-                need = (f"; the entry it needs: egress_internal_allow = "
-                        f"[\"{allow_entry(found.group(1), d['port'])}\"]")
+        elif event.action == "egress.denied" and d.get("address"):  # only the operator may
+            need = (f"; the entry it needs: egress_internal_allow = "
+                    f"[\"{allow_entry(str(d['address']), d['port'])}\"]")
             refused.add(f"{d['host']}:{d['port']} ({d['reason']}{need})")
     return sorted(allow), sorted(refused)

@@ -237,6 +237,7 @@ class Screen(NamedTuple):
     allowed: bool
     reason: str
     audit_only: bool = False  # allowed only because the mode is audit
+    operator_only: str | None = None  # refused: an address only the operator can open
 
 
 def screen_name(policy: Policy, host: str, port: int) -> Screen:
@@ -257,11 +258,11 @@ def screen_address(policy: Policy, address: IPAddress, port: int, literal: bool,
     refused = refused_range(address)
     if refused:
         return Screen(False, f"{refused} is refused (only the operator can open it, with "
-                             "egress_internal_allow)")
+                             "egress_internal_allow)", operator_only=str(address))
     if address in host or any(a in host for a in _embedded(address)[1:]):
         return Screen(False, f"{address} is an address of the runner host itself and is "
                              "refused (only the operator can open it, with "
-                             "egress_internal_allow)")
+                             "egress_internal_allow)", operator_only=str(address))
     if policy.cidr_allows(address, port):
         return Screen(True, "allowlisted network")
     if not literal:

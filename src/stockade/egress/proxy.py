@@ -170,7 +170,8 @@ class JobProxy:
         started, at = time.monotonic(), time.time()
         screen, targets = await self._screen(request)
         if not screen.allowed or not targets:  # the job reads (and may print) the cleaned text
-            record = self._record(request, None, screen, 0, 0, started, at)
+            # a refused internal address is recorded: the operator sees what would open it
+            record = self._record(request, screen.operator_only, screen, 0, 0, started, at)
             return await self._refuse(client, 403, f"stockade egress policy: {record.reason}")
         connected = await self._connect(targets, request.port)
         if connected is None:
@@ -245,7 +246,8 @@ class JobProxy:
             if check.allowed:
                 usable.append(address)
             else:
-                last = Screen(False, f"{request.host} resolves to {address}: {check.reason}")
+                last = check._replace(reason=f"{request.host} resolves to {address}: "
+                                             f"{check.reason}")
         return (verdict if usable else last), usable
 
     async def _connect(self, targets: list[IPAddress], port: int
