@@ -89,11 +89,11 @@ class Gate:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
-        status, why, row = self._check(scope, headers)
+        bearer = headers.get(b"authorization", b"").decode("latin-1")
+        parts = auth.split(bearer[7:].strip()) if bearer.startswith("Bearer ") else None
+        status, why, row = self._check(scope, headers, parts)
         if status:
             client = (scope.get("client") or ("?",))[0]
-            bearer = headers.get(b"authorization", b"").decode("latin-1")
-            parts = auth.split(bearer.removeprefix("Bearer ").strip())
             self.refusals(scope["path"], why, str(client), parts[0] if parts else None)
             extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             await JSONResponse({"detail": why}, status, headers=extra)(scope, receive, send)
@@ -111,10 +111,8 @@ class Gate:
 
         await self.app(scope, bounded, send)
 
-    def _check(self, scope: Any, headers: dict[bytes, bytes]
+    def _check(self, scope: Any, headers: dict[bytes, bytes], parts: tuple[str, str] | None
                ) -> tuple[int, str, TokenRow | None]:
-        bearer = headers.get(b"authorization", b"").decode("latin-1")
-        parts = auth.split(bearer[7:].strip()) if bearer.startswith("Bearer ") else None
         if parts is None:
             return 401, "no valid bearer token", None
         row = self.control.store.get_token(parts[0])

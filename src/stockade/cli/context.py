@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 _OPEN: list[SqliteStore] = []
 
 
-def open_control() -> tuple[Settings, ControlService]:
+def open_control(recover: bool = True) -> tuple[Settings, ControlService]:
     """Settings, the state directory, and the control service over the embedded store; jobs
-    whose runner is gone are failed first (so no command shows them running)."""
+    whose runner is gone are failed first (so no command shows them running), unless the
+    caller does that itself (``recover=False``: ``run`` reaps sandboxes too)."""
     settings = load_settings()
     ensure_home(settings)
     store = SqliteStore(settings.db_path)
@@ -33,7 +34,8 @@ def open_control() -> tuple[Settings, ControlService]:
     control = ControlService(store, actor=actor, broker=open_broker(settings, store),
                              identity=lambda: open_keyring(settings),
                              policy=admission_policy(settings))
-    recover_lost(settings, control)
+    if recover:
+        recover_lost(settings, control)
     return settings, control
 
 

@@ -30,9 +30,10 @@ def main(args: argparse.Namespace) -> int:
     _, control = open_control()
     events = []
     for ref in args.jobs:
-        trail = control.audit_trail(require_job(control, ref).job.id)
+        job_id = require_job(control, ref).job.id  # an id: letters and digits only
+        trail = control.audit_trail(job_id)
         if not any(e.action.startswith("egress.") for e in trail):
-            sys.stderr.write(f"stockade: note: job {_e(ref)} recorded no egress; run it with "
+            sys.stderr.write(f"stockade: note: job {job_id} recorded no egress; run it with "
                              "egress: {mode: audit} to record what it reaches\n")
         events += trail
     allow, refused = egress_baseline(events)
@@ -43,9 +44,3 @@ def main(args: argparse.Namespace) -> int:
     for entry in refused:
         sys.stderr.write(f"stockade: not included (refused by policy): {entry}\n")
     return 0
-
-
-def _e(value: object) -> str:
-    from stockade.text import escape_controls
-
-    return escape_controls(str(value))

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     from stockade.sandbox.workspace import check_workspace
     from stockade.spec import ceilings, load_spec
 
-    settings, control = open_control()
+    settings, control = open_control(recover=False)  # recover_lost below, with the backend
     spec = load_spec(args.file, settings.cache_dir / "specs")
     ceilings.check(spec, settings, source=str(args.file))
     workspace = (args.workspace or Path.cwd()).absolute()

@@ -43,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
     from stockade.audit import AuditEvent
     from stockade.cli.context import open_control
     from stockade.errors import UsageError
+    from stockade.text import escape_controls as _e
 
     _, control = open_control()
     store, now = control.store, time.time()
@@ -78,9 +79,3 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(f"token {args.id} revoked")
     return 0
-
-
-def _e(value: object) -> str:
-    from stockade.text import escape_controls
-
-    return escape_controls(str(value))
