@@ -223,8 +223,10 @@ class ControlService:
         return denials
 
     def claim(self, runner_id: str, labels: tuple[str, ...],
-              job_id: str | None = None) -> Assignment | None:
-        """Lease the oldest queued job whose labels this runner has (or exactly ``job_id``)."""
+              job_id: str | None = None, lease_s: float | None = None) -> Assignment | None:
+        """Lease the oldest queued job whose labels this runner has (or exactly ``job_id``),
+        until its timeout and a grace period, or for ``lease_s`` (a runner agent's lease,
+        extended by its heartbeats)."""
 
         def eligible(job: JobRow) -> bool:
             if job.runner_id not in (None, runner_id):  # reserved for another runner
@@ -238,9 +240,11 @@ class ControlService:
                                attempt=job.attempt)
 
         def lease_until(job: JobRow) -> float:
+            if lease_s is not None:
+                return self.clock() + lease_s
             return self.clock() + Job.from_json(job.spec_json).timeout + LEASE_GRACE_S
 
-        job = self.store.claim_next(runner_id, lease_until, event, eligible)
+        job = self.store.claim_attempt(runner_id, lease_until, event, eligible)
         if job is None:
             return None
         spec = Job.from_json(job.spec_json)
@@ -297,8 +301,8 @@ class ControlService:
         events = [self._event(f"job.{c.status.value}", c.job_id, actor=f"runner:{c.runner_id}",
                               attempt=c.attempt, failure_reason=changes["failure_reason"],
                               exit_code=c.exit_code)]
-        finished = self.store.finish_job(c.job_id, c.runner_id, changes, steps, artifacts,
-                                         events)
+        finished = self.store.finish_attempt(c.job_id, c.attempt, c.runner_id, changes, steps,
+                                             artifacts, events)
         if self.broker is not None:
             self.broker.revoke(c.job_id, c.attempt)
         return finished

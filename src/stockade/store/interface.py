@@ -25,6 +25,9 @@ class JobRow(NamedTuple):
     result_json: str | None
     trust: str = "trusted"
     ref: str = "local"
+    max_attempts: int = 1  # runner agents: a lost attempt is requeued until this many ran
+    cancel_requested_at: float | None = None
+    workspace_sha256: str | None = None  # an uploaded workspace archive (a blob)
 
 
 class StepRow(NamedTuple):
@@ -90,6 +93,57 @@ class TokenRow(NamedTuple):
     refs: str = "*"  # a glob over the refs of the jobs it may submit
 
 
+class EnrolTokenRow(NamedTuple):
+    """A single-use token a runner agent enrols with (only the hash of its secret is kept)."""
+
+    id: str
+    pool: str
+    secret_sha256: str
+    created_at: float
+    expires_at: float
+    used_at: float | None
+    runner_id: str | None
+
+
+class RunnerRow(NamedTuple):
+    """An enrolled runner agent: its public key, labels and standing."""
+
+    id: str
+    name: str
+    pool: str
+    labels_json: str
+    concurrency: int
+    public_key: str  # Ed25519, base64
+    status: str  # active, draining, quarantined or unattested
+    measurements_json: str  # what its last attestation reported
+    attested_at: float | None
+    created_at: float
+    last_seen_at: float | None
+
+
+class SessionRow(NamedTuple):
+    """A runner's short-lived bearer token (hash only), issued for a fresh attestation."""
+
+    id: str
+    runner_id: str
+    secret_sha256: str
+    created_at: float
+    expires_at: float
+
+
+class AttemptRow(NamedTuple):
+    """One attempt of a job: who ran it, when, and how it ended (``lost``: its runner did
+    not finish it)."""
+
+    job_id: str
+    attempt: int
+    runner_id: str
+    started_at: float
+    ended_at: float | None
+    outcome: str
+    log_bytes: int
+
+
 class Store(Protocol):
     """Transactions the control plane needs; each call is one transaction with its audit event."""
 
@@ -97,17 +151,110 @@ class Store(Protocol):
         """Add a new job."""
         ...
 
-    def claim_next(self, runner_id: str, lease_until: Callable[[JobRow], float],
-                   event_for: Callable[[JobRow], AuditEvent],
-                   eligible: Callable[[JobRow], bool]) -> JobRow | None:
-        """Atomically move the oldest eligible queued job to ``running`` for ``runner_id``."""
+    def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
+                      event_for: Callable[[JobRow], AuditEvent],
+                      eligible: Callable[[JobRow], bool]) -> JobRow | None:
+        """Atomically move the oldest eligible queued job to ``running`` for ``runner_id`` as
+        its next attempt."""
         ...
 
-    def finish_job(self, job_id: str, runner_id: str, changes: dict[str, Any],
-                   steps: list[StepRow], artifacts: list[ArtifactRow],
-                   events: list[AuditEvent]) -> bool:
-        """Record a job's outcome, steps, artifacts and audit events, if ``runner_id`` still
-        holds it."""
+    def finish_attempt(self, job_id: str, attempt: int, runner_id: str,
+                       changes: dict[str, Any], steps: list[StepRow],
+                       artifacts: list[ArtifactRow], events: list[AuditEvent]) -> bool:
+        """Record an attempt's outcome, steps, artifacts and audit events, if that attempt of
+        ``runner_id`` still holds the job (fencing)."""
+        ...
+
+    def extend_lease(self, job_id: str, attempt: int, runner_id: str,
+                     until: float) -> tuple[bool, bool]:
+        """A heartbeat: ``(held, cancel_requested)``."""
+        ...
+
+    def holds(self, job_id: str, attempt: int, runner_id: str) -> bool:
+        """Whether this attempt of ``runner_id`` is the job's current, running one."""
+        ...
+
+    def expire_leases(self, now: float, event_for: Callable[[JobRow, bool], AuditEvent]
+                      ) -> list[tuple[JobRow, bool]]:
+        """Requeue (True) or fail the jobs of runner agents whose lease ran out."""
+        ...
+
+    def attempts(self, job_id: str) -> list[AttemptRow]:
+        """The attempts of a job, in order."""
+        ...
+
+    def request_cancel(self, job_id: str, now: float, event: AuditEvent) -> str | None:
+        """Cancel a queued job (``canceled``) or ask a running one to stop (``requested``)."""
+        ...
+
+    def insert_enrol_token(self, row: EnrolTokenRow, event: AuditEvent) -> None:
+        """Add an enrolment token."""
+        ...
+
+    def enrol(self, token_id: str, check: Callable[[EnrolTokenRow | None], str | None],
+              runner: RunnerRow, session: SessionRow, events: list[AuditEvent]) -> str | None:
+        """Spend an enrolment token and add the runner (or say why not)."""
+        ...
+
+    def get_runner(self, runner_id: str) -> RunnerRow | None:
+        """A runner by id."""
+        ...
+
+    def runners(self) -> list[RunnerRow]:
+        """Every runner, newest first."""
+        ...
+
+    def session(self, session_id: str) -> tuple[SessionRow, RunnerRow] | None:
+        """A runner session and its runner."""
+        ...
+
+    def attest(self, runner_id: str, status: str, measurements_json: str, now: float,
+               session: SessionRow | None, event: AuditEvent) -> bool:
+        """Record a runner's attestation (and its new session if it passed)."""
+        ...
+
+    def set_runner_status(self, runner_id: str, status: str, allowed_from: tuple[str, ...],
+                          event: AuditEvent) -> bool:
+        """Drain, resume or quarantine a runner."""
+        ...
+
+    def fail_runner_jobs(self, runner_id: str, now: float,
+                         event_for: Callable[[JobRow], AuditEvent]) -> list[JobRow]:
+        """Fail every job running on a runner (runner_lost)."""
+        ...
+
+    def spend_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
+        """Mark an attestation nonce used; False if it was."""
+        ...
+
+    def server_secret(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """A secret shared by the replicas."""
+        ...
+
+    def put_log_chunk(self, job_id: str, attempt: int, runner_id: str, seq: int, data: bytes,
+                      cap: int) -> str:
+        """Store a log chunk idempotently (stored, duplicate, conflict, fenced or full)."""
+        ...
+
+    def log_chunks(self, job_id: str, after: tuple[int, int] = (0, -1),
+                   limit: int = 256) -> list[tuple[int, int, bytes]]:
+        """A job's log chunks after a position."""
+        ...
+
+    def put_blob(self, sha256: str, data: bytes, now: float) -> None:
+        """Keep content under its sha256."""
+        ...
+
+    def get_blob(self, sha256: str) -> bytes | None:
+        """A blob's bytes."""
+        ...
+
+    def has_blob(self, sha256: str) -> int | None:
+        """A blob's size, if there is one."""
+        ...
+
+    def prune_blobs(self, before: float) -> int:
+        """Remove unreferenced old blobs."""
         ...
 
     def fail_lost(self, now: float, lost_ids: list[str],

@@ -24,6 +24,10 @@ jobs = Table(
     Column("result_json", Text),
     Column("trust", String(16), nullable=False, server_default="trusted"),
     Column("ref", String(200), nullable=False, server_default="local"),
+    # migration 0007 (the fleet)
+    Column("max_attempts", Integer, nullable=False, server_default="1"),
+    Column("cancel_requested_at", Float),
+    Column("workspace_sha256", String(64)),
 )
 
 steps = Table(
@@ -103,4 +107,84 @@ api_tokens = Table(  # stockade server's API tokens (migration 0005): a hash, ne
     Column("expires_at", Float),
     Column("revoked_at", Float),
     Column("refs", String(200), nullable=False, server_default="*"),  # migration 0006
+)
+
+
+# The fleet (migration 0007): runner agents, their enrolment, sessions and attempts; log chunks
+# and blobs uploaded by runners (and workspaces by clients), so that any replica serves them.
+
+enrol_tokens = Table(  # single-use, short-lived: only a hash of the secret part is kept
+    "enrol_tokens", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("pool", String(100), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float),
+    Column("runner_id", String(64)),
+)
+
+runners = Table(
+    "runners", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("pool", String(100), nullable=False),
+    Column("labels_json", Text, nullable=False),
+    Column("concurrency", Integer, nullable=False),
+    Column("public_key", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # active, draining, quarantined, unattested
+    Column("measurements_json", Text, nullable=False),
+    Column("attested_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen_at", Float),
+)
+
+runner_sessions = Table(  # short-lived bearer tokens, each issued for a fresh attestation
+    "runner_sessions", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("runner_id", String(64), nullable=False, index=True),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+used_nonces = Table(  # attestation nonces already spent (until they expire anyway)
+    "used_nonces", metadata,
+    Column("nonce", String(128), primary_key=True),
+    Column("expires_at", Float, nullable=False),
+)
+
+server_secrets = Table(  # shared by the replicas: e.g. the key that makes nonces
+    "server_secrets", metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)
+
+attempts = Table(
+    "attempts", metadata,
+    Column("job_id", String(32), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("runner_id", String(64), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("outcome", String(16), nullable=False),  # running, lost, or the job's status
+    Column("log_bytes", Integer, nullable=False, server_default="0"),
+)
+
+log_chunks = Table(  # a retried chunk finds its (job, attempt, seq) taken: never duplicated
+    "log_chunks", metadata,
+    Column("job_id", String(32), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+blobs = Table(  # content-addressed: uploaded workspaces and artifacts
+    "blobs", metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("size", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
 )

@@ -63,9 +63,9 @@ def test_claim_takes_the_oldest_eligible_job_once(tmp_path: Path) -> None:
     store.insert_job(job("j1", 1.0, '["gpu"]'), ev("job.admitted", "j1"))
     def no_gpu(j: JobRow) -> bool:
         return "gpu" not in j.labels_json
-    claimed = store.claim_next("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id), no_gpu)
+    claimed = store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id), no_gpu)
     assert claimed is not None and claimed.id == "j2" and claimed.attempt == 1
-    again = store.claim_next("r2", lambda j: 100.0, lambda j: ev("job.claimed", j.id), no_gpu)
+    again = store.claim_attempt("r2", lambda j: 100.0, lambda j: ev("job.claimed", j.id), no_gpu)
     assert again is None
     assert store.get_job("j2").status == "running"  # type: ignore[union-attr]
 
@@ -73,9 +73,9 @@ def test_claim_takes_the_oldest_eligible_job_once(tmp_path: Path) -> None:
 def test_finish_is_fenced_by_runner(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
     store.insert_job(job("j1", 1.0), ev("job.admitted"))
-    store.claim_next("r1", lambda j: 100.0, lambda j: ev("job.claimed"), lambda j: True)
-    assert not store.finish_job("j1", "r2", {"status": "succeeded"}, [], [], [ev("x")])
-    assert store.finish_job("j1", "r1", {"status": "succeeded"}, [], [], [ev("job.succeeded")])
+    store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed"), lambda j: True)
+    assert not store.finish_attempt("j1", 1, "r2", {"status": "succeeded"}, [], [], [ev("x")])
+    assert store.finish_attempt("j1", 1, "r1", {"status": "succeeded"}, [], [], [ev("job.succeeded")])
 
 
 def test_prefix_lookup(tmp_path: Path) -> None:

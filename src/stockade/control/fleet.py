@@ -1,0 +1,340 @@
+"""The control plane's side of runner agents: enrolment with attestation, sessions, claims with
+short leases kept alive by heartbeats, fenced writes, lost attempts, cancel, drain, quarantine.
+
+Everything lives in the store, so any number of server replicas on one database can serve any
+runner; nothing here keeps state between requests.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+from typing import Any, NamedTuple
+
+from stockade.api import auth
+from stockade.api.attestation import (
+    MAX_MEASUREMENTS_BYTES,
+    AttestationPolicy,
+    make_nonce,
+    nonce_expiry,
+    nonce_refusal,
+    signed_bytes,
+    verify_signature,
+)
+from stockade.api.protocol import Assignment, Completion
+from stockade.audit import AuditEvent
+from stockade.control.service import ControlService
+from stockade.errors import PolicyDenied, UsageError
+from stockade.ids import new_runner_id
+from stockade.store.interface import ArtifactRow, EnrolTokenRow, JobRow, RunnerRow, SessionRow
+
+ENROL_PREFIX = "stke_"
+SESSION_PREFIX = "stks_"
+MAX_ENROL_TTL_S = 7 * 86400.0
+MAX_LABELS = 32
+
+
+class FleetPolicy(NamedTuple):
+    """The operator's fleet settings."""
+
+    attestation: AttestationPolicy = AttestationPolicy()
+    session_ttl_s: float = 600.0  # a runner attests again before its session ends
+    lease_s: float = 30.0  # a running attempt is lost this long after its last heartbeat
+    heartbeat_s: float = 2.0  # how often runners heartbeat (and so how soon a cancel lands)
+    max_attempts: int = 2
+    log_cap_bytes: int = 65 * 1024 * 1024
+    artifact_max_total_bytes: int = 1024 * 1024 * 1024
+
+
+class Session(NamedTuple):
+    """A runner's bearer token (shown to it once) and what it should know."""
+
+    runner_id: str
+    token: str
+    expires_at: float
+    heartbeat_s: float
+    lease_s: float
+
+
+class Caller(NamedTuple):
+    """An authenticated runner request."""
+
+    runner: RunnerRow
+    session: SessionRow
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _b32(n: int) -> str:
+    return base64.b32encode(os.urandom(n)).decode().rstrip("=").lower()
+
+
+class FleetService:
+    """Runner agents over a :class:`ControlService` (and its store)."""
+
+    def __init__(self, control: ControlService, policy: FleetPolicy, own_digest: str) -> None:
+        self.control = control
+        self.store = control.store
+        self.policy = policy
+        self.own_digest = own_digest
+
+    def _event(self, actor: str, action: str, job_id: str | None = None,
+               **detail: Any) -> AuditEvent:
+        return AuditEvent(actor, action, self.control.clock(), job_id, detail)
+
+    # -- enrolment and attestation --------------------------------------------------------
+
+    def create_enrol_token(self, pool: str, ttl_s: float, actor: str) -> tuple[EnrolTokenRow,
+                                                                                str]:
+        """A single-use enrolment token for ``pool`` (the token is shown once)."""
+        if not pool or len(pool) > 100 or not pool.isascii() or not pool.isprintable():
+            raise UsageError("a pool name is 1 to 100 printable ASCII characters")
+        if not 0 < ttl_s <= MAX_ENROL_TTL_S:
+            raise UsageError("an enrolment token lives more than 0 s and at most 7 days",
+                             hint="e.g. --ttl 10m")
+        now = self.control.clock()
+        token_id, secret = "e" + _b32(5), _b32(32)
+        row = EnrolTokenRow(token_id, pool, _digest(secret), now, now + ttl_s, None, None)
+        self.store.insert_enrol_token(row, self._event(actor, "runner.enrol_token_created",
+                                                       token=token_id, pool=pool,
+                                                       expires_at=row.expires_at))
+        return row, f"{ENROL_PREFIX}{token_id}_{secret}"
+
+    def nonce(self) -> str:
+        """A fresh attestation nonce."""
+        return make_nonce(self._nonce_key())
+
+    def _nonce_key(self) -> bytes:
+        return self.store.server_secret("nonce", lambda: os.urandom(32))
+
+    def _verified(self, nonce: str, subject: str, public_key: str,
+                  measurements: dict[str, Any], signature: str) -> str | None:
+        """Why this attestation's signature or nonce is not good (None if it is)."""
+        now = self.control.clock()
+        if len(json.dumps(measurements)) > MAX_MEASUREMENTS_BYTES:
+            return "the measurements are too large"
+        why = nonce_refusal(self._nonce_key(), nonce, now)
+        if why:
+            return why
+        if not verify_signature(public_key, signed_bytes(nonce, subject, public_key,
+                                                         measurements), signature):
+            return "the attestation signature does not verify with the runner's key"
+        if not self.store.spend_nonce(nonce, nonce_expiry(nonce), now):
+            return "the nonce was used already"
+        return None
+
+    def _new_session(self, runner_id: str) -> tuple[SessionRow, str]:
+        now = self.control.clock()
+        session_id, secret = "s" + _b32(8), _b32(32)
+        row = SessionRow(session_id, runner_id, _digest(secret), now,
+                         now + self.policy.session_ttl_s)
+        return row, f"{SESSION_PREFIX}{session_id}_{secret}"
+
+    def _refuse(self, action: str, subject: str, why: str, **detail: Any) -> PolicyDenied:
+        self.store.record([self._event("api", action, None, subject=subject[:64],
+                                       reason=why, **detail)])
+        return PolicyDenied(why)
+
+    def enrol(self, token: str, nonce: str, public_key: str, name: str, labels: list[str],
+              concurrency: int, measurements: dict[str, Any], signature: str) -> Session:
+        """Enrol a runner agent: a good single-use token, a signature by the key it enrols
+        over our nonce, and measurements the policy accepts (PolicyDenied otherwise, audited)."""
+        parts = auth.split(token.removeprefix(ENROL_PREFIX)) \
+            if token.startswith(ENROL_PREFIX) else None
+        if parts is None:
+            raise self._refuse("runner.enrol_refused", "?", "not an enrolment token")
+        token_id, secret = parts
+        _check_runner_fields(name, labels, concurrency)
+        why = self._verified(nonce, token_id, public_key, measurements, signature)
+        if why:
+            raise self._refuse("runner.enrol_refused", token_id, why)
+        failures = self.policy.attestation.failures(measurements, self.own_digest)
+        if failures:
+            raise self._refuse("runner.attestation_failed", token_id, "; ".join(failures),
+                               stage="enrol")
+        now = self.control.clock()
+
+        def check(row: EnrolTokenRow | None) -> str | None:
+            if row is None or not hmac.compare_digest(row.secret_sha256, _digest(secret)):
+                return "unknown enrolment token"
+            if row.used_at is not None:
+                return "this enrolment token was used already"
+            if row.expires_at <= now:
+                return "this enrolment token expired"
+            return None
+
+        runner_id = new_runner_id(f"r-{name[:40]}")
+        # the pool is the token's: the store sets it
+        runner = RunnerRow(runner_id, name, "", json.dumps(sorted(set(labels))), concurrency,
+                           public_key, "active", json.dumps(measurements, sort_keys=True), now,
+                           now, now)
+        session, bearer = self._new_session(runner_id)
+        events = [self._event(f"runner:{runner_id}", "runner.enrolled", token=token_id,
+                              name=name, labels=sorted(set(labels)),
+                              stockade_sha256=measurements.get("stockade_sha256")),
+                  self._event(f"runner:{runner_id}", "runner.attested", stage="enrol")]
+        why = self.store.enrol(token_id, check, runner, session, events)
+        if why:
+            raise self._refuse("runner.enrol_refused", token_id, why)
+        return Session(runner_id, bearer, session.expires_at, self.policy.heartbeat_s,
+                       self.policy.lease_s)
+
+    def reattest(self, runner_id: str, nonce: str, measurements: dict[str, Any],
+                 signature: str) -> Session:
+        """A new session for a runner whose fresh attestation passes; a failing one leaves it
+        ``unattested`` (no claims, no secrets) until it passes again."""
+        runner = self.store.get_runner(runner_id)
+        if runner is None or runner.status == "quarantined":
+            raise self._refuse("runner.attestation_failed", runner_id,
+                               "unknown or quarantined runner")
+        why = self._verified(nonce, runner_id, runner.public_key, measurements, signature)
+        if why:
+            raise self._refuse("runner.attestation_failed", runner_id, why)
+        failures = self.policy.attestation.failures(measurements, self.own_digest)
+        now, blob = self.control.clock(), json.dumps(measurements, sort_keys=True)
+        actor = f"runner:{runner_id}"
+        if failures:
+            self.store.attest(runner_id, "unattested", blob, now, None, self._event(
+                actor, "runner.attestation_failed", reason="; ".join(failures)))
+            raise PolicyDenied("; ".join(failures))
+        session, bearer = self._new_session(runner_id)
+        if not self.store.attest(runner_id, "active", blob, now, session,
+                                 self._event(actor, "runner.attested", stage="session")):
+            raise PolicyDenied("unknown or quarantined runner")
+        return Session(runner_id, bearer, session.expires_at, self.policy.heartbeat_s,
+                       self.policy.lease_s)
+
+    def authenticate(self, bearer: str) -> Caller | str:
+        """The runner behind a session token, or why there is none."""
+        parts = auth.split(bearer.removeprefix(SESSION_PREFIX)) \
+            if bearer.startswith(SESSION_PREFIX) else None
+        if parts is None:
+            return "no valid runner session token"
+        found = self.store.session(parts[0])
+        if found is None or not hmac.compare_digest(found[0].secret_sha256,
+                                                    _digest(parts[1])):
+            return "unknown runner session"
+        session, runner = found
+        if session.expires_at <= self.control.clock():
+            return "the runner session expired: attest again"
+        if runner.status == "quarantined":
+            return "this runner is quarantined"
+        return Caller(runner, session)
+
+    # -- work -----------------------------------------------------------------------------
+
+    def claim(self, caller: Caller) -> Assignment | None:
+        """The next job for this runner (None if none, or if it may not take work now)."""
+        runner = caller.runner
+        if runner.status != "active":
+            return None
+        return self.control.claim(runner.id, tuple(json.loads(runner.labels_json)),
+                                  lease_s=self.policy.lease_s)
+
+    def heartbeat(self, caller: Caller, job_id: str, attempt: int) -> tuple[bool, bool]:
+        """Extend the attempt's lease: ``(held, cancel)``."""
+        return self.store.extend_lease(job_id, attempt, caller.runner.id,
+                                       self.control.clock() + self.policy.lease_s)
+
+    def may_use_secrets(self, caller: Caller) -> bool:
+        """Only an attested runner (active or draining) redeems secrets and ID tokens."""
+        return caller.runner.status in ("active", "draining")
+
+    def put_log(self, caller: Caller, job_id: str, attempt: int, seq: int, data: bytes) -> str:
+        """Store one log chunk (see ``Store.put_log_chunk``)."""
+        return self.store.put_log_chunk(job_id, attempt, caller.runner.id, seq, data,
+                                        self.policy.log_cap_bytes)
+
+    def put_artifact(self, caller: Caller, job_id: str, attempt: int, sha256: str,
+                     data: bytes) -> str | None:
+        """Keep an uploaded artifact's bytes if they match ``sha256`` (why not, otherwise)."""
+        if not self.store.holds(job_id, attempt, caller.runner.id):
+            return "fenced"
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return "the artifact's bytes do not match its sha256"
+        self.store.put_blob(sha256, data, self.control.clock())
+        return None
+
+    def complete(self, caller: Caller, completion: Completion) -> bool | str:
+        """Record the attempt if it still holds the job and every artifact it lists was
+        uploaded (True), False if fenced, or why it is refused."""
+        if completion.runner_id != caller.runner.id:
+            return "a runner completes only its own attempts"
+        total = 0
+        for a in completion.artifacts:
+            size = self.store.has_blob(a.sha256)
+            if size is None or size != a.size:
+                return f"artifact {a.path[:200]!r} was not uploaded"
+            total += a.size
+        if total > self.policy.artifact_max_total_bytes:
+            return "the artifacts are larger than the server accepts"
+        return self.control.complete(completion)
+
+    def artifacts(self, job_id: str) -> list[ArtifactRow]:
+        """A job's artifacts."""
+        return self.store.job_artifacts(job_id)
+
+    def sweep(self) -> list[tuple[JobRow, bool]]:
+        """Expired leases: their attempts are lost; jobs requeued or failed runner_lost; the
+        lost attempts' secret leases revoked."""
+
+        def event(job: JobRow, again: bool) -> AuditEvent:
+            return self._event("control", "job.attempt_lost", job.id, attempt=job.attempt,
+                               runner_id=job.runner_id, requeued=again)
+
+        lost = self.store.expire_leases(self.control.clock(), event)
+        if self.control.broker is not None:
+            for job, _ in lost:
+                self.control.broker.revoke(job.id, job.attempt)
+        return lost
+
+    # -- operators ------------------------------------------------------------------------
+
+    def cancel(self, job_id: str, actor: str) -> str | None:
+        """Cancel a job (see ``Store.request_cancel``)."""
+        return self.store.request_cancel(job_id, self.control.clock(),
+                                         self._event(actor, "job.cancel", job_id))
+
+    def drain(self, runner_id: str, actor: str) -> bool:
+        """Stop a runner taking new jobs; it finishes those it runs."""
+        return self.store.set_runner_status(runner_id, "draining", ("active", "unattested"),
+                                            self._event(actor, "runner.drained", runner=runner_id))
+
+    def resume(self, runner_id: str, actor: str) -> bool:
+        """Let a drained runner take jobs again."""
+        return self.store.set_runner_status(runner_id, "active", ("draining",),
+                                            self._event(actor, "runner.resumed",
+                                                        runner=runner_id))
+
+    def quarantine(self, runner_id: str, actor: str) -> list[str] | None:
+        """Stop a runner for good: no claims, its sessions gone, its jobs failed
+        (runner_lost) and their secret leases revoked; readmitted only by enrolling anew
+        (with a token from an admin). None if the runner is unknown."""
+        if not self.store.set_runner_status(
+                runner_id, "quarantined", ("active", "draining", "unattested"),
+                self._event(actor, "runner.quarantined", runner=runner_id)):
+            return None
+
+        def event(job: JobRow) -> AuditEvent:
+            return self._event(actor, "job.runner_lost", job.id, attempt=job.attempt,
+                               runner_id=runner_id, quarantined=True)
+
+        jobs = self.store.fail_runner_jobs(runner_id, self.control.clock(), event)
+        if self.control.broker is not None:
+            for job in jobs:
+                self.control.broker.revoke(job.id, job.attempt)
+        return [job.id for job in jobs]
+
+
+def _check_runner_fields(name: str, labels: list[str], concurrency: int) -> None:
+    if not name or len(name) > 60 or not all(c.isalnum() or c in "-_." for c in name) \
+            or not name.isascii():
+        raise PolicyDenied("a runner name is 1 to 60 letters, digits, '-', '_' or '.'")
+    if len(labels) > MAX_LABELS or any(not (0 < len(x) <= 64) or not x.isascii()
+                                       or not x.isprintable() or " " in x for x in labels):
+        raise PolicyDenied(f"at most {MAX_LABELS} labels of 1 to 64 printable characters")
+    if not 1 <= concurrency <= 64:
+        raise PolicyDenied("a runner's concurrency is 1 to 64")

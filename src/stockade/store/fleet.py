@@ -1,0 +1,376 @@
+"""The fleet's transactions (runner agents, attempts, leases, log chunks, blobs), in SQL that
+SQLite and PostgreSQL both speak; a mixin of the SQL stores.
+
+It relies on the base store for ``_tx()`` (one transaction; ``?`` placeholders), ``_read()``,
+``_append_audit(db, event)`` and ``_skip_locked`` (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so
+that replicas claiming at once never wait for each other nor take the same job).
+
+Fencing: every write of a runner names its job, attempt and runner, and changes something only
+while that attempt is the job's current one and still running; a runner that lost its lease
+(partitioned, paused, too slow) cannot complete, log to or extend a job another attempt now
+holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+from stockade.audit import AuditEvent
+from stockade.store.interface import (
+    ArtifactRow,
+    AttemptRow,
+    EnrolTokenRow,
+    JobRow,
+    RunnerRow,
+    SessionRow,
+    StepRow,
+)
+
+CLAIM_BATCH = 32  # queued candidates looked at (and, on PostgreSQL, locked) per query
+CLAIM_BATCHES = 8
+_JOB_COLUMNS = ", ".join(JobRow._fields)
+_RUNNER_COLUMNS = ", ".join(RunnerRow._fields)
+_ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
+_ENROL_COLUMNS = ", ".join(EnrolTokenRow._fields)
+_SESSION_COLUMNS = ", ".join(SessionRow._fields)
+_RUNNING = "status = 'running' AND attempt = ? AND runner_id = ?"
+
+
+class FleetQueries:
+    """Fleet transactions; mixed into a SQL store (see the module docstring)."""
+
+    _skip_locked: str
+
+    def _tx(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        raise NotImplementedError
+
+    def _append_audit(self, db: Any, event: AuditEvent) -> None:
+        raise NotImplementedError
+
+    # -- jobs and attempts ----------------------------------------------------------------
+
+    def _candidates(self, db: Any, runner_id: str) -> Iterator[JobRow]:
+        after: tuple[float, str] = (-1.0, "")
+        for _ in range(CLAIM_BATCHES):
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
+                "(runner_id IS NULL OR runner_id = ?) AND "
+                "(created_at > ? OR (created_at = ? AND id > ?)) "
+                f"ORDER BY created_at, id LIMIT {CLAIM_BATCH}{self._skip_locked}",
+                (runner_id, after[0], after[0], after[1])).fetchall()
+            for row in rows:
+                yield JobRow(*row)
+            if len(rows) < CLAIM_BATCH:
+                return
+            after = (rows[-1][JobRow._fields.index("created_at")], rows[-1][0])
+
+    def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
+                      event_for: Callable[[JobRow], AuditEvent],
+                      eligible: Callable[[JobRow], bool]) -> JobRow | None:
+        """Move the oldest eligible queued job to running for ``runner_id`` as its next
+        attempt (recorded in ``attempts``), in one transaction."""
+        with self._tx() as db:
+            job = next((j for j in self._candidates(db, runner_id) if eligible(j)), None)
+            if job is None:
+                return None
+            now = time.time()
+            changes: dict[str, Any] = {"status": "running", "runner_id": runner_id,
+                                       "attempt": job.attempt + 1,
+                                       "lease_expires_at": lease_until(job), "started_at": now}
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status = 'queued'",
+                       (*changes.values(), job.id))
+            db.execute(f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (job.id, job.attempt + 1, runner_id, now, None, "running", 0))
+            db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?", (now, runner_id))
+            claimed = job._replace(**changes)
+            self._append_audit(db, event_for(claimed))
+            return claimed
+
+    def finish_attempt(self, job_id: str, attempt: int, runner_id: str,
+                       changes: dict[str, Any], steps: list[StepRow],
+                       artifacts: list[ArtifactRow], events: list[AuditEvent]) -> bool:
+        """Record the outcome, steps and artifacts if this attempt still holds the job."""
+        with self._tx() as db:
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            cur = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {_RUNNING}",
+                             (*changes.values(), job_id, attempt, runner_id))
+            if cur.rowcount != 1:
+                return False
+            db.execute("UPDATE attempts SET ended_at = ?, outcome = ? WHERE job_id = ? AND "
+                       "attempt = ?", (time.time(), changes.get("status", "finished"), job_id,
+                                       attempt))
+            db.execute("DELETE FROM steps WHERE job_id = ?", (job_id,))  # of a lost attempt
+            db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
+            db.executemany("INSERT INTO steps (job_id, idx, name, status, exit_code, "
+                           "duration_s) VALUES (?, ?, ?, ?, ?, ?)",
+                           [(job_id, *s) for s in steps])
+            db.executemany("INSERT INTO artifacts (job_id, path, sha256, size) "
+                           "VALUES (?, ?, ?, ?)", [(job_id, *a) for a in artifacts])
+            for event in events:
+                self._append_audit(db, event)
+            return True
+
+    def extend_lease(self, job_id: str, attempt: int, runner_id: str,
+                     until: float) -> tuple[bool, bool]:
+        """A heartbeat: ``(held, cancel_requested)``; the lease moves only while held."""
+        with self._tx() as db:
+            cur = db.execute(f"UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND {_RUNNING}",
+                             (until, job_id, attempt, runner_id))
+            if cur.rowcount != 1:
+                return False, False
+            db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?", (time.time(),
+                                                                            runner_id))
+            row = db.execute("SELECT cancel_requested_at FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
+            return True, row is not None and row[0] is not None
+
+    def holds(self, job_id: str, attempt: int, runner_id: str) -> bool:
+        """Whether this attempt of ``runner_id`` is the job's current, running one."""
+        return bool(self._read(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
+                               (job_id, attempt, runner_id)))
+
+    def expire_leases(self, now: float, event_for: Callable[[JobRow, bool], AuditEvent]
+                      ) -> list[tuple[JobRow, bool]]:
+        """Running jobs of runner agents whose lease ran out: the attempt is ``lost``; the job
+        is queued again while it has attempts left (True), failed ``runner_lost`` otherwise.
+        Jobs of ``stockade run`` (no runner agent) are left to ``fail_lost``."""
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'running' AND "
+                "lease_expires_at < ? AND runner_id IN (SELECT id FROM runners)"
+                f"{self._skip_locked}", (now,)).fetchall()
+            out = []
+            for job in map(lambda r: JobRow(*r), rows):
+                again = job.attempt < job.max_attempts and job.cancel_requested_at is None
+                self._lose(db, job, again, now)
+                self._append_audit(db, event_for(job, again))
+                out.append((job, again))
+            return out
+
+    @staticmethod
+    def _lose(db: Any, job: JobRow, again: bool, now: float) -> None:
+        if again:
+            db.execute("UPDATE jobs SET status = 'queued', runner_id = NULL, "
+                       "lease_expires_at = NULL WHERE id = ? AND attempt = ?",
+                       (job.id, job.attempt))
+        else:
+            db.execute("UPDATE jobs SET status = 'failed', failure_reason = 'runner_lost', "
+                       "finished_at = ?, lease_expires_at = NULL WHERE id = ? AND attempt = ?",
+                       (now, job.id, job.attempt))
+        db.execute("UPDATE attempts SET ended_at = ?, outcome = 'lost' WHERE job_id = ? AND "
+                   "attempt = ?", (now, job.id, job.attempt))
+
+    def attempts(self, job_id: str) -> list[AttemptRow]:
+        """The attempts of a job, in order."""
+        return [AttemptRow(*r) for r in self._read(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE job_id = ? ORDER BY attempt",
+            (job_id,))]
+
+    def request_cancel(self, job_id: str, now: float, event: AuditEvent) -> str | None:
+        """Cancel a job: a queued one fails ``canceled`` at once (``"canceled"``), a running
+        one is asked to stop at its runner's next heartbeat (``"requested"``); None if the
+        job is unknown or finished."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET status = 'failed', failure_reason = 'canceled', "
+                             "finished_at = ?, cancel_requested_at = ? WHERE id = ? AND "
+                             "status = 'queued'", (now, now, job_id))
+            state = "canceled" if cur.rowcount == 1 else None
+            if state is None:
+                cur = db.execute("UPDATE jobs SET cancel_requested_at = ? WHERE id = ? AND "
+                                 "status = 'running' AND cancel_requested_at IS NULL",
+                                 (now, job_id))
+                state = "requested" if cur.rowcount == 1 else None
+            if state is not None:
+                self._append_audit(db, event._replace(detail={**event.detail, "state": state}))
+            return state
+
+    # -- enrolment, runners and sessions --------------------------------------------------
+
+    def insert_enrol_token(self, row: EnrolTokenRow, event: AuditEvent) -> None:
+        """Add an enrolment token and its audit event."""
+        with self._tx() as db:
+            db.execute(f"INSERT INTO enrol_tokens ({_ENROL_COLUMNS}) VALUES "
+                       "(?, ?, ?, ?, ?, ?, ?)", row)
+            self._append_audit(db, event)
+
+    def enrol(self, token_id: str, check: Callable[[EnrolTokenRow | None], str | None],
+              runner: RunnerRow, session: SessionRow, events: list[AuditEvent]) -> str | None:
+        """Spend the enrolment token (if ``check`` finds nothing wrong with it: else return
+        what it found, changing nothing) and add the runner, in the token's pool, with its
+        first session."""
+        with self._tx() as db:
+            row = db.execute(f"SELECT {_ENROL_COLUMNS} FROM enrol_tokens WHERE id = ?",
+                             (token_id,)).fetchone()
+            token = EnrolTokenRow(*row) if row else None
+            why = check(token)
+            if why is not None or token is None:
+                return why or "unknown enrolment token"
+            runner = runner._replace(pool=token.pool)
+            cur = db.execute("UPDATE enrol_tokens SET used_at = ?, runner_id = ? WHERE id = ? "
+                             "AND used_at IS NULL", (runner.created_at, runner.id, token_id))
+            if cur.rowcount != 1:
+                return "this enrolment token was used already"
+            db.execute(f"INSERT INTO runners ({_RUNNER_COLUMNS}) VALUES "
+                       f"({', '.join('?' for _ in RunnerRow._fields)})", runner)
+            db.execute(f"INSERT INTO runner_sessions ({_SESSION_COLUMNS}) VALUES "
+                       "(?, ?, ?, ?, ?)", session)
+            for event in events:
+                self._append_audit(db, event)
+            return None
+
+    def get_runner(self, runner_id: str) -> RunnerRow | None:
+        """A runner by id."""
+        rows = self._read(f"SELECT {_RUNNER_COLUMNS} FROM runners WHERE id = ?", (runner_id,))
+        return RunnerRow(*rows[0]) if rows else None
+
+    def runners(self) -> list[RunnerRow]:
+        """Every runner, newest first."""
+        return [RunnerRow(*r) for r in self._read(
+            f"SELECT {_RUNNER_COLUMNS} FROM runners ORDER BY created_at DESC")]
+
+    def session(self, session_id: str) -> tuple[SessionRow, RunnerRow] | None:
+        """A session and its runner (one query: it authenticates every runner request)."""
+        cols = ", ".join(f"s.{c}" for c in SessionRow._fields) + ", " + \
+            ", ".join(f"r.{c}" for c in RunnerRow._fields)
+        rows = self._read(f"SELECT {cols} FROM runner_sessions s JOIN runners r ON "
+                          "r.id = s.runner_id WHERE s.id = ?", (session_id,))
+        if not rows:
+            return None
+        n = len(SessionRow._fields)
+        return SessionRow(*rows[0][:n]), RunnerRow(*rows[0][n:])
+
+    def attest(self, runner_id: str, status: str, measurements_json: str, now: float,
+               session: SessionRow | None, event: AuditEvent) -> bool:
+        """Record an attestation of a runner not quarantined: its measurements, its status
+        (active, or unattested when the policy refused it) and, if it passed, a new session
+        (older ones expire on their own). False if the runner is quarantined or unknown."""
+        with self._tx() as db:
+            keep = "CASE WHEN status = 'draining' AND ? = 'active' THEN status ELSE ? END"
+            cur = db.execute(f"UPDATE runners SET status = {keep}, measurements_json = ?, "
+                             "attested_at = ?, last_seen_at = ? WHERE id = ? AND "
+                             "status <> 'quarantined'",
+                             (status, status, measurements_json, now, now, runner_id))
+            if cur.rowcount != 1:
+                return False
+            if session is not None:
+                db.execute(f"INSERT INTO runner_sessions ({_SESSION_COLUMNS}) VALUES "
+                           "(?, ?, ?, ?, ?)", session)
+            db.execute("DELETE FROM runner_sessions WHERE runner_id = ? AND expires_at < ?",
+                       (runner_id, now))
+            self._append_audit(db, event)
+            return True
+
+    def set_runner_status(self, runner_id: str, status: str, allowed_from: tuple[str, ...],
+                          event: AuditEvent) -> bool:
+        """Move a runner to ``status`` from one of ``allowed_from``; quarantine also ends its
+        sessions. False if it is unknown or in another state."""
+        marks = ", ".join("?" for _ in allowed_from)
+        with self._tx() as db:
+            cur = db.execute(f"UPDATE runners SET status = ? WHERE id = ? AND status IN "
+                             f"({marks})", (status, runner_id, *allowed_from))
+            if cur.rowcount != 1:
+                return False
+            if status == "quarantined":
+                db.execute("DELETE FROM runner_sessions WHERE runner_id = ?", (runner_id,))
+            self._append_audit(db, event)
+            return True
+
+    def fail_runner_jobs(self, runner_id: str, now: float,
+                         event_for: Callable[[JobRow], AuditEvent]) -> list[JobRow]:
+        """Fail (``runner_lost``) every job running on ``runner_id``; their attempts are lost."""
+        with self._tx() as db:
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'running' AND "
+                              "runner_id = ?", (runner_id,)).fetchall()
+            jobs = [JobRow(*r) for r in rows]
+            for job in jobs:
+                self._lose(db, job, False, now)
+                self._append_audit(db, event_for(job))
+            return jobs
+
+    def spend_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
+        """Record an attestation nonce as used; False if it was used before."""
+        with self._tx() as db:
+            db.execute("DELETE FROM used_nonces WHERE expires_at < ?", (now,))
+            cur = db.execute("INSERT INTO used_nonces (nonce, expires_at) VALUES (?, ?) "
+                             "ON CONFLICT DO NOTHING", (nonce, expires_at))
+            return bool(cur.rowcount == 1)
+
+    def server_secret(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """A secret shared by every replica, made once (by whichever asks first)."""
+        rows = self._read("SELECT value FROM server_secrets WHERE name = ?", (name,))
+        if rows:
+            return bytes(rows[0][0])
+        with self._tx() as db:
+            db.execute("INSERT INTO server_secrets (name, value) VALUES (?, ?) "
+                       "ON CONFLICT DO NOTHING", (name, make()))
+            return bytes(db.execute("SELECT value FROM server_secrets WHERE name = ?",
+                                    (name,)).fetchone()[0])
+
+    # -- log chunks and blobs -------------------------------------------------------------
+
+    def put_log_chunk(self, job_id: str, attempt: int, runner_id: str, seq: int, data: bytes,
+                      cap: int) -> str:
+        """Store one chunk of an attempt's log: ``stored``, ``duplicate`` (the same chunk was
+        stored before: a retry), ``conflict`` (another chunk has that number), ``fenced``
+        (the attempt no longer holds the job) or ``full`` (over ``cap`` bytes)."""
+        digest = hashlib.sha256(data).hexdigest()
+        with self._tx() as db:
+            row = db.execute("SELECT sha256 FROM log_chunks WHERE job_id = ? AND attempt = ? "
+                             "AND seq = ?", (job_id, attempt, seq)).fetchone()
+            if row is not None:
+                return "duplicate" if row[0] == digest else "conflict"
+            if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
+                          (job_id, attempt, runner_id)).fetchone() is None:
+                return "fenced"
+            cur = db.execute("UPDATE attempts SET log_bytes = log_bytes + ? WHERE job_id = ? "
+                             "AND attempt = ? AND log_bytes + ? <= ?",
+                             (len(data), job_id, attempt, len(data), cap))
+            if cur.rowcount != 1:
+                return "full"
+            db.execute("INSERT INTO log_chunks (job_id, attempt, seq, sha256, data, at) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (job_id, attempt, seq, digest, data, time.time()))
+            return "stored"
+
+    def log_chunks(self, job_id: str, after: tuple[int, int] = (0, -1),
+                   limit: int = 256) -> list[tuple[int, int, bytes]]:
+        """``(attempt, seq, data)`` of a job's log after position ``after``, in order."""
+        rows = self._read("SELECT attempt, seq, data FROM log_chunks WHERE job_id = ? AND "
+                          "(attempt > ? OR (attempt = ? AND seq > ?)) ORDER BY attempt, seq "
+                          "LIMIT ?", (job_id, after[0], after[0], after[1], limit))
+        return [(int(a), int(s), bytes(d)) for a, s, d in rows]
+
+    def put_blob(self, sha256: str, data: bytes, now: float) -> None:
+        """Keep ``data`` under its sha256 (the caller checked it); a second copy is a no-op."""
+        with self._tx() as db:
+            db.execute("INSERT INTO blobs (sha256, size, data, created_at) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT DO NOTHING", (sha256, len(data), data, now))
+
+    def get_blob(self, sha256: str) -> bytes | None:
+        """A blob's bytes (None if there is none)."""
+        rows = self._read("SELECT data FROM blobs WHERE sha256 = ?", (sha256,))
+        return bytes(rows[0][0]) if rows else None
+
+    def has_blob(self, sha256: str) -> int | None:
+        """A blob's size, None if there is none."""
+        rows = self._read("SELECT size FROM blobs WHERE sha256 = ?", (sha256,))
+        return int(rows[0][0]) if rows else None
+
+    def prune_blobs(self, before: float) -> int:
+        """Remove blobs older than ``before`` that no job's artifact and no unfinished job's
+        workspace refers to; how many went."""
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM blobs WHERE created_at < ? AND sha256 NOT IN "
+                "(SELECT sha256 FROM artifacts) AND sha256 NOT IN (SELECT workspace_sha256 "
+                "FROM jobs WHERE workspace_sha256 IS NOT NULL AND status IN "
+                "('queued', 'running'))", (before,))
+            return int(cur.rowcount)
