@@ -53,6 +53,15 @@ class Settings(NamedTuple):
     # a PEM file of the operator's own CA certificates (an internal CA), added to the host's
     # public CA bundle that every job sees at /etc/ssl/certs/ca-certificates.crt
     tls_extra_ca_file: str = ""
+    # the fleet (stockade server and runner agents, docs/fleet.md)
+    runner_lease_s: float = 30.0  # an attempt is lost this long after its last heartbeat
+    runner_heartbeat_s: float = 2.0  # and so a cancel reaches the sandbox within this
+    runner_session_s: float = 600.0  # runners attest again at least this often
+    max_attempts: int = 2  # a job whose attempt was lost runs again until this many ran
+    # accepted sha256 digests of a runner's stockade code ("self": the server's own; "*": any)
+    attest_stockade_digests: tuple[str, ...] = ("self",)
+    # doctor controls a runner must have active ("*": every control doctor requires)
+    attest_required_controls: tuple[str, ...] = ("*",)
 
     @property
     def db_path(self) -> Path:
@@ -108,6 +117,12 @@ _ENV = {
     "STOCKADE_OIDC_AUDIENCES_UNTRUSTED": "oidc_audiences_untrusted",
     "STOCKADE_OIDC_AUDIENCES_TRUSTED": "oidc_audiences_trusted",
     "STOCKADE_OIDC_AUDIENCES_PROTECTED": "oidc_audiences_protected",
+    "STOCKADE_RUNNER_LEASE": "runner_lease_s",
+    "STOCKADE_RUNNER_HEARTBEAT": "runner_heartbeat_s",
+    "STOCKADE_RUNNER_SESSION": "runner_session_s",
+    "STOCKADE_MAX_ATTEMPTS": "max_attempts",
+    "STOCKADE_ATTEST_STOCKADE_DIGESTS": "attest_stockade_digests",
+    "STOCKADE_ATTEST_REQUIRED_CONTROLS": "attest_required_controls",
 }
 
 

@@ -6,40 +6,34 @@ Versioned under ``/api/v1``, OpenAPI at ``/openapi.json``; ``/healthz`` says the
 and ``/readyz`` that the database answers. Every ``/api/v1`` request carries an API token
 (``Authorization: Bearer stk_...``, see :mod:`.auth`), checked from the headers alone before
 any body is read (:class:`Gate`); refusals are audit events, at most ``REFUSALS_PER_MINUTE``
-of them a minute (the rest are counted into one event). Jobs submitted here are queued for
-runner agents (the fleet of issue 9; not built yet), so today they wait.
+of them a minute (the rest are counted into one event). Runner agents use ``/api/v1/enrol``
+(authenticated by their enrolment token and attestation, in the body) and then
+``/api/v1/runner/`` with their session token (``api/runners.py``, docs/fleet.md). The routes
+for people and their tools are in ``api/jobs.py``.
 """
 
+import asyncio
+import contextlib
 import json
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
+from stockade.api.common import ApiContext, Waker
 from stockade.audit import AuditEvent
 from stockade.config import Settings
 from stockade.control import ControlService
-from stockade.errors import PolicyDenied, SpecError, UsageError
-from stockade.store.interface import TokenRow
+from stockade.control.fleet import SESSION_PREFIX, FleetService
 
-MAX_SPEC_BYTES = 256 * 1024
-MAX_BODY_BYTES = 2 * MAX_SPEC_BYTES  # a JSON body: the spec, escaped, and a few fields
+MAX_BODY_BYTES = 512 * 1024  # a JSON body: e.g. a spec, escaped, and a few fields
 REFUSALS_PER_MINUTE = 60
-
-
-class SubmitRequest(BaseModel):
-    """A job to queue: its spec as YAML text, the trust asked for (capped by the token's) and
-    the source reference it runs (one the token may speak for)."""
-
-    model_config = {"extra": "forbid"}
-    spec: str = Field(max_length=MAX_SPEC_BYTES)
-    trust: Literal["untrusted", "trusted", "protected"] = "trusted"
-    ref: str = Field(default="local", max_length=200)
 
 
 class Refusals:
@@ -76,12 +70,17 @@ class Refusals:
 
 class Gate:
     """Authenticates every ``/api/`` request from its headers before anything reads its body
-    (GET needs a viewer, anything else a submitter), and refuses a body over ``limit`` bytes,
-    declared or streamed. The caller's token is put in ``scope["state"]["token"]``."""
+    and refuses a body over the path's limit (``limit_for``), declared or streamed.
 
-    def __init__(self, app: Any, control: ControlService, refusals: Refusals,
-                 limit: int) -> None:
-        self.app, self.control, self.refusals, self.limit = app, control, refusals, limit
+    ``/api/v1/enrol``: no bearer (the body carries the enrolment token or the attestation).
+    ``/api/v1/runner/``: a runner session (``scope["state"]["runner"]``). Anything else: an API
+    token (``scope["state"]["token"]``); GET needs a viewer, anything else a submitter, and
+    endpoints ask for more where they need it."""
+
+    def __init__(self, app: Any, control: ControlService, fleet: FleetService,
+                 refusals: Refusals, limit_for: Callable[[str, str], int]) -> None:
+        self.app, self.control, self.fleet = app, control, fleet
+        self.refusals, self.limit_for = refusals, limit_for
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Check, then pass the request on with its body counted."""
@@ -90,49 +89,83 @@ class Gate:
             return
         headers = dict(scope.get("headers") or ())
         bearer = headers.get(b"authorization", b"").decode("latin-1")
-        parts = auth.split(bearer[7:].strip()) if bearer.startswith("Bearer ") else None
-        status, why, row = self._check(scope, headers, parts)
+        bearer = bearer[7:].strip() if bearer.startswith("Bearer ") else ""
+        path, limit = scope["path"], self.limit_for(scope["method"], scope["path"])
+        state: dict[str, Any] = {}
+        if path.startswith("/api/v1/runner/"):
+            status, why, claimed = await self._runner(bearer, state)
+        elif path == "/api/v1/enrol" or path.startswith("/api/v1/enrol/"):
+            status, why, claimed = 0, "", None
+        else:
+            status, why, claimed = await self._token(scope, bearer, state)
+        declared = headers.get(b"content-length", b"0")
+        if not status and (not declared.isdigit() or int(declared) > limit):
+            status, why = 413, f"the body is larger than {limit} bytes"
         if status:
             client = (scope.get("client") or ("?",))[0]
-            self.refusals(scope["path"], why, str(client), parts[0] if parts else None)
+            if status != 413:
+                await run_in_threadpool(self.refusals, path, why, str(client), claimed)
             extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             await JSONResponse({"detail": why}, status, headers=extra)(scope, receive, send)
             return
-        scope.setdefault("state", {})["token"] = row
+        scope.setdefault("state", {}).update(state)
         seen = 0
 
         async def bounded() -> Any:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, f"the body is larger than {self.limit} bytes")
+            if seen > limit:
+                raise HTTPException(413, f"the body is larger than {limit} bytes")
             return message
 
         await self.app(scope, bounded, send)
 
-    def _check(self, scope: Any, headers: dict[bytes, bytes], parts: tuple[str, str] | None
-               ) -> tuple[int, str, TokenRow | None]:
+    async def _token(self, scope: Any, bearer: str, state: dict[str, Any]
+                     ) -> tuple[int, str, str | None]:
+        parts = auth.split(bearer)
         if parts is None:
             return 401, "no valid bearer token", None
-        row = self.control.store.get_token(parts[0])
+        row = await run_in_threadpool(self.control.store.get_token, parts[0])
         why = auth.refusal(row, parts[1], time.time())
         if why is not None or row is None:
-            return 401, why or "unknown token", None
+            return 401, why or "unknown token", parts[0]
         needed = "viewer" if scope["method"] in ("GET", "HEAD") else "submitter"
         if not auth.allows(row.role, needed):
-            return 403, f"the {row.role} role may not do this", None
-        declared = headers.get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.limit:
-            return 413, f"the body is larger than {self.limit} bytes", None
-        return 0, "", row
+            return 403, f"the {row.role} role may not do this", parts[0]
+        state["token"] = row
+        return 0, "", None
+
+    async def _runner(self, bearer: str, state: dict[str, Any]) -> tuple[int, str, str | None]:
+        found = await run_in_threadpool(self.fleet.authenticate, bearer)
+        claimed = bearer.removeprefix(SESSION_PREFIX).split("_")[0][:40] or None
+        if isinstance(found, str):
+            return 401, found, claimed
+        state["runner"] = found
+        return 0, "", None
 
 
-def create_app(settings: Settings, control: ControlService) -> FastAPI:
-    """The application; ``control`` is shared by all requests (its store serialises them)."""
+def create_app(settings: Settings, control: ControlService, fleet: FleetService) -> FastAPI:
+    """The application; ``control`` and ``fleet`` are shared by all requests (the store
+    serialises them). While it runs, a task looks for expired leases (:func:`_sweeper`)."""
+    from stockade.api import jobs, runners
+
+    ctx = ApiContext(settings, control, fleet, Waker())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_sweeper(fleet))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     app = FastAPI(title="stockade", version="1", docs_url=None, redoc_url=None,
-                  redirect_slashes=False)
-    app.add_middleware(Gate, control=control, refusals=Refusals(control), limit=MAX_BODY_BYTES)
+                  redirect_slashes=False, lifespan=lifespan)
+    app.state.refusals = refusals = Refusals(control)
+    app.state.ctx = ctx
+    app.add_middleware(Gate, control=control, fleet=fleet, refusals=refusals,
+                       limit_for=lambda method, path: _limit(settings, method, path))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -140,10 +173,6 @@ def create_app(settings: Settings, control: ControlService) -> FastAPI:
                     f"{str(e.get('msg', ''))[:200]}" for e in exc.errors()[:10]]
         return JSONResponse({"detail": json.loads(json.dumps(problems, ensure_ascii=True))},
                             422)
-
-    def token(request: Request) -> TokenRow:
-        row: TokenRow = request.scope["state"]["token"]
-        return row
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -157,40 +186,32 @@ def create_app(settings: Settings, control: ControlService) -> FastAPI:
             return JSONResponse({"status": "unavailable", "reason": str(e)[:200]}, 503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/api/v1/jobs")
-    def list_jobs(limit: int = Query(20, ge=1, le=1000)) -> list[dict[str, Any]]:
-        return [{"job_id": j.id, "name": j.name, "status": j.status,
-                 "failure_reason": j.failure_reason, "created_at": j.created_at}
-                for j in control.jobs(limit)]
-
-    @app.get("/api/v1/jobs/{job_id}")
-    def get_job(job_id: str) -> dict[str, Any]:
-        job = control.job(job_id) if job_id.isascii() and job_id.isalnum() \
-            and len(job_id) <= 64 else None
-        view = control.view(job.id) if job is not None else None
-        if view is None:
-            raise HTTPException(404, "no such job")
-        return view.result()
-
-    @app.post("/api/v1/jobs", status_code=201)
-    def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
-        from stockade.spec import ceilings
-        from stockade.spec.parse import parse_spec
-
-        caller = token(request)
-        if not auth.ref_allowed(caller, body.ref):
-            raise HTTPException(403, f"this token may submit jobs for refs matching "
-                                     f"{caller.refs!r} only")
-        try:
-            spec = parse_spec(body.spec, source="the spec").to_job()
-            ceilings.check(spec, settings, source="the spec")
-            job = control.submit(spec, trust=auth.capped_trust(body.trust, caller.max_trust),
-                                 ref=body.ref, actor=f"api:{caller.id}")
-        except SpecError as e:
-            raise HTTPException(422, e.diagnostics()) from e
-        except (UsageError, PolicyDenied) as e:
-            raise HTTPException(400, e.diagnostics()) from e
-        return {"job_id": job.id, "status": job.status, "trust": job.trust,
-                "failure_reason": job.failure_reason}
-
+    jobs.add_routes(app, ctx)
+    runners.add_routes(app, ctx)
     return app
+
+
+def _limit(settings: Settings, method: str, path: str) -> int:
+    """The largest body a request to ``path`` may send."""
+    from stockade.api.jobs import upload_limit
+    from stockade.api.runners import LOG_CHUNK_MAX
+
+    if method in ("PUT", "POST"):
+        if path.startswith("/api/v1/runner/jobs/") and "/artifacts/" in path:
+            return settings.artifact_max_file_bytes
+        if path.startswith("/api/v1/runner/jobs/") and "/log/" in path:
+            return LOG_CHUNK_MAX
+        if path == "/api/v1/workspaces":
+            return upload_limit(settings)
+    return MAX_BODY_BYTES
+
+
+async def _sweeper(fleet: FleetService) -> None:
+    """Every third of a lease, fail or requeue attempts whose lease ran out. It starts one
+    lease after the server did, so that runners that kept working while no server ran (a
+    restart) have had the time to heartbeat again."""
+    await asyncio.sleep(fleet.policy.lease_s)
+    while True:
+        with contextlib.suppress(Exception):  # a database hiccup: try again next round
+            await run_in_threadpool(fleet.sweep)
+        await asyncio.sleep(max(0.5, fleet.policy.lease_s / 3))

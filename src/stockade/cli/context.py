@@ -15,6 +15,7 @@ from stockade.secrets.broker import Broker
 from stockade.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
+    from stockade.control.fleet import FleetService
     from stockade.sandbox.interface import Backend
     from stockade.secrets.oidc import KeyRing
 
@@ -122,3 +123,24 @@ def require_job(control: ControlService, id_or_prefix: str) -> JobView:
                              hint="give more of the id (stockade jobs lists them)")
         raise UsageError(f"no job matches {id_or_prefix!r}", hint="list jobs with: stockade jobs")
     return view
+
+
+def fleet_service(settings: Settings, control: ControlService) -> FleetService:
+    """The control plane's side of runner agents, with the operator's fleet settings."""
+    from stockade.api.attestation import AttestationPolicy, code_digest
+    from stockade.control.fleet import FleetPolicy, FleetService
+
+    lease, beat = settings.runner_lease_s, settings.runner_heartbeat_s
+    if not (1 <= lease <= 3600 and 0.1 <= beat <= lease / 3):
+        raise UsageError(f"runner_lease_s {lease:g} and runner_heartbeat_s {beat:g} do not fit",
+                         hint="the lease is 1 s to 1 h, and heartbeats come at least three "
+                              "times a lease (e.g. 30 s and 2 s, the defaults)")
+    if not 60 <= settings.runner_session_s <= 86400 or not 1 <= settings.max_attempts <= 10:
+        raise UsageError("runner_session_s is 60 s to 24 h and max_attempts 1 to 10")
+    policy = FleetPolicy(
+        attestation=AttestationPolicy(settings.attest_stockade_digests,
+                                      settings.attest_required_controls),
+        session_ttl_s=settings.runner_session_s, lease_s=lease, heartbeat_s=beat,
+        max_attempts=settings.max_attempts, log_cap_bytes=settings.log_cap_bytes + 2 * 1024**2,
+        artifact_max_total_bytes=settings.artifact_max_total_bytes)
+    return FleetService(control, policy, code_digest())

@@ -155,13 +155,16 @@ class ControlService:
         return AuditEvent(actor or self.actor, action, self.clock(), job_id, detail)
 
     def submit(self, spec: Job, trust: str = "trusted", ref: str = "local",
-               runner_id: str | None = None, actor: str | None = None) -> JobRow:
+               runner_id: str | None = None, actor: str | None = None,
+               max_attempts: int = 1, workspace_sha256: str | None = None) -> JobRow:
         """Admit ``spec`` (queued) or deny it (denied, with the reason); return the job.
 
         ``trust`` says how far the job's origin is trusted (``untrusted`` for fork pull
         requests, ``trusted``, ``protected``); ``ref`` is the source reference it runs;
         ``runner_id`` reserves the job for that runner (``stockade run``'s own): only it may
-        claim the job, and if it dies before, the job is lost at once instead of queued."""
+        claim the job, and if it dies before, the job is lost at once instead of queued.
+        A job whose attempt is lost (its runner agent stopped heartbeating) is queued again
+        until ``max_attempts`` ran; ``workspace_sha256`` names its uploaded workspace."""
         check_submission(trust, ref)
         now = self.clock()
         job_id = new_job_id()
@@ -175,6 +178,7 @@ class ControlService:
             failure_reason=reason.value if reason else None, exit_code=None, attempt=0,
             runner_id=runner_id, lease_expires_at=None, created_at=now, started_at=None,
             finished_at=now if reason else None, result_json=extra, trust=trust, ref=ref,
+            max_attempts=max_attempts, workspace_sha256=workspace_sha256,
         )
         action = "job.denied" if reason else "job.admitted"
         detail = {"name": spec.name, **({"reason": reason.value, "message": message}

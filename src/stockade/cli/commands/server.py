@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from stockade.api.server import create_app
-    from stockade.cli.context import open_control
+    from stockade.cli.context import fleet_service, open_control
     from stockade.errors import UsageError
 
     host, sep, port = args.listen.rpartition(":")
@@ -43,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--listen {args.listen[:80]!r} is not HOST:PORT",
                          hint="e.g. --listen 127.0.0.1:8377")
     settings, control = open_control()
+    fleet = fleet_service(settings, control)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     bound = sock.getsockname()
     where = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
     # bounded: at most MAX_CONNECTIONS at once (more get 503), idle ones closed after 5 s
-    config = uvicorn.Config(create_app(settings, control), log_level="warning",
+    config = uvicorn.Config(create_app(settings, control, fleet), log_level="warning",
                             access_log=False, server_header=False,
                             limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
     server = uvicorn.Server(config)

@@ -1,0 +1,88 @@
+"""What the API's route modules share: the server's parts, the caller of a request, and the
+waker that ends runners' long polls when work arrives.
+
+(No postponed annotations here: FastAPI reads the endpoints' annotations at run time.)
+"""
+
+import asyncio
+import contextlib
+import threading
+from typing import NamedTuple
+
+from fastapi import HTTPException, Request
+
+from stockade.api import auth
+from stockade.config import Settings
+from stockade.control import ControlService
+from stockade.control.fleet import Caller, FleetService
+from stockade.store.interface import TokenRow
+
+
+class Waker:
+    """Wakes the long polls of this server process when a job is queued here (requests that
+    queue jobs call :meth:`notify`, from any thread); polls also look again every few hundred
+    milliseconds for jobs queued through another replica."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._lock = threading.Lock()
+
+    def _current(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._event is None or self._loop is not loop:
+                self._loop, self._event = loop, asyncio.Event()
+            return self._event
+
+    async def wait(self, timeout: float) -> None:
+        """Until the next :meth:`notify` or ``timeout`` seconds."""
+        event = self._current()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    def notify(self) -> None:
+        """Wake every poll waiting now (thread-safe)."""
+        with self._lock:
+            loop, event = self._loop, self._event
+            self._event = None
+        if loop is not None and event is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+
+class ApiContext(NamedTuple):
+    """The parts every route module gets."""
+
+    settings: Settings
+    control: ControlService
+    fleet: FleetService
+    waker: Waker
+
+
+def token_of(request: Request) -> TokenRow:
+    """The API token the gate authenticated this request with (403 for a runner's session)."""
+    row = request.scope["state"].get("token")
+    if row is None:
+        raise HTTPException(403, "runner sessions may not use this endpoint")
+    assert isinstance(row, TokenRow)
+    return row
+
+
+def require(request: Request, role: str) -> TokenRow:
+    """The caller's token if its role includes ``role`` (403 otherwise; audited by the gate's
+    refusals)."""
+    row = token_of(request)
+    if not auth.allows(row.role, role):
+        refusals = request.app.state.refusals
+        client = (request.scope.get("client") or ("?",))[0]
+        refusals(request.url.path, f"the {row.role} role may not do this", str(client), row.id)
+        raise HTTPException(403, f"the {row.role} role may not do this")
+    return row
+
+
+def runner_of(request: Request) -> Caller:
+    """The runner agent the gate authenticated this request as."""
+    caller = request.scope["state"].get("runner")
+    if not isinstance(caller, Caller):
+        raise HTTPException(403, "only runner agents may use this endpoint")
+    return caller

@@ -1,0 +1,180 @@
+"""The routes of runner agents: enrolment and attestation (``/api/v1/enrol``), then, with a
+session token, claims, heartbeats, log chunks, artifacts, secrets and completion
+(``/api/v1/runner/``). Every write names its job and attempt; the store refuses writes of an
+attempt that no longer holds its job (409), so a runner that lost its lease changes nothing.
+
+(No postponed annotations here: FastAPI reads the endpoints' annotations at run time.)
+"""
+
+import base64
+import re
+import time
+
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from stockade.api.common import ApiContext, runner_of
+from stockade.api.wire import (
+    REPORT_ACTIONS,
+    AssignmentOut,
+    AttestRequest,
+    CompletionIn,
+    EnrolRequest,
+    HeartbeatOut,
+    RedeemIn,
+    ReportIn,
+    SessionOut,
+)
+from stockade.control.fleet import Caller, Session
+from stockade.errors import PolicyDenied
+
+LOG_CHUNK_MAX = 1024 * 1024
+MAX_WAIT_S = 30.0
+POLL_S = 0.25  # a waiting claim looks again this often (jobs queued through other replicas)
+_JOB = r"^[A-Za-z0-9]{1,64}$"
+_SHA = r"^[0-9a-f]{64}$"
+_ACTION = re.compile(REPORT_ACTIONS)
+
+
+def _session(s: Session) -> SessionOut:
+    return SessionOut(**s._asdict())
+
+
+def add_routes(app: FastAPI, ctx: ApiContext) -> None:
+    """Add the runner routes to ``app``."""
+    fleet, control, waker = ctx.fleet, ctx.control, ctx.waker
+    JobId = Path(pattern=_JOB)
+    Attempt = Path(ge=1, le=1000)
+
+    @app.post("/api/v1/enrol/nonce")
+    def nonce() -> dict[str, str]:
+        return {"nonce": fleet.nonce()}
+
+    @app.post("/api/v1/enrol")
+    def enrol(body: EnrolRequest) -> SessionOut:
+        try:
+            return _session(fleet.enrol(body.token, body.nonce, body.public_key, body.name,
+                                        body.labels, body.concurrency, body.measurements,
+                                        body.signature))
+        except PolicyDenied as e:
+            raise HTTPException(403, e.message) from e
+
+    @app.post("/api/v1/enrol/attest")
+    def attest(body: AttestRequest) -> SessionOut:
+        try:
+            return _session(fleet.reattest(body.runner_id, body.nonce, body.measurements,
+                                           body.signature))
+        except PolicyDenied as e:
+            raise HTTPException(403, e.message) from e
+
+    @app.post("/api/v1/runner/claim", responses={204: {"description": "no job for now"}})
+    async def claim(request: Request, wait: float = Query(0.0, ge=0, le=MAX_WAIT_S)
+                    ) -> Response:
+        caller = runner_of(request)
+        deadline = time.monotonic() + wait
+        while True:
+            a = await run_in_threadpool(fleet.claim, caller)
+            if a is not None:
+                job = control.job(a.job_id)
+                out = AssignmentOut.of(a, job.workspace_sha256 if job else None)
+                return Response(out.model_dump_json(), 200, media_type="application/json")
+            left = deadline - time.monotonic()
+            if left <= 0 or await request.is_disconnected():
+                return Response(status_code=204)
+            await waker.wait(min(left, POLL_S))
+
+    def held(caller: Caller, job_id: str, attempt: int) -> None:
+        if not fleet.store.holds(job_id, attempt, caller.runner.id):
+            raise HTTPException(409, "this attempt no longer holds the job")
+
+    @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/heartbeat")
+    def heartbeat(request: Request, job_id: str = JobId, attempt: int = Attempt
+                  ) -> HeartbeatOut:
+        ok, cancel = fleet.heartbeat(runner_of(request), job_id, attempt)
+        if not ok:
+            raise HTTPException(409, "this attempt no longer holds the job")
+        return HeartbeatOut(held=True, cancel=cancel)
+
+    @app.put("/api/v1/runner/jobs/{job_id}/{attempt}/log/{seq}", status_code=201)
+    async def log_chunk(request: Request, job_id: str = JobId, attempt: int = Attempt,
+                        seq: int = Path(ge=0, le=10**9)) -> dict[str, str]:
+        caller = runner_of(request)
+        data = await request.body()
+        state = await run_in_threadpool(fleet.put_log, caller, job_id, attempt, seq, data)
+        if state in ("fenced", "conflict"):
+            raise HTTPException(409, f"chunk refused: {state}")
+        if state == "full":
+            raise HTTPException(413, "the job's log is full")
+        return {"state": state}
+
+    @app.put("/api/v1/runner/jobs/{job_id}/{attempt}/artifacts/{sha256}", status_code=201)
+    async def artifact(request: Request, job_id: str = JobId, attempt: int = Attempt,
+                       sha256: str = Path(pattern=_SHA)) -> dict[str, str]:
+        caller = runner_of(request)
+        data = await request.body()
+        why = await run_in_threadpool(fleet.put_artifact, caller, job_id, attempt, sha256,
+                                      data)
+        if why == "fenced":
+            raise HTTPException(409, "this attempt no longer holds the job")
+        if why:
+            raise HTTPException(422, why)
+        return {"sha256": sha256}
+
+    @app.get("/api/v1/runner/jobs/{job_id}/{attempt}/workspace")
+    def workspace(request: Request, job_id: str = JobId, attempt: int = Attempt) -> Response:
+        held(runner_of(request), job_id, attempt)
+        job = control.job(job_id)
+        data = fleet.store.get_blob(job.workspace_sha256) \
+            if job is not None and job.workspace_sha256 else None
+        if data is None:
+            raise HTTPException(404, "this job has no workspace archive")
+        return Response(data, media_type="application/x-tar")
+
+    @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/complete")
+    def complete(body: CompletionIn, request: Request, job_id: str = JobId,
+                 attempt: int = Attempt) -> dict[str, bool]:
+        caller = runner_of(request)
+        result = fleet.complete(caller, body.completion(job_id, attempt, caller.runner.id))
+        if isinstance(result, str):
+            raise HTTPException(422, result)
+        if not result:
+            raise HTTPException(409, "this attempt no longer holds the job")
+        return {"recorded": True}
+
+    def secrets_allowed(caller: Caller, job_id: str, attempt: int) -> None:
+        held(caller, job_id, attempt)
+        if not fleet.may_use_secrets(caller):
+            raise HTTPException(403, "this runner is not attested: no secrets or ID tokens")
+
+    @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/redeem")
+    def redeem(body: RedeemIn, request: Request, job_id: str = JobId,
+               attempt: int = Attempt) -> dict[str, str]:
+        caller = runner_of(request)
+        secrets_allowed(caller, job_id, attempt)
+        try:
+            value = control.redeem(body.lease_id, job_id, attempt, caller.runner.id)
+        except PolicyDenied as e:
+            raise HTTPException(403, e.message) from e
+        return {"value": base64.b64encode(value).decode()}
+
+    @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/id-token")
+    def id_token(request: Request, job_id: str = JobId, attempt: int = Attempt
+                 ) -> dict[str, str]:
+        caller = runner_of(request)
+        secrets_allowed(caller, job_id, attempt)
+        try:
+            return {"token": control.mint_id_token(job_id, attempt, caller.runner.id)}
+        except PolicyDenied as e:
+            raise HTTPException(403, e.message) from e
+
+    @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/report", status_code=204)
+    def report(body: ReportIn, request: Request, job_id: str = JobId,
+               attempt: int = Attempt) -> Response:
+        caller = runner_of(request)
+        held(caller, job_id, attempt)
+        if any(not _ACTION.match(action) for action, _ in body.events):
+            raise HTTPException(422, "a runner reports only egress.* and secret.* events")
+        control.report(job_id, [(action, {**detail, "attempt": attempt,
+                                          "runner_id": caller.runner.id})
+                                for action, detail in body.events])
+        return Response(status_code=204)

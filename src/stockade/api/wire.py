@@ -1,0 +1,185 @@
+"""The runner protocol on the wire: pydantic models of what runner agents and the server send
+each other (the OpenAPI schema comes from them), and conversions to the protocol's types.
+
+(No postponed annotations here: pydantic and FastAPI read the annotations at run time.)
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from stockade.api.protocol import (
+    ArtifactReport,
+    Assignment,
+    Completion,
+    EgressRecord,
+    FailureReason,
+    JobStatus,
+    LeaseGrant,
+    StepReport,
+)
+
+_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_REPORT_EVENTS = 256
+REPORT_ACTIONS = r"^(egress|secret)\.[a-z_]{1,40}$"
+
+
+class _Strict(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+class EnrolRequest(_Strict):
+    """A runner's first attestation, with the single-use enrolment token."""
+
+    token: str = Field(max_length=200)
+    nonce: str = Field(max_length=200)
+    public_key: str = Field(max_length=100)
+    name: str = Field(max_length=60)
+    labels: list[str] = Field(default=[], max_length=32)
+    concurrency: int = Field(default=1, ge=1, le=64)
+    measurements: dict[str, Any]
+    signature: str = Field(max_length=200)
+
+
+class AttestRequest(_Strict):
+    """A runner's fresh attestation, for a new session."""
+
+    runner_id: str = Field(pattern=_ID)
+    nonce: str = Field(max_length=200)
+    measurements: dict[str, Any]
+    signature: str = Field(max_length=200)
+
+
+class SessionOut(BaseModel):
+    """A session: the runner's bearer token until ``expires_at``, and its rhythm."""
+
+    runner_id: str
+    token: str
+    expires_at: float
+    heartbeat_s: float
+    lease_s: float
+
+
+class GrantWire(BaseModel):
+    """A secret lease of an assignment."""
+
+    name: str
+    lease_id: str
+    delivery: str
+
+
+class AssignmentOut(BaseModel):
+    """A claimed job: attempt ``attempt`` of ``spec_json``."""
+
+    job_id: str
+    attempt: int
+    runner_id: str
+    spec_json: str
+    lease_expires_at: float
+    secrets: list[GrantWire]
+    trust: str
+    ref: str
+    workspace_sha256: str | None = None
+
+    @classmethod
+    def of(cls, a: Assignment, workspace_sha256: str | None) -> "AssignmentOut":
+        """The wire form of an assignment."""
+        return cls(job_id=a.job_id, attempt=a.attempt, runner_id=a.runner_id,
+                   spec_json=a.spec_json, lease_expires_at=a.lease_expires_at,
+                   secrets=[GrantWire(**g._asdict()) for g in a.secrets], trust=a.trust,
+                   ref=a.ref, workspace_sha256=workspace_sha256)
+
+    def assignment(self) -> Assignment:
+        """Back to the protocol's type."""
+        return Assignment(self.job_id, self.attempt, self.runner_id, self.spec_json,
+                          self.lease_expires_at,
+                          tuple(LeaseGrant(g.name, g.lease_id, g.delivery)
+                                for g in self.secrets), self.trust, self.ref)
+
+
+class StepWire(_Strict):
+    """How a step ended."""
+
+    name: str = Field(max_length=100)
+    status: Literal["succeeded", "failed", "timed_out", "oom", "canceled", "error",
+                    "skipped"]
+    exit_code: int | None = None
+    duration_s: float = Field(ge=0)
+
+
+class ArtifactWire(_Strict):
+    """An uploaded artifact."""
+
+    path: str = Field(max_length=4096)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class EgressWire(_Strict):
+    """One egress decision (or an aggregate of repeats)."""
+
+    host: str = Field(max_length=300)
+    port: int = Field(ge=0, le=65535)
+    address: str | None = Field(default=None, max_length=100)
+    allowed: bool
+    reason: str = Field(max_length=500)
+    audit_only: bool = False
+    bytes_up: int = Field(default=0, ge=0)
+    bytes_down: int = Field(default=0, ge=0)
+    duration_s: float = Field(default=0.0, ge=0)
+    at: float = 0.0
+    attempts: int = Field(default=1, ge=0)
+    last_at: float = 0.0
+    omitted: int = Field(default=0, ge=0)
+
+
+class CompletionIn(_Strict):
+    """A runner's report of a finished attempt (job, attempt and runner come from the URL and
+    the session)."""
+
+    status: Literal["succeeded", "failed", "error"]
+    failure_reason: FailureReason | None = None
+    exit_code: int | None = None
+    steps: list[StepWire] = Field(default=[], max_length=1000)
+    artifacts: list[ArtifactWire] = Field(default=[], max_length=10_000)
+    duration_s: float = Field(ge=0)
+    details: dict[str, Any] = {}
+    egress: list[EgressWire] = Field(default=[], max_length=10_000)
+
+    @classmethod
+    def of(cls, c: Completion) -> "CompletionIn":
+        """The wire form of a completion."""
+        return cls(status=c.status.value,  # type: ignore[arg-type]
+                   failure_reason=c.failure_reason,
+                   exit_code=c.exit_code, steps=[StepWire(**s._asdict()) for s in c.steps],
+                   artifacts=[ArtifactWire(**a._asdict()) for a in c.artifacts],
+                   duration_s=c.duration_s, details=dict(c.details),
+                   egress=[EgressWire(**e._asdict()) for e in c.egress])
+
+    def completion(self, job_id: str, attempt: int, runner_id: str) -> Completion:
+        """Back to the protocol's type."""
+        return Completion(
+            job_id, attempt, runner_id, JobStatus(self.status), self.failure_reason,
+            self.exit_code, tuple(StepReport(**s.model_dump()) for s in self.steps),
+            tuple(ArtifactReport(**a.model_dump()) for a in self.artifacts),
+            self.duration_s, self.details,
+            tuple(EgressRecord(**e.model_dump()) for e in self.egress))
+
+
+class HeartbeatOut(BaseModel):
+    """Whether the attempt still holds the job, and whether it is to stop."""
+
+    held: bool
+    cancel: bool
+
+
+class RedeemIn(_Strict):
+    """A secret lease to redeem."""
+
+    lease_id: str = Field(pattern=_ID)
+
+
+class ReportIn(_Strict):
+    """Audit events a runner observed (egress decisions, masks registered, leaks)."""
+
+    events: list[tuple[str, dict[str, Any]]] = Field(max_length=MAX_REPORT_EVENTS)
