@@ -1,0 +1,317 @@
+"""The queries SQLite and PostgreSQL share: :class:`SqlStore`, the base of both SQL stores.
+
+A backend (and a mixin such as ``fleet.FleetQueries``) builds on this contract:
+
+- ``_tx()``: one transaction, as a context manager yielding a :class:`Db` whose ``execute`` and
+  ``executemany`` take ``?`` placeholders and return a :class:`Cursor`. It commits at the end
+  and rolls back on an exception; a database error leaves it as a ``StoreError``. On SQLite it
+  is ``BEGIN IMMEDIATE`` (writers take turns), on PostgreSQL a pooled connection's transaction
+  (READ COMMITTED: writers of other rows go on).
+- ``_read(sql, args)``: the rows of one short read, outside any write transaction.
+- ``_append_audit(db, event)``: append one event to the hash chain in the transaction ``db``.
+  On PostgreSQL it first locks the one ``audit_head`` row, so every replica's appends take
+  turns; append events last in a transaction, after its other writes, so that no transaction
+  waits for a row while holding the head (no deadlocks).
+- ``_skip_locked``: ``""`` on SQLite, ``" FOR UPDATE SKIP LOCKED"`` on PostgreSQL, for claim
+  queries (rows another transaction is taking are passed over, not waited for).
+- ``_for_update``: ``""`` on SQLite, ``" FOR UPDATE"`` on PostgreSQL, for rows read to be
+  changed in the same transaction.
+"""
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from stockade.audit import GENESIS, AuditEvent, AuditHead, chain_hash
+from stockade.errors import StoreError
+from stockade.store.interface import (
+    ArtifactRow,
+    JobRow,
+    LeaseRow,
+    SecretRow,
+    StepRow,
+    TokenRow,
+)
+
+HEAD_REVISION = "0007"  # tests check this equals the newest Alembic migration
+_JOB_COLUMNS = ", ".join(JobRow._fields)
+_SECRET_COLUMNS = ", ".join(SecretRow._fields)
+_LEASE_COLUMNS = ", ".join(LeaseRow._fields)
+_TOKEN_COLUMNS = ", ".join(TokenRow._fields)
+_HEAD = "SELECT count, hash FROM audit_head WHERE id = 1"
+_AUDIT_COLUMNS = "at, actor, action, job_id, detail_json, prev_hash, hash"
+
+
+class Cursor(Protocol):
+    """The result of a statement (``sqlite3.Cursor``, ``psycopg.Cursor``)."""
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the statement changed."""
+        ...
+
+    def fetchone(self) -> Any:
+        """The next row, or None."""
+        ...
+
+    def fetchall(self) -> list[Any]:
+        """The remaining rows."""
+        ...
+
+    def __iter__(self) -> Iterator[Any]:
+        """The remaining rows, one by one."""
+        ...
+
+
+class Db(Protocol):
+    """A connection in a transaction; statements use ``?`` placeholders."""
+
+    def execute(self, sql: str, args: Any = (), /) -> Cursor:
+        """Run one statement."""
+        ...
+
+    def executemany(self, sql: str, seq: Iterable[Any], /) -> Cursor:
+        """Run one statement for each argument tuple of ``seq``."""
+        ...
+
+
+class SqlStore:
+    """The :class:`~stockade.store.interface.Store` queries both SQL backends share; a
+    subclass provides the connection (see the module docstring for the contract)."""
+
+    _skip_locked = ""
+    _for_update = ""
+    _like = "LIKE"  # the prefix match: SQLite's LIKE ignores the case of ASCII letters
+    _where = ""  # the database, as errors name it (a path, or a URL without its password)
+    _damaged_hint = "restore the database from a backup"
+
+    def _tx(self) -> AbstractContextManager[Db]:
+        raise NotImplementedError
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        raise NotImplementedError
+
+    def _audit_moved(self, before: AuditHead, after: AuditHead) -> None:
+        """Called in the transaction of each appended event (SQLite moves its head file)."""
+
+    def _append_audit(self, db: Db, event: AuditEvent) -> None:
+        head = _HEAD + self._for_update
+        row = db.execute(head).fetchone()
+        if row is None:  # removed behind stockade's back: chain on from the start, visibly
+            db.execute("INSERT INTO audit_head (id, count, hash) VALUES (1, 0, ?) "
+                       "ON CONFLICT (id) DO NOTHING", (GENESIS,))
+            row = db.execute(head).fetchone()
+        before = AuditHead(*row)
+        digest = chain_hash(before.hash, event)
+        db.execute(  # a trigger moves audit_head in this statement (migration 0004)
+            f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (event.at, event.actor, event.action, event.job_id,
+             json.dumps(event.detail, sort_keys=True), before.hash, digest),
+        )
+        self._audit_moved(before, AuditHead(before.events + 1, digest))
+
+    def insert_job(self, job: JobRow, event: AuditEvent) -> None:
+        """Add a new job and its audit event."""
+        marks = ", ".join("?" for _ in JobRow._fields)
+        with self._tx() as db:
+            db.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({marks})", job)
+            self._append_audit(db, event)
+
+    @staticmethod
+    def _update(db: Db, job_id: str, cond: str, cond_args: tuple[Any, ...],
+                changes: dict[str, Any]) -> bool:
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        cur = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {cond}",
+                         (*changes.values(), job_id, *cond_args))
+        return cur.rowcount == 1
+
+    def fail_lost(self, now: float, lost_ids: list[str],
+                  runner_gone: Callable[[str], bool | None],
+                  event_for: Callable[[JobRow], AuditEvent]) -> list[str]:
+        """Mark jobs failed (runner_lost) that no runner will finish: in ``lost_ids``, queued
+        or running for a runner that is gone, or running with an expired lease for a runner
+        whose liveness is unknown (``runner_gone`` None; a live runner is never failed)."""
+        if not lost_ids and not self._read("SELECT 1 FROM jobs WHERE status IN ('queued', "
+                                           "'running') AND runner_id IS NOT NULL LIMIT 1"):
+            return []  # the common case: no write transaction
+        with self._tx() as db:
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN "  # skipped:
+                              "('queued', 'running') AND runner_id IS NOT NULL"  # changing
+                              f"{self._skip_locked}")
+            ids = set(lost_ids)
+            lost = []
+            for job in (JobRow(*r) for r in rows):
+                state = runner_gone(job.runner_id or "")
+                expired = (job.status == "running" and job.lease_expires_at is not None
+                           and job.lease_expires_at < now)
+                if job.id in ids or state is True or (state is None and expired):
+                    lost.append(job)
+            lost = [job for job in lost if self._update(db, job.id, "status = ?", (job.status,), {
+                "status": "failed", "failure_reason": "runner_lost", "finished_at": now,
+                "lease_expires_at": None})]
+            for job in lost:  # after the updates: the audit head is taken last
+                self._append_audit(db, event_for(job))
+            return [job.id for job in lost]
+
+    def get_job(self, id_or_prefix: str) -> JobRow | None:
+        """A job by id or unique prefix (None if unknown or ambiguous)."""
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (id_or_prefix,))
+        if not rows:
+            rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id {self._like} ? "
+                              "ESCAPE '\\' LIMIT 2", (_prefix_pattern(id_or_prefix),))
+        return self._checked(JobRow(*rows[0])) if len(rows) == 1 else None
+
+    def job_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` job ids starting with ``prefix``, newest first."""
+        rows = self._read(f"SELECT id FROM jobs WHERE id {self._like} ? ESCAPE '\\' "
+                          "ORDER BY created_at DESC LIMIT ?", (_prefix_pattern(prefix), limit))
+        return [str(r[0]) for r in rows]
+
+    def _checked(self, job: JobRow) -> JobRow:
+        """``job``, or a StoreError if its stored result is not the JSON object stockade wrote."""
+        if job.result_json is None or isinstance(_json_or_none(job.result_json), dict):
+            return job
+        from stockade.text import escape_controls
+
+        raise StoreError(f"the state database {self._where} is damaged: the result of job "
+                         f"{escape_controls(str(job.id)[:40])} is not a JSON object",
+                         hint=self._damaged_hint)
+
+    def list_jobs(self, limit: int) -> list[JobRow]:
+        """The newest jobs first."""
+        rows = self._read(
+            f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [JobRow(*r) for r in rows]
+
+    def job_steps(self, job_id: str) -> list[StepRow]:
+        """The job's steps in order."""
+        rows = self._read("SELECT idx, name, status, exit_code, duration_s FROM steps "
+                          "WHERE job_id = ? ORDER BY idx", (job_id,))
+        return [StepRow(*r) for r in rows]
+
+    def job_artifacts(self, job_id: str) -> list[ArtifactRow]:
+        """The job's artifacts by path."""
+        rows = self._read("SELECT path, sha256, size FROM artifacts WHERE job_id = ? "
+                          "ORDER BY path", (job_id,))
+        return [ArtifactRow(*r) for r in rows]
+
+    def audit_records(self, job_id: str | None = None) -> list[tuple[AuditEvent, str, str]]:
+        """Audit records in order, with their chain hashes."""
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit_events"
+        args: tuple[Any, ...] = ()
+        if job_id is not None:
+            sql, args = sql + " WHERE job_id = ?", (job_id,)
+        return audit_records(self._read(sql + " ORDER BY seq", args))
+
+    def record(self, events: list[AuditEvent]) -> None:
+        """Append audit events in one transaction."""
+        with self._tx() as db:
+            for event in events:
+                self._append_audit(db, event)
+
+    def put_secret(self, row: SecretRow, event: AuditEvent) -> None:
+        """Create or replace a secret."""
+        marks = ", ".join("?" for _ in SecretRow._fields)
+        sets = ", ".join(f"{c} = excluded.{c}" for c in SecretRow._fields[1:])
+        with self._tx() as db:
+            db.execute(f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES ({marks}) "
+                       f"ON CONFLICT (name) DO UPDATE SET {sets}", row)
+            self._append_audit(db, event)
+
+    def get_secret(self, name: str) -> SecretRow | None:
+        """A secret by name."""
+        rows = self._read(f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE name = ?", (name,))
+        return SecretRow(*rows[0]) if rows else None
+
+    def list_secrets(self) -> list[SecretRow]:
+        """All secrets by name."""
+        rows = self._read(f"SELECT {_SECRET_COLUMNS} FROM secrets ORDER BY name")
+        return [SecretRow(*r) for r in rows]
+
+    def delete_secret(self, name: str, event: AuditEvent) -> bool:
+        """Remove a secret."""
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount == 1
+            if gone:
+                self._append_audit(db, event)
+            return gone
+
+    def insert_leases(self, leases: list[LeaseRow], events: list[AuditEvent]) -> None:
+        """Record issued leases with their audit events."""
+        marks = ", ".join("?" for _ in LeaseRow._fields)
+        with self._tx() as db:
+            db.executemany(f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES ({marks})",
+                           leases)
+            for event in events:
+                self._append_audit(db, event)
+
+    def get_lease(self, lease_id: str) -> LeaseRow | None:
+        """A lease by id."""
+        rows = self._read(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = ?", (lease_id,))
+        return LeaseRow(*rows[0]) if rows else None
+
+    def revoke_leases(self, job_id: str, attempt: int, now: float,
+                      event_for: Callable[[LeaseRow], AuditEvent]) -> list[LeaseRow]:
+        """Revoke the attempt's live leases with an audit event each."""
+        with self._tx() as db:
+            rows = db.execute(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE job_id = ? AND "
+                              f"attempt = ? AND revoked_at IS NULL{self._for_update}",
+                              (job_id, attempt))
+            live = [LeaseRow(*r) for r in rows]
+            db.execute("UPDATE leases SET revoked_at = ? WHERE job_id = ? AND attempt = ? "
+                       "AND revoked_at IS NULL", (now, job_id, attempt))
+            for lease in live:
+                self._append_audit(db, event_for(lease))
+            return live
+
+    def insert_token(self, token: TokenRow, event: AuditEvent) -> None:
+        """Add an API token (its secret's hash only) and its audit event."""
+        with self._tx() as db:
+            db.execute(f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES "
+                       f"({', '.join('?' for _ in TokenRow._fields)})", token)
+            self._append_audit(db, event)
+
+    def get_token(self, token_id: str) -> TokenRow | None:
+        """An API token by id."""
+        rows = self._read(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE id = ?", (token_id,))
+        return TokenRow(*rows[0]) if rows else None
+
+    def tokens(self) -> list[TokenRow]:
+        """Every API token, newest first."""
+        return [TokenRow(*r) for r in self._read(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at DESC")]
+
+    def revoke_token(self, token_id: str, now: float, event: AuditEvent) -> bool:
+        """Revoke a token not revoked yet (False if there is none)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND "
+                             "revoked_at IS NULL", (now, token_id))
+            if cur.rowcount != 1:
+                return False
+            self._append_audit(db, event)
+            return True
+
+
+def audit_records(rows: Iterable[Any]) -> list[tuple[AuditEvent, str, str]]:
+    """``(event, prev_hash, hash)`` of rows of ``audit_events`` (columns as ``_AUDIT_COLUMNS``);
+    a detail that is not a JSON object (altered: its hash will say so) is kept as text."""
+    out = []
+    for at, actor, action, jid, detail, prev, digest in rows:
+        parsed = _json_or_none(detail)
+        if not isinstance(parsed, dict):
+            parsed = {"unreadable_detail": str(detail)[:200]}
+        out.append((AuditEvent(actor, action, at, jid, parsed), prev, digest))
+    return out
+
+
+def _prefix_pattern(prefix: str) -> str:
+    """A LIKE pattern (escape ``\\``) matching what starts with ``prefix``, taken literally."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _json_or_none(text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return None
