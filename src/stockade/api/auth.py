@@ -58,11 +58,11 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def split(token: str) -> tuple[str, str] | None:
-    """``(id, secret)`` of a well-formed token, else None."""
-    if not token.startswith(PREFIX) or len(token) > 128:
+def split(token: str, prefix: str = PREFIX) -> tuple[str, str] | None:
+    """``(id, secret)`` of a well-formed token (``<prefix><id>_<secret>``), else None."""
+    if not token.startswith(prefix) or len(token) > 128:
         return None
-    token_id, sep, secret = token[len(PREFIX):].partition("_")
+    token_id, sep, secret = token[len(prefix):].partition("_")
     if not sep or not _plain(token_id) or not _plain(secret) or len(token_id) > 16:
         return None
     return token_id, secret

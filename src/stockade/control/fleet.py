@@ -142,8 +142,7 @@ class FleetService:
               concurrency: int, measurements: dict[str, Any], signature: str) -> Session:
         """Enrol a runner agent: a good single-use token, a signature by the key it enrols
         over our nonce, and measurements the policy accepts (PolicyDenied otherwise, audited)."""
-        parts = auth.split(token.removeprefix(ENROL_PREFIX)) \
-            if token.startswith(ENROL_PREFIX) else None
+        parts = auth.split(token, ENROL_PREFIX)
         if parts is None:
             raise self._refuse("runner.enrol_refused", "?", "not an enrolment token")
         token_id, secret = parts
@@ -209,8 +208,7 @@ class FleetService:
 
     def authenticate(self, bearer: str) -> Caller | str:
         """The runner behind a session token, or why there is none."""
-        parts = auth.split(bearer.removeprefix(SESSION_PREFIX)) \
-            if bearer.startswith(SESSION_PREFIX) else None
+        parts = auth.split(bearer, SESSION_PREFIX)
         if parts is None:
             return "no valid runner session token"
         found = self.store.session(parts[0])

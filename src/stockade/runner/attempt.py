@@ -47,6 +47,10 @@ COLLECT_FLOOR_S = 30.0
 COLLECT_MAX_S = 120.0
 
 
+class Canceled(Exception):
+    """The attempt was stopped from outside (:meth:`Attempt.cancel`)."""
+
+
 class Attempt:
     """The state of one attempt while it runs."""
 
@@ -68,6 +72,20 @@ class Attempt:
         self.identity: TokenRefresher | None = None
         self.records: tuple[EgressRecord, ...] = ()
         self._running: tuple[str, float] | None = None  # the step running, since when
+        self._canceled: str | None = None  # why the attempt was canceled from outside
+
+    def cancel(self, why: str) -> None:
+        """Stop the attempt from another thread (a runner agent's heartbeat): the job's
+        processes are killed and it ends ``failed`` (``canceled``), saying ``why``."""
+        if self._canceled is None:
+            self._canceled = why
+        sandbox = self.sandbox
+        if sandbox is not None:
+            sandbox.kill()
+
+    def _check_canceled(self) -> None:
+        if self._canceled is not None:
+            raise Canceled(self._canceled)
 
     def run(self, workspace: WorkspaceSource | None) -> Completion:
         """Everything, in order; the completion to report."""
@@ -75,11 +93,13 @@ class Attempt:
             self._prepare(workspace)
             assert self.sandbox is not None and self.secrets is not None
             self._run_steps(self.sandbox, self.secrets)
+            self._check_canceled()
             self._collect(self.sandbox, self.secrets)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Canceled) as e:
             running = self._stopped("canceled")
             during = f" during step {self.log.job_text(running)}" if running else ""
-            self._fail(JobStatus.FAILED, FailureReason.CANCELED, f"canceled by the user{during}")
+            why = str(e) if isinstance(e, Canceled) else "canceled by the user"
+            self._fail(JobStatus.FAILED, FailureReason.CANCELED, f"{why}{during}")
         except PolicyDenied as e:
             self._fail(JobStatus.FAILED, FailureReason.SECRET_UNAVAILABLE,
                        f"secret unavailable: {e.diagnostics()}", e.diagnostics())
@@ -150,6 +170,7 @@ class Attempt:
         if sandbox.identity_token_path:
             extra["STOCKADE_ID_TOKEN_FILE"] = sandbox.identity_token_path
         for step in spec.steps:
+            self._check_canceled()
             if self._violated():
                 self.status, self.reason, self.exit_code = (
                     JobStatus.FAILED, FailureReason.EGRESS_VIOLATION, None)
@@ -161,6 +182,7 @@ class Attempt:
             self._running = (step.name, time.monotonic())
             exit = sandbox.run(StepRun(step.name, step.run, env, timeout, secrets.files),
                                self.log.output)
+            self._check_canceled()
             self._running = None
             self.log.flush_partial()
             self.log.check_stored()
