@@ -72,6 +72,10 @@ def start(args: argparse.Namespace) -> int:
     ensure_home(settings)
     backend = get_backend("bwrap", settings)
     identity = Identity(settings.home / "runner")
+    _lock_home(settings.home / "runner" / "agent.lock")
+    for job_id in backend.reap_orphans(lambda job_id: True):  # its state dir is the agent's
+        sys.stderr.write(f"stockade runner: removed what job {job_id} left when this agent "
+                         "stopped last time (its server requeues or fails the job)\n")
     session = Session(server, identity, lambda: measure(settings, backend),
                       verify=args.ca_file or True)
     try:
@@ -89,6 +93,21 @@ def start(args: argparse.Namespace) -> int:
                                   hint="check --server and that the server runs") from e
     agent = Agent(settings, backend, session, args.concurrency)
     return agent.serve()
+
+
+def _lock_home(path: Path) -> None:
+    """Hold an exclusive lock on ``path`` for the life of the process: one agent per state
+    directory (what its sandboxes leave is its own to remove)."""
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"another runner agent uses the state directory {path.parent.parent}",
+                         hint="give each agent its own STOCKADE_HOME") from None
 
 
 class Agent:
@@ -253,7 +272,12 @@ class Agent:
         while not shipper.done.wait(self.session.heartbeat_s):
             try:
                 held, cancel = self.control.heartbeat(a.job_id, a.attempt)
-            except (Refused, Unreachable):
+            except Refused as e:
+                if e.status in (401, 403):  # quarantined, or its attestation failed
+                    self._stop(f"the server refused this runner: {e.detail}")
+                    return
+                continue
+            except Unreachable:
                 continue  # the server restarts: the lease outlasts a few missed beats
             if not held:
                 attempt.cancel("this runner lost the job's lease (another attempt has it)")
@@ -315,3 +339,4 @@ class LogShipper(threading.Thread):
     def stop(self) -> None:
         """Stop shipping."""
         self.done.set()
+
