@@ -3,25 +3,35 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := bubblewrap libseccomp2 python3 util-linux procps iproute2 curl socat openssl gcc
+# only for the tests: they start a throwaway PostgreSQL server of their own (tests/support)
+TEST_APT_PACKAGES := postgresql
 
-.PHONY: setup system venv demo test lint unit containment bench clean
+.PHONY: setup system test-system venv demo test lint unit containment bench clean
 
 setup: system venv
 
-system:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# install the packages of $(1) that are missing
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+endef
+
+system:
+	$(call apt_install,$(APT_PACKAGES))
+
+test-system:
+	$(call apt_install,$(TEST_APT_PACKAGES))
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -c 'import stockade, pyseccomp, sqlalchemy, alembic, pydantic'
+	@$(PY) -c 'import stockade, pyseccomp, sqlalchemy, alembic, pydantic, psycopg, psycopg_pool'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -38,10 +48,10 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: setup lint
+test: setup test-system lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
-unit: venv
+unit: venv test-system
 	$(VENV)/bin/pytest -q tests/unit
 
 containment: setup

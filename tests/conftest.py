@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+from tests.support.postgres import database_url, postgres_server, store_url  # noqa: F401
+
 # shared, noisy machines: no per-example deadline (a slow example is not a wrong one)
 hypothesis_settings.register_profile("stockade", deadline=None)
 hypothesis_settings.load_profile("stockade")

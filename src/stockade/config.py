@@ -18,6 +18,9 @@ class Settings(NamedTuple):
     """Settings of one stockade installation (state directory, caps, uid pool)."""
 
     home: Path
+    # the state database: empty for the embedded SQLite file in home, or a PostgreSQL URL
+    # (postgresql://USER:PASSWORD@HOST:PORT/DATABASE) that stockade server replicas share
+    database_url: str = ""
     log_cap_bytes: int = 64 * MiB
     # each concurrently running job gets its own host uid (= gid) from this range
     uid_pool: str = "1600000-1601023"
@@ -90,6 +93,7 @@ class Settings(NamedTuple):
 
 
 _ENV = {
+    "STOCKADE_DATABASE_URL": "database_url",
     "STOCKADE_LOG_CAP": "log_cap_bytes",
     "STOCKADE_UID_POOL": "uid_pool",
     "STOCKADE_CGROUP_NAME": "cgroup_name",

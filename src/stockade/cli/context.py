@@ -12,7 +12,8 @@ from stockade.config import Settings, ensure_home, load_settings
 from stockade.control import AdmissionPolicy, ControlService, JobView
 from stockade.errors import UsageError
 from stockade.secrets.broker import Broker
-from stockade.store.sqlite import SqliteStore
+from stockade.store.interface import Store
+from stockade.store.open import open_store
 
 if TYPE_CHECKING:
     from stockade.control.fleet import FleetService
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from stockade.secrets.oidc import KeyRing
 
 
-_OPEN: list[SqliteStore] = []
+_OPEN: list[Store] = []
 
 
 def open_control(recover: bool = True) -> tuple[Settings, ControlService]:
@@ -29,7 +30,7 @@ def open_control(recover: bool = True) -> tuple[Settings, ControlService]:
     caller does that itself (``recover=False``: ``run`` reaps sandboxes too)."""
     settings = load_settings()
     ensure_home(settings)
-    store = SqliteStore(settings.db_path)
+    store = open_store(settings)
     _OPEN.append(store)
     actor = f"cli:{getpass.getuser()}"
     control = ControlService(store, actor=actor, broker=open_broker(settings, store),
@@ -98,7 +99,7 @@ def open_keyring(settings: Settings) -> KeyRing:
     return KeyRing(settings.home / "oidc", settings.oidc_issuer)
 
 
-def open_broker(settings: Settings, store: SqliteStore) -> Broker:
+def open_broker(settings: Settings, store: Store) -> Broker:
     """The secrets broker; the master key is read (or created) only when a value is needed."""
     from stockade.secrets.vault import Vault
 

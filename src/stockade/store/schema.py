@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 
 metadata = MetaData()
+# 64 bits on PostgreSQL (BIGINT); on SQLite INTEGER is 64 bits, and as a key the rowid
+BIG = Integer().with_variant(BigInteger(), "postgresql")
 
 jobs = Table(
     "jobs", metadata,
@@ -45,12 +57,12 @@ artifacts = Table(
     Column("job_id", String(32), primary_key=True),
     Column("path", Text, primary_key=True),
     Column("sha256", String(64), nullable=False),
-    Column("size", Integer, nullable=False),
+    Column("size", BIG, nullable=False),
 )
 
 audit_events = Table(
     "audit_events", metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("seq", BIG, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False),
     Column("actor", String(100), nullable=False),
     Column("action", String(64), nullable=False),
@@ -63,7 +75,7 @@ audit_events = Table(
 audit_head = Table(  # one row: the count and last hash of audit_events (migration 0004)
     "audit_head", metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("count", Integer, nullable=False),
+    Column("count", BIG, nullable=False),
     Column("hash", String(64), nullable=False),
 )
 

@@ -39,8 +39,8 @@ _JOB_COLUMNS = ", ".join(JobRow._fields)
 _SECRET_COLUMNS = ", ".join(SecretRow._fields)
 _LEASE_COLUMNS = ", ".join(LeaseRow._fields)
 _TOKEN_COLUMNS = ", ".join(TokenRow._fields)
-_HEAD = "SELECT count, hash FROM audit_head WHERE id = 1"
-_AUDIT_COLUMNS = "at, actor, action, job_id, detail_json, prev_hash, hash"
+HEAD_SQL = "SELECT count, hash FROM audit_head WHERE id = 1"  # the audit head record
+AUDIT_COLUMNS = "at, actor, action, job_id, detail_json, prev_hash, hash"
 
 
 class Cursor(Protocol):
@@ -96,7 +96,7 @@ class SqlStore:
         """Called in the transaction of each appended event (SQLite moves its head file)."""
 
     def _append_audit(self, db: Db, event: AuditEvent) -> None:
-        head = _HEAD + self._for_update
+        head = HEAD_SQL + self._for_update
         row = db.execute(head).fetchone()
         if row is None:  # removed behind stockade's back: chain on from the start, visibly
             db.execute("INSERT INTO audit_head (id, count, hash) VALUES (1, 0, ?) "
@@ -105,7 +105,7 @@ class SqlStore:
         before = AuditHead(*row)
         digest = chain_hash(before.hash, event)
         db.execute(  # a trigger moves audit_head in this statement (migration 0004)
-            f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (event.at, event.actor, event.action, event.job_id,
              json.dumps(event.detail, sort_keys=True), before.hash, digest),
         )
@@ -198,7 +198,7 @@ class SqlStore:
 
     def audit_records(self, job_id: str | None = None) -> list[tuple[AuditEvent, str, str]]:
         """Audit records in order, with their chain hashes."""
-        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit_events"
+        sql = f"SELECT {AUDIT_COLUMNS} FROM audit_events"
         args: tuple[Any, ...] = ()
         if job_id is not None:
             sql, args = sql + " WHERE job_id = ?", (job_id,)
@@ -294,7 +294,7 @@ class SqlStore:
 
 
 def audit_records(rows: Iterable[Any]) -> list[tuple[AuditEvent, str, str]]:
-    """``(event, prev_hash, hash)`` of rows of ``audit_events`` (columns as ``_AUDIT_COLUMNS``);
+    """``(event, prev_hash, hash)`` of rows of ``audit_events`` (columns as ``AUDIT_COLUMNS``);
     a detail that is not a JSON object (altered: its hash will say so) is kept as text."""
     out = []
     for at, actor, action, jid, detail, prev, digest in rows:

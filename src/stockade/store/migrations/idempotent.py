@@ -39,7 +39,32 @@ def add_columns(table: str, *columns: sa.Column[object]) -> None:
 
 
 def create_sqlite_trigger(name: str, definition: str) -> None:
-    """``CREATE TRIGGER IF NOT EXISTS name definition`` (SQLite only; other databases get
-    their own triggers in their own migration)."""
+    """``CREATE TRIGGER IF NOT EXISTS name definition`` (SQLite only; PostgreSQL gets its own,
+    :func:`create_postgres_trigger`, in the same migration)."""
     if op.get_bind().dialect.name == "sqlite":
         op.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {definition}")
+
+
+def create_postgres_trigger(name: str, table: str, when: str, body: str,
+                            condition: str = "") -> None:
+    """A trigger ``name`` on ``table`` that runs the PL/pgSQL ``body`` ``when`` (e.g.
+    ``BEFORE DELETE``; row-level unless TRUNCATE), only if ``condition`` holds (a row
+    trigger's WHEN clause); its function is ``<name>_fn``. Replaces one of that name
+    (PostgreSQL only; SQLite gets its own, :func:`create_sqlite_trigger`)."""
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    level = "STATEMENT" if "TRUNCATE" in when else "ROW"
+    op.execute(f"CREATE OR REPLACE FUNCTION {name}_fn() RETURNS trigger LANGUAGE plpgsql AS "
+               f"$$ BEGIN {body} END $$")
+    op.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+    op.execute(f"CREATE TRIGGER {name} {when} ON {table} FOR EACH {level} "
+               f"{f'WHEN ({condition}) ' if condition else ''}EXECUTE FUNCTION {name}_fn()")
+
+
+def drop_trigger(name: str, table: str) -> None:
+    """Remove a trigger made by either function above (and its function on PostgreSQL)."""
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+        op.execute(f"DROP FUNCTION IF EXISTS {name}_fn()")
+    else:
+        op.execute(f"DROP TRIGGER IF EXISTS {name}")

@@ -12,14 +12,20 @@ from alembic import op
 
 from stockade.store.migrations.idempotent import (
     create_index,
+    create_postgres_trigger,
     create_sqlite_trigger,
     create_table,
+    drop_trigger,
 )
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
+
+# 64 bits on PostgreSQL (BIGINT; BIGSERIAL for a key); on SQLite INTEGER, which is 64 bits
+# there and, as the key, the rowid
+BIG = sa.Integer().with_variant(sa.BigInteger(), "postgresql")
 
 
 def upgrade() -> None:
@@ -57,11 +63,11 @@ def upgrade() -> None:
         sa.Column("job_id", sa.String(32), primary_key=True),
         sa.Column("path", sa.Text, primary_key=True),
         sa.Column("sha256", sa.String(64), nullable=False),
-        sa.Column("size", sa.Integer, nullable=False),
+        sa.Column("size", BIG, nullable=False),
     )
     create_table(
         "audit_events",
-        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("seq", BIG, primary_key=True, autoincrement=True),
         sa.Column("at", sa.Float, nullable=False),
         sa.Column("actor", sa.String(100), nullable=False),
         sa.Column("action", sa.String(64), nullable=False),
@@ -77,9 +83,15 @@ def upgrade() -> None:
             f"BEFORE {verb} ON audit_events "
             "BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END",
         )
+    for verb in ("UPDATE", "DELETE", "TRUNCATE"):
+        create_postgres_trigger(f"audit_events_no_{verb.lower()}", "audit_events",
+                                f"BEFORE {verb}",
+                                "RAISE EXCEPTION 'audit_events is append-only';")
 
 
 def downgrade() -> None:
     """Drop everything."""
+    for verb in ("update", "delete", "truncate"):
+        drop_trigger(f"audit_events_no_{verb}", "audit_events")
     for table in ("audit_events", "artifacts", "steps", "jobs"):
         op.drop_table(table)

@@ -11,7 +11,12 @@ their current head.
 import sqlalchemy as sa
 from alembic import op
 
-from stockade.store.migrations.idempotent import create_sqlite_trigger, create_table
+from stockade.store.migrations.idempotent import (
+    create_postgres_trigger,
+    create_sqlite_trigger,
+    create_table,
+    drop_trigger,
+)
 
 revision = "0004"
 down_revision = "0003"
@@ -26,7 +31,8 @@ def upgrade() -> None:
     create_table(
         "audit_head",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-        sa.Column("count", sa.Integer, nullable=False),
+        sa.Column("count", sa.Integer().with_variant(sa.BigInteger(), "postgresql"),
+                  nullable=False),
         sa.Column("hash", sa.String(64), nullable=False),
     )
     op.execute(
@@ -49,10 +55,22 @@ def upgrade() -> None:
         "BEFORE UPDATE ON audit_head WHEN NEW.count != OLD.count + 1 "
         "BEGIN SELECT RAISE(ABORT, 'audit_head moves only with audit_events'); END",
     )
+    # the same on PostgreSQL, in PL/pgSQL (TRUNCATE, which SQLite has not, refused too)
+    create_postgres_trigger(
+        "audit_events_move_head", "audit_events", "AFTER INSERT",
+        "UPDATE audit_head SET count = count + 1, hash = NEW.hash WHERE id = 1; RETURN NEW;")
+    refuse = "RAISE EXCEPTION 'audit_head moves only with audit_events';"
+    create_postgres_trigger("audit_head_no_delete", "audit_head", "BEFORE DELETE", refuse)
+    create_postgres_trigger("audit_head_no_truncate", "audit_head", "BEFORE TRUNCATE", refuse)
+    create_postgres_trigger("audit_head_only_forward", "audit_head", "BEFORE UPDATE", refuse,
+                            condition="NEW.count <> OLD.count + 1")
 
 
 def downgrade() -> None:
     """Remove the table and its triggers."""
-    for trigger in ("audit_head_only_forward", "audit_head_no_delete", "audit_events_move_head"):
-        op.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    for trigger, table in (("audit_head_only_forward", "audit_head"),
+                           ("audit_head_no_truncate", "audit_head"),
+                           ("audit_head_no_delete", "audit_head"),
+                           ("audit_events_move_head", "audit_events")):
+        drop_trigger(trigger, table)
     op.drop_table("audit_head")

@@ -1,0 +1,227 @@
+"""The PostgreSQL store, for a fleet: several ``stockade server`` replicas on one database.
+
+psycopg 3 over a connection pool: the server runs requests in many threads, and each one
+borrows a connection for one transaction or read. Transactions are READ COMMITTED; claims lock
+their candidates ``FOR UPDATE SKIP LOCKED``, so replicas never take the same job and never
+wait for each other, and every audit append locks the one ``audit_head`` row first, so that
+the chain stays one chain (see :mod:`stockade.store.sql`). The head row is the trail's only
+anchor here: ``audit.head``, the copy outside the database, belongs to the embedded SQLite
+store of one host.
+
+Imported only when ``database_url`` names PostgreSQL: the embedded path never loads psycopg.
+"""
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from stockade.audit import AuditHead, AuditSnapshot
+from stockade.errors import StoreError
+from stockade.store.fleet import FleetQueries
+from stockade.store.sql import AUDIT_COLUMNS, HEAD_REVISION, HEAD_SQL, SqlStore, audit_records
+
+SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
+POOL_MAX = 16  # connections per store (a replica); the server's max_connections bounds them all
+POOL_WAIT_S = 30.0
+_URL_HINT = ("write it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE (see the settings "
+             "table in README)")
+
+
+class PostgresStore(SqlStore, FleetQueries):
+    """A :class:`~stockade.store.interface.Store` in a PostgreSQL database; safe to share
+    between threads."""
+
+    _skip_locked = " FOR UPDATE SKIP LOCKED"
+    _for_update = " FOR UPDATE"
+    _like = "ILIKE"  # as SQLite's LIKE: a prefix in capitals finds the job too
+    _damaged_hint = "restore the database from a backup, or ask its administrator what changed"
+
+    def __init__(self, url: str, pool_size: int = POOL_MAX) -> None:
+        self._conninfo, self._where = _conninfo(url)
+        try:
+            with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                revision = _revision(conn)
+        except psycopg.ProgrammingError as e:  # a parameter libpq refuses
+            raise _invalid(url, e) from e
+        except psycopg.Error as e:
+            raise self._error(e) from e
+        if revision != HEAD_REVISION:
+            self._migrate()
+        self._pool = ConnectionPool(self._conninfo, min_size=1, max_size=pool_size,
+                                    kwargs={"autocommit": True}, timeout=POOL_WAIT_S,
+                                    check=ConnectionPool.check_connection,
+                                    name="stockade", open=True)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self._conninfo)
+
+    def _migrate(self) -> None:
+        from stockade.store.migrate import upgrade_postgres
+
+        try:
+            upgrade_postgres(self._connect, self._where)
+        except StoreError:
+            raise
+        except Exception as e:  # Alembic and SQLAlchemy raise many types; translate all
+            orig = getattr(e, "orig", None) or e
+            if isinstance(orig, psycopg.Error):
+                raise self._error(orig) from e
+            raise StoreError(f"cannot migrate the database {self._where}: "
+                             f"{str(orig).splitlines()[0] if str(orig) else type(orig).__name__}",
+                             hint=self._damaged_hint) from e
+
+    def _error(self, e: Exception) -> StoreError:
+        """``e`` for a person: which database, what is wrong, and what to do."""
+        text = " ".join(str(e).split()) or type(e).__name__
+        reason = text.split("FATAL:", 1)[-1].strip()
+        info = conninfo_to_dict(self._conninfo)
+        if isinstance(e, PoolTimeout):
+            return StoreError(f"no connection to the database {self._where} came free within "
+                              f"{POOL_WAIT_S:.0f} s",
+                              hint="the PostgreSQL server may be down or overloaded: check it "
+                                   "(pg_isready) and its log")
+        if "password authentication failed" in text or "no password supplied" in text \
+                or getattr(e, "sqlstate", None) in ("28P01", "28000"):
+            return StoreError(f"PostgreSQL refused the credentials of user "
+                              f"{info.get('user', '(default)')} for {self._where}: {reason}",
+                              hint="check the user and password in STOCKADE_DATABASE_URL "
+                                   "(or PGPASSWORD, ~/.pgpass) and the server's pg_hba.conf")
+        if ("database" in text and "does not exist" in text and "FATAL" in text) \
+                or getattr(e, "sqlstate", None) == "3D000":
+            return StoreError(f"the database {self._where} does not exist",
+                              hint=f"create it (createdb -h HOST -p PORT -U USER "
+                                   f"{info.get('dbname', 'NAME')}; stockade sets up its "
+                                   "tables) or correct STOCKADE_DATABASE_URL")
+        if isinstance(e, psycopg.OperationalError) and (
+                text.startswith(("connection failed", "connection is bad", "failed to resolve"))
+                or "connection refused" in text.lower() or "timeout expired" in text):
+            return StoreError(f"cannot reach the PostgreSQL server of {self._where}: {reason}",
+                              hint="start the server, or correct the host and port in "
+                                   "STOCKADE_DATABASE_URL (pg_isready -h HOST -p PORT says "
+                                   "whether it accepts connections)")
+        if isinstance(e, psycopg.OperationalError):
+            return StoreError(f"lost the connection to the database {self._where}: {reason}",
+                              hint="check the PostgreSQL server and its log; the transaction "
+                                   "was not committed")
+        if isinstance(e, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+            return StoreError(f"the state database {self._where} is damaged ({text})",
+                              hint=self._damaged_hint)
+        return StoreError(f"state database error in {self._where}: {text}",
+                          hint="check the PostgreSQL server's log")
+
+    @contextmanager
+    def _tx(self) -> Iterator["_Db"]:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield _Db(conn)
+        except psycopg.Error as e:
+            raise self._error(e) from e
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            with self._pool.connection() as conn:
+                return conn.execute(_pg(sql), args).fetchall()
+        except psycopg.Error as e:
+            raise self._error(e) from e
+
+    def audit_snapshot(self) -> AuditSnapshot:
+        """The whole trail and its head record, read in one snapshot (no file: the head row
+        is the anchor on PostgreSQL, so ``file_head`` is None and ``file_problem`` empty)."""
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                records = audit_records(conn.execute(
+                    f"SELECT {AUDIT_COLUMNS} FROM audit_events ORDER BY seq").fetchall())
+                row = None
+                if conn.execute("SELECT to_regclass('audit_head')").fetchone() != (None,):
+                    row = conn.execute(HEAD_SQL).fetchone()
+        except psycopg.Error as e:
+            raise self._error(e) from e
+        return AuditSnapshot(records, AuditHead(row[0], row[1]) if row else None, None, "")
+
+    def close(self) -> None:
+        """Close the pool's connections."""
+        self._pool.close()
+
+
+class _Db:
+    """A pooled connection in a transaction, taking ``?`` placeholders (see ``sql.Db``)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, args: Any = (), /) -> psycopg.Cursor[Any]:
+        """Run one statement."""
+        return self._conn.execute(_pg(sql), args)
+
+    def executemany(self, sql: str, seq: Iterable[Any], /) -> psycopg.Cursor[Any]:
+        """Run one statement for each argument tuple."""
+        cur = self._conn.cursor()
+        cur.executemany(_pg(sql), seq)
+        return cur
+
+
+@lru_cache(maxsize=1024)
+def _pg(sql: str) -> str:
+    """``sql`` with psycopg's placeholders: ``?`` outside string literals becomes ``%s``, and
+    a literal ``%`` is doubled."""
+    out, quoted = [], False
+    for ch in sql:
+        if ch == "'":
+            quoted = not quoted  # a doubled '' inside a literal flips twice
+        out.append("%%" if ch == "%" else "%s" if ch == "?" and not quoted else ch)
+    return "".join(out)
+
+
+def _revision(conn: psycopg.Connection[Any]) -> str | None:
+    """The schema's Alembic revision (None for a database stockade never set up)."""
+    if conn.execute("SELECT to_regclass('alembic_version')").fetchone() == (None,):
+        return None
+    row = conn.execute("SELECT max(version_num) FROM alembic_version").fetchone()
+    return str(row[0]) if row and row[0] is not None else None
+
+
+def _conninfo(url: str) -> tuple[str, str]:
+    """libpq's connection string for ``url`` (with a connect timeout unless it has one), and
+    the URL as errors show it: without its password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SCHEMES:
+        raise StoreError(f"{_redacted(url)} is not a PostgreSQL URL", hint=_URL_HINT)
+    try:
+        params = conninfo_to_dict("postgresql://" + rest)
+    except psycopg.Error as e:
+        raise _invalid(url, e) from e
+    extra = {k: v for k, v in (("connect_timeout", "10"), ("application_name", "stockade"))
+             if k not in params}
+    user = f"{params['user']}@" if params.get("user") else ""
+    where = f"postgresql://{user}{params.get('host') or 'localhost'}:" \
+            f"{params.get('port') or 5432}/{params.get('dbname') or ''}"
+    return make_conninfo("postgresql://" + rest, **extra), where
+
+
+def _invalid(url: str, e: Exception) -> StoreError:
+    """A StoreError for a URL libpq does not take (the reason without the password)."""
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    reason = " ".join(str(e).split())
+    if at and ":" in userinfo:
+        reason = reason.replace(userinfo.split(":", 1)[1], "***")
+    return StoreError(f"the database URL {_redacted(url)} is not valid: {reason[:200]}",
+                      hint=_URL_HINT)
+
+
+def _redacted(url: str) -> str:
+    """``url`` without the password it may hold, short and printable."""
+    from stockade.text import escape_controls
+
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{hostpart}"
+    return repr(escape_controls(f"{scheme}{sep}{rest}"[:120]))

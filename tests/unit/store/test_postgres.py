@@ -1,0 +1,221 @@
+"""The PostgreSQL store as replicas share it: concurrent claims, migrations and audit appends,
+and errors a person can act on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine
+
+from stockade.audit import AuditEvent, verify_chain
+from stockade.audit.head import head_of
+from stockade.errors import StoreError, UsageError
+from stockade.store.interface import JobRow
+from stockade.store.migrate import MIGRATION_LOCK
+from stockade.store.open import open_store
+from stockade.store.postgres import PostgresStore
+from stockade.store.schema import metadata
+from stockade.store.sql import HEAD_REVISION
+from tests.support.postgres import PostgresServer, raw_execute, sqlalchemy_url
+
+
+def job(job_id: str, created: float) -> JobRow:
+    return JobRow(job_id, "n", "{}", "[]", "queued", None, None, 0, None, None, created,
+                  None, None, None)
+
+
+def ev(action: str, job_id: str | None = None, **detail: object) -> AuditEvent:
+    return AuditEvent("test", action, time.time(), job_id, detail)
+
+
+def in_threads(n: int, work: Callable[[int], None]) -> None:
+    """Run ``work(i)`` in ``n`` threads released at once; re-raise the first failure."""
+    start, errors = threading.Barrier(n), []
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            work(i)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
+    if errors:
+        raise errors[0]
+
+
+def test_two_replicas_claim_every_job_exactly_once(database_url: str) -> None:
+    replicas = [PostgresStore(database_url), PostgresStore(database_url)]
+    for i in range(200):
+        replicas[0].insert_job(job(f"j{i:04}", float(i)), ev("job.admitted", f"j{i:04}"))
+    claimed: list[str] = []
+
+    def claim_all(i: int) -> None:  # 8 threads, 4 on each replica
+        store = replicas[i % 2]
+        while (got := store.claim_attempt(f"r{i}", lambda j: 1e12,
+                                          lambda j: ev("job.claimed", j.id),
+                                          lambda j: True)) is not None:
+            claimed.append(got.id)
+
+    in_threads(8, claim_all)
+    assert sorted(claimed) == [f"j{i:04}" for i in range(200)]
+    assert all(n == 1 for n in Counter(claimed).values())
+    assert {j.status for j in replicas[1].list_jobs(500)} == {"running"}
+    assert all(len(replicas[1].attempts(f"j{i:04}")) == 1 for i in range(0, 200, 17))
+    records = replicas[1].audit_records()
+    assert len(records) == 400 and verify_chain(records) is None
+    for store in replicas:
+        store.close()
+
+
+def test_a_claim_passes_over_jobs_another_replica_is_taking(database_url: str) -> None:
+    store = PostgresStore(database_url)
+    store.insert_job(job("j1", 1.0), ev("job.admitted", "j1"))
+    store.insert_job(job("j2", 2.0), ev("job.admitted", "j2"))
+    with psycopg.connect(database_url) as other:  # a replica in the middle of taking j1
+        other.execute("SELECT id FROM jobs WHERE id = 'j1' FOR UPDATE")
+        got: list[JobRow | None] = []
+        t = threading.Thread(target=lambda: got.append(store.claim_attempt(
+            "r1", lambda j: 1e12, lambda j: ev("job.claimed", j.id), lambda j: True)))
+        t.start()
+        t.join(timeout=10)
+        assert not t.is_alive(), "the claim waited for the other replica's lock"
+        other.rollback()
+    assert got[0] is not None and got[0].id == "j2"
+    store.close()
+
+
+def test_concurrent_appends_from_two_replicas_keep_one_chain(database_url: str) -> None:
+    replicas = [PostgresStore(database_url), PostgresStore(database_url)]
+
+    def append(i: int) -> None:
+        for n in range(25):
+            replicas[i % 2].record([ev("note", thread=i, n=n, k=0), ev("note", thread=i, n=n,
+                                                                       k=1)])
+
+    in_threads(8, append)
+    snap = replicas[0].audit_snapshot()
+    assert len(snap.records) == 400 and verify_chain(snap.records) is None
+    assert snap.db_head == head_of([digest for _, _, digest in snap.records])
+    assert snap.file_head is None and snap.file_problem == ""  # no file on PostgreSQL
+    for thread in range(8):  # each transaction's two events are adjacent in the chain
+        mine = [r[0].detail for r in snap.records if r[0].detail["thread"] == thread]
+        assert [(d["n"], d["k"]) for d in mine] == [(n, k) for n in range(25) for k in (0, 1)]
+    for store in replicas:
+        store.close()
+
+
+MIGRATE = ("import sys; from stockade.store.postgres import PostgresStore; "
+           "PostgresStore(sys.argv[1]).close()")
+
+
+def test_replicas_starting_at_once_migrate_once(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        # hold the migration lock, so that all three reach it before any migrates
+        holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, database_url],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                             "NOT granted").fetchone() != (3,):
+            assert time.monotonic() < deadline, "the replicas did not wait for the lock"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.05)
+        holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    outcomes = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outcomes
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (HEAD_REVISION,)]
+        assert conn.execute("SELECT count, hash FROM audit_head").fetchall() == [(0, "0" * 64)]
+    engine = create_engine(sqlalchemy_url(database_url))
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    engine.dispose()
+
+
+def test_counters_that_grow_without_bound_are_64_bit(database_url: str) -> None:
+    PostgresStore(database_url).close()
+    with psycopg.connect(database_url) as conn:
+        types = dict(conn.execute(
+            "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
+            "WHERE column_name IN ('seq', 'count', 'size') AND table_name IN "
+            "('audit_events', 'audit_head', 'artifacts')").fetchall())
+    assert types == {"audit_events.seq": "bigint", "audit_head.count": "bigint",
+                     "artifacts.size": "bigint"}
+
+
+def test_placeholders_outside_literals_only(database_url: str) -> None:
+    store = PostgresStore(database_url)
+    assert store._read("SELECT '?', ?, '50%', 'it''s ?'", (1,)) == [("?", 1, "50%", "it's ?")]
+    store.close()
+
+
+def failure(url: str) -> StoreError:
+    with pytest.raises(StoreError) as caught:
+        PostgresStore(url).close()
+    return caught.value
+
+
+def test_an_unreachable_server_is_named_with_a_hint() -> None:
+    e = failure("postgresql://stockade:sekrit@127.0.0.1:1/x")
+    assert "cannot reach the PostgreSQL server of postgresql://stockade@127.0.0.1:1/x" in e.message
+    assert "STOCKADE_DATABASE_URL" in e.hint and "sekrit" not in e.diagnostics()
+
+
+def test_wrong_credentials_and_a_missing_database_say_so(postgres_server: PostgresServer
+                                                         ) -> None:
+    e = failure(postgres_server.url("postgres", password="wrong-password"))
+    assert "refused the credentials of user stockade" in e.message
+    assert "password" in e.hint and "wrong-password" not in e.diagnostics()
+    e = failure(postgres_server.url("no_such_db"))
+    assert e.message.endswith(f"127.0.0.1:{postgres_server.port}/no_such_db does not exist")
+    assert "createdb" in e.hint
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:p%zz@127.0.0.1/x", "postgresql://[::1/x",
+                                 "postgresql://127.0.0.1/x?nonsense=1",
+                                 "postgresql://127.0.0.1/x?connect_timeout=soon"])
+def test_a_url_libpq_refuses_is_a_store_error_with_the_form(url: str) -> None:
+    e = failure(url)
+    assert "is not valid" in e.message and "postgresql://USER:PASSWORD@HOST" in e.hint
+    assert "zz" not in e.message
+
+
+def test_a_schema_newer_than_the_code_is_refused(database_url: str) -> None:
+    PostgresStore(database_url).close()
+    raw_execute(database_url, "UPDATE alembic_version SET version_num = '9999'")
+    e = failure(database_url)
+    assert "has schema revision '9999', which this version of stockade does not know" in e.message
+    assert "newer stockade" in e.hint
+
+
+def test_a_database_of_something_else_is_refused(database_url: str) -> None:
+    raw_execute(database_url, "CREATE TABLE customers (id int)")
+    e = failure(database_url)
+    assert "is not a stockade database (it holds the tables 'customers')" in e.message
+    raw_execute(database_url, "SELECT 1")
+
+
+def test_the_factory_picks_the_backend_by_scheme(database_url: str) -> None:
+    store = open_store(database_url.replace("postgresql://", "postgresql+psycopg://"))
+    assert isinstance(store, PostgresStore)
+    store.close()
+    for url in ("mysql://u@h/db", "sqlite:///relative.db", "relative.db"):
+        with pytest.raises(UsageError):
+            open_store(url)
