@@ -100,7 +100,8 @@ class PostgresStore(SqlStore, FleetQueries):
         if isinstance(e, psycopg.OperationalError) and (
                 text.startswith(("connection failed", "connection is bad", "failed to resolve"))
                 or "connection refused" in text.lower() or "timeout expired" in text):
-            return StoreError(f"cannot reach the PostgreSQL server of {self._where}: {reason}",
+            return StoreError(f"cannot reach the PostgreSQL server of {self._where}: "
+                              f"{reason.removeprefix('connection failed: ')}",
                               hint="start the server, or correct the host and port in "
                                    "STOCKADE_DATABASE_URL (pg_isready -h HOST -p PORT says "
                                    "whether it accepts connections)")

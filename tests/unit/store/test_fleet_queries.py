@@ -1,0 +1,120 @@
+"""The fleet's transactions (store/fleet.py) on both backends: the same SQL must mean the same
+on SQLite and PostgreSQL (placeholders, upserts, bytes, fencing, row counts)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from stockade.audit import AuditEvent, verify_chain
+from stockade.store.interface import EnrolTokenRow, JobRow, RunnerRow, SessionRow, Store
+from stockade.store.open import open_store
+
+
+def ev(action: str, job_id: str | None = None) -> AuditEvent:
+    return AuditEvent("test", action, 1.0, job_id)
+
+
+def job(job_id: str, created: float, runner_id: str | None = None) -> JobRow:
+    return JobRow(job_id, "n", "{}", "[]", "queued", None, None, 0, runner_id, None, created,
+                  None, None, None, max_attempts=2)
+
+
+def enrolled(store: Store, runner_id: str = "r1") -> None:
+    token = EnrolTokenRow("t1", "default", "ab" * 32, 1.0, 1e12, None, None)
+    store.insert_enrol_token(token, ev("enrol_token.created"))
+    runner = RunnerRow(runner_id, "box", "default", '["linux"]', 2, "k" * 44, "active", "{}",
+                       None, 2.0, None)
+    why = store.enrol("t1", lambda row: None if row == token else "no such token", runner,
+                      SessionRow("s1", runner_id, "cd" * 32, 2.0, 1e12), [ev("runner.enrolled")])
+    assert why is None
+
+
+def test_enrolment_sessions_and_runner_status(store_url: str) -> None:
+    store = open_store(store_url)
+    enrolled(store)
+    assert store.enrol("t1", lambda row: None, store.get_runner("r1"),  # type: ignore[arg-type]
+                       SessionRow("s2", "r1", "ef" * 32, 3.0, 1e12), []) == \
+        "this enrolment token was used already"
+    session = store.session("s1")
+    assert session is not None and session[1].id == "r1" and session[1].concurrency == 2
+    assert store.attest("r1", "active", '{"ok": true}', 5.0,
+                        SessionRow("s3", "r1", "00" * 32, 5.0, 1e12), ev("runner.attested"))
+    assert store.set_runner_status("r1", "draining", ("active",), ev("runner.draining"))
+    assert store.attest("r1", "active", "{}", 6.0, None, ev("runner.attested"))
+    assert store.get_runner("r1").status == "draining"  # type: ignore[union-attr]
+    assert not store.set_runner_status("r1", "active", ("quarantined",), ev("x"))
+    assert store.set_runner_status("r1", "quarantined", ("draining",), ev("runner.quarantined"))
+    assert store.session("s3") is None and not store.attest("r1", "active", "{}", 7.0, None,
+                                                            ev("x"))
+    assert [r.id for r in store.runners()] == ["r1"]
+    assert verify_chain(store.audit_records()) is None
+    store.close()
+
+
+def test_attempts_are_fenced_logged_and_lost(store_url: str) -> None:
+    store = open_store(store_url)
+    enrolled(store)
+    store.insert_job(job("j1", 1.0), ev("job.admitted", "j1"))
+    claimed = store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                                  lambda j: True)
+    assert claimed is not None and claimed.attempt == 1 and store.holds("j1", 1, "r1")
+    assert store.extend_lease("j1", 1, "r1", 150.0) == (True, False)
+    assert store.extend_lease("j1", 1, "r2", 150.0) == (False, False)
+    chunk = b"\x00line one\n\xff"
+    assert store.put_log_chunk("j1", 1, "r1", 0, chunk, cap=20) == "stored"
+    assert store.put_log_chunk("j1", 1, "r1", 0, chunk, cap=20) == "duplicate"
+    assert store.put_log_chunk("j1", 1, "r1", 0, b"other", cap=20) == "conflict"
+    assert store.put_log_chunk("j1", 1, "r1", 1, b"x" * 10, cap=20) == "full"
+    assert store.put_log_chunk("j1", 1, "r2", 1, b"x", cap=20) == "fenced"
+    assert store.log_chunks("j1") == [(1, 0, chunk)]
+    assert store.request_cancel("j1", 160.0, ev("job.cancel", "j1")) == "requested"
+    assert store.extend_lease("j1", 1, "r1", 170.0) == (True, True)
+    lost = store.expire_leases(1000.0, lambda j, again: ev("job.lost", j.id))
+    assert [(j.id, again) for j, again in lost] == [("j1", False)]  # canceled: not again
+    assert [a.outcome for a in store.attempts("j1")] == ["lost"]
+    assert not store.finish_attempt("j1", 1, "r1", {"status": "succeeded"}, [], [], [])
+    store.close()
+
+
+def test_a_lost_attempt_runs_again_and_the_second_finishes(store_url: str) -> None:
+    store = open_store(store_url)
+    enrolled(store)
+    store.insert_job(job("j1", 1.0), ev("job.admitted", "j1"))
+    def claim() -> JobRow | None:
+        return store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                                   lambda j: True)
+    claim()
+    assert [(j.id, again) for j, again in store.expire_leases(
+        1000.0, lambda j, again: ev("job.lost", j.id))] == [("j1", True)]
+    second = claim()
+    assert second is not None and second.attempt == 2
+    assert store.finish_attempt("j1", 2, "r1", {"status": "succeeded", "finished_at": 5.0},
+                                [], [], [ev("job.succeeded", "j1")])
+    assert [(a.attempt, a.outcome) for a in store.attempts("j1")] == [(1, "lost"),
+                                                                     (2, "succeeded")]
+    assert store.request_cancel("j1", 6.0, ev("job.cancel", "j1")) is None
+    store.insert_job(job("j2", 2.0), ev("job.admitted", "j2"))
+    assert store.request_cancel("j2", 6.0, ev("job.cancel", "j2")) == "canceled"
+    store.insert_job(job("j3", 3.0), ev("job.admitted", "j3"))
+    claim()
+    assert [j.id for j in store.fail_runner_jobs("r1", 7.0, lambda j: ev("job.lost", j.id))
+            ] == ["j3"]
+    assert verify_chain(store.audit_records()) is None
+    store.close()
+
+
+def test_nonces_secrets_and_blobs(store_url: str) -> None:
+    store = open_store(store_url)
+    assert store.spend_nonce("n1", 10.0, 1.0) and not store.spend_nonce("n1", 10.0, 2.0)
+    assert store.spend_nonce("n1", 30.0, 20.0)  # expired, so spent again
+    key = store.server_secret("nonce-key", lambda: b"\x01\x02")
+    assert key == b"\x01\x02" and store.server_secret("nonce-key", lambda: b"new") == key
+    data = bytes(range(256))
+    digest = hashlib.sha256(data).hexdigest()
+    store.put_blob(digest, data, 1.0)
+    store.put_blob(digest, data, 2.0)
+    assert store.get_blob(digest) == data and store.has_blob(digest) == 256
+    assert store.get_blob("0" * 64) is None and store.has_blob("0" * 64) is None
+    assert store.prune_blobs(0.5) == 0 and store.prune_blobs(5.0) == 1
+    assert store.get_blob(digest) is None
+    store.close()
