@@ -7,9 +7,9 @@ waker that ends runners' long polls when work arrives.
 import asyncio
 import contextlib
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 
 from stockade.api import auth
 from stockade.config import Settings
@@ -73,11 +73,16 @@ def require(request: Request, role: str) -> TokenRow:
     refusals)."""
     row = token_of(request)
     if not auth.allows(row.role, role):
-        refusals = request.app.state.refusals
-        client = (request.scope.get("client") or ("?",))[0]
-        refusals(request.url.path, f"the {row.role} role may not do this", str(client), row.id)
-        raise HTTPException(403, f"the {row.role} role may not do this")
+        refuse(request, f"the {row.role} role may not do this ({role} needed)", row.id)
     return row
+
+
+def refuse(request: Request, why: str, token_id: str | None) -> NoReturn:
+    """Audit (within the gate's budget) and answer 403 ``why``."""
+    refusals = request.app.state.refusals
+    client = (request.scope.get("client") or ("?",))[0]
+    refusals(request.url.path, why, str(client), token_id)
+    raise HTTPException(403, why)
 
 
 def runner_of(request: Request) -> Caller:
@@ -86,3 +91,14 @@ def runner_of(request: Request) -> Caller:
     if not isinstance(caller, Caller):
         raise HTTPException(403, "only runner agents may use this endpoint")
     return caller
+
+
+def needs(role: str) -> Any:
+    """A route dependency: the caller's token must include ``role``; checked before the
+    route's parameters and body are validated, so that a caller without the role learns
+    nothing about them."""
+
+    def check(request: Request) -> None:
+        require(request, role)
+
+    return Depends(check)

@@ -1,20 +1,36 @@
-"""The routes for people and their tools: jobs (submit, list, get), ...
+"""The routes for people and their tools: jobs (submit, list, get, cancel, attempts) and the
+workspace archives submitted jobs carry. Logs and artifacts are in :mod:`.joblogs`, the
+administrator's routes in :mod:`.admin`.
+
+Roles: a viewer reads, a submitter also submits and cancels the jobs it submitted, an admin
+cancels any job. Path parameters are checked against their patterns before anything looks
+them up; no error repeats what the request sent.
 
 (No postponed annotations here: FastAPI reads the endpoints' annotations at run time.)
 """
 
+import asyncio
+import hashlib
+import io
+import re
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
-from stockade.api.common import ApiContext, token_of
+from stockade.api.common import ApiContext, needs, refuse, token_of
 from stockade.config import Settings
 from stockade.errors import PolicyDenied, SpecError, UsageError
+from stockade.store.interface import JobRow
 
 MAX_SPEC_BYTES = 256 * 1024
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # a workspace archive, at most (held in memory)
+UPLOADS_AT_ONCE = 2  # archives held in memory at once; more uploads get 503
+JOB_PATTERN = r"^[A-Za-z0-9]{1,64}$"
+SHA_PATTERN = r"^[0-9a-f]{64}$"
+FINISHED = ("succeeded", "failed", "denied", "error")
 
 
 def upload_limit(settings: Settings) -> int:
@@ -23,28 +39,50 @@ def upload_limit(settings: Settings) -> int:
 
 
 class SubmitRequest(BaseModel):
-    """A job to queue: its spec as YAML text, the trust asked for (capped by the token's) and
-    the source reference it runs (one the token may speak for)."""
+    """A job to queue: its spec as YAML text, the trust asked for (capped by the token's),
+    the source reference it runs (one the token may speak for) and, optionally, the sha256 of
+    a workspace archive uploaded before (``POST /api/v1/workspaces``)."""
 
     model_config = {"extra": "forbid"}
     spec: str = Field(max_length=MAX_SPEC_BYTES)
     trust: Literal["untrusted", "trusted", "protected"] = "trusted"
     ref: str = Field(default="local", max_length=200)
+    workspace_sha256: str | None = Field(default=None, pattern=SHA_PATTERN)
 
 
 def _job_id(job_id: str) -> str | None:
     return job_id if job_id.isascii() and job_id.isalnum() and len(job_id) <= 64 else None
 
 
+def job_summary(j: JobRow) -> dict[str, Any]:
+    """A job as ``GET /api/v1/jobs`` lists it (what ``stockade jobs --json`` prints)."""
+    return {"job_id": j.id, "name": j.name, "status": j.status,
+            "failure_reason": j.failure_reason, "created_at": j.created_at,
+            "started_at": j.started_at, "finished_at": j.finished_at,
+            "duration_s": round(j.finished_at - j.started_at, 3)
+            if j.started_at is not None and j.finished_at is not None else None}
+
+
+def _problem(text: str) -> str:
+    """An archive refusal without the names it quotes (errors never repeat the request)."""
+    return re.sub(r"octal \([^)]*\)", "octal", re.sub(r"'[^']*'", "'...'", text))[:300]
+
+
 def add_routes(app: FastAPI, ctx: ApiContext) -> None:
     """Add the job routes to ``app``."""
-    settings, control = ctx.settings, ctx.control
+    settings, control, fleet = ctx.settings, ctx.control, ctx.fleet
+    JobId = Path(pattern=JOB_PATTERN)
+    submitter = needs("submitter")
+    uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
 
     @app.get("/api/v1/jobs")
-    def list_jobs(limit: int = Query(20, ge=1, le=1000)) -> list[dict[str, Any]]:
-        return [{"job_id": j.id, "name": j.name, "status": j.status,
-                 "failure_reason": j.failure_reason, "created_at": j.created_at}
-                for j in control.jobs(limit)]
+    def list_jobs(limit: int = Query(20, ge=1, le=100_000),
+                  prefix: str | None = Query(None, pattern=JOB_PATTERN)
+                  ) -> list[dict[str, Any]]:
+        if prefix is None:
+            return [job_summary(j) for j in control.jobs(limit)]
+        found = (control.job(i) for i in control.store.job_ids_with_prefix(prefix, limit))
+        return [job_summary(j) for j in found if j is not None]
 
     @app.get("/api/v1/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
@@ -63,12 +101,16 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         if not auth.ref_allowed(caller, body.ref):
             raise HTTPException(403, f"this token may submit jobs for refs matching "
                                      f"{caller.refs!r} only")
+        if body.workspace_sha256 and fleet.store.has_blob(body.workspace_sha256) is None:
+            raise HTTPException(422, "workspace_sha256 names no uploaded workspace archive: "
+                                     "upload it first (POST /api/v1/workspaces)")
         try:
             spec = parse_spec(body.spec, source="the spec").to_job()
             ceilings.check(spec, settings, source="the spec")
             job = control.submit(spec, trust=auth.capped_trust(body.trust, caller.max_trust),
                                  ref=body.ref, actor=f"api:{caller.id}",
-                                 max_attempts=ctx.fleet.policy.max_attempts)
+                                 max_attempts=fleet.policy.max_attempts,
+                                 workspace_sha256=body.workspace_sha256)
         except SpecError as e:
             raise HTTPException(422, e.diagnostics()) from e
         except (UsageError, PolicyDenied) as e:
@@ -77,3 +119,60 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
             ctx.waker.notify()
         return {"job_id": job.id, "status": job.status, "trust": job.trust,
                 "failure_reason": job.failure_reason}
+
+    @app.post("/api/v1/workspaces", status_code=201, dependencies=[submitter])
+    async def upload(request: Request, sha256: str = Header(
+            alias="X-Stockade-Sha256", pattern=SHA_PATTERN)) -> dict[str, Any]:
+        if uploads.locked():
+            raise HTTPException(503, "the server is receiving other workspaces: try again",
+                                headers={"Retry-After": "2"})
+        async with uploads:
+            data = await request.body()
+            return await run_in_threadpool(_keep_workspace, data, sha256)
+
+    def _keep_workspace(data: bytes, sha256: str) -> dict[str, Any]:
+        from stockade.sandbox.archive import ArchiveLimits, ArchiveRefused, check
+
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise HTTPException(422, "the archive's sha256 is not the one its header names")
+        try:
+            info = check(io.BytesIO(data), ArchiveLimits.for_workspace(
+                settings.max_workspace_bytes))
+        except ArchiveRefused as e:
+            raise HTTPException(422, f"the workspace archive is refused: "
+                                     f"{_problem(e.problem)}") from e
+        fleet.store.put_blob(sha256, data, control.clock())
+        return {"sha256": sha256, "size": info.size, "files": info.files,
+                "bytes": info.bytes}
+
+    @app.post("/api/v1/jobs/{job_id}/cancel", dependencies=[submitter])
+    def cancel(request: Request, job_id: str = JobId) -> dict[str, str]:
+        caller = token_of(request)
+        job = control.job(job_id)
+        if job is None:
+            raise HTTPException(404, "no such job")
+        if not auth.allows(caller.role, "admin") and submitter_of(job.id) != f"api:{caller.id}":
+            refuse(request, "a submitter cancels only the jobs it submitted", caller.id)
+        state = fleet.cancel(job.id, f"api:{caller.id}")
+        if state is None:
+            current = control.job(job.id)
+            if current is not None and current.status in FINISHED:
+                raise HTTPException(409, f"the job has finished ({current.status})")
+            raise HTTPException(409, "a cancel was requested already")
+        return {"job_id": job.id, "state": state}
+
+    def submitter_of(job_id: str) -> str | None:
+        for event in control.audit_trail(job_id):
+            if event.action in ("job.admitted", "job.denied"):
+                return event.actor
+        return None
+
+    @app.get("/api/v1/jobs/{job_id}/attempts")
+    def attempts(job_id: str = JobId) -> list[dict[str, Any]]:
+        if control.job(job_id) is None:
+            raise HTTPException(404, "no such job")
+        names = {r.id: r.name for r in fleet.store.runners()}
+        return [{"attempt": a.attempt, "runner_id": a.runner_id,
+                 "runner_name": names.get(a.runner_id), "started_at": a.started_at,
+                 "ended_at": a.ended_at, "outcome": a.outcome, "log_bytes": a.log_bytes}
+                for a in fleet.store.attempts(job_id)]

@@ -148,7 +148,7 @@ class Gate:
 def create_app(settings: Settings, control: ControlService, fleet: FleetService) -> FastAPI:
     """The application; ``control`` and ``fleet`` are shared by all requests (the store
     serialises them). While it runs, a task looks for expired leases (:func:`_sweeper`)."""
-    from stockade.api import jobs, runners
+    from stockade.api import admin, joblogs, jobs, runners
 
     ctx = ApiContext(settings, control, fleet, Waker())
 
@@ -187,6 +187,8 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
         return JSONResponse({"status": "ready"})
 
     jobs.add_routes(app, ctx)
+    joblogs.add_routes(app, ctx)
+    admin.add_routes(app, ctx)
     runners.add_routes(app, ctx)
     return app
 

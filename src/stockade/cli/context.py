@@ -111,17 +111,13 @@ def open_broker(settings: Settings, store: Store) -> Broker:
 
 def require_job(control: ControlService, id_or_prefix: str) -> JobView:
     """The job, or a UsageError naming the fix."""
-    if not (0 < len(id_or_prefix) <= 64 and id_or_prefix.isascii() and id_or_prefix.isalnum()):
-        raise UsageError(f"{id_or_prefix[:40]!r}{'...' if len(id_or_prefix) > 40 else ''} is "
-                         "not a job id", hint="list jobs with: stockade jobs")
-    view = control.view(id_or_prefix)
+    from stockade.cli.argtypes import ambiguous, check_job_arg
+
+    view = control.view(check_job_arg(id_or_prefix))
     if view is None:
         matches = control.store.job_ids_with_prefix(id_or_prefix, 4)
         if len(matches) > 1:
-            more = ", ..." if len(matches) > 3 else ""
-            raise UsageError(f"{id_or_prefix!r} is the start of several job ids: "
-                             f"{', '.join(matches[:3])}{more}",
-                             hint="give more of the id (stockade jobs lists them)")
+            raise ambiguous(id_or_prefix, matches)
         raise UsageError(f"no job matches {id_or_prefix!r}", hint="list jobs with: stockade jobs")
     return view
 

@@ -29,6 +29,10 @@ COMMANDS = {
     "audit": "stockade.cli.commands.audit",
     "token": "stockade.cli.commands.token",
     "server": "stockade.cli.commands.server",
+    "submit": "stockade.cli.commands.submit",
+    "cancel": "stockade.cli.commands.cancel",
+    "runner": "stockade.cli.commands.runner",
+    "up": "stockade.cli.commands.up",
 }
 
 DESCRIPTION = """\

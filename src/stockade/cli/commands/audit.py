@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
+
+from stockade.cli.remote import add_server_argument
 
 HELP = "verify or list the audit trail"
 DESCRIPTION = """\
 stockade audit verify          check the hash chain and its head (exit 1 if broken)
-stockade audit list [--job J]  the events, oldest first (--json: one JSON array)
+stockade audit list [--job J]  the events, oldest first (--json: one JSON array); with
+                               --server (or $STOCKADE_SERVER) a server's (an admin token)
 stockade audit anchor          write a missing audit.head from the database's head
 
 A new database starts a new trail; the head of the one before is kept as
@@ -39,31 +43,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     listing = sub.add_parser("list", help="print the events")
     listing.add_argument("--job", metavar="JOB", help="only the events of this job")
     listing.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    add_server_argument(listing)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the action."""
-    from stockade.cli.context import open_control, require_job
+    from stockade.cli.remote import connect
 
     if args.action == "verify":
         return _verify()
     if args.action == "anchor":
         return _anchor()
+    remote = connect(args)
+    if remote is not None:
+        job_id = remote.job_id(args.job) if args.job else None
+        print_records(remote.json("GET", "/api/v1/audit", "admin",
+                                  params={"job": job_id} if job_id else None), args.json)
+        return 0
+    from stockade.cli.context import open_control, require_job
+
     _, control = open_control()
     job_id = require_job(control, args.job).job.id if args.job else None
-    records = control.store.audit_records(job_id)
-    if args.json:  # one array, as jobs --json; ensure_ascii: controls become \u escapes
-        sys.stdout.write(json.dumps([{"at": event.at, "actor": event.actor,
-                                      "action": event.action, "job_id": event.job_id,
-                                      "detail": event.detail, "hash": digest}
-                                     for event, _, digest in records]) + "\n")
-        return 0
-    for event, _, _ in records:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
-        detail = " ".join(f"{_e(k)}={_e(v)}" for k, v in sorted(event.detail.items()))
-        print(f"{when} {_e(event.action):<22} {_e(event.job_id or '-'):<19} "
-              f"{_e(event.actor):<24} {detail}")
+    print_records([{"at": event.at, "actor": event.actor, "action": event.action,
+                    "job_id": event.job_id, "detail": event.detail, "hash": digest}
+                   for event, _, digest in control.store.audit_records(job_id)], args.json)
     return 0
+
+
+def print_records(records: list[dict[str, Any]], as_json: bool) -> None:
+    """The records as one JSON array (as jobs --json), or one line each."""
+    if as_json:  # ensure_ascii: controls become \u escapes
+        sys.stdout.write(json.dumps(records) + "\n")
+        return
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+        detail = " ".join(f"{_e(k)}={_e(v)}" for k, v in sorted(r["detail"].items()))
+        print(f"{when} {_e(r['action']):<22} {_e(r['job_id'] or '-'):<19} "
+              f"{_e(r['actor']):<24} {detail}")
 
 
 def _verify() -> int:

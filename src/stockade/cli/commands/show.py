@@ -7,38 +7,85 @@ import json
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from stockade.cli.remote import add_server_argument
+
+if TYPE_CHECKING:
+    from stockade.cli.remote import Remote
 
 HELP = "show one job"
 DESCRIPTION = """\
 Show a job's result (the same object as run --json), its steps, artifacts, egress and audit
 trail. Anything the job chose (names, paths, destinations, error text) is printed with its
 control characters spelled out (\\n, \\x1b, \\u202e, ...), so it cannot pass for another line
-or act on the terminal; --json escapes them the JSON way."""
+or act on the terminal; --json escapes them the JSON way.
+
+With --server (or $STOCKADE_SERVER) the job is a server's (a viewer token in $STOCKADE_TOKEN;
+the audit trail is shown to admin tokens only)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``JOB [--json]``."""
+    """``JOB [--json] [--server URL]``."""
     p.add_argument("job", metavar="JOB", help="job id or a unique prefix of it")
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    add_server_argument(p)
 
 
 def main(args: argparse.Namespace) -> int:
     """Print the job."""
+    from stockade.cli.remote import connect
+
+    remote = connect(args)
+    if remote is not None:
+        return _remote(remote, args)
     from stockade.cli.context import open_control, require_job
 
     _, control = open_control()
     view = require_job(control, args.job)
     result = view.result()
-    if args.json:  # ensure_ascii: every control and bidi character becomes a \\u escape
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print_result(result)
         return 0
-    lines = [*_summary(result), "audit:"]
-    lines += [f"  {time.strftime('%H:%M:%S', time.localtime(e.at))} {_e(e.action):<22} "
-              f"by {_e(e.actor)}{_details(e.detail)}"
-              for e in control.audit_trail(view.job.id)]
-    sys.stdout.write("\n".join(line for line in lines if line) + "\n")
+    print_job(result, [(e.at, e.action, e.actor, e.detail)
+                       for e in control.audit_trail(view.job.id)])
     return 0
+
+
+def _remote(remote: Remote, args: argparse.Namespace) -> int:
+    """The same, from a server (the audit trail only for an admin's token)."""
+    from stockade.cli.remote import Refused
+
+    job_id = remote.job_id(args.job)
+    result = remote.json("GET", f"/api/v1/jobs/{job_id}", "viewer")
+    if args.json:
+        print_result(result)
+        return 0
+    try:
+        records = remote.json("GET", "/api/v1/audit", "admin", params={"job": job_id})
+    except Refused as e:
+        if e.status != 403:
+            raise
+        print_job(result, None)
+        return 0
+    print_job(result, [(r["at"], r["action"], r["actor"], r["detail"]) for r in records])
+    return 0
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """The result as JSON (ensure_ascii: every control and bidi character a \\u escape)."""
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+def print_job(result: dict[str, Any],
+              events: list[tuple[float, str, str, Mapping[str, Any]]] | None) -> None:
+    """The summary and the audit trail (``(at, action, actor, detail)``; None: not shown)."""
+    lines = [*_summary(result), "audit:"]
+    if events is None:
+        lines.append("  (the audit trail is shown to admin tokens only)")
+    lines += [f"  {time.strftime('%H:%M:%S', time.localtime(at))} {_e(action):<22} "
+              f"by {_e(actor)}{_details(detail)}" for at, action, actor, detail in events or ()]
+    sys.stdout.write("\n".join(line for line in lines if line) + "\n")
 
 
 def _e(value: object) -> str:
