@@ -1,0 +1,221 @@
+"""The fleet end to end (issue 9): a real `stockade server`, real runner agents running real
+sandboxes, over real HTTP; runners and servers killed, paused and restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.support.fleet import (
+    DATABASES,
+    Agent,
+    Server,
+    admin_token,
+    db_env_for,
+    enrol_token,
+    finished,
+    job_status,
+    submit,
+    wait_for,
+)
+
+
+class Fleet:
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+        self.home = root / "server"
+        assert run_cli(self.home, "jobs", **env).returncode == 0
+        self.server = Server(self.home, **env)
+        self.token = admin_token(self.home, **env)
+        self.agents: list[Agent] = []
+
+    def restart_server(self) -> None:
+        self.server = Server(self.home, port=self.server.port, **self.env)
+
+    def agent(self, name: str, *extra: str, enrol: bool = True) -> Agent:
+        token = enrol_token(self.home, **self.env) if enrol else None
+        agent = Agent(self.root / name, self.server.url, token, name, *extra)
+        self.agents.append(agent)
+        agent.wait_attested()
+        return agent
+
+    def runner_id(self, agent: Agent) -> str:
+        _, runners = self.server.call("GET", "/api/v1/runners", self.token)
+        return next(r["id"] for r in runners if r["name"] == agent.name)
+
+    def running_on(self, job_id: str) -> str | None:
+        result = job_status(self.server, self.token, job_id)
+        return result.get("runner_id") if result["status"] == "running" else None
+
+    def attempts(self, job_id: str) -> list[dict[str, object]]:
+        status, body = self.server.call("GET", f"/api/v1/jobs/{job_id}/attempts", self.token)
+        assert status == 200, body
+        return list(body)
+
+    def log(self, job_id: str) -> str:
+        status, body = self.server.call("GET", f"/api/v1/jobs/{job_id}/log", self.token)
+        assert status == 200, body
+        return str(body)
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        self.server.stop()
+
+
+@pytest.fixture(params=DATABASES)
+def db_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    return db_env_for(request)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, db_env: dict[str, str]) -> Iterator[Fleet]:
+    made = Fleet(tmp_path, db_env)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def step_job(name: str, script: str) -> str:
+    return f"name: {name}\nsteps:\n  - name: s\n    run: |\n" + "".join(
+        f"      {line}\n" for line in script.splitlines())
+
+
+def test_jobs_across_runners_each_run_exactly_once(fleet: Fleet) -> None:
+    for i in range(3):
+        fleet.agent(f"r{i}", "--concurrency", "2")
+    ids = [submit(fleet.server, fleet.token, step_job(f"j{i}", "echo ran-$STOCKADE_JOB_ID"))
+           for i in range(12)]
+    results = [finished(fleet.server, fleet.token, job_id) for job_id in ids]
+    assert [r["status"] for r in results] == ["succeeded"] * 12
+    assert all(r["attempt"] == 1 for r in results)
+    for job_id in ids:
+        assert fleet.log(job_id).count(f"ran-{job_id}") == 1
+        assert [a["outcome"] for a in fleet.attempts(job_id)] == ["succeeded"]
+    used = Counter(r["runner_id"] for r in results)
+    assert len(used) >= 2, used  # the work was shared
+
+
+def test_a_runner_killed_mid_job_loses_the_attempt_and_the_job_completes_elsewhere(
+        fleet: Fleet) -> None:
+    first = fleet.agent("first")
+    job_id = submit(fleet.server, fleet.token,
+                    step_job("requeued", "echo attempt-$STOCKADE_ATTEMPT; sleep 2; echo done"))
+    wait_for("the job to run on the first runner", lambda: fleet.running_on(job_id))
+    first.proc.kill()  # kill -9: no goodbye, no completion
+    first.proc.wait()
+    second = fleet.agent("second")
+    result = finished(fleet.server, fleet.token, job_id)
+    assert result["status"] == "succeeded" and result["attempt"] == 2
+    attempts = fleet.attempts(job_id)
+    assert [a["outcome"] for a in attempts] == ["lost", "succeeded"]
+    assert attempts[1]["runner_id"] == fleet.runner_id(second) != attempts[0]["runner_id"]
+    assert "attempt-2" in fleet.log(job_id)
+    # the killed agent comes back: it attests with its key and removes what its sandbox left
+    back = Agent(first.home, fleet.server.url, None, "first")
+    fleet.agents.append(back)
+    back.wait_attested()
+    assert f"job {job_id} left" in back.output()
+
+
+def test_a_paused_runner_cannot_complete_a_job_that_was_given_to_another(
+        fleet: Fleet) -> None:
+    paused = fleet.agent("paused")
+    job_id = submit(fleet.server, fleet.token, step_job(
+        "partitioned", "echo attempt-$STOCKADE_ATTEMPT; sleep 3; echo end-$STOCKADE_ATTEMPT"))
+    wait_for("the job to run", lambda: fleet.running_on(job_id))
+    os.kill(paused.proc.pid, signal.SIGSTOP)  # partitioned: no heartbeats past the lease
+    try:
+        wait_for("the lease to run out", lambda: job_status(
+            fleet.server, fleet.token, job_id)["status"] == "queued", timeout=30)
+        other = fleet.agent("other")
+        result = finished(fleet.server, fleet.token, job_id)
+    finally:
+        os.kill(paused.proc.pid, signal.SIGCONT)
+    assert result["status"] == "succeeded" and result["attempt"] == 2
+    assert result["runner_id"] == fleet.runner_id(other)
+    time.sleep(5)  # the paused runner wakes up, finishes its attempt and tries to report it
+    again = job_status(fleet.server, fleet.token, job_id)
+    assert (again["status"], again["attempt"], again["runner_id"]) == (
+        "succeeded", 2, fleet.runner_id(other))
+    assert [a["outcome"] for a in fleet.attempts(job_id)] == ["lost", "succeeded"]
+    assert "end-1" not in fleet.log(job_id)  # nothing of the stale attempt after its fence
+    assert paused.proc.poll() is None  # it lives on, and takes new work
+    assert finished(fleet.server, fleet.token, submit(
+        fleet.server, fleet.token, step_job("after", "true")))["status"] == "succeeded"
+
+
+def test_a_server_killed_mid_job_loses_no_log_line(fleet: Fleet) -> None:
+    fleet.agent("steady")
+    job_id = submit(fleet.server, fleet.token, step_job(
+        "through-restart", "for i in $(seq 1 40); do echo line-$i; sleep 0.1; done"))
+    wait_for("the job to run", lambda: fleet.running_on(job_id))
+    time.sleep(0.8)
+    fleet.server.proc.kill()  # kill -9 mid-run
+    fleet.server.proc.wait()
+    time.sleep(1.5)
+    fleet.restart_server()
+    result = finished(fleet.server, fleet.token, job_id)
+    assert result["status"] == "succeeded" and result["attempt"] == 1
+    log = fleet.log(job_id)
+    for i in range(1, 41):
+        assert log.count(f"| line-{i}\n") == 1, (i, log)
+
+
+def test_cancel_reaches_the_sandbox_within_a_heartbeat(fleet: Fleet) -> None:
+    fleet.agent("busy")
+    job_id = submit(fleet.server, fleet.token, step_job("long", "sleep 120"))
+    wait_for("the job to run", lambda: fleet.running_on(job_id))
+    time.sleep(0.5)
+    asked = time.monotonic()
+    status, body = fleet.server.call("POST", f"/api/v1/jobs/{job_id}/cancel", fleet.token)
+    assert status == 200, body
+    result = finished(fleet.server, fleet.token, job_id, timeout=30)
+    assert time.monotonic() - asked < 10
+    assert (result["status"], result["failure_reason"]) == ("failed", "canceled")
+    assert result["steps"][0]["status"] == "canceled"
+
+
+def test_a_drained_runner_finishes_its_job_and_takes_no_new_one(fleet: Fleet) -> None:
+    agent = fleet.agent("drained")
+    runner_id = fleet.runner_id(agent)
+    first = submit(fleet.server, fleet.token, step_job("first", "sleep 2"))
+    wait_for("the job to run", lambda: fleet.running_on(first))
+    assert fleet.server.call("POST", f"/api/v1/runners/{runner_id}/drain", fleet.token)[0] \
+        == 200
+    second = submit(fleet.server, fleet.token, step_job("second", "true"))
+    assert finished(fleet.server, fleet.token, first)["status"] == "succeeded"
+    time.sleep(1.5)
+    assert job_status(fleet.server, fleet.token, second)["status"] == "queued"
+    assert fleet.server.call("POST", f"/api/v1/runners/{runner_id}/resume", fleet.token)[0] \
+        == 200
+    assert finished(fleet.server, fleet.token, second)["status"] == "succeeded"
+
+
+def test_a_quarantined_runner_loses_its_jobs_and_its_credentials(fleet: Fleet) -> None:
+    agent = fleet.agent("suspect")
+    runner_id = fleet.runner_id(agent)
+    job_id = submit(fleet.server, fleet.token, step_job("victim", "sleep 120"))
+    wait_for("the job to run", lambda: fleet.running_on(job_id))
+    status, body = fleet.server.call("POST", f"/api/v1/runners/{runner_id}/quarantine",
+                                     fleet.token)
+    assert status == 200, body
+    result = job_status(fleet.server, fleet.token, job_id)
+    assert (result["status"], result["failure_reason"]) == ("failed", "runner_lost")
+    assert agent.proc.wait(timeout=30) == 4  # it stopped its sandboxes and gave up
+    assert "quarantined" in agent.output()
+    # its key is no longer enough: only a new enrolment (an admin's token) readmits it
+    back = Agent(agent.home, fleet.server.url, None, "suspect")
+    assert back.proc.wait(timeout=60) == 2
+    assert "enrol" in back.output()
+    actions = [e["action"] for e in fleet.server.call("GET", "/api/v1/audit?job=" + job_id,
+                                                      fleet.token)[1]]
+    assert "job.runner_lost" in actions

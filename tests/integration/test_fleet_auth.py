@@ -1,0 +1,220 @@
+"""Who may do what in the fleet (issue 9): enrolment tokens, attestation, runner sessions,
+fencing between runners, quarantine; and every endpoint of the OpenAPI description fuzzed
+with schemathesis without a single 5xx; on both databases."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.support.fleet import (
+    DATABASES,
+    FAKE_MEASUREMENTS,
+    LENIENT,
+    FakeRunner,
+    Server,
+    admin_token,
+    call,
+    enrol_token,
+    submit,
+)
+
+SPEC = "name: fenced\nsteps:\n  - {name: a, run: 'true'}\n"
+
+
+class Setup:
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+        self.home = root / "server"
+        assert run_cli(self.home, "jobs", **env).returncode == 0
+        self.server = Server(self.home, **LENIENT, **env)
+        self.admin = admin_token(self.home, **env)
+        self.n = 0
+
+    def enrol_token(self, **kw: str) -> str:
+        return enrol_token(self.home, **kw, **self.env)
+
+    def runner(self, **kw: Any) -> FakeRunner:
+        self.n += 1
+        return FakeRunner(self.server.url, self.enrol_token(), self.root / f"key{self.n}",
+                          name=f"fake{self.n}", **kw)
+
+    def audit(self) -> list[dict[str, Any]]:
+        status, body = self.server.call("GET", "/api/v1/audit", self.admin)
+        assert status == 200, body
+        return list(body)
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[Setup]:
+    env, name = {}, None
+    if request.param == "postgresql":  # one database for the module's tests
+        from tests.support.postgres import admin
+
+        server = request.getfixturevalue("postgres_server")
+        name = f"stk_{secrets.token_hex(6)}"
+        admin(server, f"CREATE DATABASE {name}")
+        env = {"STOCKADE_DATABASE_URL": server.url(name)}
+    made = Setup(tmp_path_factory.mktemp("fleet-auth"), env)
+    yield made
+    made.server.stop()
+    if name is not None:
+        admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def enrol_body(url: str, token: str, key_dir: Path, **override: Any) -> dict[str, Any]:
+    from stockade.runner.attest import Identity
+
+    identity = Identity(key_dir)
+    _, nonce = call(url, "POST", "/api/v1/enrol/nonce")
+    token_id = token.removeprefix("stke_").split("_")[0]
+    body = {"token": token, "nonce": nonce["nonce"], "public_key": identity.public_key,
+            "name": "x", "labels": [], "concurrency": 1, "measurements": FAKE_MEASUREMENTS,
+            "signature": identity.sign(nonce["nonce"], token_id, FAKE_MEASUREMENTS)}
+    return {**body, **override}
+
+
+def attest_body(url: str, runner_id: str, signer: Any) -> dict[str, Any]:
+    _, nonce = call(url, "POST", "/api/v1/enrol/nonce")
+    return {"runner_id": runner_id, "nonce": nonce["nonce"], "measurements": FAKE_MEASUREMENTS,
+            "signature": signer.sign(nonce["nonce"], runner_id, FAKE_MEASUREMENTS)}
+
+
+def test_an_enrolment_token_works_once_and_only_before_it_expires(setup: Setup) -> None:
+    url = setup.server.url
+    token = setup.enrol_token()
+    assert call(url, "POST", "/api/v1/enrol",
+                body=enrol_body(url, token, setup.root / "once"))[0] == 200
+    status, detail = call(url, "POST", "/api/v1/enrol",
+                          body=enrol_body(url, token, setup.root / "twice"))
+    assert status == 403 and "used already" in detail["detail"]
+    brief = setup.enrol_token(ttl="1s")
+    time.sleep(1.5)
+    status, detail = call(url, "POST", "/api/v1/enrol",
+                          body=enrol_body(url, brief, setup.root / "late"))
+    assert status == 403 and "expired" in detail["detail"]
+    reasons = [str(e["detail"].get("reason")) for e in setup.audit()
+               if e["action"] == "runner.enrol_refused"]
+    assert any("used already" in r for r in reasons)
+    assert any("expired" in r for r in reasons)
+
+
+def test_an_attestation_must_be_signed_by_the_enrolled_key_over_a_fresh_nonce(
+        setup: Setup) -> None:
+    from stockade.runner.attest import Identity
+
+    url = setup.server.url
+    body = enrol_body(url, setup.enrol_token(), setup.root / "forged")
+    other = Identity(setup.root / "other-key")
+    forged = {**body, "public_key": other.public_key}  # signed by a key it does not enrol
+    status, detail = call(url, "POST", "/api/v1/enrol", body=forged)
+    assert status == 403 and "signature" in detail["detail"]
+    tampered = {**body, "measurements": {**FAKE_MEASUREMENTS, "kernel": "other"}}
+    assert call(url, "POST", "/api/v1/enrol", body=tampered)[0] == 403
+    assert call(url, "POST", "/api/v1/enrol", body=body)[0] == 200
+    replay = enrol_body(url, setup.enrol_token(), setup.root / "replay",
+                        nonce=body["nonce"])  # a nonce is spent once
+    assert call(url, "POST", "/api/v1/enrol", body=replay)[0] == 403
+
+
+def test_a_runner_attests_again_only_with_its_own_key(setup: Setup) -> None:
+    from stockade.runner.attest import Identity
+
+    url = setup.server.url
+    runner = setup.runner()
+    thief = Identity(setup.root / "thief")
+    assert call(url, "POST", "/api/v1/enrol/attest",
+                body=attest_body(url, runner.runner_id, thief))[0] == 403
+    status, body = call(url, "POST", "/api/v1/enrol/attest",
+                        body=attest_body(url, runner.runner_id, runner.identity))
+    assert status == 200 and body["token"] != runner.token
+
+
+def test_a_runner_cannot_touch_an_attempt_another_runner_holds(setup: Setup) -> None:
+    holder, other = setup.runner(), setup.runner()
+    job_id = submit(setup.server, setup.admin, SPEC)
+    status, claimed = holder.call("POST", "/api/v1/runner/claim?wait=5")
+    assert status == 200 and claimed["job_id"] == job_id
+    base = f"/api/v1/runner/jobs/{job_id}/{claimed['attempt']}"
+    done = {"status": "succeeded", "duration_s": 0.1}
+    assert other.call("POST", f"{base}/heartbeat")[0] == 409
+    assert other.call("POST", f"{base}/complete", done)[0] == 409
+    assert other.call("GET", f"{base}/workspace")[0] == 409
+    assert other.call("POST", f"{base}/id-token")[0] == 409
+    # an attempt number that is not the current one is fenced too, even for the holder
+    assert holder.call("POST", f"/api/v1/runner/jobs/{job_id}/7/complete", done)[0] == 409
+    assert holder.call("POST", f"{base}/complete", done) == (200, {"recorded": True})
+    assert holder.call("POST", f"{base}/complete", done)[0] == 409  # once
+
+
+@pytest.mark.parametrize("bearer", [None, "", "stks_nope_nope", "stk_x_y", "Basic abc"])
+def test_runner_routes_need_a_runner_session(setup: Setup, bearer: str | None) -> None:
+    assert call(setup.server.url, "POST", "/api/v1/runner/claim", bearer)[0] == 401
+    # an API token, even an admin's, is not a runner session
+    assert call(setup.server.url, "POST", "/api/v1/runner/claim", setup.admin)[0] == 401
+
+
+def test_a_quarantined_runner_is_refused_everywhere(setup: Setup) -> None:
+    url = setup.server.url
+    runner = setup.runner()
+    status, _ = setup.server.call("POST", f"/api/v1/runners/{runner.runner_id}/quarantine",
+                                  setup.admin)
+    assert status == 200
+    assert runner.call("POST", "/api/v1/runner/claim")[0] == 401
+    assert call(url, "POST", "/api/v1/enrol/attest",
+                body=attest_body(url, runner.runner_id, runner.identity))[0] == 403
+    viewer = admin_token(setup.home, role="viewer", **setup.env)
+    assert setup.server.call("POST", f"/api/v1/runners/{runner.runner_id}/resume",
+                             viewer)[0] == 403
+
+
+def test_a_runner_failing_attestation_is_refused_and_audited(tmp_path: Path) -> None:
+    home = tmp_path / "strict"
+    assert run_cli(home, "jobs").returncode == 0
+    server = Server(home)  # the default policy: the server's own code, every control active
+    try:
+        status, detail = call(server.url, "POST", "/api/v1/enrol",
+                              body=enrol_body(server.url, enrol_token(home), tmp_path / "k"))
+        assert status == 403 and "digest" in detail["detail"]
+        events = json.loads(run_cli(home, "audit", "list", "--json").stdout)
+        assert [e["action"] for e in events].count("runner.attestation_failed") == 1
+    finally:
+        server.stop()
+
+
+def test_no_endpoint_answers_5xx_to_anything_its_schema_allows(setup: Setup) -> None:
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    status, doc = setup.server.call("GET", "/openapi.json")
+    assert status == 200
+    schema = schemathesis.openapi.from_dict(doc)
+    runner = setup.runner()
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        bearer = runner.token if op.path.startswith("/api/v1/runner/") else setup.admin
+
+        @settings(max_examples=15, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy())
+        def check(case: Any, bearer: str = bearer, path: str = op.path,
+                  label: str = op.label) -> None:
+            # a claim would wait for work as long as it asks: fuzz it without the wait
+            params = {"wait": "0"} if path == "/api/v1/runner/claim" else None
+            response = case.call(base_url=setup.server.url, params=params,
+                                 headers={"Authorization": f"Bearer {bearer}"}, timeout=30)
+            if response.status_code >= 500:
+                failures.append(f"{label}: {response.status_code} for "
+                                f"{case.as_curl_command()[:300]}")
+
+        check()
+    assert not failures, "\n".join(failures[:10])
