@@ -48,7 +48,7 @@ class Fleet:
 
     def runner_id(self, agent: Agent) -> str:
         _, runners = self.server.call("GET", "/api/v1/runners", self.token)
-        return next(r["id"] for r in runners if r["name"] == agent.name)
+        return next(r["runner_id"] for r in runners if r["name"] == agent.name)
 
     def running_on(self, job_id: str) -> str | None:
         result = job_status(self.server, self.token, job_id)

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,15 +20,9 @@ from tests.conftest import STOCKADE, cli_env, run_cli
 # fast leases so that lost runners are noticed within seconds
 FAST = {"STOCKADE_RUNNER_LEASE": "3", "STOCKADE_RUNNER_HEARTBEAT": "0.5"}
 
-_AGENT = ("import sys\n"
-          "from stockade.cli.main import entry\n"
-          "sys.argv = ['stockade', 'runner', 'start', *sys.argv[1:]]\n"
-          "entry()\n")
-
-
 def runner_command() -> list[str]:
-    """``stockade runner start`` (through the CLI's entry point)."""
-    return [sys.executable, "-c", _AGENT]
+    """``stockade runner start``."""
+    return [STOCKADE, "runner", "start"]
 
 
 def call(url: str, method: str, path: str, token: str | None = None, body: Any = None,
@@ -121,6 +114,7 @@ class Agent:
         self.home, self.name = home, name
         self.log = home.parent / f"{name}.agent.log"
         home.mkdir(parents=True, exist_ok=True)
+        self.since = self.log.stat().st_size if self.log.exists() else 0  # a restart appends
         args = [*runner_command(), "--server", server_url, "--name", name, *extra]
         if enrol:
             args += ["--enrol-token", enrol]
@@ -129,8 +123,10 @@ class Agent:
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def output(self) -> str:
-        """What the agent printed."""
-        return self.log.read_text(errors="replace")
+        """What this agent process printed."""
+        with open(self.log, "rb") as f:
+            f.seek(self.since)
+            return f.read().decode(errors="replace")
 
     def wait_attested(self, timeout: float = 60) -> None:
         """Until the agent says it is attested (fail with its output if it exits)."""

@@ -84,6 +84,7 @@ class JobView(NamedTuple):
             "failure_reason": self.job.failure_reason,
             "exit_code": self.job.exit_code,
             "attempt": self.job.attempt,
+            "runner_id": self.job.runner_id,
             "steps": [{"name": s.name, "status": s.status, "exit_code": s.exit_code,
                        "duration_s": round(s.duration_s, 3)} for s in self.steps],
             "artifacts": [{"path": a.path, "sha256": a.sha256, "size": a.size}

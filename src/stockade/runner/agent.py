@@ -241,7 +241,7 @@ class Agent:
         except (Refused, Unreachable) as e:
             raise InfrastructureError(f"the workspace archive could not be fetched: {e}") from e
         shutil.rmtree(scratch, ignore_errors=True)
-        scratch.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        scratch.mkdir(mode=0o700, parents=True)
         archive = scratch.with_suffix(".tar")
         try:
             archive.write_bytes(data)
