@@ -7,7 +7,7 @@ waker that ends runners' long polls when work arrives.
 import asyncio
 import contextlib
 import threading
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from fastapi import Depends, HTTPException, Request
 
@@ -16,6 +16,9 @@ from stockade.config import Settings
 from stockade.control import ControlService
 from stockade.control.fleet import Caller, FleetService
 from stockade.store.interface import TokenRow
+
+if TYPE_CHECKING:
+    from stockade.api.metrics import Metrics
 
 
 class Waker:
@@ -57,6 +60,7 @@ class ApiContext(NamedTuple):
     control: ControlService
     fleet: FleetService
     waker: Waker
+    metrics: "Metrics"
 
 
 def token_of(request: Request) -> TokenRow:

@@ -50,22 +50,30 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
     def nonce() -> dict[str, str]:
         return {"nonce": fleet.nonce()}
 
+    attestations = ctx.metrics.attestations
+
     @app.post("/api/v1/enrol")
     def enrol(body: EnrolRequest) -> SessionOut:
         try:
-            return _session(fleet.enrol(body.token, body.nonce, body.public_key, body.name,
-                                        body.labels, body.concurrency, body.measurements,
-                                        body.signature))
+            session = fleet.enrol(body.token, body.nonce, body.public_key, body.name,
+                                  body.labels, body.concurrency, body.measurements,
+                                  body.signature)
         except PolicyDenied as e:
+            attestations.labels("enrol", "refused").inc()
             raise HTTPException(403, e.message) from e
+        attestations.labels("enrol", "passed").inc()
+        return _session(session)
 
     @app.post("/api/v1/enrol/attest")
     def attest(body: AttestRequest) -> SessionOut:
         try:
-            return _session(fleet.reattest(body.runner_id, body.nonce, body.measurements,
-                                           body.signature))
+            session = fleet.reattest(body.runner_id, body.nonce, body.measurements,
+                                     body.signature)
         except PolicyDenied as e:
+            attestations.labels("session", "refused").inc()
             raise HTTPException(403, e.message) from e
+        attestations.labels("session", "passed").inc()
+        return _session(session)
 
     @app.post("/api/v1/runner/claim", responses={204: {"description": "no job for now"}})
     async def claim(request: Request, wait: float = Query(0.0, ge=0, le=MAX_WAIT_S)
@@ -75,6 +83,7 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         while True:
             a = await run_in_threadpool(fleet.claim, caller)
             if a is not None:
+                ctx.metrics.claims.inc()
                 job = control.job(a.job_id)
                 out = AssignmentOut.of(a, job.workspace_sha256 if job else None)
                 return Response(out.model_dump_json(), 200, media_type="application/json")

@@ -41,13 +41,14 @@ class Refusals:
     are counted into one ``api.refused_more`` event (unauthenticated clients cannot grow the
     trail without bound)."""
 
-    def __init__(self, control: ControlService) -> None:
-        self.control = control
+    def __init__(self, control: ControlService, count: Callable[[], None]) -> None:
+        self.control, self.count = control, count
         self._lock = threading.Lock()
         self._minute, self._recorded, self._more = 0, 0, 0
 
     def __call__(self, path: str, why: str, client: str, claimed: str | None) -> None:
         """Audit one refusal (or count it, past the minute's budget)."""
+        self.count()
         minute = int(time.time() // 60)
         events = []
         with self._lock:
@@ -84,7 +85,8 @@ class Gate:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Check, then pass the request on with its body counted."""
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+        if scope["type"] != "http" or not (scope["path"].startswith("/api/")
+                                           or scope["path"] == "/metrics"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
@@ -148,9 +150,9 @@ class Gate:
 def create_app(settings: Settings, control: ControlService, fleet: FleetService) -> FastAPI:
     """The application; ``control`` and ``fleet`` are shared by all requests (the store
     serialises them). While it runs, a task looks for expired leases (:func:`_sweeper`)."""
-    from stockade.api import admin, joblogs, jobs, runners
+    from stockade.api import admin, joblogs, jobs, metrics, runners
 
-    ctx = ApiContext(settings, control, fleet, Waker())
+    ctx = ApiContext(settings, control, fleet, Waker(), metrics.Metrics(control.store))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -162,7 +164,7 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
 
     app = FastAPI(title="stockade", version="1", docs_url=None, redoc_url=None,
                   redirect_slashes=False, lifespan=lifespan)
-    app.state.refusals = refusals = Refusals(control)
+    app.state.refusals = refusals = Refusals(control, ctx.metrics.refusals.inc)
     app.state.ctx = ctx
     app.add_middleware(Gate, control=control, fleet=fleet, refusals=refusals,
                        limit_for=lambda method, path: _limit(settings, method, path))
@@ -190,6 +192,7 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
     joblogs.add_routes(app, ctx)
     admin.add_routes(app, ctx)
     runners.add_routes(app, ctx)
+    metrics.add_routes(app, ctx.metrics)
     return app
 
 

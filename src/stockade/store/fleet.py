@@ -168,6 +168,11 @@ class FleetQueries:
         db.execute("UPDATE attempts SET ended_at = ?, outcome = 'lost' WHERE job_id = ? AND "
                    "attempt = ?", (now, job.id, job.attempt))
 
+    def count_jobs_by_status(self) -> list[tuple[str, int]]:
+        """How many jobs there are of each status."""
+        return [(str(s), int(n)) for s, n in self._read(
+            "SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status")]
+
     def attempts(self, job_id: str) -> list[AttemptRow]:
         """The attempts of a job, in order."""
         return [AttemptRow(*r) for r in self._read(

@@ -183,6 +183,10 @@ class Store(Protocol):
         """The attempts of a job, in order."""
         ...
 
+    def count_jobs_by_status(self) -> list[tuple[str, int]]:
+        """How many jobs there are of each status."""
+        ...
+
     def request_cancel(self, job_id: str, now: float, event: AuditEvent) -> str | None:
         """Cancel a queued job (``canceled``) or ask a running one to stop (``requested``)."""
         ...

@@ -5,17 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "serve the HTTP API (jobs, health) on a loopback address by default"
+HELP = "serve the HTTP API (jobs, runners, admin) on a loopback address by default"
 DESCRIPTION = """\
-stockade server [--listen HOST:PORT]
+stockade server [--listen HOST:PORT] [--database-url URL] [--tls-cert PEM --tls-key PEM]
 
 Serves the versioned HTTP API (/api/v1, OpenAPI at /openapi.json) and /healthz, /readyz, over
-this installation's state directory. Requests need an API token (stockade token create).
+this installation's state directory: jobs, workspaces, logs (live as server-sent events),
+artifacts, cancel; runners, enrolment tokens, the audit trail and secrets for admins; and the
+routes of runner agents (stockade runner start, docs/fleet.md). Requests need an API token
+(stockade token create); runner agents enrol with a token from stockade runner enrol-token.
 Listens on 127.0.0.1:8377 by default; a port of 0 picks a free one. The address it listens on
 is printed on stderr once it accepts connections. SIGINT or SIGTERM stops it gracefully (the
 process then ends by that signal).
 
-Not yet: runner agents, so submitted jobs wait queued; TLS; PostgreSQL (see issue 9)."""
+--database-url (or STOCKADE_DATABASE_URL) puts the state on PostgreSQL
+(postgresql://user:password@host/db); any number of servers on one database serve the same
+jobs, runners and logs (replicas). --tls-cert and --tls-key serve HTTPS: use them (or a
+TLS-terminating proxy) whenever clients or runners are on other hosts. GET /metrics (a
+viewer's token) has Prometheus metrics. stockade up starts a server and runners on this host
+in one command; docs/fleet.md describes the protocol."""
 
 
 MAX_CONNECTIONS = 256
@@ -25,10 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """``[--listen HOST:PORT]``."""
     p.add_argument("--listen", default="127.0.0.1:8377", metavar="HOST:PORT",
                    help="the address to listen on (default 127.0.0.1:8377)")
+    p.add_argument("--database-url", metavar="URL", default=None,
+                   help="PostgreSQL to keep the state in (default: STOCKADE_DATABASE_URL, "
+                   "else the embedded SQLite file)")
+    p.add_argument("--tls-cert", metavar="PEM", default=None,
+                   help="serve HTTPS with this certificate (chain) file")
+    p.add_argument("--tls-key", metavar="PEM", default=None,
+                   help="... and this private key file")
 
 
 def main(args: argparse.Namespace) -> int:
     """Serve until stopped."""
+    import os
     import socket
 
     import uvicorn
@@ -42,6 +58,14 @@ def main(args: argparse.Namespace) -> int:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise UsageError(f"--listen {args.listen[:80]!r} is not HOST:PORT",
                          hint="e.g. --listen 127.0.0.1:8377")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together",
+                         hint="pass both, or neither for plain HTTP on loopback")
+    for pem in (args.tls_cert, args.tls_key):
+        if pem and not os.access(pem, os.R_OK):
+            raise UsageError(f"cannot read {pem}", hint="pass a readable PEM file")
+    if args.database_url:
+        os.environ["STOCKADE_DATABASE_URL"] = args.database_url
     settings, control = open_control()
     fleet = fleet_service(settings, control)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -59,9 +83,16 @@ def main(args: argparse.Namespace) -> int:
     # bounded: at most MAX_CONNECTIONS at once (more get 503), idle ones closed after 5 s
     config = uvicorn.Config(create_app(settings, control, fleet), log_level="warning",
                             access_log=False, server_header=False,
-                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5,
+                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
+    try:
+        config.load()  # the TLS files: a bad one is the user's mistake, said plainly
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot use --tls-cert/--tls-key: {e}",
+                         hint="pass a PEM certificate and its unencrypted private key") from e
     server = uvicorn.Server(config)
-    sys.stderr.write(f"stockade server listening on http://{where}:{bound[1]}\n")
+    scheme = "https" if args.tls_cert else "http"
+    sys.stderr.write(f"stockade server listening on {scheme}://{where}:{bound[1]}\n")
     sys.stderr.flush()
     server.run(sockets=[sock])
     return 0
