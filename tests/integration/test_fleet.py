@@ -3,6 +3,7 @@ sandboxes, over real HTTP; runners and servers killed, paused and restarted."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -219,3 +220,81 @@ def test_a_quarantined_runner_loses_its_jobs_and_its_credentials(fleet: Fleet) -
     actions = [e["action"] for e in fleet.server.call("GET", "/api/v1/audit?job=" + job_id,
                                                       fleet.token)[1]]
     assert "job.runner_lost" in actions
+
+
+@pytest.fixture
+def pg_env(database_url: str) -> dict[str, str]:
+    return {"STOCKADE_DATABASE_URL": database_url}
+
+
+def test_two_replicas_on_one_postgresql_share_jobs_runners_and_live_logs(
+        tmp_path: Path, pg_env: dict[str, str]) -> None:
+    fleet = Fleet(tmp_path, pg_env)
+    other = Server(fleet.home, **pg_env)  # a second replica on the same database
+    try:
+        for i, server in enumerate((fleet.server, other, fleet.server, other)):
+            agent = Agent(tmp_path / f"a{i}", server.url, enrol_token(fleet.home, **pg_env),
+                          f"a{i}")
+            fleet.agents.append(agent)
+            agent.wait_attested()
+        ids = [submit(server, fleet.token, step_job(f"r{i}", "echo ran-$STOCKADE_JOB_ID"))
+               for i in range(8) for server in (fleet.server, other)]
+        for job_id in ids:  # each replica answers for every job
+            for server in (fleet.server, other):
+                assert finished(server, fleet.token, job_id)["status"] == "succeeded"
+            assert fleet.log(job_id).count(f"ran-{job_id}") == 1
+            assert len(fleet.attempts(job_id)) == 1
+        # a client on one replica follows live a job that runners of the other one run
+        job_id = submit(other, fleet.token, step_job(
+            "followed", "for i in 1 2 3; do echo tick-$i; sleep 0.3; done"))
+        follow = run_cli(fleet.home, "logs", "-f", job_id, STOCKADE_SERVER=fleet.server.url,
+                         STOCKADE_TOKEN=fleet.token, timeout=120)
+        assert follow.returncode == 0, follow.stderr
+        assert [line for line in follow.stdout.splitlines() if "tick-" in line] and \
+            all(f"tick-{i}" in follow.stdout for i in (1, 2, 3))
+    finally:
+        other.stop()
+        fleet.close()
+
+
+def test_https_and_metrics(tmp_path: Path) -> None:
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    home = tmp_path / "server"
+    assert run_cli(home, "jobs").returncode == 0
+    server = Server(home, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        token = admin_token(home)
+        agent = Agent(tmp_path / "r", server.url, enrol_token(home), "tls", "--ca-file",
+                      str(cert))
+        agent.wait_attested()
+        spec = tmp_path / "job.yaml"
+        spec.write_text(step_job("secure", "echo over-tls"))
+        (tmp_path / "ws").mkdir()
+        done = run_cli(home, "submit", str(spec), "--workspace", str(tmp_path / "ws"), "--json",
+                       STOCKADE_SERVER=server.url, STOCKADE_TOKEN=token,
+                       STOCKADE_CA_FILE=str(cert), timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["status"] == "succeeded"
+        untrusted = run_cli(home, "jobs", STOCKADE_SERVER=server.url, STOCKADE_TOKEN=token)
+        assert untrusted.returncode == 4 and "certificate" in untrusted.stderr
+        metrics = subprocess.run(["curl", "-s", "--cacert", str(cert), "-H",
+                                  f"Authorization: Bearer {token}", server.url + "/metrics"],
+                                 capture_output=True, text=True, check=True).stdout
+        assert 'stockade_runner_attestations_total{result="passed",stage="enrol"} 1.0' \
+            in metrics
+        assert "stockade_claims_total 1.0" in metrics
+        assert 'stockade_jobs{status="succeeded"} 1.0' in metrics
+        anonymous = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                    "--cacert", str(cert), server.url + "/metrics"],
+                                   capture_output=True, text=True).stdout
+        assert anonymous == "401"
+        agent.stop()
+    finally:
+        server.stop()

@@ -64,14 +64,15 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0,
 class Server:
     """A `stockade server` process on a state directory (and its database)."""
 
-    def __init__(self, home: Path, port: int = 0, **env: str) -> None:
+    def __init__(self, home: Path, *args: str, port: int = 0, **env: str) -> None:
         self.home, self.env = home, {**FAST, **env}
-        self.proc = subprocess.Popen([STOCKADE, "server", "--listen", f"127.0.0.1:{port}"],
+        self.proc = subprocess.Popen([STOCKADE, "server", "--listen", f"127.0.0.1:{port}",
+                                      *args],
                                      env=cli_env(home, **self.env), stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline()
-        assert "listening on http://127.0.0.1:" in line, line + self.proc.stderr.read()
+        assert "://127.0.0.1:" in line, line + self.proc.stderr.read()
         self.url = line.split("listening on ")[1].strip()
         self.port = int(self.url.rsplit(":", 1)[1])
 
