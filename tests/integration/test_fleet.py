@@ -298,3 +298,66 @@ def test_https_and_metrics(tmp_path: Path) -> None:
         agent.stop()
     finally:
         server.stop()
+
+
+def test_a_submitted_workspace_secret_and_artifact_travel_over_the_wire(
+        fleet: Fleet, tmp_path: Path) -> None:
+    import hashlib
+    import subprocess
+    import urllib.request
+
+    from tests.conftest import STOCKADE, cli_env
+
+    subprocess.run([STOCKADE, "secret", "set", "DEPLOY_TOKEN"], input="s3cr3t-over-wire\n",
+                   text=True, check=True, capture_output=True,
+                   env=cli_env(fleet.home, **fleet.env))
+    fleet.agent("worker")
+    workspace = tmp_path / "ws"
+    (workspace / "src").mkdir(parents=True)
+    (workspace / "src" / "input.txt").write_text("from the client\n")
+    (workspace / "skip.log").write_text("excluded\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: wire\nsecrets: [DEPLOY_TOKEN]\nartifacts: [out/*]\nsteps:\n"
+                    "  - name: build\n    run: |\n      mkdir -p out\n"
+                    "      cat src/input.txt > out/result.txt\n"
+                    "      test ! -e skip.log && echo no-skip\n"
+                    "      echo token=$DEPLOY_TOKEN\n")
+    done = run_cli(fleet.home, "submit", str(spec), "--workspace", str(workspace), "--exclude",
+                   "*.log", "--json", "--ref", "refs/heads/main", STOCKADE_SERVER=fleet.server.url,
+                   STOCKADE_TOKEN=fleet.token, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "succeeded"
+    log = fleet.log(result["job_id"])
+    assert "no-skip" in log and "token=***" in log and "s3cr3t" not in log
+    (artifact,) = result["artifacts"]
+    assert artifact["path"] == "out/result.txt"
+    request = urllib.request.Request(
+        f"{fleet.server.url}/api/v1/jobs/{result['job_id']}/artifacts/out/result.txt",
+        headers={"Authorization": f"Bearer {fleet.token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        data = response.read()
+    assert data == b"from the client\n"
+    assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
+    # nothing of the job stays on the runner: the server has it all
+    agent_home = fleet.agents[0].home
+    assert not list((agent_home / "artifacts").iterdir())
+    assert not list((agent_home / "logs").iterdir())
+
+
+def test_readyz_says_when_the_schema_is_not_the_servers(tmp_path: Path) -> None:
+    import sqlite3
+
+    home = tmp_path / "server"
+    assert run_cli(home, "jobs").returncode == 0
+    server = Server(home)
+    try:
+        assert server.call("GET", "/readyz") == (200, {"status": "ready"})
+        db = sqlite3.connect(home / "stockade.db")
+        db.execute("UPDATE alembic_version SET version_num = '0006'")
+        db.commit()
+        db.close()
+        status, body = server.call("GET", "/readyz")
+        assert status == 503 and "0006" in body["reason"]
+    finally:
+        server.stop()

@@ -182,10 +182,16 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
+        from stockade.store.sql import HEAD_REVISION
+
         try:
-            control.store.list_jobs(1)
+            revision = control.store.schema_revision()
         except Exception as e:  # any database problem: not ready, say which
             return JSONResponse({"status": "unavailable", "reason": str(e)[:200]}, 503)
+        if revision != HEAD_REVISION:
+            return JSONResponse({"status": "unavailable", "reason": f"the database schema is "
+                                 f"at {str(revision)[:20]!r}, this server needs "
+                                 f"{HEAD_REVISION!r}"}, 503)
         return JSONResponse({"status": "ready"})
 
     jobs.add_routes(app, ctx)

@@ -168,6 +168,11 @@ class FleetQueries:
         db.execute("UPDATE attempts SET ended_at = ?, outcome = 'lost' WHERE job_id = ? AND "
                    "attempt = ?", (now, job.id, job.attempt))
 
+    def schema_revision(self) -> str | None:
+        """The database's schema revision (None if it has none)."""
+        rows = self._read("SELECT version_num FROM alembic_version")
+        return str(rows[0][0]) if rows else None
+
     def count_jobs_by_status(self) -> list[tuple[str, int]]:
         """How many jobs there are of each status."""
         return [(str(s), int(n)) for s, n in self._read(

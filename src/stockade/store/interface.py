@@ -187,6 +187,10 @@ class Store(Protocol):
         """How many jobs there are of each status."""
         ...
 
+    def schema_revision(self) -> str | None:
+        """The database's schema revision."""
+        ...
+
     def request_cancel(self, job_id: str, now: float, event: AuditEvent) -> str | None:
         """Cancel a queued job (``canceled``) or ask a running one to stop (``requested``)."""
         ...
