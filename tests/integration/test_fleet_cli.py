@@ -83,6 +83,7 @@ def test_a_refused_token_or_role_is_exit_2_naming_the_role(fleet: Fleet) -> None
     job = fleet.server.call("POST", "/api/v1/jobs", fleet.tokens["admin"], {"spec": SPEC})
     done = fleet.cli("cancel", job[1]["job_id"], role="viewer")
     assert done.returncode == 2 and "submitter role" in done.stderr
+    assert fleet.cli("cancel", job[1]["job_id"]).returncode == 0  # no job left queued
 
 
 def test_no_server_there_is_exit_4(fleet: Fleet) -> None:

@@ -38,7 +38,9 @@ COMMANDS = {
 DESCRIPTION = """\
 stockade runs CI jobs in hardened, ephemeral sandboxes and records what they did.
 
-State lives in $STOCKADE_HOME (default ~/.local/share/stockade, mode 0700).
+State lives in $STOCKADE_HOME (default ~/.local/share/stockade, mode 0700). With --server URL
+or $STOCKADE_SERVER, submit, jobs, show, logs, cancel, audit list, secret and runner talk to a
+stockade server instead, with the API token in $STOCKADE_TOKEN (see stockade up).
 Exit codes: 0 succeeded, 1 job failed, 2 invalid spec or usage, 3 denied by policy,
 4 infrastructure error."""
 

@@ -242,8 +242,8 @@ class Remote:
                 with self.request("GET", path, role, missing=missing, headers=headers,
                                   timeout=STREAM_READ_S) as response:
                     for event in _parse(response.iter_lines()):
-                        failing_since = None
-                        if event.id:
+                        failing_since = None  # a connection that yields nothing counts as
+                        if event.id:  # a failure below, so a broken server is given up on
                             last = event.id
                         yield event
                         if event.kind == "end":
@@ -254,6 +254,11 @@ class Remote:
                     if isinstance(e, InfrastructureError):
                         raise
                     raise self._unreachable(e) from e
+            else:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > RECONNECT_FOR_S:
+                    raise InfrastructureError(f"the server {self.url} keeps ending the log "
+                                              "stream before the job's end")
             time.sleep(0.5)
 
     def close(self) -> None:

@@ -101,11 +101,10 @@ def _remote(remote: Remote, id_or_prefix: str, follow: bool) -> int:
             if event.kind == "message":
                 out.feed(event.data.encode())
                 sys.stdout.buffer.flush()
-        out.close()
-        return 0
-    with remote.request("GET", f"/api/v1/jobs/{job_id}/log", "viewer") as response:
-        for block in response.iter_bytes(BLOCK):
-            out.feed(block)
+    if not out.written:  # (a job stockade run ran on the server's host: its log file)
+        with remote.request("GET", f"/api/v1/jobs/{job_id}/log", "viewer") as response:
+            for block in response.iter_bytes(BLOCK):
+                out.feed(block)
     if not out.written:
         job = remote.json("GET", f"/api/v1/jobs/{job_id}", "viewer")
         raise _no_log(job_id, str(job.get("status")))
