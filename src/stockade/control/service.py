@@ -67,6 +67,11 @@ class AdmissionPolicy(NamedTuple):
                 f"it with the setting {setting} (STOCKADE_{setting.upper()})")
 
 
+_RESULT_KEYS = frozenset({"job_id", "name", "status", "failure_reason", "exit_code", "attempt",
+                          "runner_id", "steps", "artifacts", "egress", "duration_s",
+                          "created_at"})
+
+
 class JobView(NamedTuple):
     """A job with its steps and artifacts, as ``show`` and ``--json`` present it."""
 
@@ -92,8 +97,7 @@ class JobView(NamedTuple):
             "egress": extra.get("egress", egress_summary(())),
             "duration_s": extra.get("duration_s"),
             "created_at": self.job.created_at,
-            **{k: v for k, v in extra.items() if k not in ("duration_s", "egress")},
-        }
+        } | {k: v for k, v in extra.items() if k not in _RESULT_KEYS}  # never overriding
 
 
 class ControlService:
