@@ -34,6 +34,8 @@ from stockade.control.fleet import SESSION_PREFIX, FleetService
 
 MAX_BODY_BYTES = 512 * 1024  # a JSON body: e.g. a spec, escaped, and a few fields
 REFUSALS_PER_MINUTE = 60
+BIG_BODY_BYTES = 1024 * 1024  # bodies larger than this (workspaces, artifacts) ...
+BIG_BODIES_AT_ONCE = 4  # ... are read this many at a time per server process
 
 
 class Refusals:
@@ -82,6 +84,7 @@ class Gate:
                  refusals: Refusals, limit_for: Callable[[str, str], int]) -> None:
         self.app, self.control, self.fleet = app, control, fleet
         self.refusals, self.limit_for = refusals, limit_for
+        self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Check, then pass the request on with its body counted."""
@@ -121,7 +124,11 @@ class Gate:
                 raise HTTPException(413, f"the body is larger than {limit} bytes")
             return message
 
-        await self.app(scope, bounded, send)
+        if int(declared) > BIG_BODY_BYTES or b"transfer-encoding" in headers:
+            async with self._big:  # uploads are held in memory: a few at a time
+                await self.app(scope, bounded, send)
+        else:
+            await self.app(scope, bounded, send)
 
     async def _token(self, scope: Any, bearer: str, state: dict[str, Any]
                      ) -> tuple[int, str, str | None]:
