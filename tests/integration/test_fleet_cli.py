@@ -315,6 +315,8 @@ def test_logs_follow_a_servers_job_until_it_ends(fleet: Fleet) -> None:
             proc.kill()
         runner.close()
     assert (proc.returncode, out) == (0, "one\ntwo\\x1b[0m\n"), err
+    for args in (["logs", submitted], ["logs", "-f", submitted]):  # the chunks, read here
+        assert run_cli(fleet.home, *args).stdout == out, args
 
 
 def test_secrets_through_the_server(fleet: Fleet) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
 from stockade.cli.remote import add_server_argument
@@ -48,14 +50,18 @@ def main(args: argparse.Namespace) -> int:
 
     settings, control = open_control()
     view = require_job(control, args.job)
-    if args.follow:
-        return _follow_local(settings, control, view.job.id)
-    path = settings.logs_dir / f"{view.job.id}.log"
+    log = _LocalLog(settings, control, view.job.id)
     try:
-        with path.open("rb") as f:
-            copy_escaped(f, sys.stdout.buffer)
-    except FileNotFoundError:
-        raise _no_log(view.job.id, view.job.status) from None
+        if args.follow:
+            return _follow_local(log, control, view.job.id)
+        out = LineEscaper(sys.stdout.buffer)
+        for block in log.new():
+            out.feed(block)
+        if not log.found:
+            raise _no_log(view.job.id, view.job.status)
+        out.close()
+    finally:
+        log.close()
     return 0
 
 
@@ -66,30 +72,51 @@ def _no_log(job_id: str, status: str) -> Exception:
                       hint="only jobs that reached a runner have logs")
 
 
-def _follow_local(settings: Settings, control: ControlService, job_id: str) -> int:
-    """Print the log file as it grows until the job has finished and all of it is out."""
+class _LocalLog:
+    """A job's log on this host: its log file (the jobs of stockade run) or, without one, the
+    chunks runner agents sent (the jobs of a stockade server on this state directory)."""
+
+    def __init__(self, settings: Settings, control: ControlService, job_id: str) -> None:
+        self.path, self.store, self.job_id = settings.logs_dir / f"{job_id}.log", \
+            control.store, job_id
+        self.file: BinaryIO | None = None
+        self.after, self.found = (0, -1), False
+
+    def new(self) -> Iterator[bytes]:
+        """What was added since the last call."""
+        if self.file is None and self.after == (0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                self.file = self.path.open("rb")
+                self.found = True
+        if self.file is not None:
+            while block := self.file.read(BLOCK):
+                yield block
+            return
+        while page := self.store.log_chunks(self.job_id, self.after, 4):
+            for attempt, seq, data in page:
+                self.after, self.found = (attempt, seq), True
+                yield data
+
+    def close(self) -> None:
+        """Close the file, if one was opened."""
+        if self.file is not None:
+            self.file.close()
+
+
+def _follow_local(log: _LocalLog, control: ControlService, job_id: str) -> int:
+    """Print the log as it grows until the job has finished and all of it is out."""
     out = LineEscaper(sys.stdout.buffer)
-    path, f = settings.logs_dir / f"{job_id}.log", None
-    try:
-        while True:
-            job = control.job(job_id)  # before reading: once finished, the log is complete
-            done = job is None or job.status in FINISHED
-            if f is None:
-                try:
-                    f = path.open("rb")
-                except FileNotFoundError:
-                    if done:
-                        raise _no_log(job_id, job.status if job else "unknown") from None
-            while f is not None and (block := f.read(BLOCK)):
-                out.feed(block)
-            sys.stdout.buffer.flush()
-            if done:
-                out.close()
-                return 0
-            time.sleep(POLL_S)
-    finally:
-        if f is not None:
-            f.close()
+    while True:
+        job = control.job(job_id)  # before reading: once finished, the log is complete
+        for block in log.new():
+            out.feed(block)
+        sys.stdout.buffer.flush()
+        if job is None or job.status in FINISHED:
+            if not log.found:
+                raise _no_log(job_id, job.status if job else "unknown")
+            out.close()
+            return 0
+        time.sleep(POLL_S)
 
 
 def _remote(remote: Remote, id_or_prefix: str, follow: bool) -> int:
@@ -137,14 +164,6 @@ class LineEscaper:
 
         self.dst.write(escape_lines(self.rest))
         self.rest = b""
-
-
-def copy_escaped(src: BinaryIO, dst: BinaryIO) -> None:
-    """Copy ``src`` to ``dst`` through a :class:`LineEscaper`."""
-    out = LineEscaper(dst)
-    while block := src.read(BLOCK):
-        out.feed(block)
-    out.close()
 
 
 def _char_boundary(data: bytes, at: int) -> int:
