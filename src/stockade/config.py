@@ -230,7 +230,7 @@ def installation_id(home: Path) -> str:
 
 # read by the CLI's client of a server (cli/remote.py), not settings
 _OTHER_VARIABLES = frozenset({"STOCKADE_HOME", "STOCKADE_CONFIG", "STOCKADE_SERVER",
-                              "STOCKADE_TOKEN", "STOCKADE_CA_FILE"})
+                              "STOCKADE_TOKEN", "STOCKADE_CA_FILE", "STOCKADE_ENROL_TOKEN"})
 
 
 def _warn_unknown_variables(env: dict[str, str]) -> None:

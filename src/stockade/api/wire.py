@@ -21,6 +21,9 @@ from stockade.api.protocol import (
 
 _ID = r"^[A-Za-z0-9_.-]{1,64}$"
 MAX_REPORT_EVENTS = 256
+MAX_SECONDS = 10 * 365 * 86400.0  # no duration is longer (finite: no inf, no NaN)
+MAX_TIME = 1e11  # a Unix time, long after any clock here
+MAX_COUNT = 2**62  # bytes, counts: what a database's BIGINT holds
 REPORT_ACTIONS = r"^(egress|secret)\.[a-z_]{1,40}$"
 
 
@@ -103,8 +106,8 @@ class StepWire(_Strict):
     name: str = Field(max_length=100)
     status: Literal["succeeded", "failed", "timed_out", "oom", "canceled", "error",
                     "skipped"]
-    exit_code: int | None = None
-    duration_s: float = Field(ge=0)
+    exit_code: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
+    duration_s: float = Field(ge=0, le=MAX_SECONDS)
 
 
 class ArtifactWire(_Strict):
@@ -112,7 +115,7 @@ class ArtifactWire(_Strict):
 
     path: str = Field(max_length=4096)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_COUNT)
 
 
 class EgressWire(_Strict):
@@ -124,13 +127,13 @@ class EgressWire(_Strict):
     allowed: bool
     reason: str = Field(max_length=500)
     audit_only: bool = False
-    bytes_up: int = Field(default=0, ge=0)
-    bytes_down: int = Field(default=0, ge=0)
-    duration_s: float = Field(default=0.0, ge=0)
-    at: float = 0.0
-    attempts: int = Field(default=1, ge=0)
-    last_at: float = 0.0
-    omitted: int = Field(default=0, ge=0)
+    bytes_up: int = Field(default=0, ge=0, le=MAX_COUNT)
+    bytes_down: int = Field(default=0, ge=0, le=MAX_COUNT)
+    duration_s: float = Field(default=0.0, ge=0, le=MAX_SECONDS)
+    at: float = Field(default=0.0, ge=0, le=MAX_TIME)
+    attempts: int = Field(default=1, ge=0, le=MAX_COUNT)
+    last_at: float = Field(default=0.0, ge=0, le=MAX_TIME)
+    omitted: int = Field(default=0, ge=0, le=MAX_COUNT)
 
 
 class CompletionIn(_Strict):
@@ -139,10 +142,10 @@ class CompletionIn(_Strict):
 
     status: Literal["succeeded", "failed", "error"]
     failure_reason: FailureReason | None = None
-    exit_code: int | None = None
+    exit_code: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     steps: list[StepWire] = Field(default=[], max_length=1000)
     artifacts: list[ArtifactWire] = Field(default=[], max_length=10_000)
-    duration_s: float = Field(ge=0)
+    duration_s: float = Field(ge=0, le=MAX_SECONDS)
     details: dict[str, Any] = {}
     egress: list[EgressWire] = Field(default=[], max_length=10_000)
 

@@ -42,7 +42,8 @@ def add_start_arguments(p: argparse.ArgumentParser) -> None:
                    help="the stockade server (https://..., or http:// on loopback)")
     p.add_argument("--enrol-token", metavar="TOKEN", default=None,
                    help="a single-use token from 'stockade runner enrol-token' (needed the "
-                   "first time; afterwards the runner attests with its key)")
+                   "first time; afterwards the runner attests with its key). Default: "
+                   "$STOCKADE_ENROL_TOKEN, which other users of the host cannot read in ps")
     p.add_argument("--name", default=None, help="this runner's name (default: the host name)")
     p.add_argument("--labels", default="", metavar="L1,L2",
                    help="labels this runner offers (a job runs where it finds all its labels)")
@@ -61,6 +62,7 @@ def start(args: argparse.Namespace) -> int:
     from stockade.sandbox import get_backend
 
     server = args.server.rstrip("/")
+    enrol = args.enrol_token or os.environ.get("STOCKADE_ENROL_TOKEN") or None
     if not server.startswith(("http://", "https://")):
         raise UsageError(f"--server {server[:80]!r} is not an http(s) URL",
                          hint="e.g. --server https://stockade.example:8377")
@@ -79,11 +81,11 @@ def start(args: argparse.Namespace) -> int:
     session = Session(server, identity, lambda: measure(settings, backend),
                       verify=args.ca_file or True)
     try:
-        session.attest(args.enrol_token, name, labels, args.concurrency)
+        session.attest(enrol, name, labels, args.concurrency)
     except Refused as e:
-        if e.status == 403 and session.runner_id is not None and args.enrol_token:
+        if e.status == 403 and session.runner_id is not None and enrol:
             session.runner_id = None  # known here but not there (or quarantined): enrol anew
-            session.attest(args.enrol_token, name, labels, args.concurrency)
+            session.attest(enrol, name, labels, args.concurrency)
         else:
             raise UsageError(f"the server refused this runner: {e.detail}",
                              hint="ask an admin for a new enrolment token (stockade runner "

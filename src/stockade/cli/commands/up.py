@@ -164,9 +164,9 @@ def _run(args: argparse.Namespace, home: Path, token: str, enrol: list[str],
     for i, secret in enumerate(enrol, 1):
         runner_home = home / "up" / f"up-{i}"
         runner_home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        parts.append(Part(f"up-{i}", _stockade(
-            "runner", "start", "--server", url, "--enrol-token", secret, "--name", f"up-{i}"),
-            _env(runner_home), group=server.proc.pid))
+        parts.append(Part(f"up-{i}", _stockade(  # the token in the environment, not in ps
+            "runner", "start", "--server", url, "--name", f"up-{i}"),
+            {**_env(runner_home), "STOCKADE_ENROL_TOKEN": secret}, group=server.proc.pid))
     remote = Remote(url, token)
     try:
         _wait_ready(remote, parts, len(enrol), started)
