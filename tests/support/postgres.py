@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -111,6 +112,9 @@ def _remove_stale(bindir: Path) -> None:
             owner = int((base / "session.pid").read_text())
         except (OSError, ValueError):
             owner = 0
+            with contextlib.suppress(OSError):
+                if time.time() - base.stat().st_mtime < 600:
+                    continue  # another session is creating it this moment
         if owner:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(owner, 0)

@@ -107,8 +107,9 @@ class PostgresStore(SqlStore, FleetQueries):
                                    "whether it accepts connections)")
         if isinstance(e, psycopg.OperationalError):
             return StoreError(f"lost the connection to the database {self._where}: {reason}",
-                              hint="check the PostgreSQL server and its log; the transaction "
-                                   "was not committed")
+                              hint="check the PostgreSQL server and its log (a change under "
+                                   "way may or may not have been committed: look before "
+                                   "repeating it)")
         if isinstance(e, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
             return StoreError(f"the state database {self._where} is damaged ({text})",
                               hint=self._damaged_hint)

@@ -43,6 +43,12 @@ HEAD_SQL = "SELECT count, hash FROM audit_head WHERE id = 1"  # the audit head r
 AUDIT_COLUMNS = "at, actor, action, job_id, detail_json, prev_hash, hash"
 
 
+# jobs held by a runner of this host (stockade run's own): runner agents' jobs are the lease
+# sweeper's (store/fleet.py), which requeues them
+_LOCAL_HELD = ("status IN ('queued', 'running') AND runner_id IS NOT NULL AND runner_id NOT IN "
+               "(SELECT id FROM runners)")
+
+
 class Cursor(Protocol):
     """The result of a statement (``sqlite3.Cursor``, ``psycopg.Cursor``)."""
 
@@ -126,19 +132,17 @@ class SqlStore:
                          (*changes.values(), job_id, *cond_args))
         return cur.rowcount == 1
 
-    def fail_lost(self, now: float, lost_ids: list[str],
+    def fail_lost(self, now: float, lost_ids: list[str],  # (runner agents': the sweeper's)
                   runner_gone: Callable[[str], bool | None],
                   event_for: Callable[[JobRow], AuditEvent]) -> list[str]:
         """Mark jobs failed (runner_lost) that no runner will finish: in ``lost_ids``, queued
         or running for a runner that is gone, or running with an expired lease for a runner
         whose liveness is unknown (``runner_gone`` None; a live runner is never failed)."""
-        if not lost_ids and not self._read("SELECT 1 FROM jobs WHERE status IN ('queued', "
-                                           "'running') AND runner_id IS NOT NULL LIMIT 1"):
+        if not lost_ids and not self._read(f"SELECT 1 FROM jobs WHERE {_LOCAL_HELD} LIMIT 1"):
             return []  # the common case: no write transaction
         with self._tx() as db:
-            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN "  # skipped:
-                              "('queued', 'running') AND runner_id IS NOT NULL"  # changing
-                              f"{self._skip_locked}")
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {_LOCAL_HELD}"
+                              f"{self._skip_locked}")  # skipped: changing
             ids = set(lost_ids)
             lost = []
             for job in (JobRow(*r) for r in rows):
