@@ -11,6 +11,7 @@ store of one host.
 Imported only when ``database_url`` names PostgreSQL: the embedded path never loads psycopg.
 """
 
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -20,10 +21,17 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from stockade.audit import AuditHead, AuditSnapshot
+from stockade.audit import AuditEvent, AuditHead, AuditSnapshot
 from stockade.errors import StoreError
 from stockade.store.fleet import FleetQueries
-from stockade.store.sql import AUDIT_COLUMNS, HEAD_REVISION, HEAD_SQL, SqlStore, audit_records
+from stockade.store.sql import (
+    AUDIT_COLUMNS,
+    HEAD_REVISION,
+    HEAD_SQL,
+    Db,
+    SqlStore,
+    audit_records,
+)
 
 SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
 POOL_MAX = 16  # connections per store (a replica); the server's max_connections bounds them all
@@ -116,6 +124,15 @@ class PostgresStore(SqlStore, FleetQueries):
         return StoreError(f"state database error in {self._where}: {text}",
                           hint="check the PostgreSQL server's log")
 
+    def _append_audit(self, db: Db, event: AuditEvent) -> None:
+        """One statement: lock the head row, chain the event onto it (the same sha256 as
+        ``chain_hash``, computed by the server) and insert it; the trigger moves the head.
+        One round trip less while every replica's appends wait for that row."""
+        cur = db.execute(_APPEND, (event.at, event.actor, event.action, event.job_id,
+                                   json.dumps(event.detail, sort_keys=True), event.canonical()))
+        if cur.rowcount != 1:  # the head row is gone: the base says so, visibly
+            super()._append_audit(db, event)
+
     @contextmanager
     def _tx(self) -> Iterator["_Db"]:
         try:
@@ -168,6 +185,12 @@ class _Db:
         cur = self._conn.cursor()
         cur.executemany(_pg(sql), seq)
         return cur
+
+
+# chain_hash(prev, event) in SQL: sha256 of "<prev hash>\n<canonical event>" in hex
+_APPEND = (f"WITH head AS ({HEAD_SQL} FOR UPDATE) INSERT INTO audit_events ({AUDIT_COLUMNS}) "
+           "SELECT ?, ?, ?, ?, ?, head.hash, encode(sha256(convert_to(head.hash || chr(10) || "
+           "?, 'UTF8')), 'hex') FROM head")
 
 
 @lru_cache(maxsize=1024)
