@@ -226,9 +226,7 @@ class FleetService:
 
     def claim(self, caller: Caller) -> Assignment | None:
         """The next job for this runner (None if none, or if it may not take work now)."""
-        runner = caller.runner
-        if runner.status != "active":
-            return None
+        runner = caller.runner  # its status is read again in the claim's transaction
         return self.control.claim(runner.id, tuple(json.loads(runner.labels_json)),
                                   lease_s=self.policy.lease_s)
 

@@ -253,7 +253,8 @@ class ControlService:
                 return self.clock() + lease_s
             return self.clock() + Job.from_json(job.spec_json).timeout + LEASE_GRACE_S
 
-        job = self.store.claim_attempt(runner_id, lease_until, event, eligible)
+        job = self.store.claim_attempt(runner_id, lease_until, event, eligible,
+                                       agent=lease_s is not None)
         if job is None:
             return None
         spec = Job.from_json(job.spec_json)

@@ -44,6 +44,7 @@ class FleetQueries:
     """Fleet transactions; mixed into a SQL store (see the module docstring)."""
 
     _skip_locked: str
+    _for_update: str
 
     def _tx(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
@@ -73,10 +74,16 @@ class FleetQueries:
 
     def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
                       event_for: Callable[[JobRow], AuditEvent],
-                      eligible: Callable[[JobRow], bool]) -> JobRow | None:
+                      eligible: Callable[[JobRow], bool], agent: bool = False
+                      ) -> JobRow | None:
         """Move the oldest eligible queued job to running for ``runner_id`` as its next
-        attempt (recorded in ``attempts``), in one transaction."""
+        attempt (recorded in ``attempts``), in one transaction; for a runner ``agent``, only
+        while it is active (read in the same transaction: a runner drained or quarantined a
+        moment ago gets nothing)."""
         with self._tx() as db:
+            if agent and db.execute(f"SELECT status FROM runners WHERE id = ?{self._for_update}",
+                                    (runner_id,)).fetchone() != ("active",):
+                return None
             job = next((j for j in self._candidates(db, runner_id) if eligible(j)), None)
             if job is None:
                 return None

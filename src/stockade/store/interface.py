@@ -153,9 +153,10 @@ class Store(Protocol):
 
     def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
                       event_for: Callable[[JobRow], AuditEvent],
-                      eligible: Callable[[JobRow], bool]) -> JobRow | None:
+                      eligible: Callable[[JobRow], bool], agent: bool = False
+                      ) -> JobRow | None:
         """Atomically move the oldest eligible queued job to ``running`` for ``runner_id`` as
-        its next attempt."""
+        its next attempt (for a runner ``agent``: only while it is active)."""
         ...
 
     def finish_attempt(self, job_id: str, attempt: int, runner_id: str,
