@@ -37,7 +37,8 @@ class Fleet:
         self.token = admin_token(self.home, **env)
         self.agents: list[Agent] = []
 
-    def restart_server(self) -> None:
+    def restart_server(self, **env: str) -> None:
+        self.env = {**self.env, **env}
         self.server = Server(self.home, port=self.server.port, **self.env)
 
     def agent(self, name: str, *extra: str, enrol: bool = True) -> Agent:
@@ -155,6 +156,8 @@ def test_a_paused_runner_cannot_complete_a_job_that_was_given_to_another(
 
 
 def test_a_server_killed_mid_job_loses_no_log_line(fleet: Fleet) -> None:
+    fleet.server.stop()  # a lease long enough for the restart (runners fence themselves)
+    fleet.restart_server(STOCKADE_RUNNER_LEASE="20")
     fleet.agent("steady")
     job_id = submit(fleet.server, fleet.token, step_job(
         "through-restart", "for i in $(seq 1 40); do echo line-$i; sleep 0.1; done"))
@@ -162,7 +165,7 @@ def test_a_server_killed_mid_job_loses_no_log_line(fleet: Fleet) -> None:
     time.sleep(0.8)
     fleet.server.proc.kill()  # kill -9 mid-run
     fleet.server.proc.wait()
-    time.sleep(1.5)
+    time.sleep(3)
     fleet.restart_server()
     result = finished(fleet.server, fleet.token, job_id)
     assert result["status"] == "succeeded" and result["attempt"] == 1
@@ -341,8 +344,8 @@ def test_a_submitted_workspace_secret_and_artifact_travel_over_the_wire(
     assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
     # nothing of the job stays on the runner: the server has it all
     agent_home = fleet.agents[0].home
-    assert not list((agent_home / "artifacts").iterdir())
-    assert not list((agent_home / "logs").iterdir())
+    wait_for("the runner to clean up", lambda: not list((agent_home / "artifacts").iterdir())
+             and not list((agent_home / "logs").iterdir()), timeout=10)
 
 
 def test_readyz_says_when_the_schema_is_not_the_servers(tmp_path: Path) -> None:
@@ -361,3 +364,17 @@ def test_readyz_says_when_the_schema_is_not_the_servers(tmp_path: Path) -> None:
         assert status == 503 and "0006" in body["reason"]
     finally:
         server.stop()
+
+
+def test_a_runner_cut_off_from_the_server_stops_its_job_before_the_lease_runs_out(
+        fleet: Fleet) -> None:
+    fleet.agent("cut-off")
+    job_id = submit(fleet.server, fleet.token, step_job("alone", "sleep 60"))
+    wait_for("the job to run", lambda: fleet.running_on(job_id))
+    fleet.server.proc.kill()  # no server: the lease (3 s) cannot be extended
+    fleet.server.proc.wait()
+    time.sleep(5)
+    fleet.restart_server()
+    result = finished(fleet.server, fleet.token, job_id, timeout=60)
+    assert (result["status"], result["failure_reason"]) == ("failed", "canceled")
+    assert "did not answer" in fleet.log(job_id)

@@ -74,15 +74,17 @@ class GrantWire(BaseModel):
 class AssignmentOut(BaseModel):
     """A claimed job: attempt ``attempt`` of ``spec_json``."""
 
-    job_id: str
-    attempt: int
-    runner_id: str
+    # checked on the runner too: it names files after them (a server is trusted to hand out
+    # jobs, not to reach the runner's file system)
+    job_id: str = Field(pattern=r"^[A-Za-z0-9]{1,64}$")
+    attempt: int = Field(ge=1, le=1000)
+    runner_id: str = Field(pattern=_ID)
     spec_json: str
     lease_expires_at: float
     secrets: list[GrantWire]
     trust: str
     ref: str
-    workspace_sha256: str | None = None
+    workspace_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @classmethod
     def of(cls, a: Assignment, workspace_sha256: str | None) -> "AssignmentOut":

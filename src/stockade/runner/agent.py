@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import shutil
 import signal
 import sys
@@ -75,6 +74,7 @@ def start(args: argparse.Namespace) -> int:
     backend = get_backend("bwrap", settings)
     identity = Identity(settings.home / "runner")
     _lock_home(settings.home / "runner" / "agent.lock")
+    _forget_earlier_jobs(settings)
     for job_id in backend.reap_orphans(lambda job_id: True):  # its state dir is the agent's
         sys.stderr.write(f"stockade runner: removed what job {job_id} left when this agent "
                          "stopped last time (its server requeues or fails the job)\n")
@@ -95,6 +95,19 @@ def start(args: argparse.Namespace) -> int:
                                   hint="check --server and that the server runs") from e
     agent = Agent(settings, backend, session, args.concurrency)
     return agent.serve()
+
+
+def _forget_earlier_jobs(settings: Settings) -> None:
+    """What an earlier agent of this state directory left of its jobs (it was killed): their
+    unpacked workspaces, logs and artifacts (the server has what it was sent)."""
+    shutil.rmtree(settings.home / "workspaces", ignore_errors=True)
+    for directory in (settings.logs_dir, settings.artifacts_dir):
+        for entry in directory.iterdir() if directory.is_dir() else ():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
 
 def _lock_home(path: Path) -> None:
@@ -206,7 +219,8 @@ class Agent:
         with self._lock:
             self._attempts[me] = attempt
         shipper = LogShipper(self.control, a, log.path)
-        beat = threading.Thread(target=self._heartbeat, args=(a, attempt, shipper),
+        over = threading.Event()  # set once the completion is in: the heartbeats stop then
+        beat = threading.Thread(target=self._heartbeat, args=(a, attempt, over),
                                 daemon=True, name=f"heartbeat-{a.job_id}")
         beat.start()
         shipper.start()
@@ -220,6 +234,7 @@ class Agent:
         except StockadeError as e:
             sys.stderr.write(f"stockade runner: job {a.job_id}: {e.diagnostics()}\n")
         finally:
+            over.set()
             shipper.stop()
             with self._lock:
                 self._attempts.pop(me, None)
@@ -260,18 +275,21 @@ class Agent:
         """Upload each artifact (the server checks its sha256); the completion lists them."""
         root = self.settings.artifacts_dir / a.job_id
         for art in c.artifacts:
-            data = (root / art.path).read_bytes()
-            if hashlib.sha256(data).hexdigest() != art.sha256:
-                raise InfrastructureError(f"artifact {art.path!r} changed after collection")
-            try:
-                self.control.put_artifact(a.job_id, a.attempt, art.sha256, data)
+            try:  # streamed from the file (the server checks the sha256 of what it gets)
+                self.control.put_artifact(a.job_id, a.attempt, art.sha256, root / art.path)
             except Refused as e:
                 raise InfrastructureError(f"artifact upload refused: {e.detail}") from e
         return c
 
-    def _heartbeat(self, a: Assignment, attempt: Attempt, shipper: LogShipper) -> None:
-        """Extend the lease every heartbeat; stop the job on a cancel or a lost lease."""
-        while not shipper.done.wait(self.session.heartbeat_s):
+    def _heartbeat(self, a: Assignment, attempt: Attempt, over: threading.Event) -> None:
+        """Extend the lease every heartbeat until the attempt is completed; stop the job on a
+        cancel, a lost lease, or when the server has not answered for so long that the lease
+        may have run out (the runner fences itself: the job may go to another runner, and two
+        copies must never run at once)."""
+        beat, lease = self.session.heartbeat_s, self.session.lease_s
+        give_up_after = max(lease / 2, lease - 2 * beat)
+        last_ok = time.monotonic()
+        while not over.wait(beat):
             try:
                 held, cancel = self.control.heartbeat(a.job_id, a.attempt)
             except Refused as e:
@@ -279,8 +297,14 @@ class Agent:
                     self._stop(f"the server refused this runner: {e.detail}")
                     return
                 continue
-            except Unreachable:
-                continue  # the server restarts: the lease outlasts a few missed beats
+            except Unreachable:  # a restart: the lease outlasts a few missed beats
+                silent = time.monotonic() - last_ok
+                if silent > give_up_after:
+                    attempt.cancel(f"the control plane did not answer for {silent:.0f} s, "
+                                   "close to the job's lease: stopped, as another runner may "
+                                   "get the job")
+                continue
+            last_ok = time.monotonic()
             if not held:
                 attempt.cancel("this runner lost the job's lease (another attempt has it)")
                 return

@@ -13,7 +13,8 @@ import base64
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stockade.api.protocol import Assignment, Completion
@@ -114,10 +115,12 @@ class Session:
         import httpx
 
         deadline, delay, renewed = time.monotonic() + retry_for, 0.2, False
+        extra = kwargs.pop("headers", {})
         while True:
             try:
                 response = self.client().request(
-                    method, path, headers={"Authorization": f"Bearer {self.token}"}, **kwargs)
+                    method, path, headers={**extra, "Authorization": f"Bearer {self.token}"},
+                    **kwargs)
             except httpx.HTTPError as e:
                 problem = str(e) or type(e).__name__
             else:
@@ -142,6 +145,18 @@ def _detail(response: httpx.Response) -> str:
     except ValueError:
         detail = response.text
     return str(detail)[:500]
+
+
+class _FileBody:
+    """A file's bytes as an iterable body that starts over at each iteration (each try)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            while chunk := f.read(1024 * 1024):
+                yield chunk
 
 
 class RemoteControl:
@@ -244,10 +259,11 @@ class RemoteControl:
             return "full" if e.status == 413 else "fenced"
         return str(response.json()["state"])
 
-    def put_artifact(self, job_id: str, attempt: int, sha256: str, data: bytes) -> None:
-        """Upload one artifact's bytes."""
+    def put_artifact(self, job_id: str, attempt: int, sha256: str, path: Path) -> None:
+        """Upload one artifact's bytes, streamed from ``path`` (read afresh on a retry)."""
         self.session.call("PUT", self._path(job_id, attempt, f"artifacts/{sha256}"),
-                          content=data)
+                          content=_FileBody(path),
+                          headers={"Content-Length": str(path.stat().st_size)})
 
     def workspace(self, job_id: str, attempt: int) -> bytes:
         """The job's workspace archive."""
