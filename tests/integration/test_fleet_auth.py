@@ -4,6 +4,7 @@ with schemathesis without a single 5xx; on both databases."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -38,13 +39,13 @@ class Setup:
         self.admin = admin_token(self.home, **env)
         self.n = 0
 
-    def enrol_token(self, **kw: str) -> str:
-        return enrol_token(self.home, **kw, **self.env)
+    def enrol_token(self, *args: str, ttl: str = "10m") -> str:
+        return enrol_token(self.home, "default", ttl, *args, **self.env)
 
-    def runner(self, **kw: Any) -> FakeRunner:
+    def runner(self, *token_args: str, **kw: Any) -> FakeRunner:
         self.n += 1
-        return FakeRunner(self.server.url, self.enrol_token(), self.root / f"key{self.n}",
-                          name=f"fake{self.n}", **kw)
+        return FakeRunner(self.server.url, self.enrol_token(*token_args),
+                          self.root / f"key{self.n}", name=f"fake{self.n}", **kw)
 
     def audit(self) -> list[dict[str, Any]]:
         status, body = self.server.call("GET", "/api/v1/audit", self.admin)
@@ -153,6 +154,64 @@ def test_a_runner_cannot_touch_an_attempt_another_runner_holds(setup: Setup) -> 
     assert holder.call("POST", f"/api/v1/runner/jobs/{job_id}/7/complete", done)[0] == 409
     assert holder.call("POST", f"{base}/complete", done) == (200, {"recorded": True})
     assert holder.call("POST", f"{base}/complete", done)[0] == 409  # once
+
+
+def test_what_a_runner_may_be_is_the_admins_call(setup: Setup) -> None:
+    url = setup.server.url
+    token = setup.enrol_token("--labels", "linux,gpu")
+    status, detail = call(url, "POST", "/api/v1/enrol", body=enrol_body(
+        url, token, setup.root / "greedy", labels=["prod"]))  # a label it was not given
+    assert status == 403 and "labels" in detail["detail"]
+    gpu = setup.runner("--labels", "linux,gpu")
+    _, runners = setup.server.call("GET", "/api/v1/runners", setup.admin)
+    mine = next(r for r in runners if r["runner_id"] == gpu.runner_id)
+    assert mine["labels"] == ["gpu", "linux", "pool:default"] and mine["max_trust"] == "trusted"
+    protected = admin_token(setup.home, role="submitter", trust="protected", **setup.env)
+    job_id = submit(setup.server, protected, "name: release\nlabels: [gpu]\nsteps:\n"
+                    "  - {name: a, run: 'true'}\n", trust="protected")
+    assert gpu.call("POST", "/api/v1/runner/claim?wait=1")[0] == 204  # beyond its trust
+    releaser = setup.runner("--labels", "gpu", "--max-trust", "protected")
+    status, claimed = releaser.call("POST", "/api/v1/runner/claim?wait=5")
+    assert status == 200 and claimed["job_id"] == job_id
+
+
+def test_a_runner_reports_only_its_own_kind_of_events_in_its_own_name(setup: Setup) -> None:
+    runner = setup.runner()
+    job_id = submit(setup.server, setup.admin, SPEC)
+    _, claimed = runner.call("POST", "/api/v1/runner/claim?wait=5")
+    base = f"/api/v1/runner/jobs/{job_id}/{claimed['attempt']}"
+    forged = {"events": [["secret.set", {"name": "PROD_KEY"}]]}
+    assert runner.call("POST", f"{base}/report", forged)[0] == 422
+    big = {"events": [["secret.leak", {"where": "x" * 10_000}]]}
+    assert runner.call("POST", f"{base}/report", big)[0] == 413
+    fine = {"events": [["secret.leak", {"secret": "A", "where": "log"}]]}
+    assert runner.call("POST", f"{base}/report", fine)[0] == 204
+    leak = [e for e in setup.audit() if e["action"] == "secret.leak" and e["job_id"] == job_id]
+    assert [e["actor"] for e in leak] == [f"runner:{runner.runner_id}"]
+    # a completion names only artifacts this attempt uploaded (not another job's blobs)
+    other = setup.runner()
+    other_job = submit(setup.server, setup.admin, SPEC)
+    _, theirs = other.call("POST", "/api/v1/runner/claim?wait=5")
+    digest = hashlib.sha256(b"their bytes").hexdigest()
+    status, _ = call(setup.server.url, "PUT",
+                     f"/api/v1/runner/jobs/{other_job}/{theirs['attempt']}/artifacts/{digest}",
+                     other.token, raw=b"their bytes")
+    assert status == 201
+    stolen = {"status": "succeeded", "duration_s": 0.1,
+              "artifacts": [{"path": "stolen", "sha256": digest, "size": 11}]}
+    status, detail = runner.call("POST", f"{base}/complete", stolen)
+    assert status == 422 and "not uploaded by this attempt" in detail["detail"]
+
+
+def test_refused_attestations_fill_the_audit_trail_at_a_bounded_rate(setup: Setup) -> None:
+    from stockade.runner.attest import Identity
+
+    url = setup.server.url
+    before = len(setup.audit())
+    stranger = Identity(setup.root / "stranger")
+    for i in range(150):
+        call(url, "POST", "/api/v1/enrol/attest", body=attest_body(url, f"nobody{i}", stranger))
+    assert len(setup.audit()) - before <= 2 * 60 + 1  # (the test may span two minutes)
 
 
 @pytest.mark.parametrize("bearer", [None, "", "stks_nope_nope", "stk_x_y", "Basic abc"])

@@ -26,9 +26,9 @@ def runner_command() -> list[str]:
 
 
 def call(url: str, method: str, path: str, token: str | None = None, body: Any = None,
-         timeout: float = 30) -> tuple[int, Any]:
-    """One JSON request; ``(status, parsed body)``."""
-    data = json.dumps(body).encode() if body is not None else None
+         timeout: float = 30, raw: bytes | None = None) -> tuple[int, Any]:
+    """One JSON request (or ``raw`` bytes); ``(status, parsed body)``."""
+    data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url + path, data=data, method=method)
     request.add_header("content-type", "application/json")
     if token is not None:
@@ -92,7 +92,7 @@ class Server:
                 self.proc.wait()
 
 
-def admin_token(home: Path, role: str = "admin", trust: str = "protected", **env: str) -> str:
+def admin_token(home: Path, role: str = "admin", trust: str = "trusted", **env: str) -> str:
     """An API token made with the CLI."""
     made = run_cli(home, "token", "create", f"t-{role}", "--role", role, "--max-trust", trust,
                    **env)
@@ -100,9 +100,10 @@ def admin_token(home: Path, role: str = "admin", trust: str = "protected", **env
     return made.stdout.strip()
 
 
-def enrol_token(home: Path, pool: str = "default", ttl: str = "10m", **env: str) -> str:
-    """A single-use enrolment token made with the CLI."""
-    made = run_cli(home, "runner", "enrol-token", "--pool", pool, "--ttl", ttl, **env)
+def enrol_token(home: Path, pool: str = "default", ttl: str = "10m", *args: str,
+                **env: str) -> str:
+    """A single-use enrolment token made with the CLI (``args``: e.g. --labels, --max-trust)."""
+    made = run_cli(home, "runner", "enrol-token", "--pool", pool, "--ttl", ttl, *args, **env)
     assert made.returncode == 0, made.stderr
     return made.stdout.strip().splitlines()[-1]
 

@@ -32,6 +32,8 @@ class EnrolTokenRequest(BaseModel):
     model_config = {"extra": "forbid"}
     pool: str = Field(default="default", min_length=1, max_length=100)
     ttl_s: float = Field(default=600.0, gt=0, le=7 * 86400)
+    labels: list[str] = Field(default=[], max_length=32)
+    max_trust: Literal["untrusted", "trusted", "protected"] = "trusted"
 
 
 class SecretRequest(BaseModel):
@@ -56,7 +58,8 @@ def runner_view(r: RunnerRow) -> dict[str, Any]:
         measured = {}
     return {"runner_id": r.id, "name": r.name, "pool": r.pool,
             "labels": json.loads(r.labels_json), "concurrency": r.concurrency,
-            "status": r.status, "attested_at": r.attested_at, "created_at": r.created_at,
+            "status": r.status, "max_trust": r.max_trust,
+            "attested_at": r.attested_at, "created_at": r.created_at,
             "last_seen_at": r.last_seen_at,
             "stockade_sha256": measured.get("stockade_sha256")
             if isinstance(measured, dict) else None}
@@ -99,10 +102,12 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
     def enrol_token(body: EnrolTokenRequest, request: Request) -> dict[str, Any]:
         caller = token_of(request)
         try:
-            row, token = fleet.create_enrol_token(body.pool, body.ttl_s, f"api:{caller.id}")
+            row, token = fleet.create_enrol_token(body.pool, body.ttl_s, f"api:{caller.id}",
+                                                  tuple(body.labels), body.max_trust)
         except UsageError as e:
             raise HTTPException(422, e.message) from e
-        return {"token": token, "id": row.id, "pool": row.pool, "expires_at": row.expires_at}
+        return {"token": token, "id": row.id, "pool": row.pool, "expires_at": row.expires_at,
+                "labels": json.loads(row.labels_json), "max_trust": row.max_trust}
 
     @app.get("/api/v1/audit", dependencies=[admin])
     def audit(job: str | None = Query(None, pattern=JOB_PATTERN),

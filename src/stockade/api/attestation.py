@@ -72,18 +72,30 @@ def verify_signature(public_key: str, data: bytes, signature: str) -> bool:
     return True
 
 
+# the controls `stockade doctor` requires (sandbox/checks.py; a unit test keeps them equal):
+# the server decides what is required, never the runner's own report
+REQUIRED_CONTROLS = ("architecture", "running as root", "bubblewrap", "per-job host uids",
+                     "user namespaces", "seccomp filter", "cgroups", "end-to-end probe")
+
+
 class AttestationPolicy(NamedTuple):
     """What the control plane requires of a runner's measurements.
 
     ``stockade_digests``: accepted sha256 digests of the runner's installed stockade code
     (``self``: the server's own code; ``*``: any). ``required_controls``: the doctor controls
-    that must be active (``*``: every control doctor marks as required)."""
+    that must be reported active (``*``: :data:`REQUIRED_CONTROLS`).
+
+    The measurements are the runner's own report, signed by its key: they catch a runner
+    that is misconfigured or out of date, not a host whose root is hostile (that one can
+    report anything); an enrolled runner is trusted with the jobs it may claim (its labels
+    and highest trust come from its enrolment token)."""
 
     stockade_digests: tuple[str, ...] = ("self",)
     required_controls: tuple[str, ...] = ("*",)
 
     def failures(self, measurements: dict[str, Any], own_digest: str) -> list[str]:
-        """What the measurements lack (empty: the runner passes)."""
+        """What the measurements lack (empty: the runner passes); the texts name only our
+        own settings and controls, never what the runner sent."""
         problems = []
         missing = [k for k in MEASUREMENT_KEYS if k not in measurements]
         if missing:
@@ -91,25 +103,20 @@ class AttestationPolicy(NamedTuple):
         digest = str(measurements.get("stockade_sha256", ""))
         accepted = {own_digest if d == "self" else d for d in self.stockade_digests}
         if "*" not in accepted and digest not in accepted:
-            problems.append(f"stockade code digest {digest[:16]!r}... is not an accepted one "
-                            "(setting attest_stockade_digests)")
+            problems.append("the runner's stockade code digest is not an accepted one (it "
+                            "must run the server's version, or one in the setting "
+                            "attest_stockade_digests)")
         doctor = measurements.get("doctor")
         findings = doctor if isinstance(doctor, list) else []
-        for f in findings:
-            if not isinstance(f, dict):
-                problems.append("the doctor findings are malformed")
-                break
-            wanted = ("*" in self.required_controls and f.get("required")) or \
-                f.get("control") in self.required_controls
-            if wanted and f.get("ok") is not True:
-                problems.append(f"hardening control {str(f.get('control'))[:60]!r} is not "
-                                "active on the runner")
-        named = {f.get("control") for f in findings if isinstance(f, dict)}
-        for control in self.required_controls:
-            if control != "*" and control not in named:
-                problems.append(f"hardening control {control[:60]!r} was not reported")
-        if not findings:
-            problems.append("the runner reported no doctor findings")
+        if not all(isinstance(f, dict) for f in findings):
+            return [*problems, "the doctor findings are malformed"]
+        active = {f.get("control") for f in findings if f.get("ok") is True}
+        required = [c for r in self.required_controls
+                    for c in (REQUIRED_CONTROLS if r == "*" else (r,))]
+        for control in required:
+            if control not in active:
+                problems.append(f"hardening control {control[:60]!r} is not active on the "
+                                "runner")
         return problems
 
 

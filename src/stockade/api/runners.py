@@ -7,7 +7,7 @@ attempt that no longer holds its job (409), so a runner that lost its lease chan
 """
 
 import base64
-import re
+import json
 import time
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from stockade.api.common import ApiContext, runner_of
 from stockade.api.wire import (
+    MAX_REPORT_DETAIL,
     REPORT_ACTIONS,
     AssignmentOut,
     AttestRequest,
@@ -33,7 +34,6 @@ MAX_WAIT_S = 30.0
 POLL_S = 0.25  # a waiting claim looks again this often (jobs queued through other replicas)
 _JOB = r"^[A-Za-z0-9]{1,64}$"
 _SHA = r"^[0-9a-f]{64}$"
-_ACTION = re.compile(REPORT_ACTIONS)
 
 
 def _session(s: Session) -> SessionOut:
@@ -181,9 +181,12 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
                attempt: int = Attempt) -> Response:
         caller = runner_of(request)
         held(caller, job_id, attempt)
-        if any(not _ACTION.match(action) for action, _ in body.events):
-            raise HTTPException(422, "a runner reports only egress.* and secret.* events")
-        control.report(job_id, [(action, {**detail, "attempt": attempt,
-                                          "runner_id": caller.runner.id})
-                                for action, detail in body.events])
+        if any(action not in REPORT_ACTIONS for action, _ in body.events):
+            raise HTTPException(422, "a runner reports only these events: "
+                                     f"{', '.join(sorted(REPORT_ACTIONS))}")
+        if any(len(json.dumps(detail)) > MAX_REPORT_DETAIL for _, detail in body.events):
+            raise HTTPException(413, f"an event's detail is over {MAX_REPORT_DETAIL} bytes")
+        control.report(job_id, [(action, {**detail, "attempt": attempt})
+                                for action, detail in body.events],
+                       actor=f"runner:{caller.runner.id}")
         return Response(status_code=204)

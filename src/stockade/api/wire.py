@@ -24,7 +24,10 @@ MAX_REPORT_EVENTS = 256
 MAX_SECONDS = 10 * 365 * 86400.0  # no duration is longer (finite: no inf, no NaN)
 MAX_TIME = 1e11  # a Unix time, long after any clock here
 MAX_COUNT = 2**62  # bytes, counts: what a database's BIGINT holds
-REPORT_ACTIONS = r"^(egress|secret)\.[a-z_]{1,40}$"
+# the audit actions a runner reports, and nothing else (a runner never speaks for others)
+REPORT_ACTIONS = frozenset({"egress.allowed", "egress.denied", "egress.truncated",
+                            "secret.leak", "secret.mask_registered"})
+MAX_REPORT_DETAIL = 4096  # bytes of JSON per reported event
 
 
 class _Strict(BaseModel):

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import threading
 from typing import Any, NamedTuple
 
 from stockade.api import auth
@@ -22,7 +23,7 @@ from stockade.api.attestation import (
     signed_bytes,
     verify_signature,
 )
-from stockade.api.protocol import Assignment, Completion
+from stockade.api.protocol import TRUST_LEVELS, Assignment, Completion
 from stockade.audit import AuditEvent
 from stockade.control.service import ControlService
 from stockade.errors import PolicyDenied, UsageError
@@ -80,6 +81,7 @@ class FleetService:
         self.store = control.store
         self.policy = policy
         self.own_digest = own_digest
+        self._budget = AuditBudget("runner.refused_more")
 
     def _event(self, actor: str, action: str, job_id: str | None = None,
                **detail: Any) -> AuditEvent:
@@ -87,20 +89,32 @@ class FleetService:
 
     # -- enrolment and attestation --------------------------------------------------------
 
-    def create_enrol_token(self, pool: str, ttl_s: float, actor: str) -> tuple[EnrolTokenRow,
-                                                                                str]:
-        """A single-use enrolment token for ``pool`` (the token is shown once)."""
-        if not pool or len(pool) > 100 or not pool.isascii() or not pool.isprintable():
-            raise UsageError("a pool name is 1 to 100 printable ASCII characters")
+    def create_enrol_token(self, pool: str, ttl_s: float, actor: str,
+                           labels: tuple[str, ...] = (), max_trust: str = "trusted"
+                           ) -> tuple[EnrolTokenRow, str]:
+        """A single-use enrolment token for ``pool`` (the token is shown once): its runner
+        may offer ``labels`` (all of them unless it asks for fewer) and take jobs of trust up
+        to ``max_trust``."""
+        if not pool or len(pool) > 100 or not all(c.isalnum() or c in "-_." for c in pool) \
+                or not pool.isascii():
+            raise UsageError("a pool name is 1 to 100 letters, digits, '-', '_' or '.'")
         if not 0 < ttl_s <= MAX_ENROL_TTL_S:
             raise UsageError("an enrolment token lives more than 0 s and at most 7 days",
                              hint="e.g. --ttl 10m")
+        if max_trust not in TRUST_LEVELS:
+            raise UsageError(f"{max_trust[:20]!r} is not a trust level",
+                             hint=f"use one of {', '.join(TRUST_LEVELS)}")
+        try:
+            _check_runner_fields("x", list(labels), 1)
+        except PolicyDenied as e:
+            raise UsageError(e.message) from e
         now = self.control.clock()
         token_id, secret = "e" + _b32(5), _b32(32)
-        row = EnrolTokenRow(token_id, pool, _digest(secret), now, now + ttl_s, None, None)
-        self.store.insert_enrol_token(row, self._event(actor, "runner.enrol_token_created",
-                                                       token=token_id, pool=pool,
-                                                       expires_at=row.expires_at))
+        row = EnrolTokenRow(token_id, pool, _digest(secret), now, now + ttl_s, None, None,
+                            json.dumps(sorted(set(labels))), max_trust)
+        self.store.insert_enrol_token(row, self._event(
+            actor, "runner.enrol_token_created", token=token_id, pool=pool,
+            labels=sorted(set(labels)), max_trust=max_trust, expires_at=row.expires_at))
         return row, f"{ENROL_PREFIX}{token_id}_{secret}"
 
     def nonce(self) -> str:
@@ -134,8 +148,11 @@ class FleetService:
         return row, f"{SESSION_PREFIX}{session_id}_{secret}"
 
     def _refuse(self, action: str, subject: str, why: str, **detail: Any) -> PolicyDenied:
-        self.store.record([self._event("api", action, None, subject=subject[:64],
-                                       reason=why, **detail)])
+        """Audit a refused enrolment or attestation (within the budget) and return the error."""
+        events = self._budget.admit(self._event("api", action, None, subject=subject[:64],
+                                                reason=why, **detail))
+        if events:
+            self.store.record(events)
         return PolicyDenied(why)
 
     def enrol(self, token: str, nonce: str, public_key: str, name: str, labels: list[str],
@@ -163,6 +180,10 @@ class FleetService:
                 return "this enrolment token was used already"
             if row.expires_at <= now:
                 return "this enrolment token expired"
+            allowed = set(json.loads(row.labels_json))
+            if not set(labels) <= allowed:
+                return (f"this enrolment token allows the labels {sorted(allowed)} only (an "
+                        "admin chooses them: stockade runner enrol-token --labels)")
             return None
 
         runner_id = new_runner_id(f"r-{name[:40]}")
@@ -228,7 +249,7 @@ class FleetService:
         """The next job for this runner (None if none, or if it may not take work now)."""
         runner = caller.runner  # its status is read again in the claim's transaction
         return self.control.claim(runner.id, tuple(json.loads(runner.labels_json)),
-                                  lease_s=self.policy.lease_s)
+                                  lease_s=self.policy.lease_s, max_trust=runner.max_trust)
 
     def heartbeat(self, caller: Caller, job_id: str, attempt: int) -> tuple[bool, bool]:
         """Extend the attempt's lease: ``(held, cancel)``."""
@@ -247,23 +268,23 @@ class FleetService:
     def put_artifact(self, caller: Caller, job_id: str, attempt: int, sha256: str,
                      data: bytes) -> str | None:
         """Keep an uploaded artifact's bytes if they match ``sha256`` (why not, otherwise)."""
-        if not self.store.holds(job_id, attempt, caller.runner.id):
-            return "fenced"
         if hashlib.sha256(data).hexdigest() != sha256:
             return "the artifact's bytes do not match its sha256"
-        self.store.put_blob(sha256, data, self.control.clock())
+        if not self.store.put_upload(job_id, attempt, caller.runner.id, sha256, data,
+                                     self.control.clock()):
+            return "fenced"
         return None
 
     def complete(self, caller: Caller, completion: Completion) -> bool | str:
         """Record the attempt if it still holds the job and every artifact it lists was
-        uploaded (True), False if fenced, or why it is refused."""
+        uploaded by this attempt (True), False if fenced, or why it is refused."""
         if completion.runner_id != caller.runner.id:
             return "a runner completes only its own attempts"
+        uploaded = self.store.uploaded(completion.job_id, completion.attempt)
         total = 0
-        for a in completion.artifacts:
-            size = self.store.has_blob(a.sha256)
-            if size is None or size != a.size:
-                return f"artifact {a.path[:200]!r} was not uploaded"
+        for n, a in enumerate(completion.artifacts):
+            if uploaded.get(a.sha256) != a.size:
+                return f"artifact number {n + 1} was not uploaded by this attempt"
             total += a.size
         if total > self.policy.artifact_max_total_bytes:
             return "the artifacts are larger than the server accepts"
@@ -323,6 +344,34 @@ class FleetService:
             for job in jobs:
                 self.control.broker.revoke(job.id, job.attempt)
         return [job.id for job in jobs]
+
+
+class AuditBudget:
+    """At most ``per_minute`` audit events a minute for what anyone on the network can cause
+    (refused enrolments and attestations); the rest of a minute is counted into one event."""
+
+    def __init__(self, more_action: str, per_minute: int = 60) -> None:
+        self.more_action, self.per_minute = more_action, per_minute
+        self._lock = threading.Lock()
+        self._minute, self._recorded, self._more = 0, 0, 0
+
+    def admit(self, event: AuditEvent) -> list[AuditEvent]:
+        """The events to record now: ``event`` within the budget, and the count of the
+        previous minute's excess once a new minute starts."""
+        out = []
+        minute = int(event.at // 60)
+        with self._lock:
+            if minute != self._minute:
+                if self._more:
+                    out.append(event._replace(action=self.more_action, job_id=None,
+                                              detail={"count": self._more}))
+                self._minute, self._recorded, self._more = minute, 0, 0
+            if self._recorded < self.per_minute:
+                self._recorded += 1
+                out.append(event)
+            else:
+                self._more += 1
+        return out
 
 
 def _check_runner_fields(name: str, labels: list[str], concurrency: int) -> None:

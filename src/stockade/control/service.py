@@ -232,13 +232,17 @@ class ControlService:
         return denials
 
     def claim(self, runner_id: str, labels: tuple[str, ...],
-              job_id: str | None = None, lease_s: float | None = None) -> Assignment | None:
+              job_id: str | None = None, lease_s: float | None = None,
+              max_trust: str = "protected") -> Assignment | None:
         """Lease the oldest queued job whose labels this runner has (or exactly ``job_id``),
         until its timeout and a grace period, or for ``lease_s`` (a runner agent's lease,
-        extended by its heartbeats)."""
+        extended by its heartbeats). A runner takes jobs of trust up to ``max_trust`` only."""
+        ceiling = TRUST_LEVELS.index(max_trust)
 
         def eligible(job: JobRow) -> bool:
             if job.runner_id not in (None, runner_id):  # reserved for another runner
+                return False
+            if TRUST_LEVELS.index(job.trust) > ceiling:
                 return False
             if job_id is not None:
                 return job.id == job_id
@@ -272,10 +276,12 @@ class ControlService:
             raise PolicyDenied("no secret broker is configured")
         return self.broker.redeem(lease_id, job_id, attempt, runner_id)
 
-    def report(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
-        """Audit events observed by a runner (egress decisions, masks registered, leaks)."""
-        self.store.record([AuditEvent(self.actor, action, self.clock(), job_id, detail)
-                           for action, detail in events])
+    def report(self, job_id: str, events: list[tuple[str, dict[str, Any]]],
+               actor: str | None = None) -> None:
+        """Audit events observed by a runner (egress decisions, masks registered, leaks), in
+        its name (``actor``; the in-process runner's are this control plane's)."""
+        self.store.record([AuditEvent(actor or self.actor, action, self.clock(), job_id,
+                                      detail) for action, detail in events])
 
     def fail_lost(self, orphaned: Sequence[str] = (),
                   runner_gone: Callable[[str], bool | None] = _unknown) -> list[str]:

@@ -14,6 +14,7 @@ holds.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -215,14 +216,16 @@ class FleetQueries:
         """Add an enrolment token and its audit event."""
         with self._tx() as db:
             db.execute(f"INSERT INTO enrol_tokens ({_ENROL_COLUMNS}) VALUES "
-                       "(?, ?, ?, ?, ?, ?, ?)", row)
+                       f"({', '.join('?' for _ in EnrolTokenRow._fields)})", row)
             self._append_audit(db, event)
 
     def enrol(self, token_id: str, check: Callable[[EnrolTokenRow | None], str | None],
               runner: RunnerRow, session: SessionRow, events: list[AuditEvent]) -> str | None:
         """Spend the enrolment token (if ``check`` finds nothing wrong with it: else return
-        what it found, changing nothing) and add the runner, in the token's pool, with its
-        first session."""
+        what it found, changing nothing) and add the runner with its first session: in the
+        token's pool (and so with the label ``pool:<pool>``), with the token's highest trust,
+        and with the labels it asked for (``check`` saw they are the token's) or else all the
+        token's."""
         with self._tx() as db:
             row = db.execute(f"SELECT {_ENROL_COLUMNS} FROM enrol_tokens WHERE id = ?",
                              (token_id,)).fetchone()
@@ -230,7 +233,10 @@ class FleetQueries:
             why = check(token)
             if why is not None or token is None:
                 return why or "unknown enrolment token"
-            runner = runner._replace(pool=token.pool)
+            labels = json.loads(runner.labels_json) or json.loads(token.labels_json)
+            runner = runner._replace(pool=token.pool, max_trust=token.max_trust,
+                                     labels_json=json.dumps(sorted({*labels,
+                                                                    f"pool:{token.pool}"})))
             cur = db.execute("UPDATE enrol_tokens SET used_at = ?, runner_id = ? WHERE id = ? "
                              "AND used_at IS NULL", (runner.created_at, runner.id, token_id))
             if cur.rowcount != 1:
@@ -370,6 +376,26 @@ class FleetQueries:
         with self._tx() as db:
             db.execute("INSERT INTO blobs (sha256, size, data, created_at) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT DO NOTHING", (sha256, len(data), data, now))
+
+    def put_upload(self, job_id: str, attempt: int, runner_id: str, sha256: str,
+                   data: bytes, now: float) -> bool:
+        """Keep bytes an attempt uploaded (the caller checked their sha256) and record that
+        this attempt sent them; False (nothing kept) if it no longer holds the job."""
+        with self._tx() as db:
+            if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
+                          (job_id, attempt, runner_id)).fetchone() is None:
+                return False
+            db.execute("INSERT INTO blobs (sha256, size, data, created_at) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT DO NOTHING", (sha256, len(data), data, now))
+            db.execute("INSERT INTO attempt_uploads (job_id, attempt, sha256) VALUES (?, ?, ?) "
+                       "ON CONFLICT DO NOTHING", (job_id, attempt, sha256))
+            return True
+
+    def uploaded(self, job_id: str, attempt: int) -> dict[str, int]:
+        """sha256 → size of the blobs this attempt uploaded."""
+        return {str(h): int(n) for h, n in self._read(
+            "SELECT u.sha256, b.size FROM attempt_uploads u JOIN blobs b ON b.sha256 = "
+            "u.sha256 WHERE u.job_id = ? AND u.attempt = ?", (job_id, attempt))}
 
     def get_blob(self, sha256: str) -> bytes | None:
         """A blob's bytes (None if there is none)."""

@@ -103,6 +103,8 @@ class EnrolTokenRow(NamedTuple):
     expires_at: float
     used_at: float | None
     runner_id: str | None
+    labels_json: str = "[]"  # the labels its runner may offer (it gets them all by default)
+    max_trust: str = "trusted"  # the highest trust of the jobs its runner may take
 
 
 class RunnerRow(NamedTuple):
@@ -119,6 +121,7 @@ class RunnerRow(NamedTuple):
     attested_at: float | None
     created_at: float
     last_seen_at: float | None
+    max_trust: str = "trusted"  # from its enrolment token
 
 
 class SessionRow(NamedTuple):
@@ -260,6 +263,15 @@ class Store(Protocol):
 
     def has_blob(self, sha256: str) -> int | None:
         """A blob's size, if there is one."""
+        ...
+
+    def put_upload(self, job_id: str, attempt: int, runner_id: str, sha256: str,
+                   data: bytes, now: float) -> bool:
+        """Keep an attempt's upload (False if the attempt no longer holds the job)."""
+        ...
+
+    def uploaded(self, job_id: str, attempt: int) -> dict[str, int]:
+        """sha256 → size of what this attempt uploaded."""
         ...
 
     def prune_blobs(self, before: float) -> int:

@@ -134,6 +134,9 @@ enrol_tokens = Table(  # single-use, short-lived: only a hash of the secret part
     Column("expires_at", Float, nullable=False),
     Column("used_at", Float),
     Column("runner_id", String(64)),
+    # migration 0008: what a runner enrolled with it may be (the admin's call, not the runner's)
+    Column("labels_json", Text, nullable=False, server_default="[]"),
+    Column("max_trust", String(16), nullable=False, server_default="trusted"),
 )
 
 runners = Table(
@@ -149,6 +152,7 @@ runners = Table(
     Column("attested_at", Float),
     Column("created_at", Float, nullable=False),
     Column("last_seen_at", Float),
+    Column("max_trust", String(16), nullable=False, server_default="trusted"),  # 0008
 )
 
 runner_sessions = Table(  # short-lived bearer tokens, each issued for a fresh attestation
@@ -199,4 +203,11 @@ blobs = Table(  # content-addressed: uploaded workspaces and artifacts
     Column("size", Integer, nullable=False),
     Column("data", LargeBinary, nullable=False),
     Column("created_at", Float, nullable=False),
+)
+
+attempt_uploads = Table(  # which attempt uploaded which blob (migration 0008): a completion may
+    "attempt_uploads", metadata,  # name only artifacts its own attempt uploaded
+    Column("job_id", String(32), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("sha256", String(64), primary_key=True),
 )

@@ -14,9 +14,11 @@ if TYPE_CHECKING:
     from stockade.control.fleet import FleetService
 
 HELP = "run a runner agent, or enrol and manage runners"
+TRUST_CHOICES = ("untrusted", "trusted", "protected")
 DESCRIPTION = """\
 stockade runner start --server URL [--enrol-token T] [--name N] [--labels L1,L2] ...
-stockade runner enrol-token [--pool P] [--ttl 10m]   a single-use token (shown once)
+stockade runner enrol-token [--pool P] [--ttl 10m] [--labels L] [--max-trust T]
+                                                  a single-use token (shown once)
 stockade runner list [--json]                        runners, their status and last contact
 stockade runner drain ID                             take no new jobs (finish those running)
 stockade runner resume ID                            take jobs again after drain
@@ -48,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "(default: default)")
     token.add_argument("--ttl", default="10m", metavar="DURATION",
                        help="how long it may be used, at most 7 days (default 10m)")
+    token.add_argument("--labels", default="", metavar="L1,L2",
+                       help="the labels its runner may offer (all of them unless it asks for "
+                       "fewer with runner start --labels; it also gets pool:POOL)")
+    token.add_argument("--max-trust", default="trusted", choices=TRUST_CHOICES,
+                       help="the highest trust of the jobs its runner may take (default "
+                       "trusted: protected jobs need runners enrolled for them)")
     listing = sub.add_parser("list", help="the enrolled runners")
     listing.add_argument("--json", action="store_true", help="one JSON array on stdout")
     for action, text in (("drain", "take no new jobs"), ("resume", "take jobs again"),
@@ -70,13 +78,16 @@ def main(args: argparse.Namespace) -> int:
     remote = connect(args)
     if args.action == "enrol-token":
         ttl = _ttl(args.ttl)
+        labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
         if remote is not None:
             made = remote.json("POST", "/api/v1/enrol-tokens", "admin",
-                               {"pool": args.pool, "ttl_s": ttl})
+                               {"pool": args.pool, "ttl_s": ttl, "labels": list(labels),
+                                "max_trust": args.max_trust})
             token, token_id, expires = made["token"], made["id"], made["expires_at"]
         else:
             fleet, actor = _local()
-            row, token = fleet.create_enrol_token(args.pool, ttl, actor)
+            row, token = fleet.create_enrol_token(args.pool, ttl, actor, labels,
+                                                  args.max_trust)
             token_id, expires = row.id, row.expires_at
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires))
         sys.stderr.write(f"enrolment token {_e(token_id)} for pool {_e(args.pool)}, single "

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import secrets
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -31,8 +34,9 @@ answers and every runner is enrolled, attested and active, it prints
   STOCKADE_SERVER=http://127.0.0.1:PORT
   STOCKADE_TOKEN=stk_...
 
-on stdout (and writes the same two lines, mode 0600, to --env-file PATH), so that
-`stockade submit`, `jobs`, `logs -f`, ... in another shell talk to it:
+on stdout (and writes the same two lines to --env-file PATH: a new file of this user's, mode
+0600, put in the place of what PATH named), so that `stockade submit`, `jobs`, `logs -f`, ...
+in another shell talk to it:
 
   stockade up --env-file .stockade.env &
   set -a; . ./.stockade.env; set +a; stockade submit job.yaml --follow
@@ -40,13 +44,18 @@ on stdout (and writes the same two lines, mode 0600, to --env-file PATH), so tha
 Ctrl-C or SIGTERM stops everything cleanly: the runners first (each finishes or, after a
 while, cancels the job it runs), then the server; the admin token is revoked; exit 0. If a
 part fails to start, or dies, the rest is stopped and the failure is reported (exit 4).
-The processes' own messages go to stderr, prefixed with their names."""
+If stockade up itself is killed (SIGKILL), its server and runners get SIGTERM; its admin token
+then lives on until it expires (7 days) or the next stockade up on this state directory
+revokes it. The processes' own messages go to stderr, prefixed with their names."""
 
 READY_TIMEOUT_S = 120.0
 RUNNER_STOP_S = 30.0  # a runner finishes its job this long, then it is asked to cancel it
 KILL_AFTER_S = 15.0
 MAX_RUNNERS = 16
 TAIL = 20  # lines of a part's output kept to explain its failure
+TOKEN_TTL_S = 7 * 24 * 3600.0  # up's admin token, should up be killed before revoking it
+TOKEN_NAME = "stockade-up-"
+_PR_SET_PDEATHSIG = 1
 
 
 class _Stop(Exception):
@@ -66,7 +75,8 @@ class Part:
         self.first_line = threading.Event()
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     process_group=group, text=True, errors="replace")
+                                     process_group=group, text=True, errors="replace",
+                                     preexec_fn=_dies_with_us())
         threading.Thread(target=self._forward, args=(self.proc.stdout,), daemon=True,
                          name=f"out-{name}").start()
 
@@ -123,8 +133,11 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--listen {args.listen[:80]!r} is not a loopback address",
                          hint="stockade up serves plain http on this host only; for other "
                               "hosts run stockade server behind TLS")
+    if args.env_file:
+        _check_env_file(args.env_file)
     settings, control = open_control()
     started = time.time()
+    _revoke_left_behind(control)
     token_id, token = _admin_token(control)
     enrol = _enrol_tokens(settings, control, args.runners)
     close_control()  # the server and runners own the database from here
@@ -240,13 +253,60 @@ def _wait_ready(remote: Remote, parts: list[Part], runners: int, started: float)
     raise InfrastructureError(f"not ready after {READY_TIMEOUT_S:.0f} s: {problem}")
 
 
+def _dies_with_us() -> Callable[[], None]:
+    """What a child runs before its program: it gets SIGTERM when up dies, however up dies
+    (PR_SET_PDEATHSIG, which the program keeps), so that a killed up leaves nothing running.
+    (prctl is looked up here: the child only calls it.)"""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent, term = os.getpid(), int(signal.SIGTERM)
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, term)
+        if os.getppid() != parent:  # up died before the call: nobody would tell
+            os._exit(1)
+
+    return in_child
+
+
+def _revoke_left_behind(control: ControlService) -> None:
+    """Revoke the admin tokens of earlier ``stockade up`` runs on this state directory that
+    did not revoke their own (killed), unless that up is still running."""
+    from stockade.audit import AuditEvent
+
+    now = time.time()
+    for row in control.store.tokens():
+        if not row.name.startswith(TOKEN_NAME) or row.revoked_at is not None \
+                or (row.expires_at is not None and row.expires_at <= now) \
+                or _up_running(row.name.removeprefix(TOKEN_NAME)):
+            continue
+        control.store.revoke_token(row.id, now, AuditEvent(
+            control.actor, "token.revoked", now, None, {
+                "token": row.id, "by": "stockade up", "reason": "left by a stopped stockade up"}))
+
+
+def _up_running(pid: str) -> bool:
+    """Whether process ``pid`` is a ``stockade up``."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            argv = f.read(4096).split(b"\0")
+    except OSError:
+        return False
+    return b"up" in argv and any(b"stockade" in arg for arg in argv)
+
+
 def _admin_token(control: ControlService) -> tuple[str, str]:
-    """A new admin API token (revoked when up stops): its id and the token."""
+    """A new admin API token (revoked when up stops; it expires after ``TOKEN_TTL_S`` should
+    up be killed): its id and the token."""
     from stockade.api import auth
     from stockade.audit import AuditEvent
 
     now = time.time()
-    row, token = auth.new_token(f"stockade-up-{os.getpid()}", "admin", "protected", None, now)
+    row, token = auth.new_token(f"{TOKEN_NAME}{os.getpid()}", "admin", "protected",
+                                TOKEN_TTL_S, now)
     control.store.insert_token(row, AuditEvent(control.actor, "token.created", now, None, {
         "token": row.id, "role": row.role, "max_trust": row.max_trust, "by": "stockade up"}))
     return row.id, token
@@ -256,7 +316,8 @@ def _enrol_tokens(settings: Settings, control: ControlService, n: int) -> list[s
     from stockade.cli.context import fleet_service
 
     fleet = fleet_service(settings, control)
-    return [fleet.create_enrol_token("default", 600, control.actor)[1] for _ in range(n)]
+    return [fleet.create_enrol_token("default", 600, control.actor, max_trust="protected")[1]
+            for _ in range(n)]
 
 
 def _revoke(token_id: str) -> None:
@@ -291,17 +352,64 @@ def _stop_all(parts: list[Part]) -> None:
             p.stop(KILL_AFTER_S)
 
 
-def _write_env_file(path: Path, text: str) -> None:
-    """``text`` into ``path``, readable by its owner only (never through a link)."""
+def _check_env_file(path: Path) -> None:
+    """UsageError unless ``path`` is in a directory and names nothing or a regular file."""
     from stockade.errors import UsageError
 
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
+        if not stat.S_ISDIR(os.stat(path.parent).st_mode):
+            raise UsageError(f"--env-file {path}: {path.parent} is not a directory")
+        found = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UsageError(f"cannot use --env-file {path}: {e.strerror}") from e
+    if not stat.S_ISREG(found):
+        raise UsageError(f"--env-file {path} exists and is not a regular file",
+                         hint="name a new file, or a regular file to replace")
+
+
+def _write_env_file(path: Path, text: str) -> None:
+    """``text`` into a new file readable by this user only, put in the place of ``path``:
+    whoever owned or had opened the file there before never sees it (never through a link;
+    everything relative to the directory opened once)."""
+    from stockade.errors import UsageError
+
+    _check_env_file(path)
+    try:
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise UsageError(f"cannot write --env-file {path}: {e.strerror}") from e
+    try:
+        temporary = _new_file(directory, path.name, text)
+        try:
+            os.replace(temporary, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+        except OSError:
+            os.unlink(temporary, dir_fd=directory)
+            raise
+    except OSError as e:
+        raise UsageError(f"cannot write --env-file {path}: {e.strerror}") from e
+    finally:
+        os.close(directory)
+
+
+def _new_file(directory: int, name: str, text: str) -> str:
+    """A new file (0600) with ``text`` in ``directory`` next to ``name``: its name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        temporary = f".{name[:200]}.{secrets.token_hex(8)}"
+        try:
+            fd = os.open(temporary, flags, 0o600, dir_fd=directory)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        except OSError:
+            os.unlink(temporary, dir_fd=directory)
+            raise
+        finally:
+            os.close(fd)
+        return temporary
+    raise FileExistsError(17, "no free temporary name")
