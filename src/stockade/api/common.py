@@ -5,8 +5,8 @@ waker that ends runners' long polls when work arrives.
 """
 
 import asyncio
+import collections
 import contextlib
-import threading
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from fastapi import Depends, HTTPException, Request
@@ -22,35 +22,41 @@ if TYPE_CHECKING:
 
 
 class Waker:
-    """Wakes the long polls of this server process when a job is queued here (requests that
-    queue jobs call :meth:`notify`, from any thread); polls also look again every few hundred
-    milliseconds for jobs queued through another replica."""
+    """Wakes one long poll of this server process per job queued here (requests that queue
+    jobs call :meth:`notify`, from any thread): not all of them, which would all race for the
+    one job. Polls also look again every few hundred milliseconds for jobs queued through
+    another replica, or that the woken poll could not take (its labels)."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._event: asyncio.Event | None = None
-        self._lock = threading.Lock()
-
-    def _current(self) -> asyncio.Event:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if self._event is None or self._loop is not loop:
-                self._loop, self._event = loop, asyncio.Event()
-            return self._event
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def wait(self, timeout: float) -> None:
-        """Until the next :meth:`notify` or ``timeout`` seconds."""
-        event = self._current()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        """Until a :meth:`notify` picks this poll, or ``timeout`` seconds."""
+        self._loop = loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(woken)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken, timeout)
+        finally:
+            if not woken.done():
+                woken.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(woken)
 
     def notify(self) -> None:
-        """Wake every poll waiting now (thread-safe)."""
-        with self._lock:
-            loop, event = self._loop, self._event
-            self._event = None
-        if loop is not None and event is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(event.set)
+        """Wake the longest-waiting poll (thread-safe)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_one)
+
+    def _wake_one(self) -> None:
+        while self._waiting:
+            woken = self._waiting.popleft()
+            if not woken.done():
+                woken.set_result(None)
+                return
 
 
 class ApiContext(NamedTuple):

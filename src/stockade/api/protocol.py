@@ -57,6 +57,7 @@ class Assignment(NamedTuple):
     secrets: tuple[LeaseGrant, ...] = ()
     trust: str = "trusted"
     ref: str = "local"
+    workspace_sha256: str | None = None  # the job's uploaded workspace archive, if any
 
 
 class StepReport(NamedTuple):

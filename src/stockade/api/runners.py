@@ -84,9 +84,8 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
             a = await run_in_threadpool(fleet.claim, caller)
             if a is not None:
                 ctx.metrics.claims.inc()
-                job = control.job(a.job_id)
-                out = AssignmentOut.of(a, job.workspace_sha256 if job else None)
-                return Response(out.model_dump_json(), 200, media_type="application/json")
+                return Response(AssignmentOut.of(a).model_dump_json(), 200,
+                                media_type="application/json")
             left = deadline - time.monotonic()
             if left <= 0 or await request.is_disconnected():
                 return Response(status_code=204)

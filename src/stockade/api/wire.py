@@ -90,19 +90,20 @@ class AssignmentOut(BaseModel):
     workspace_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @classmethod
-    def of(cls, a: Assignment, workspace_sha256: str | None) -> "AssignmentOut":
+    def of(cls, a: Assignment) -> "AssignmentOut":
         """The wire form of an assignment."""
         return cls(job_id=a.job_id, attempt=a.attempt, runner_id=a.runner_id,
                    spec_json=a.spec_json, lease_expires_at=a.lease_expires_at,
                    secrets=[GrantWire(**g._asdict()) for g in a.secrets], trust=a.trust,
-                   ref=a.ref, workspace_sha256=workspace_sha256)
+                   ref=a.ref, workspace_sha256=a.workspace_sha256)
 
     def assignment(self) -> Assignment:
         """Back to the protocol's type."""
         return Assignment(self.job_id, self.attempt, self.runner_id, self.spec_json,
                           self.lease_expires_at,
                           tuple(LeaseGrant(g.name, g.lease_id, g.delivery)
-                                for g in self.secrets), self.trust, self.ref)
+                                for g in self.secrets), self.trust, self.ref,
+                          self.workspace_sha256)
 
 
 class StepWire(_Strict):

@@ -268,7 +268,8 @@ class ControlService:
                                        [(s.name, s.delivery) for s in spec.secrets],
                                        ttl=spec.timeout)
         return Assignment(job.id, job.attempt, runner_id, job.spec_json,
-                          job.lease_expires_at or 0.0, grants, job.trust, job.ref)
+                          job.lease_expires_at or 0.0, grants, job.trust, job.ref,
+                          job.workspace_sha256)
 
     def redeem(self, lease_id: str, job_id: str, attempt: int, runner_id: str) -> bytes:
         """The value of a secret lease held by this attempt (refused and audited otherwise)."""

@@ -250,7 +250,7 @@ class Agent:
         from stockade.sandbox.archive import ArchiveLimits, ArchiveRefused, unpack
         from stockade.sandbox.interface import WorkspaceSource
 
-        digest = self.control.workspaces.get(a.job_id)
+        digest = a.workspace_sha256
         if not digest:
             return None
         try:

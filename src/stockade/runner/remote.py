@@ -165,7 +165,6 @@ class RemoteControl:
     def __init__(self, session: Session) -> None:
         self.session = session
         self._attempts: dict[str, int] = {}  # job -> the attempt this agent runs
-        self.workspaces: dict[str, str | None] = {}  # job -> its workspace archive's sha256
 
     def claim(self, runner_id: str, labels: tuple[str, ...],
               job_id: str | None = None, wait_s: float = 25.0) -> Assignment | None:
@@ -178,7 +177,6 @@ class RemoteControl:
             return None
         out = AssignmentOut.model_validate_json(response.content)
         self._attempts[out.job_id] = out.attempt
-        self.workspaces[out.job_id] = out.workspace_sha256
         return out.assignment()
 
     def _path(self, job_id: str, attempt: int, what: str) -> str:
@@ -234,7 +232,6 @@ class RemoteControl:
             raise InfrastructureError(f"the control plane is unreachable: {e}") from e
         finally:
             self._attempts.pop(completion.job_id, None)
-            self.workspaces.pop(completion.job_id, None)
         return True
 
     def heartbeat(self, job_id: str, attempt: int) -> tuple[bool, bool]:

@@ -81,6 +81,9 @@ class FleetQueries:
         attempt (recorded in ``attempts``), in one transaction; for a runner ``agent``, only
         while it is active (read in the same transaction: a runner drained or quarantined a
         moment ago gets nothing)."""
+        if not self._read("SELECT 1 FROM jobs WHERE status = 'queued' AND (runner_id IS NULL "
+                          "OR runner_id = ?) LIMIT 1", (runner_id,)):
+            return None  # nothing to take: no write transaction (long polls look often)
         with self._tx() as db:
             if agent and db.execute(f"SELECT status FROM runners WHERE id = ?{self._for_update}",
                                     (runner_id,)).fetchone() != ("active",):

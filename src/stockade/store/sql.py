@@ -258,6 +258,9 @@ class SqlStore:
     def revoke_leases(self, job_id: str, attempt: int, now: float,
                       event_for: Callable[[LeaseRow], AuditEvent]) -> list[LeaseRow]:
         """Revoke the attempt's live leases with an audit event each."""
+        if not self._read("SELECT 1 FROM leases WHERE job_id = ? AND attempt = ? AND "
+                          "revoked_at IS NULL LIMIT 1", (job_id, attempt)):
+            return []  # the common case (a job without secrets): no write transaction
         with self._tx() as db:
             rows = db.execute(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE job_id = ? AND "
                               f"attempt = ? AND revoked_at IS NULL{self._for_update}",
