@@ -8,7 +8,9 @@ cluster an earlier session left behind (killed) is removed at the next start.
 ``database_url``: a fresh database per test, dropped afterwards. ``store_url``: each store test
 runs on the embedded SQLite file and on PostgreSQL.
 
-No test is skipped: if PostgreSQL cannot start, the tests that need it fail and say why.
+No test is skipped: if PostgreSQL cannot start, the tests that need it fail and say why. If
+it stops during the session, the next test that needs a database starts it again and warns
+with the end of its log (which says what stopped it).
 """
 
 from __future__ import annotations
@@ -179,10 +181,28 @@ def admin(server: PostgresServer, sql: str) -> None:
         conn.execute(sql)
 
 
+def _alive(server: PostgresServer) -> None:
+    """Start the server again if something stopped it (a test's stray kill, say), with a
+    warning that quotes the end of its log: the session goes on, and says what happened."""
+    data, log = server.base / "data", server.base / "server.log"
+    done = subprocess.run(_as_owner([str(_bindir() / "pg_ctl"), "status", "-D", str(data)]),
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL, cwd="/")
+    if done.returncode == 0:
+        return
+    tail = log.read_text(errors="replace")[-1500:] if log.exists() else "(no log)"
+    import warnings
+
+    warnings.warn(f"the test PostgreSQL server had stopped; started again. Its log ended:\n"
+                  f"{tail}", stacklevel=2)
+    _run([str(_bindir() / "pg_ctl"), "start", "-D", str(data), "-l", str(log), "-w", "-t",
+          "60"], "start again", log)
+
+
 @pytest.fixture
 def database_url(postgres_server: PostgresServer) -> Iterator[str]:
     """The URL of a new, empty database, dropped after the test."""
     name = f"stk_{secrets.token_hex(6)}"
+    _alive(postgres_server)
     admin(postgres_server, f"CREATE DATABASE {name}")
     try:
         yield postgres_server.url(name)
