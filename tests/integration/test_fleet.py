@@ -378,3 +378,13 @@ def test_a_runner_cut_off_from_the_server_stops_its_job_before_the_lease_runs_ou
     result = finished(fleet.server, fleet.token, job_id, timeout=60)
     assert (result["status"], result["failure_reason"]) == ("failed", "canceled")
     assert "did not answer" in fleet.log(job_id)
+
+
+def test_the_audit_trail_on_postgresql_verifies_against_its_head_row(
+        tmp_path: Path, pg_env: dict[str, str]) -> None:
+    home = tmp_path / "state"
+    assert run_cli(home, "token", "create", "x", **pg_env).returncode == 0
+    verified = run_cli(home, "audit", "verify", **pg_env)
+    assert verified.returncode == 0 and "audit trail intact: 1 events" in verified.stdout
+    anchored = run_cli(home, "audit", "anchor", **pg_env)
+    assert anchored.returncode == 2 and "head row is the anchor" in anchored.stderr

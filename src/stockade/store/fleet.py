@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stockade.audit import AuditEvent
 from stockade.store.interface import (
@@ -39,6 +39,11 @@ _ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
 _ENROL_COLUMNS = ", ".join(EnrolTokenRow._fields)
 _SESSION_COLUMNS = ", ".join(SessionRow._fields)
 _RUNNING = "status = 'running' AND attempt = ? AND runner_id = ?"
+_CHUNK_SHA = "SELECT sha256 FROM log_chunks WHERE job_id = ? AND attempt = ? AND seq = ?"
+
+
+class _Full(Exception):
+    """A log chunk would take its attempt's log over the cap."""
 
 
 class FleetQueries:
@@ -47,14 +52,12 @@ class FleetQueries:
     _skip_locked: str
     _for_update: str
 
-    def _tx(self) -> AbstractContextManager[Any]:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the base store's (nothing here may shadow them)
+        def _tx(self) -> AbstractContextManager[Any]: ...
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        raise NotImplementedError
+        def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]: ...
 
-    def _append_audit(self, db: Any, event: AuditEvent) -> None:
-        raise NotImplementedError
+        def _append_audit(self, db: Any, event: AuditEvent) -> None: ...
 
     # -- jobs and attempts ----------------------------------------------------------------
 
@@ -162,8 +165,9 @@ class FleetQueries:
             for job in map(lambda r: JobRow(*r), rows):
                 again = job.attempt < job.max_attempts and job.cancel_requested_at is None
                 self._lose(db, job, again, now)
-                self._append_audit(db, event_for(job, again))
                 out.append((job, again))
+            for job, again in out:  # after the updates: the audit head is taken last
+                self._append_audit(db, event_for(job, again))
             return out
 
     @staticmethod
@@ -318,6 +322,7 @@ class FleetQueries:
             jobs = [JobRow(*r) for r in rows]
             for job in jobs:
                 self._lose(db, job, False, now)
+            for job in jobs:  # after the updates: the audit head is taken last (no deadlock)
                 self._append_audit(db, event_for(job))
             return jobs
 
@@ -348,23 +353,32 @@ class FleetQueries:
         stored before: a retry), ``conflict`` (another chunk has that number), ``fenced``
         (the attempt no longer holds the job) or ``full`` (over ``cap`` bytes)."""
         digest = hashlib.sha256(data).hexdigest()
-        with self._tx() as db:
-            row = db.execute("SELECT sha256 FROM log_chunks WHERE job_id = ? AND attempt = ? "
-                             "AND seq = ?", (job_id, attempt, seq)).fetchone()
-            if row is not None:
-                return "duplicate" if row[0] == digest else "conflict"
-            if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
-                          (job_id, attempt, runner_id)).fetchone() is None:
-                return "fenced"
-            cur = db.execute("UPDATE attempts SET log_bytes = log_bytes + ? WHERE job_id = ? "
-                             "AND attempt = ? AND log_bytes + ? <= ?",
-                             (len(data), job_id, attempt, len(data), cap))
-            if cur.rowcount != 1:
-                return "full"
-            db.execute("INSERT INTO log_chunks (job_id, attempt, seq, sha256, data, at) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (job_id, attempt, seq, digest, data, time.time()))
-            return "stored"
+        try:
+            with self._tx() as db:
+                return self._put_chunk(db, (job_id, attempt, seq), runner_id, digest, data, cap)
+        except _Full:
+            return "full"
+
+    @staticmethod
+    def _put_chunk(db: Any, key: tuple[str, int, int], runner_id: str, digest: str,
+                   data: bytes, cap: int) -> str:
+        job_id, attempt, _ = key
+        if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
+                      (job_id, attempt, runner_id)).fetchone() is None:
+            row = db.execute(_CHUNK_SHA, key).fetchone()  # a retry after the attempt ended
+            return "fenced" if row is None else "duplicate" if row[0] == digest else "conflict"
+        cur = db.execute("INSERT INTO log_chunks (job_id, attempt, seq, sha256, data, at) "
+                         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                         (*key, digest, data, time.time()))
+        if cur.rowcount != 1:  # sent before (or a retry racing the first send)
+            row = db.execute(_CHUNK_SHA, key).fetchone()
+            return "duplicate" if row is not None and row[0] == digest else "conflict"
+        cur = db.execute("UPDATE attempts SET log_bytes = log_bytes + ? WHERE job_id = ? "
+                         "AND attempt = ? AND log_bytes + ? <= ?",
+                         (len(data), job_id, attempt, len(data), cap))
+        if cur.rowcount != 1:
+            raise _Full  # the chunk is rolled back with the transaction
+        return "stored"
 
     def log_chunks(self, job_id: str, after: tuple[int, int] = (0, -1),
                    limit: int = 256) -> list[tuple[int, int, bytes]]:

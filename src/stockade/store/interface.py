@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from stockade.audit import AuditEvent
+from stockade.audit import AuditEvent, AuditSnapshot
 
 
 class JobRow(NamedTuple):
@@ -324,6 +324,10 @@ class Store(Protocol):
 
     def audit_records(self, job_id: str | None = None) -> list[tuple[AuditEvent, str, str]]:
         """``(event, prev_hash, hash)`` in order, optionally only those of one job."""
+        ...
+
+    def audit_snapshot(self) -> AuditSnapshot:
+        """The whole trail and its head(s), read so that they agree unless someone tampered."""
         ...
 
     def record(self, events: list[AuditEvent]) -> None:

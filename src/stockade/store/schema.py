@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Float,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -40,6 +41,7 @@ jobs = Table(
     Column("max_attempts", Integer, nullable=False, server_default="1"),
     Column("cancel_requested_at", Float),
     Column("workspace_sha256", String(64)),
+    Index("ix_jobs_queue", "status", "created_at", "id"),  # migration 0008
 )
 
 steps = Table(

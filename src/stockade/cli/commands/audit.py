@@ -87,11 +87,12 @@ def _verify() -> int:
     from stockade.audit import GENESIS, check_head, verify_chain
     from stockade.audit.head import HeadFile
     from stockade.config import ensure_home, load_settings
+    from stockade.store.open import open_store
     from stockade.store.sqlite import SqliteStore
 
     settings = load_settings()
     ensure_home(settings)
-    store = SqliteStore(settings.db_path)
+    store = open_store(settings)
     snap = store.audit_snapshot()
     records = snap.records
     problems = []
@@ -100,10 +101,15 @@ def _verify() -> int:
         event = records[broken][0]
         problems.append(f" at event {broken + 1} of {len(records)} ({_e(event.action)} for job "
                         f"{_e(event.job_id)}): it or an earlier event was altered or removed")
-    problems += [f": {p}" for p in check_head([digest for _, _, digest in records],
-                                               snap.db_head, snap.file_head, snap.file_problem,
-                                               str(store.audit_head.path))]
-    for path in store.audit_head.retired():  # a deleted or moved-away database
+    hashes = [digest for _, _, digest in records]
+    if not isinstance(store, SqliteStore):  # PostgreSQL: its head row is the anchor
+        problems += [f": {p}" for p in check_head(hashes, snap.db_head, snap.db_head, "", "")]
+    else:
+        problems += [f": {p}" for p in check_head(hashes, snap.db_head, snap.file_head,
+                                                   snap.file_problem,
+                                                   str(store.audit_head.path))]
+    retired = store.audit_head.retired() if isinstance(store, SqliteStore) else []
+    for path in retired:  # a deleted or moved-away database
         try:
             earlier = HeadFile(path).read()
             said = f"ended at {earlier.events} events, last hash {earlier.hash}" if earlier \
@@ -134,6 +140,11 @@ def _anchor() -> int:
 
     settings = load_settings()
     ensure_home(settings)
+    if settings.database_url:
+        sys.stderr.write("stockade: on PostgreSQL the database's head row is the anchor; "
+                         "there is no audit.head file to write\nhint: stockade audit verify "
+                         "checks the trail against it\n")
+        return 2
     store = SqliteStore(settings.db_path)
     snap = store.audit_snapshot()
     if snap.file_head is not None or snap.file_problem:

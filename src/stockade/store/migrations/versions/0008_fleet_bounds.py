@@ -1,6 +1,7 @@
 """What a runner may be is the admin's call: enrolment tokens carry the labels and the highest
 trust of the jobs their runners may take, and runners keep them; each attempt's uploads are
-recorded, so that a completion names only artifacts its own attempt sent.
+recorded, so that a completion names only artifacts its own attempt sent; the queue is an
+index.
 
 Revision ID: 0008
 Revises: 0007
@@ -9,7 +10,7 @@ Revises: 0007
 import sqlalchemy as sa
 from alembic import op
 
-from stockade.store.migrations.idempotent import add_columns, create_table
+from stockade.store.migrations.idempotent import add_columns, create_index, create_table
 
 revision = "0008"
 down_revision = "0007"
@@ -28,10 +29,13 @@ def upgrade() -> None:
                  sa.Column("job_id", sa.String(32), primary_key=True),
                  sa.Column("attempt", sa.Integer, primary_key=True),
                  sa.Column("sha256", sa.String(64), primary_key=True))
+    # claims read the oldest queued jobs: in index order, never a sort of the whole queue
+    create_index("ix_jobs_queue", "jobs", ["status", "created_at", "id"])
 
 
 def downgrade() -> None:
     """Remove what the migration added."""
+    op.drop_index("ix_jobs_queue", "jobs")
     op.drop_table("attempt_uploads")
     with op.batch_alter_table("runners") as batch:
         batch.drop_column("max_trust")
