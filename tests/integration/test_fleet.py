@@ -383,7 +383,7 @@ def test_a_runner_cut_off_from_the_server_stops_its_job_before_the_lease_runs_ou
 def test_the_audit_trail_on_postgresql_verifies_against_its_head_row(
         tmp_path: Path, pg_env: dict[str, str]) -> None:
     home = tmp_path / "state"
-    assert run_cli(home, "token", "create", "x", **pg_env).returncode == 0
+    assert run_cli(home, "token", "create", "x", "--role", "viewer", **pg_env).returncode == 0
     verified = run_cli(home, "audit", "verify", **pg_env)
     assert verified.returncode == 0 and "audit trail intact: 1 events" in verified.stdout
     anchored = run_cli(home, "audit", "anchor", **pg_env)
