@@ -8,8 +8,10 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,3 +133,81 @@ def test_up_refuses_what_it_cannot_serve_safely(home: Path) -> None:
     for bad in (["--listen", "0.0.0.0:0"], ["--runners", "99"]):
         done = run_cli(home, "up", *bad)
         assert done.returncode == 2 and done.stdout == "", done.stderr
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_env_file_is_a_new_file_of_ours_in_place_of_anyone_elses(home: Path,
+                                                                      tmp_path: Path) -> None:
+    """PATH in a sticky directory everyone may write to, made by another user (mode 0666)
+    and held open by them: the token goes into a new file, 0600, that they cannot read."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    env_file = shared / "fleet.env"
+    env_file.write_text("theirs\n")
+    os.chown(env_file, 65534, 65534)
+    env_file.chmod(0o666)
+    held = env_file.open()  # what its owner may have kept open
+    up = Up(home, "--runners", "0", "--env-file", str(env_file))
+    try:
+        variables = up.variables()
+        info = env_file.lstat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (os.geteuid(), 0o600)
+        assert env_file.read_text() == "".join(f"{k}={v}\n" for k, v in variables.items())
+        assert held.read() == "theirs\n"  # the other user's file was not written to
+        as_nobody = subprocess.run(["cat", str(env_file)], user=65534, group=65534,
+                                   extra_groups=[], capture_output=True, text=True)
+        assert as_nobody.returncode != 0 and variables["STOCKADE_TOKEN"] not in as_nobody.stdout
+        assert sorted(p.name for p in shared.iterdir()) == ["fleet.env"]  # no temporary left
+    finally:
+        held.close()
+        code, err = up.stop()
+    assert code == 0, err
+    for odd in (shared, shared / "link"):
+        if odd.name == "link":
+            odd.symlink_to(env_file)
+        done = run_cli(home, "up", "--runners", "0", "--env-file", str(odd), timeout=60)
+        assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr
+
+
+def test_killing_up_takes_its_server_and_runners_with_it(home: Path) -> None:
+    """SIGKILL gives up no chance to stop its children: they get SIGTERM from the kernel when
+    it dies; its admin token expires in 7 days, and the next up revokes it at once."""
+    up = Up(home, "--runners", "1")
+    try:
+        old = up.variables()
+        children = up.children()
+        assert len(children) == 2
+        with sqlite3.connect(home / "stockade.db") as db:
+            lifetimes = db.execute("SELECT expires_at - created_at FROM api_tokens WHERE name "
+                                   "LIKE 'stockade-up-%'").fetchall()
+        assert len(lifetimes) == 1 and abs(lifetimes[0][0] - 7 * 86400) < 1, lifetimes
+        killed = time.monotonic()
+        up.proc.kill()
+        up.proc.wait()
+        deadline = killed + 10
+        while not all(_gone(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(pid) for pid in children), [p for p in children if not _gone(p)]
+        print(f"children gone {time.monotonic() - killed:.2f} s after SIGKILL")
+    finally:
+        for pid in up.children():
+            os.kill(pid, signal.SIGKILL)
+        up.stop()
+    again = Up(home, "--runners", "0")
+    try:
+        new = again.variables()
+        refused = run_cli(home, "jobs", STOCKADE_SERVER=new["STOCKADE_SERVER"],
+                          STOCKADE_TOKEN=old["STOCKADE_TOKEN"])  # the killed up's token
+        assert refused.returncode == 2 and "revoked" in refused.stderr, refused.stderr
+    finally:
+        code, err = again.stop()
+    assert code == 0, err

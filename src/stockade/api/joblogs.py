@@ -4,7 +4,9 @@ Logs are the bytes runners stored (already masked and control-escaped by the run
 served as they are, from the database, so a client following a job on any replica sees what
 every replica's runners sent. A follower reads the database every :data:`POLL_S`; it holds at
 most one page of chunks and one pending write, and a client that stops reading is dropped after
-:data:`STALL_S` (see :class:`BoundedStream`).
+:data:`STALL_S` (see :class:`BoundedStream`). At most :data:`MAX_STREAMS` logs are sent at once
+by one server process (a stored log or a live stream); more get 503 with ``Retry-After``, so
+that viewers cannot hold every connection the server takes.
 
 (No postponed annotations here: FastAPI reads the endpoints' annotations at run time.)
 """
@@ -19,7 +21,7 @@ from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Path
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from stockade.api.common import ApiContext
@@ -31,6 +33,8 @@ POLL_S = 0.2
 KEEPALIVE_S = 15.0  # a comment line this often while nothing happens
 STALL_S = 60.0  # a client that takes nothing for this long is dropped
 STREAM_MAX_S = 3600.0  # then the client reconnects with Last-Event-ID
+MAX_STREAMS = 64
+STREAM_RETRY_S = 5
 MAX_ARTIFACT_PATH = 4096
 _FILE_BLOCK = 1024 * 1024
 
@@ -54,19 +58,52 @@ def sse_event(data: str, event_id: str | None = None, event: str | None = None) 
     return (head + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
 
 
+class Slots:
+    """How many of ``limit`` streams are being sent (taken and given back on the event
+    loop, so a plain count)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.taken = limit, 0
+
+    def take(self) -> bool:
+        """Take one, if one is free."""
+        if self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self) -> None:
+        """Give one back."""
+        self.taken -= 1
+
+
 class BoundedStream(Response):
     """A streamed response whose every write must be taken by the client within
-    :data:`STALL_S`; a stalled or gone client ends it (the connection is closed)."""
+    :data:`STALL_S`; a stalled or gone client ends it (the connection is closed). It is sent
+    only while it gets one of ``slots`` (503 otherwise)."""
 
-    def __init__(self, parts: AsyncGenerator[bytes, None], media_type: str) -> None:
+    def __init__(self, parts: AsyncGenerator[bytes, None], media_type: str,
+                 slots: Slots) -> None:
         # not Response.__init__: that declares the length of an empty body
         self.status_code, self.media_type, self.background = 200, media_type, None
         self.init_headers({"Cache-Control": "no-store", "X-Accel-Buffering": "no",
                            "X-Content-Type-Options": "nosniff"})
-        self.parts = parts
+        self.parts, self.slots = parts, slots
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Send the events until they end, the client goes or it stops reading."""
+        if not self.slots.take():
+            await self.parts.aclose()
+            busy = JSONResponse({"detail": f"{self.slots.limit} logs are being sent; try "
+                                 "again"}, 503, headers={"Retry-After": str(STREAM_RETRY_S)})
+            await busy(scope, receive, send)
+            return
+        try:
+            await self._send_all(receive, send)
+        finally:
+            self.slots.give_back()
+
+    async def _send_all(self, receive: Any, send: Any) -> None:
         gone = asyncio.Event()
 
         async def listen() -> None:
@@ -104,6 +141,7 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
     """Add the log and artifact routes to ``app``."""
     control, store, settings = ctx.control, ctx.control.store, ctx.settings
     JobId = Path(pattern=JOB_PATTERN)
+    slots = Slots(MAX_STREAMS)
 
     def job_or_404(job_id: str) -> JobRow:
         job = control.job(job_id)
@@ -128,7 +166,8 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
              responses={200: {"content": {"text/plain": {}}}})
     def log(job_id: str = JobId) -> BoundedStream:
         job_or_404(job_id)
-        return BoundedStream(_in_threads(stored(job_id)), "text/plain; charset=utf-8")
+        return BoundedStream(_in_threads(stored(job_id)), "text/plain; charset=utf-8",
+                             slots)
 
     @app.get("/api/v1/jobs/{job_id}/log/stream", response_class=Response,
              responses={200: {"content": {"text/event-stream": {}}}})
@@ -138,7 +177,7 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         after = parse_event_id(last_event_id)
         if after is None:
             raise HTTPException(400, "Last-Event-ID is not <attempt>.<seq>")
-        return BoundedStream(follow(job_id, after), "text/event-stream")
+        return BoundedStream(follow(job_id, after), "text/event-stream", slots)
 
     async def follow(job_id: str, after: tuple[int, int]) -> AsyncGenerator[bytes, None]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -5,24 +5,27 @@
 Versioned under ``/api/v1``, OpenAPI at ``/openapi.json``; ``/healthz`` says the process is up
 and ``/readyz`` that the database answers. Every ``/api/v1`` request carries an API token
 (``Authorization: Bearer stk_...``, see :mod:`.auth`), checked from the headers alone before
-any body is read (:class:`Gate`); refusals are audit events, at most ``REFUSALS_PER_MINUTE``
-of them a minute (the rest are counted into one event). Runner agents use ``/api/v1/enrol``
-(authenticated by their enrolment token and attestation, in the body) and then
-``/api/v1/runner/`` with their session token (``api/runners.py``, docs/fleet.md). The routes
-for people and their tools are in ``api/jobs.py``.
+any body is read (:class:`Gate`), which also holds every body to a size and a deadline
+(:class:`Body`) and lets only a few big ones (kept in memory) in at a time; refusals are audit
+events, at most ``REFUSALS_PER_MINUTE`` of them a minute (the rest are counted into one event).
+Runner agents use ``/api/v1/enrol`` (authenticated by their enrolment token and attestation,
+in the body) and then ``/api/v1/runner/`` with their session token (``api/runners.py``,
+docs/fleet.md). The routes for people and their tools are in ``api/jobs.py``.
 """
 
 import asyncio
 import contextlib
-import json
 import threading
 import time
+import typing
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
@@ -31,11 +34,15 @@ from stockade.audit import AuditEvent
 from stockade.config import Settings
 from stockade.control import ControlService
 from stockade.control.fleet import SESSION_PREFIX, FleetService
+from stockade.text import escape_controls
 
 MAX_BODY_BYTES = 512 * 1024  # a JSON body: e.g. a spec, escaped, and a few fields
 REFUSALS_PER_MINUTE = 60
 BIG_BODY_BYTES = 1024 * 1024  # bodies larger than this (workspaces, artifacts) ...
 BIG_BODIES_AT_ONCE = 4  # ... are read this many at a time per server process
+BIG_BODY_WAIT_S = 10.0  # a big body waits this long for its turn, then gets 503
+BODY_GRACE_S = 30.0  # a body may take this long to arrive, ...
+BODY_BYTES_PER_S = 1024 * 1024  # ... or as long as it takes at this rate; then 408
 
 
 class Refusals:
@@ -114,21 +121,22 @@ class Gate:
             await JSONResponse({"detail": why}, status, headers=extra)(scope, receive, send)
             return
         scope.setdefault("state", {}).update(state)
-        seen = 0
-
-        async def bounded() -> Any:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise HTTPException(413, f"the body is larger than {limit} bytes")
-            return message
-
-        if int(declared) > BIG_BODY_BYTES or b"transfer-encoding" in headers:
-            async with self._big:  # uploads are held in memory: a few at a time
-                await self.app(scope, bounded, send)
-        else:
-            await self.app(scope, bounded, send)
+        chunked = b"transfer-encoding" in headers
+        if limit <= BIG_BODY_BYTES or not (chunked or int(declared) > BIG_BODY_BYTES):
+            await self.app(scope, Body(receive, limit, int(declared), chunked), send)
+            return
+        try:  # uploads are held in memory: a few at a time
+            async with asyncio.timeout(BIG_BODY_WAIT_S):
+                await self._big.acquire()
+        except TimeoutError:
+            await JSONResponse({"detail": "the server is busy with other uploads; try again"},
+                               503, headers={"Retry-After": "5", "Connection": "close"}
+                               )(scope, receive, send)
+            return
+        try:
+            await self.app(scope, Body(receive, limit, int(declared), chunked), send)
+        finally:
+            self._big.release()
 
     async def _token(self, scope: Any, bearer: str, state: dict[str, Any]
                      ) -> tuple[int, str, str | None]:
@@ -154,6 +162,36 @@ class Gate:
         return 0, "", None
 
 
+class Body:
+    """The ``receive`` an endpoint reads a request through: the body is counted against
+    ``limit`` (413) and must arrive within ``BODY_GRACE_S`` or at ``BODY_BYTES_PER_S`` of its
+    declared or received size, whichever is longer (408; the connection is closed). Once the
+    body is complete, ``receive`` is the server's (which then waits for a disconnect)."""
+
+    def __init__(self, receive: Any, limit: int, declared: int, chunked: bool) -> None:
+        self.receive, self.limit, self.declared = receive, limit, declared
+        self.seen, self.done = 0, not (chunked or declared)
+        self.started = time.monotonic()
+
+    async def __call__(self) -> Any:
+        """The next message of the request."""
+        if self.done:
+            return await self.receive()
+        allowed = max(BODY_GRACE_S, max(self.declared, self.seen) / BODY_BYTES_PER_S)
+        try:
+            async with asyncio.timeout(self.started + allowed - time.monotonic()):
+                message = await self.receive()
+        except TimeoutError:
+            raise HTTPException(408, f"the body did not arrive within {allowed:.0f} s",
+                                headers={"Connection": "close"}) from None
+        self.seen += len(message.get("body", b""))
+        self.done = message["type"] != "http.request" or not message.get("more_body")
+        if self.seen > self.limit:
+            raise HTTPException(413, f"the body is larger than {self.limit} bytes",
+                                headers={"Connection": "close"})
+        return message
+
+
 def create_app(settings: Settings, control: ControlService, fleet: FleetService) -> FastAPI:
     """The application; ``control`` and ``fleet`` are shared by all requests (the store
     serialises them). While it runs, a task looks for expired leases (:func:`_sweeper`)."""
@@ -176,12 +214,14 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
     app.add_middleware(Gate, control=control, fleet=fleet, refusals=refusals,
                        limit_for=lambda method, path: _limit(settings, method, path))
 
+    names: set[str] = set()
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))[:100]}: "
-                    f"{str(e.get('msg', ''))[:200]}" for e in exc.errors()[:10]]
-        return JSONResponse({"detail": json.loads(json.dumps(problems, ensure_ascii=True))},
-                            422)
+        if not names:  # every route is added by now
+            names.update(field_names(app))
+        problems = [problem(e, names) for e in exc.errors()[:10]]
+        return JSONResponse({"detail": problems}, 422)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -207,6 +247,52 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
     runners.add_routes(app, ctx)
     metrics.add_routes(app, ctx.metrics)
     return app
+
+
+def problem(error: Any, names: set[str]) -> str:
+    """One validation error, told without repeating what the request sent: a place in the
+    body is named by our own field names and list positions only (any other key is
+    ``<key>``), an unknown field is "an unknown field", and the message is escaped."""
+    loc = list(error.get("loc", ()))
+    if error.get("type") == "extra_forbidden":
+        return f"{_place(loc[:-1], names)}: an unknown field (not allowed here)"
+    return f"{_place(loc, names)}: {escape_controls(str(error.get('msg', '')))[:200]}"
+
+
+def _place(loc: list[Any], names: set[str]) -> str:
+    parts = [str(p) if isinstance(p, int) or (isinstance(p, str) and p in names) else "<key>"
+             for p in loc]
+    return ".".join(parts)[:200] or "the request"
+
+
+def field_names(app: FastAPI) -> set[str]:
+    """The names of every parameter and body field the routes of ``app`` declare."""
+    names = {"body", "query", "path", "header", "cookie"}
+    seen: set[Any] = set()
+
+    def annotation(kind: Any) -> None:
+        if kind in seen:
+            return
+        seen.add(kind)
+        for arg in typing.get_args(kind):
+            annotation(arg)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            for name, field in kind.model_fields.items():
+                names.update(n for n in (name, field.alias) if n)
+                annotation(field.annotation)
+
+    def dependant(d: Any) -> None:
+        for param in (*d.path_params, *d.query_params, *d.header_params, *d.cookie_params,
+                      *d.body_params):
+            names.update((param.name, param.alias))
+            annotation(param.field_info.annotation)
+        for sub in d.dependencies:
+            dependant(sub)
+
+    for route in app.routes:
+        if isinstance(route, APIRoute):
+            dependant(route.dependant)
+    return names
 
 
 def _limit(settings: Settings, method: str, path: str) -> int:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,6 +35,7 @@ TIMEOUT_S = 30.0
 UPLOAD_TIMEOUT_S = 600.0
 STREAM_READ_S = 60.0  # the server sends a keep-alive line every 15 s
 RECONNECT_FOR_S = 60.0  # a follower keeps reconnecting this long (a replica restarts)
+MAX_LINE_BYTES = 8 * 1024 * 1024  # an event stream's line (a log chunk is at most 1 MiB)
 TOKEN_HINT = "an admin makes one on the server with: stockade token create NAME --role ROLE"
 
 
@@ -99,11 +101,13 @@ class Refused(UsageError):
 
 
 class ServerFailed(InfrastructureError):
-    """The server answered 5xx (``status``)."""
+    """The server answered 5xx (``status``), perhaps saying when to try again
+    (``retry_after`` seconds, at most a minute; 0 if it did not say)."""
 
-    def __init__(self, status: int, message: str, hint: str = "") -> None:
+    def __init__(self, status: int, message: str, hint: str = "",
+                 retry_after: float = 0.0) -> None:
         super().__init__(message, hint=hint)
-        self.status = status
+        self.status, self.retry_after = status, retry_after
 
 
 class Event(NamedTuple):
@@ -193,8 +197,10 @@ class Remote:
         if status == 404 and missing:
             raise Refused(status, missing, hint="list jobs with: stockade jobs")
         if status >= 500:
+            after = response.headers.get("retry-after", "")
             raise ServerFailed(status, f"the server failed ({status}): {detail}",
-                               hint="try again; if it persists, see the server's log")
+                               hint="try again; if it persists, see the server's log",
+                               retry_after=min(60.0, float(after)) if after.isdigit() else 0.0)
         raise Refused(status, f"the server refused the request ({status}): {detail}")
 
     def job_id(self, id_or_prefix: str) -> str:
@@ -241,7 +247,7 @@ class Remote:
                 headers = {"Last-Event-ID": last} if last else {}
                 with self.request("GET", path, role, missing=missing, headers=headers,
                                   timeout=STREAM_READ_S) as response:
-                    for event in _parse(response.iter_lines()):
+                    for event in _parse(_lines(response.iter_bytes())):
                         failing_since = None  # a connection that yields nothing counts as
                         if event.id:  # a failure below, so a broken server is given up on
                             last = event.id
@@ -254,6 +260,7 @@ class Remote:
                     if isinstance(e, InfrastructureError):
                         raise
                     raise self._unreachable(e) from e
+                time.sleep(getattr(e, "retry_after", 0.0))  # e.g. busy with other streams
             else:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > RECONNECT_FOR_S:
@@ -265,6 +272,34 @@ class Remote:
         """Close the connections."""
         if self._client is not None:
             self._client.close()
+
+
+_EOL = re.compile(rb"\r\n?|\n")
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The lines of an event stream, ended by CRLF, LF or CR only (the SSE rules; not at the
+    other characters ``str.splitlines`` breaks at, U+2028 and the like, which a log may hold),
+    each decoded after it was split off."""
+    parts: list[bytes] = []
+    size, after_cr = 0, False
+    for chunk in chunks:
+        if not chunk:
+            continue
+        if after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the LF of a CRLF split between two chunks
+        after_cr, start = False, 0
+        for end in _EOL.finditer(chunk):
+            parts.append(chunk[start:end.start()])
+            yield b"".join(parts).decode("utf-8", errors="replace")
+            parts, size, start = [], 0, end.end()
+            after_cr = end.group() == b"\r" and start == len(chunk)
+        if start < len(chunk):
+            parts.append(chunk[start:])
+            size += len(chunk) - start
+            if size > MAX_LINE_BYTES:
+                raise InfrastructureError(f"the server sent a line of more than "
+                                          f"{MAX_LINE_BYTES} bytes in an event stream")
 
 
 def _parse(lines: Iterator[str]) -> Iterator[Event]:

@@ -256,7 +256,8 @@ def _wait_ready(remote: Remote, parts: list[Part], runners: int, started: float)
 def _dies_with_us() -> Callable[[], None]:
     """What a child runs before its program: it gets SIGTERM when up dies, however up dies
     (PR_SET_PDEATHSIG, which the program keeps), so that a killed up leaves nothing running.
-    (prctl is looked up here: the child only calls it.)"""
+    (prctl is looked up here: the child only calls it. The signal comes when the thread that
+    started the child ends: parts are started from up's main thread.)"""
     import ctypes
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl

@@ -1,0 +1,323 @@
+"""``stockade server`` at its edges, over real sockets: connections that never finish a request
+head, one host holding many connections, trickled bodies, many log streams, and what clients
+send that errors must not repeat; the live log client against a hostile chunk."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stockade.sandbox.archive import pack
+from stockade.sandbox.interface import WorkspaceSource
+from tests.conftest import run_cli
+from tests.support.fake_runner import ANY_CODE, FakeRunner
+from tests.support.fleet import Server, admin_token, enrol_token
+
+SPEC = "name: edges\nsteps:\n  - {name: a, run: 'true'}\n"
+SLOW_LEASES = {"STOCKADE_RUNNER_LEASE": "60", "STOCKADE_RUNNER_HEARTBEAT": "2"}
+HALF_A_HEAD = b"GET /api/v1/jobs HTTP/1.1\r\nHost: stockade\r\n"
+
+
+class Fleet:
+    """A server, an admin's and a viewer's token, and a runner holding a job."""
+
+    def __init__(self, server: Server) -> None:
+        self.server, self.url, self.home = server, server.url, server.home
+        self.admin = admin_token(server.home)
+        self.viewer = admin_token(server.home, "viewer")
+        self.submitter = admin_token(server.home, "submitter")
+
+    def runner_with_a_job(self) -> tuple[FakeRunner, dict[str, object]]:
+        job = httpx.post(f"{self.url}/api/v1/jobs", json={"spec": SPEC}, timeout=30,
+                         headers={"Authorization": f"Bearer {self.submitter}"})
+        assert job.status_code == 201, job.text
+        runner = FakeRunner(self.url, enrol_token(self.home))
+        return runner, runner.claim()
+
+    def fresh(self, token: str) -> httpx.Client:
+        """A client with no connection yet."""
+        return httpx.Client(base_url=self.url, timeout=30,
+                            headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    home = tmp_path / "home"
+    assert run_cli(home, "jobs").returncode == 0
+    server = Server(home, **ANY_CODE, **SLOW_LEASES)
+    try:
+        yield Fleet(server)
+    finally:
+        server.stop()
+
+
+def _connect(port: int, source: str, first: bytes = b"") -> socket.socket:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    if first:
+        sock.sendall(first)
+    return sock
+
+
+def _idle(port: int, source: str, n: int) -> list[socket.socket]:
+    """``n`` connections from ``source``: half say nothing, half half a request head."""
+    return [_connect(port, source, HALF_A_HEAD if i % 2 else b"") for i in range(n)]
+
+
+def _closed(sock: socket.socket, wait: float = 0.0) -> bool:
+    """Whether the server closed ``sock`` (what it said before is read and dropped)."""
+    readable, _, _ = select.select([sock], [], [], wait)
+    if not readable:
+        return False
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    return True
+
+
+def _close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def _still_open(socks: list[socket.socket]) -> int:
+    time.sleep(0.5)
+    return sum(not _closed(s) for s in socks)
+
+
+def _served_under_attack(fleet: Fleet) -> float:
+    """The time a runner's heartbeat and a viewer's request take on new connections."""
+    runner, a = fleet.runner_with_a_job()
+    started = time.monotonic()
+    with fleet.fresh(fleet.viewer) as viewer, httpx.Client(
+            base_url=fleet.url, timeout=30, headers=dict(runner.http.headers)) as session:
+        beat = session.post(f"/api/v1/runner/jobs/{a['job_id']}/{a['attempt']}/heartbeat")
+        listed = viewer.get("/api/v1/jobs")
+    took = time.monotonic() - started
+    assert beat.status_code == 200 and beat.json()["held"], beat.text
+    assert listed.status_code == 200, listed.text
+    runner.close()
+    return took
+
+
+def test_idle_connections_of_one_host_do_not_deny_the_api(fleet: Fleet) -> None:
+    """300 silent or half-spoken connections from this host: the server keeps 64 of them
+    (a new one takes the place of the one that waited longest) and serves everyone else."""
+    attack = _idle(fleet.server.port, "127.0.0.1", 300)
+    try:
+        took = _served_under_attack(fleet)
+        assert took < 3, took
+        assert _still_open(attack) <= 64
+    finally:
+        _close_all(attack)
+
+
+def test_idle_connections_of_other_hosts_do_not_deny_the_api(fleet: Fleet) -> None:
+    """Two hosts with 300 idle connections each: at most 64 each stay, runners and people on
+    a third are served at once."""
+    attack = [s for host in ("127.0.0.2", "127.0.0.3")
+              for s in _idle(fleet.server.port, host, 300)]
+    try:
+        took = _served_under_attack(fleet)
+        assert took < 3, took
+        assert _still_open(attack[:300]) <= 64 and _still_open(attack[300:]) <= 64
+    finally:
+        _close_all(attack)
+
+
+def _trickle(sock: socket.socket, every: float, stop: threading.Event,
+             piece: bytes = b"X") -> None:
+    """Send ``piece`` every ``every`` seconds until the server answers or ``stop``."""
+    while not stop.is_set() and not select.select([sock], [], [], every)[0]:
+        try:
+            sock.sendall(piece)
+        except OSError:
+            return
+
+
+def _closed_after(sock: socket.socket, started: float, limit: float) -> tuple[float, bytes]:
+    """When the server closed ``sock`` (seconds after ``started``) and what it said."""
+    said = b""
+    sock.settimeout(limit)
+    try:
+        while chunk := sock.recv(65536):
+            said += chunk
+    except OSError:
+        pass
+    return time.monotonic() - started, said
+
+
+def test_a_request_head_must_come_within_ten_seconds_however_it_trickles(
+        fleet: Fleet) -> None:
+    silent = _connect(fleet.server.port, "127.0.0.4")
+    half = _connect(fleet.server.port, "127.0.0.4", HALF_A_HEAD)
+    trickled = _connect(fleet.server.port, "127.0.0.4", b"GET /healthz HTTP/1.1\r\nX-A: ")
+    kept = _connect(fleet.server.port, "127.0.0.4", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    started, stop = time.monotonic(), threading.Event()
+    assert b" 200 " in kept.recv(65536)
+    kept.sendall(b"GET /healthz HTTP/1.1\r\nX-A: ")  # then the next head trickles
+    threads = [threading.Thread(target=_trickle, args=(s, 0.5, stop)) for s in (trickled, kept)]
+    for t in threads:
+        t.start()
+    try:
+        ends = {name: _closed_after(sock, started, 20) for name, sock in
+                (("silent", silent), ("half", half), ("trickled", trickled), ("kept", kept))}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        _close_all([silent, half, trickled, kept])
+    for name, (after, said) in ends.items():
+        assert 9 < after < 12.5, (name, after)
+        assert (b" 408 " in said) == (name != "silent"), (name, said)  # it heard something
+
+
+def _stream(port: int, source: str, job: str, token: str) -> tuple[socket.socket, bytes]:
+    sock = _connect(port, source, (f"GET /api/v1/jobs/{job}/log/stream HTTP/1.1\r\n"
+                                   f"Host: x\r\nAuthorization: Bearer {token}\r\n\r\n").encode())
+    sock.settimeout(10)
+    return sock, sock.recv(4096)
+
+
+def test_live_log_streams_are_bounded(fleet: Fleet) -> None:
+    """64 at once per server process; the next gets 503 with Retry-After until one ends."""
+    job = httpx.post(f"{fleet.url}/api/v1/jobs", json={"spec": SPEC}, timeout=30,
+                     headers={"Authorization": f"Bearer {fleet.submitter}"}).json()["job_id"]
+    port, streams = fleet.server.port, []
+    try:
+        for i in range(64):  # from four hosts: one host may hold only 64 connections
+            streams.append(_stream(port, f"127.0.0.{10 + i % 4}", job, fleet.viewer))
+        assert all(b" 200 " in head for _, head in streams), [h for _, h in streams][:3]
+        extra, head = _stream(port, "127.0.0.20", job, fleet.viewer)
+        extra.close()
+        assert b" 503 " in head and b"retry-after: 5" in head.lower(), head
+        with fleet.fresh(fleet.viewer) as viewer:  # other requests are served meanwhile
+            assert viewer.get(f"/api/v1/jobs/{job}").status_code == 200
+        streams.pop()[0].close()
+        time.sleep(0.5)  # the server notices the client went at its next look
+        again, head = _stream(port, "127.0.0.20", job, fleet.viewer)
+        streams.append((again, head))
+        assert b" 200 " in head, head
+    finally:
+        _close_all([s for s, _ in streams])
+
+
+def _workspace(tmp_path: Path, size: int) -> bytes:
+    tree = tmp_path / "ws"
+    tree.mkdir()
+    (tree / "noise").write_bytes(os.urandom(size))
+    out = io.BytesIO()
+    pack(WorkspaceSource(tree, ()), out, size * 2)
+    return out.getvalue()
+
+
+def _upload(fleet: Fleet, data: bytes) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    with fleet.fresh(fleet.submitter) as client:
+        answer = client.post("/api/v1/workspaces", content=data, timeout=20, headers={
+            "X-Stockade-Sha256": hashlib.sha256(data).hexdigest()})
+    return answer, time.monotonic() - started
+
+
+def _trickling_body(port: int, source: str, head: bytes) -> tuple[socket.socket, float]:
+    sock = _connect(port, source, head)
+    return sock, time.monotonic()
+
+
+def test_slow_bodies_neither_block_uploads_nor_last(fleet: Fleet, tmp_path: Path) -> None:
+    """Four unauthenticated chunked enrolments that trickle take no upload's turn; four
+    trickled uploads take all four turns for 30 s at most (then 408), and meanwhile another
+    upload gets 503 with Retry-After after waiting 10 s for a turn."""
+    data = _workspace(tmp_path, 2 << 20)
+    port, stop = fleet.server.port, threading.Event()
+    uploads: list[tuple[socket.socket, float]] = []
+    enrols = [_trickling_body(port, "127.0.0.5", b"POST /api/v1/enrol HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Type: application/json\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+              for _ in range(4)]
+    threads = [threading.Thread(target=_trickle, args=(s, 1.0, stop, b"1\r\n \r\n"))
+               for s, _ in enrols]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        answer, took = _upload(fleet, data)
+        assert answer.status_code == 201 and took < 5, (answer.status_code, took)
+        uploads += [_trickling_body(port, "127.0.0.6", (
+            f"POST /api/v1/workspaces HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            f"Authorization: Bearer {fleet.submitter}\r\nX-Stockade-Sha256: {'0' * 64}\r\n"
+            "\r\n").encode() + data[:1000]) for _ in range(4)]
+        threads += [threading.Thread(target=_trickle, args=(s, 1.0, stop)) for s, _ in uploads]
+        for t in threads[4:]:
+            t.start()
+        time.sleep(0.5)
+        one_more, since = _trickling_body(port, "127.0.0.7", (
+            f"POST /api/v1/workspaces HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            f"Authorization: Bearer {fleet.submitter}\r\n\r\n").encode() + data[:1000])
+        took, said = _closed_after(one_more, since, 20)
+        one_more.close()
+        assert b" 503 " in said and b"retry-after: 5" in said.lower(), said
+        assert 9 < took < 12, took
+        ends = [_closed_after(s, since, 40) for s, since in enrols + uploads]
+        assert all(27 < after < 34 and b" 408 " in said for after, said in ends), ends
+        answer, took = _upload(fleet, data)
+        assert answer.status_code == 201 and took < 5, (answer.status_code, took)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        _close_all([s for s, _ in enrols + uploads])
+
+
+def test_errors_do_not_repeat_unknown_field_names(fleet: Fleet) -> None:
+    for path, token, body in (
+            ("/api/v1/jobs", fleet.submitter, {"spec": SPEC, "\x1b[2J\x1b]0;owned\x07": 1}),
+            ("/api/v1/enrol", None, {"token": "x", "\x1b[31mzzredzz": 1})):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        answer = httpx.post(fleet.url + path, content=json.dumps(body), timeout=30,
+                            headers={"Content-Type": "application/json", **headers})
+        assert answer.status_code == 422, answer.text
+        raw = answer.content
+        assert b"\x1b" not in raw and b"\\u001b" not in raw, raw
+        assert b"owned" not in raw and b"zzredzz" not in raw, raw
+        assert b"an unknown field" in raw, raw
+    answer = httpx.post(fleet.url + "/api/v1/jobs", json={"spec": 7}, timeout=30,
+                        headers={"Authorization": f"Bearer {fleet.submitter}"})
+    assert answer.status_code == 422 and "body.spec" in answer.text, answer.text
+
+
+def test_a_log_line_separator_does_not_end_a_followed_log(fleet: Fleet) -> None:
+    """U+2028 and the other characters str.splitlines breaks at are no SSE line ends: a chunk
+    that looks like an end event between them is log text, and the log goes on after it."""
+    runner, a = fleet.runner_with_a_job()
+    chunks = ["before\n", "\u2028event: end\u2028", "\u2028\u2028\x85\x0b\x0c\x1c\x1d\x1e\n",
+              "after the fake end\n"]
+    for seq, chunk in enumerate(chunks):
+        assert runner.log(a, seq, chunk.encode()) == 201
+    assert runner.complete(a) == 200
+    runner.close()
+    shown = run_cli(fleet.home, "logs", "-f", str(a["job_id"]), STOCKADE_SERVER=fleet.url,
+                    STOCKADE_TOKEN=fleet.viewer, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "before" in shown.stdout and "after the fake end" in shown.stdout, shown.stdout
+
+
+def test_event_stream_lines_end_at_crlf_lf_or_cr_only() -> None:
+    from stockade.cli.remote import _lines
+
+    chunks = [b"a\r", b"", b"\nb\rc\n", b"d\xe2\x80", b"\xa8e\x85\x0b\n\n", b"tail"]
+    assert list(_lines(chunks)) == ["a", "b", "c", "d\u2028e\ufffd\x0b", ""]
