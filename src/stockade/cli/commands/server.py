@@ -1,22 +1,10 @@
-"""``stockade server``: the HTTP API over the embedded control plane.
-
-The connections it takes are bounded so that no client can hold the slots others need
-(:func:`guarded_h11`): a request's head (request line and headers) must arrive within
-:data:`HEAD_TIMEOUT_S` of the connection (or of the previous response), however it trickles;
-one client address (an IPv6 /64) holds at most :data:`PER_CLIENT` connections and all clients
-:data:`MAX_CONNECTIONS`, and a new connection beyond either bound takes the place of the one
-that has waited longest for its next request head (idle or trickling), or is refused (503) if
-every one is serving a request. Requests being served at once are bounded too
-(:data:`MAX_REQUESTS`, :class:`Busy`); idle connections do not count against that.
-"""
+"""``stockade server``: the HTTP API over the embedded control plane (its connections are
+bounded as :mod:`stockade.api.connections` says)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import ipaddress
 import sys
-from typing import Any
 
 HELP = "serve the HTTP API (jobs, runners, admin) on a loopback address by default"
 DESCRIPTION = """\
@@ -43,25 +31,6 @@ at most 64 connections (all clients 1024; a new one beyond replaces the one idle
 and at most 256 requests are served at once (more get 503 with Retry-After)."""
 
 
-HEAD_TIMEOUT_S = 10.0  # from a connection (or a response) to the next request's whole head
-PER_CLIENT = 64  # connections of one address (IPv6: one /64) at once
-MAX_CONNECTIONS = 1024  # connections of all clients at once (fewer if files are scarce)
-MAX_REQUESTS = 256  # requests served at once
-KEEP_ALIVE_S = 5  # an idle connection after a response
-BACKLOG = 1024  # connections the kernel holds until the server takes them (bursts)
-
-
-def _raw(status: bytes, text: bytes, *headers: bytes) -> bytes:
-    """A whole response, written before (or instead of) any request's."""
-    return b"\r\n".join((b"HTTP/1.1 " + status, b"content-type: text/plain", *headers,
-                         b"content-length: %d" % len(text), b"connection: close", b"", text))
-
-
-_REFUSED = _raw(b"503 Service Unavailable", b"too many connections from here",
-                b"retry-after: 1")
-_TIMED_OUT = _raw(b"408 Request Timeout", b"the request head did not come in time")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``[--listen HOST:PORT]``."""
     p.add_argument("--listen", default="127.0.0.1:8377", metavar="HOST:PORT",
@@ -82,6 +51,14 @@ def main(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from stockade.api.connections import (
+        BACKLOG,
+        KEEP_ALIVE_S,
+        MAX_REQUESTS,
+        Busy,
+        connection_room,
+        guarded_h11,
+    )
     from stockade.api.server import create_app
     from stockade.cli.context import fleet_service, open_control
     from stockade.errors import UsageError
@@ -102,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     settings, control = open_control()
     fleet = fleet_service(settings, control)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so: TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, int(port)))
@@ -115,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     where = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
     # bounded as the module docstring says; idle keep-alive connections closed after 5 s
     config = uvicorn.Config(Busy(create_app(settings, control, fleet), MAX_REQUESTS),
-                            http=guarded_h11(_connection_room()), log_level="warning",
+                            http=guarded_h11(connection_room()), log_level="warning",
                             access_log=False, server_header=False, limit_concurrency=None,
                             timeout_keep_alive=KEEP_ALIVE_S,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
@@ -130,196 +107,3 @@ def main(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     server.run(sockets=[sock])
     return 0
-
-
-def _connection_room() -> int:
-    """:data:`MAX_CONNECTIONS`, or fewer if this process may not open that many files (its
-    soft limit is raised towards the hard one first)."""
-    import resource
-
-    wanted = MAX_CONNECTIONS + 256  # the database, the log files, the threads' pipes
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            soft = raised
-        except (ValueError, OSError):
-            pass
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    return max(PER_CLIENT, min(MAX_CONNECTIONS, soft - 256))
-
-
-def client_key(client: tuple[str, int] | None) -> str:
-    """The address a connection counts against: the IPv4 address, or the IPv6 /64 (one host
-    usually has a whole /64 to pick addresses from)."""
-    if not client:
-        return "local"
-    try:
-        address = ipaddress.ip_address(client[0].split("%")[0])
-    except ValueError:
-        return client[0]
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
-    return str(address)
-
-
-class Busy:
-    """ASGI: at most ``limit`` HTTP requests served at once; more get 503 with Retry-After
-    (connections waiting for a request do not count, see :func:`guarded_h11`)."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit, self.active = app, limit, 0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Serve the request, or refuse it while ``limit`` others are served."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.active >= self.limit:
-            body = b'{"detail":"the server is busy; try again"}'
-            await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"), (b"retry-after", b"1"),
-                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        self.active += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
-
-
-class Room:
-    """The connections one server holds, counted per client key, and those that wait for a
-    request head, the longest waiting first (every step O(1): a flood of connections must not
-    cost the server more per connection as it grows)."""
-
-    def __init__(self, per_client: int, total: int) -> None:
-        self.per_client, self.total, self.count = per_client, total, 0
-        self.open: dict[str, int] = {}
-        self.waiting: dict[Any, None] = {}  # (dicts keep their order: oldest first)
-        self.waiting_of: dict[str, dict[Any, None]] = {}
-
-    def enter(self, key: str) -> list[Any] | None:
-        """Count a new connection of ``key``: the waiting ones to close to make room for it,
-        or None (not counted) if every one in its way is serving a request."""
-        victims = []
-        if self.open.get(key, 0) >= self.per_client:
-            if not self.waiting_of.get(key):
-                return None
-            victims.append(next(iter(self.waiting_of[key])))
-        if self.count - len(victims) >= self.total:
-            other = next((c for c in self.waiting if c not in victims), None)
-            if other is None:
-                return None
-            victims.append(other)
-        self.open[key] = self.open.get(key, 0) + 1
-        self.count += 1
-        return victims
-
-    def leave(self, conn: Any, key: str) -> None:
-        """Count a connection of ``key`` out."""
-        self.unwait(conn, key)
-        self.count -= 1
-        self.open[key] -= 1
-        if not self.open[key]:
-            del self.open[key]
-
-    def wait(self, conn: Any, key: str) -> None:
-        """``conn`` waits for a request head from now on."""
-        self.unwait(conn, key)
-        self.waiting[conn] = None
-        self.waiting_of.setdefault(key, {})[conn] = None
-
-    def unwait(self, conn: Any, key: str) -> None:
-        """``conn`` waits no more (its head came, or it closed)."""
-        self.waiting.pop(conn, None)
-        mine = self.waiting_of.get(key)
-        if mine is not None:
-            mine.pop(conn, None)
-            if not mine:
-                del self.waiting_of[key]
-
-
-def guarded_h11(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol with the bounds of the module docstring (uvicorn's own
-    ``limit_concurrency`` counts idle connections, and it has no deadline on a request head:
-    a few hundred silent connections denied every request)."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    room = Room(PER_CLIENT, max_connections)
-
-    class Guarded(H11Protocol):
-        key = ""
-        _counted = False  # in ``room``
-        _timer: asyncio.TimerHandle | None = None  # set while it waits for a request head
-        _cycle: object = None  # the request cycle when the wait began
-        _heard = False  # bytes of the awaited head came
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self.key = client_key(self.client)
-            victims = room.enter(self.key)
-            if victims is None:
-                transport.write(_REFUSED)
-                transport.close()
-                return
-            self._counted = True
-            for victim in victims:
-                victim.close_waiting()
-            self._await_head()
-
-        def data_received(self, data: bytes) -> None:
-            self._heard = self._heard or self._timer is not None
-            super().data_received(data)
-            self._head_done_if_parsed()
-
-        def on_response_complete(self) -> None:
-            if not self.transport.is_closing():
-                self._await_head()  # the next one's (a pipelined one may be parsed at once)
-            super().on_response_complete()
-            self._head_done_if_parsed()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_waiting()
-            self._leave()
-            super().connection_lost(exc)
-
-        def _await_head(self) -> None:
-            self._stop_waiting()
-            self._cycle, self._heard = self.cycle, False
-            self._timer = self.loop.call_later(HEAD_TIMEOUT_S, self.close_waiting)
-            room.wait(self, self.key)
-
-        def _head_done_if_parsed(self) -> None:
-            if self._timer is not None and self.cycle is not self._cycle:
-                self._stop_waiting()  # a new request cycle: its head is complete
-
-        def _stop_waiting(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-                room.unwait(self, self.key)
-
-        def _leave(self) -> None:
-            if self._counted:
-                self._counted = False
-                room.leave(self, self.key)
-
-        def close_waiting(self) -> None:
-            """Close this connection, which waits for a request head (408 if part of one
-            came and no response is under way)."""
-            self._stop_waiting()
-            self._leave()
-            if self.transport.is_closing():
-                return
-            if self._heard and self.conn.our_state is h11.IDLE:
-                self.transport.write(_TIMED_OUT)
-            self.transport.close()
-
-    return Guarded
