@@ -57,12 +57,13 @@ unit: venv test-system
 containment: setup
 	$(VENV)/bin/pytest -q tests/containment
 
-bench: setup
+bench: setup test-system
 	@command -v podman >/dev/null || (apt-get install -y -qq podman runc busybox-static >/dev/null)
 	@test -x /usr/sbin/squid || (apt-get install -y -qq squid >/dev/null)
 	$(PY) benchmarks/job_start.py
 	$(PY) benchmarks/egress.py
 	$(PY) benchmarks/masking.py
+	$(PY) benchmarks/dispatch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
