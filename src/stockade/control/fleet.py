@@ -28,12 +28,14 @@ from stockade.audit import AuditEvent
 from stockade.control.service import ControlService
 from stockade.errors import PolicyDenied, UsageError
 from stockade.ids import new_runner_id
-from stockade.store.interface import ArtifactRow, EnrolTokenRow, JobRow, RunnerRow, SessionRow
+from stockade.store.interface import EnrolTokenRow, JobRow, RunnerRow, SessionRow
 
 ENROL_PREFIX = "stke_"
 SESSION_PREFIX = "stks_"
 MAX_ENROL_TTL_S = 7 * 86400.0
 MAX_LABELS = 32
+PRUNE_EVERY_S = 600.0
+BLOB_GRACE_S = 3600.0  # an upload no job refers to is kept this long (it may be about to)
 
 
 class FleetPolicy(NamedTuple):
@@ -82,6 +84,7 @@ class FleetService:
         self.policy = policy
         self.own_digest = own_digest
         self._budget = AuditBudget("runner.refused_more")
+        self._pruned = 0.0
 
     def _event(self, actor: str, action: str, job_id: str | None = None,
                **detail: Any) -> AuditEvent:
@@ -290,22 +293,23 @@ class FleetService:
             return "the artifacts are larger than the server accepts"
         return self.control.complete(completion)
 
-    def artifacts(self, job_id: str) -> list[ArtifactRow]:
-        """A job's artifacts."""
-        return self.store.job_artifacts(job_id)
-
     def sweep(self) -> list[tuple[JobRow, bool]]:
         """Expired leases: their attempts are lost; jobs requeued or failed runner_lost; the
-        lost attempts' secret leases revoked."""
+        lost attempts' secret leases revoked. Every ten minutes also the uploads (workspace
+        archives, artifacts) that no job refers to any more, after an hour's grace."""
 
         def event(job: JobRow, again: bool) -> AuditEvent:
             return self._event("control", "job.attempt_lost", job.id, attempt=job.attempt,
                                runner_id=job.runner_id, requeued=again)
 
-        lost = self.store.expire_leases(self.control.clock(), event)
+        now = self.control.clock()
+        lost = self.store.expire_leases(now, event)
         if self.control.broker is not None:
             for job, _ in lost:
                 self.control.broker.revoke(job.id, job.attempt)
+        if now - self._pruned > PRUNE_EVERY_S:  # uploads no job refers to any more
+            self._pruned = now
+            self.store.prune_blobs(now - BLOB_GRACE_S)
         return lost
 
     # -- operators ------------------------------------------------------------------------

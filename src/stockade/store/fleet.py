@@ -433,4 +433,6 @@ class FleetQueries:
                 "(SELECT sha256 FROM artifacts) AND sha256 NOT IN (SELECT workspace_sha256 "
                 "FROM jobs WHERE workspace_sha256 IS NOT NULL AND status IN "
                 "('queued', 'running'))", (before,))
+            db.execute("DELETE FROM attempt_uploads WHERE sha256 NOT IN "
+                       "(SELECT sha256 FROM blobs)")
             return int(cur.rowcount)

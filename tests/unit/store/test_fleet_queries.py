@@ -6,7 +6,14 @@ from __future__ import annotations
 import hashlib
 
 from stockade.audit import AuditEvent, verify_chain
-from stockade.store.interface import EnrolTokenRow, JobRow, RunnerRow, SessionRow, Store
+from stockade.store.interface import (
+    ArtifactRow,
+    EnrolTokenRow,
+    JobRow,
+    RunnerRow,
+    SessionRow,
+    Store,
+)
 from stockade.store.open import open_store
 
 
@@ -117,4 +124,26 @@ def test_nonces_secrets_and_blobs(store_url: str) -> None:
     assert store.get_blob("0" * 64) is None and store.has_blob("0" * 64) is None
     assert store.prune_blobs(0.5) == 0 and store.prune_blobs(5.0) == 1
     assert store.get_blob(digest) is None
+    store.close()
+
+
+def test_uploads_no_job_refers_to_are_pruned_after_their_grace(store_url: str) -> None:
+    store = open_store(store_url)
+    enrolled(store)
+    kept, orphan, artifact = b"workspace", b"nobody's", b"built"
+    digest = {d: hashlib.sha256(d).hexdigest() for d in (kept, orphan, artifact)}
+    for data in (kept, orphan):
+        store.put_blob(digest[data], data, 1.0)
+    store.insert_job(job("j1", 1.0)._replace(workspace_sha256=digest[kept]),
+                     ev("job.admitted", "j1"))
+    store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                        lambda j: True, agent=True)
+    assert store.put_upload("j1", 1, "r1", digest[artifact], artifact, 1.0)
+    assert not store.put_upload("j1", 1, "r2", digest[artifact], artifact, 1.0)  # fenced
+    assert store.uploaded("j1", 1) == {digest[artifact]: len(artifact)}
+    assert store.finish_attempt("j1", 1, "r1", {"status": "succeeded"}, [],
+                                [ArtifactRow("out", digest[artifact], len(artifact))], [])
+    assert store.prune_blobs(before=0.5) == 0  # all within their grace
+    assert store.prune_blobs(before=10.0) == 2  # the orphan, and the finished job's workspace
+    assert store.get_blob(digest[artifact]) == artifact and store.get_blob(digest[kept]) is None
     store.close()
