@@ -92,7 +92,8 @@ def main(args: argparse.Namespace) -> int:
     where = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
     # bounded as the module docstring says; idle keep-alive connections closed after 5 s
     config = uvicorn.Config(Busy(create_app(settings, control, fleet), MAX_REQUESTS),
-                            http=guarded_h11(connection_room()), log_level="warning",
+                            http=guarded_h11(connection_room()), loop="uvloop",
+                            log_level="warning",
                             access_log=False, server_header=False, limit_concurrency=None,
                             timeout_keep_alive=KEEP_ALIVE_S,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
