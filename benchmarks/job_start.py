@@ -108,6 +108,19 @@ def end_to_end(backend: BwrapBackend, n: int) -> None:
             print("(c) podman is not installed: apt-get install podman runc busybox-static")
     finally:
         probe.teardown()
+        _remove_installation(work / "home")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_installation(home: Path) -> None:
+    """The runtime directory the benchmark's own installation made (its state dir goes too)."""
+    try:
+        installation = (home / "installation-id").read_text().strip()
+    except OSError:
+        return
+    if installation.isalnum():
+        shutil.rmtree(Path(load_settings({"STOCKADE_HOME": str(home)}).runtime_dir)
+                      / installation, ignore_errors=True)
 
 
 def podman_run(work: Path) -> Callable[[], None] | None:
