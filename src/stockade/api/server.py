@@ -15,7 +15,6 @@ docs/fleet.md). The routes for people and their tools are in ``api/jobs.py``.
 
 import asyncio
 import contextlib
-import threading
 import time
 import typing
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +32,7 @@ from stockade.api.common import ApiContext, Waker
 from stockade.audit import AuditEvent
 from stockade.config import Settings
 from stockade.control import ControlService
-from stockade.control.fleet import SESSION_PREFIX, FleetService
+from stockade.control.fleet import SESSION_PREFIX, AuditBudget, FleetService
 from stockade.text import escape_controls
 
 MAX_BODY_BYTES = 512 * 1024  # a JSON body: e.g. a spec, escaped, and a few fields
@@ -52,28 +51,15 @@ class Refusals:
 
     def __init__(self, control: ControlService, count: Callable[[], None]) -> None:
         self.control, self.count = control, count
-        self._lock = threading.Lock()
-        self._minute, self._recorded, self._more = 0, 0, 0
+        self._budget = AuditBudget("api.refused_more", REFUSALS_PER_MINUTE)
 
     def __call__(self, path: str, why: str, client: str, claimed: str | None) -> None:
         """Audit one refusal (or count it, past the minute's budget)."""
         self.count()
-        minute = int(time.time() // 60)
-        events = []
-        with self._lock:
-            if minute != self._minute:
-                if self._more:
-                    events.append(AuditEvent("api", "api.refused_more", time.time(), None,
-                                             {"count": self._more}))
-                self._minute, self._recorded, self._more = minute, 0, 0
-            if self._recorded < REFUSALS_PER_MINUTE:
-                self._recorded += 1
-                detail = {"path": path[:200], "reason": why, "client": client}
-                if claimed:  # what the request said, not who sent it
-                    detail["claimed_token"] = claimed
-                events.append(AuditEvent("api", "api.refused", time.time(), None, detail))
-            else:
-                self._more += 1
+        detail = {"path": path[:200], "reason": why, "client": client}
+        if claimed:  # what the request said, not who sent it
+            detail["claimed_token"] = claimed
+        events = self._budget.admit(AuditEvent("api", "api.refused", time.time(), None, detail))
         if events:
             self.control.store.record(events)
 
