@@ -23,7 +23,7 @@ a raw claim loop on the same database.
     one-step jobs (``date +%s.%N``); latency = the time the step printed minus the moment the
     submit request was sent; the step's output is read back from the stored log chunks.
 
-The load generator is a lean asyncio HTTP/1.1 client (``support_fleet.Http``) so that it costs
+The load generator is a lean asyncio HTTP/1.1 client (``support.fleet.Http``) so that it costs
 the servers little of the two cores; CPU per claim+complete cycle of the servers (and of their
 event-loop threads), PostgreSQL and the load generator is reported, and the cores other
 processes of this shared machine used meanwhile, since CPU bounds what two cores can do.
@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import support_fleet as sf
+from support import fleet as sf
 
 COMPLETE = json.dumps({"status": "succeeded", "duration_s": 0.0}).encode()
 JSON = "Content-Type: application/json\r\n"
