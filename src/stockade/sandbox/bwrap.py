@@ -234,9 +234,7 @@ class BwrapSandbox:
             self._uid = uids.allocate(pool)
             # root-owned, traversable only by the job's own uid (its group): nothing of one
             # job is reachable by another's, and the job cannot rename what root later uses
-            self.job_dir.mkdir(mode=0o710)
-            os.chown(self.job_dir, 0, self.host_uid)
-            self._lock = orphans.hold_lock(self.job_dir)
+            self._lock = orphans.create_locked(self.job_dir, self.host_uid)
             for name, size in (("ws", r.workspace_bytes), ("tmp", r.tmp_bytes)):
                 point = self.job_dir / name
                 point.mkdir(mode=0o700)

@@ -4,8 +4,9 @@ Each installation owns ``<runtime>/<installation id>/`` (created with a marker f
 installation) and the cgroups ``<cgroup_name>/<installation id>-<job>``; the reaper looks
 nowhere else, and tears down only jobs its own database knows. A live runner holds an exclusive
 ``flock`` on ``<job dir>/.lock`` for the whole job; the kernel drops it when the runner dies,
-however it dies. Anything of a job whose lock can be taken is therefore an orphan and is torn
-down the way a normal teardown would.
+however it dies. A job directory gets its name only once its lock is held (it is made and locked
+as ``.new-<job>`` and renamed), so anything of a job whose lock can be taken, or that has none,
+is an orphan and is torn down the way a normal teardown would.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import fcntl
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from stockade.sandbox.cgroups import ROOT, JobCgroup
 LOCK_NAME = ".lock"
 MARKER_NAME = ".stockade-installation"
 _JOB_DIR = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
-_GRACE_S = 30.0  # a directory without a lock may be one being created right now
+_STAGING = ".new-"
 
 
 def mark(jobs_dir: Path, installation: str, home: Path) -> None:
@@ -48,21 +48,27 @@ def marked(jobs_dir: Path, installation: str) -> bool:
         os.close(fd)
 
 
-def hold_lock(job_dir: Path) -> int:
-    """Create and lock ``job_dir/.lock``; keep the returned fd open while the job lives."""
-    fd = os.open(job_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+def create_locked(job_dir: Path, gid: int) -> int:
+    """Create ``job_dir`` (mode 0710, group ``gid``) already holding its lock; keep the
+    returned fd open while the job lives. The directory appears under its name locked, so a
+    reaper never mistakes one being created for an orphan."""
+    if job_dir.exists():
+        raise FileExistsError(f"{job_dir} exists")
+    staging = job_dir.with_name(_STAGING + job_dir.name)
+    staging.mkdir(mode=0o710)
+    try:
+        os.chown(staging, 0, gid)
+        fd = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, job_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return fd
 
 
 def _is_orphan(job_dir: Path) -> bool:
-    free = lock_is_free(job_dir / LOCK_NAME)
-    if free is not None:
-        return free
-    try:
-        return time.time() - job_dir.stat().st_mtime > _GRACE_S
-    except FileNotFoundError:
-        return False
+    return lock_is_free(job_dir / LOCK_NAME) is not False  # free, or never locked
 
 
 def _cgroup_names(parent: str) -> set[str]:
@@ -77,6 +83,9 @@ def reap_orphans(jobs_dir: Path, cgroup_parent: str, prefix: str,
                  ours: Callable[[str], bool]) -> list[str]:
     """Tear down every orphaned job of this installation (its runtime directory ``jobs_dir``,
     its cgroups named ``prefix + job``) that ``ours`` confirms; return their ids."""
+    for staging in jobs_dir.glob(_STAGING + "*"):  # its creator died before the rename
+        if staging.is_dir() and not staging.is_symlink() and _is_orphan(staging):
+            shutil.rmtree(staging, ignore_errors=True)
     candidates = {p.name for p in jobs_dir.iterdir()
                   if p.is_dir() and _JOB_DIR.match(p.name) and not p.name.startswith("etc-")}
     candidates |= {name.removeprefix(prefix) for name in _cgroup_names(cgroup_parent)
