@@ -2,10 +2,12 @@
 a raw claim loop on the same database.
 
 (1) Capacity: 50 runner clients, each enrolled for real (Ed25519 key, server nonce, signed
-    measurements), loop ``POST /api/v1/runner/claim?wait=5`` then at once ``POST .../complete``
-    (succeeded). The queue is fed beforehand: a backlog of trivial jobs queued in bulk through
-    the control plane (one transaction and audit event each, as the API's submit makes them),
-    so that the servers spend their time on claims and completions only. Claims/s over the
+    measurements), loop ``POST /api/v1/runner/claim?wait=5`` then at once
+    ``POST .../complete?next=true`` (succeeded), whose answer carries the next job if one is
+    queued (then no claim request is needed), as the runner agent does. The queue is fed
+    beforehand: a backlog of trivial jobs queued in bulk through the control plane (one
+    transaction and audit event each, as the API's submit makes them), so that the servers
+    spend their time on claims and completions only. Claims/s over the
     sustained part of the drain: after a warm-up, until fewer jobs than two per runner remain.
 (2) Claim latency: a submitter posts trivial jobs (``POST /api/v1/jobs``, admin token) at a
     fixed rate (open loop, half the capacity measured in (1) by default, at most 1000/s) to
@@ -85,28 +87,37 @@ class Load:
 
 
 async def runner_loop(r: sf.Runner, load: Load, source: str) -> None:
-    """Long-poll a claim, complete it at once (succeeded), again; from address ``source``."""
+    """Long-poll a claim, complete it at once (succeeded) asking for the next job, as the
+    runner agent does; long-poll again when the completion brings none; from ``source``."""
     http, auth = sf.Http(r.url, source), f"Authorization: Bearer {r.token}\r\n"
+    a = None
     try:
         while not load.stop.is_set():
-            status, body = await http.request("POST", "/api/v1/runner/claim?wait=5",
-                                              headers=auth)
-            now = time.time()
-            load.requests[f"claim {status}"] += 1
-            if status == 204:
-                continue
-            if status != 200:
-                load.errors[f"claim {status}"] += 1
-                await asyncio.sleep(0.05)
-                continue
-            a = json.loads(body)
-            load.claims.append((now, a["job_id"]))
-            status, _ = await http.request(
-                "POST", f"/api/v1/runner/jobs/{a['job_id']}/{a['attempt']}/complete",
+            if a is None:
+                status, body = await http.request("POST", "/api/v1/runner/claim?wait=5",
+                                                  headers=auth)
+                now = time.time()
+                load.requests[f"claim {status}"] += 1
+                if status == 204:
+                    continue
+                if status != 200:
+                    load.errors[f"claim {status}"] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                a = json.loads(body)
+                load.claims.append((now, a["job_id"]))
+            status, body = await http.request(
+                "POST", f"/api/v1/runner/jobs/{a['job_id']}/{a['attempt']}/complete?next=true",
                 COMPLETE, auth + JSON)
+            now = time.time()
             load.requests[f"complete {status}"] += 1
+            a = None
             if status != 200:
                 load.errors[f"complete {status}"] += 1
+                continue
+            a = json.loads(body)["next"]
+            if a is not None:
+                load.claims.append((now, a["job_id"]))
     finally:
         http.close()
 

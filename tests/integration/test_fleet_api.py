@@ -299,6 +299,35 @@ def test_cancel_attempts_and_who_may_cancel(api: Api) -> None:
     runner.close()
 
 
+def test_a_completion_can_bring_the_runners_next_job(api: Api) -> None:
+    runner = api.runner("busy")
+    first, a = _run_job(api, runner, [], finish=False)
+    second = api.submit()
+    body = {"status": "succeeded", "duration_s": 0.1}
+    answer = runner.http.post(f"{runner._job(a)}/complete", params={"next": "true"},
+                              json=body)
+    assert answer.status_code == 200, answer.text
+    b = answer.json()["next"]
+    assert (answer.json()["recorded"], b["job_id"], b["attempt"]) == (True, second, 1)
+    assert api.call("GET", f"/api/v1/jobs/{first}", api.viewer).json()["status"] == \
+        "succeeded"
+    assert api.call("GET", f"/api/v1/jobs/{second}", api.viewer).json()["status"] == "running"
+    assert runner.heartbeat(b)["held"] is True
+    # a draining runner's completion is recorded, but it is handed nothing new
+    assert api.call("POST", f"/api/v1/runners/{runner.runner_id}/drain",
+                    api.admin).status_code == 200
+    third = api.submit()
+    answer = runner.http.post(f"{runner._job(b)}/complete", params={"next": "true"},
+                              json=body)
+    assert answer.json() == {"recorded": True, "next": None}
+    # a fenced completion claims nothing either
+    again = runner.http.post(f"{runner._job(b)}/complete", params={"next": "true"}, json=body)
+    assert again.status_code == 409
+    assert api.call("GET", f"/api/v1/jobs/{third}", api.viewer).json()["status"] == "queued"
+    assert api.call("POST", f"/api/v1/jobs/{third}/cancel", api.admin).status_code == 200
+    runner.close()
+
+
 def test_runners_are_administered(api: Api) -> None:
     runner = api.runner("managed")
     listed = api.call("GET", "/api/v1/runners", api.admin).json()

@@ -152,7 +152,7 @@ def test_a_runner_cannot_touch_an_attempt_another_runner_holds(setup: Setup) -> 
     assert other.call("POST", f"{base}/id-token")[0] == 409
     # an attempt number that is not the current one is fenced too, even for the holder
     assert holder.call("POST", f"/api/v1/runner/jobs/{job_id}/7/complete", done)[0] == 409
-    assert holder.call("POST", f"{base}/complete", done) == (200, {"recorded": True})
+    assert holder.call("POST", f"{base}/complete", done) == (200, {"recorded": True, "next": None})
     assert holder.call("POST", f"{base}/complete", done)[0] == 409  # once
 
 

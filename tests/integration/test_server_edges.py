@@ -186,6 +186,28 @@ def test_a_request_head_must_come_within_ten_seconds_however_it_trickles(
         assert (b" 408 " in said) == (name != "silent"), (name, said)  # it heard something
 
 
+def test_a_request_head_is_bounded_in_size(fleet: Fleet) -> None:
+    endless = _connect(fleet.server.port, "127.0.0.5", b"GET /healthz HTTP/1.1\r\n")
+    started, sent = time.monotonic(), 0
+    try:
+        with pytest.raises(OSError):  # the server closes the connection: the send fails
+            while sent < 64 * 1024 * 1024:  # (without a bound: all sent well within 10 s)
+                endless.sendall(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+                sent += 1012
+        after, said = _closed_after(endless, started, 5)
+    finally:
+        endless.close()
+    assert sent < 16 * 1024 * 1024 and after < 5, (sent, after)  # socket buffers: a few MB
+    assert said == b"" or b" 431 " in said, said  # (a reset may swallow the answer)
+    big_but_fine = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 30_000 + b"\r\n\r\n"
+    ok = _connect(fleet.server.port, "127.0.0.5", big_but_fine)
+    try:
+        ok.settimeout(10)
+        assert b" 200 " in ok.recv(65536)
+    finally:
+        ok.close()
+
+
 def _stream(port: int, source: str, job: str, token: str) -> tuple[socket.socket, bytes]:
     sock = _connect(port, source, (f"GET /api/v1/jobs/{job}/log/stream HTTP/1.1\r\n"
                                    f"Host: x\r\nAuthorization: Bearer {token}\r\n\r\n").encode())

@@ -11,6 +11,7 @@ import json
 import time
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api.common import ApiContext, runner_of
@@ -19,6 +20,7 @@ from stockade.api.wire import (
     REPORT_ACTIONS,
     AssignmentOut,
     AttestRequest,
+    CompletedOut,
     CompletionIn,
     EnrolRequest,
     HeartbeatOut,
@@ -40,9 +42,14 @@ def _session(s: Session) -> SessionOut:
     return SessionOut(**s._asdict())
 
 
+def _json(model: BaseModel) -> Response:
+    """``model`` as the answer, serialised once (FastAPI would validate it again first)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def add_routes(app: FastAPI, ctx: ApiContext) -> None:
     """Add the runner routes to ``app``."""
-    fleet, control, waker = ctx.fleet, ctx.control, ctx.waker
+    fleet, control, waker, store_calls = ctx.fleet, ctx.control, ctx.waker, ctx.store_calls
     JobId = Path(pattern=_JOB)
     Attempt = Path(ge=1, le=1000)
 
@@ -75,17 +82,17 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         attestations.labels("session", "passed").inc()
         return _session(session)
 
-    @app.post("/api/v1/runner/claim", responses={204: {"description": "no job for now"}})
+    @app.post("/api/v1/runner/claim", response_model=AssignmentOut,
+              responses={204: {"description": "no job for now"}})
     async def claim(request: Request, wait: float = Query(0.0, ge=0, le=MAX_WAIT_S)
                     ) -> Response:
         caller = runner_of(request)
         deadline = time.monotonic() + wait
         while True:
-            a = await run_in_threadpool(fleet.claim, caller)
+            a = await store_calls(fleet.claim, caller)
             if a is not None:
                 ctx.metrics.claims.inc()
-                return Response(AssignmentOut.of(a).model_dump_json(), 200,
-                                media_type="application/json")
+                return _json(AssignmentOut.of(a))
             left = deadline - time.monotonic()
             if left <= 0 or await request.is_disconnected():
                 return Response(status_code=204)
@@ -95,20 +102,20 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         if not fleet.store.holds(job_id, attempt, caller.runner.id):
             raise HTTPException(409, "this attempt no longer holds the job")
 
-    @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/heartbeat")
-    def heartbeat(request: Request, job_id: str = JobId, attempt: int = Attempt
-                  ) -> HeartbeatOut:
-        ok, cancel = fleet.heartbeat(runner_of(request), job_id, attempt)
+    @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/heartbeat", response_model=HeartbeatOut)
+    async def heartbeat(request: Request, job_id: str = JobId, attempt: int = Attempt
+                        ) -> Response:
+        ok, cancel = await store_calls(fleet.heartbeat, runner_of(request), job_id, attempt)
         if not ok:
             raise HTTPException(409, "this attempt no longer holds the job")
-        return HeartbeatOut(held=True, cancel=cancel)
+        return _json(HeartbeatOut(held=True, cancel=cancel))
 
     @app.put("/api/v1/runner/jobs/{job_id}/{attempt}/log/{seq}", status_code=201)
     async def log_chunk(request: Request, job_id: str = JobId, attempt: int = Attempt,
                         seq: int = Path(ge=0, le=10**9)) -> dict[str, str]:
         caller = runner_of(request)
         data = await request.body()
-        state = await run_in_threadpool(fleet.put_log, caller, job_id, attempt, seq, data)
+        state = await store_calls(fleet.put_log, caller, job_id, attempt, seq, data)
         if state in ("fenced", "conflict"):
             raise HTTPException(409, f"chunk refused: {state}")
         if state == "full":
@@ -138,16 +145,24 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
             raise HTTPException(404, "this job has no workspace archive")
         return Response(data, media_type="application/x-tar")
 
-    @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/complete")
-    def complete(body: CompletionIn, request: Request, job_id: str = JobId,
-                 attempt: int = Attempt) -> dict[str, bool]:
+    @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/complete", response_model=CompletedOut)
+    async def complete(body: CompletionIn, request: Request, job_id: str = JobId,
+                       attempt: int = Attempt,
+                       take_next: bool = Query(False, alias="next",
+                                               description="also claim the runner's next job "
+                                               "(without waiting) and return it as `next`")
+                       ) -> Response:
         caller = runner_of(request)
-        result = fleet.complete(caller, body.completion(job_id, attempt, caller.runner.id))
+        result = await store_calls(fleet.complete, caller,
+                                   body.completion(job_id, attempt, caller.runner.id))
         if isinstance(result, str):
             raise HTTPException(422, result)
         if not result:
             raise HTTPException(409, "this attempt no longer holds the job")
-        return {"recorded": True}
+        a = await store_calls(fleet.claim, caller) if take_next else None
+        if a is not None:
+            ctx.metrics.claims.inc()
+        return _json(CompletedOut(recorded=True, next=AssignmentOut.of(a) if a else None))
 
     def secrets_allowed(caller: Caller, job_id: str, attempt: int) -> None:
         held(caller, job_id, attempt)

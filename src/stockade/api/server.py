@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
-from stockade.api.common import ApiContext, Waker
+from stockade.api.common import ApiContext, StoreCalls, Waker
 from stockade.audit import AuditEvent
 from stockade.config import Settings
 from stockade.control import ControlService
@@ -74,9 +74,10 @@ class Gate:
     endpoints ask for more where they need it."""
 
     def __init__(self, app: Any, control: ControlService, fleet: FleetService,
-                 refusals: Refusals, limit_for: Callable[[str, str], int]) -> None:
+                 refusals: Refusals, limit_for: Callable[[str, str], int],
+                 store_calls: StoreCalls) -> None:
         self.app, self.control, self.fleet = app, control, fleet
-        self.refusals, self.limit_for = refusals, limit_for
+        self.refusals, self.limit_for, self.store_calls = refusals, limit_for, store_calls
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -102,7 +103,7 @@ class Gate:
         if status:
             client = (scope.get("client") or ("?",))[0]
             if status != 413:
-                await run_in_threadpool(self.refusals, path, why, str(client), claimed)
+                await self.store_calls(self.refusals, path, why, str(client), claimed)
             extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             await JSONResponse({"detail": why}, status, headers=extra)(scope, receive, send)
             return
@@ -129,7 +130,7 @@ class Gate:
         parts = auth.split(bearer)
         if parts is None:
             return 401, "no valid bearer token", None
-        row = await run_in_threadpool(self.control.store.get_token, parts[0])
+        row = await self.store_calls(self.control.store.get_token, parts[0])
         why = auth.refusal(row, parts[1], time.time())
         if why is not None or row is None:
             return 401, why or "unknown token", parts[0]
@@ -140,7 +141,7 @@ class Gate:
         return 0, "", None
 
     async def _runner(self, bearer: str, state: dict[str, Any]) -> tuple[int, str, str | None]:
-        found = await run_in_threadpool(self.fleet.authenticate, bearer)
+        found = await self.store_calls(self.fleet.authenticate, bearer)
         claimed = bearer.removeprefix(SESSION_PREFIX).split("_")[0][:40] or None
         if isinstance(found, str):
             return 401, found, claimed
@@ -183,7 +184,10 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
     serialises them). While it runs, a task looks for expired leases (:func:`_sweeper`)."""
     from stockade.api import admin, joblogs, jobs, metrics, runners
 
-    ctx = ApiContext(settings, control, fleet, Waker(), metrics.Metrics(control.store))
+    calls = control.store.concurrent_calls
+    store_calls = StoreCalls(inline=calls == 1, threads=calls)
+    ctx = ApiContext(settings, control, fleet, Waker(), metrics.Metrics(control.store),
+                     store_calls)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -192,13 +196,15 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        store_calls.close()
 
     app = FastAPI(title="stockade", version="1", docs_url=None, redoc_url=None,
                   redirect_slashes=False, lifespan=lifespan)
     app.state.refusals = refusals = Refusals(control, ctx.metrics.refusals.inc)
     app.state.ctx = ctx
     app.add_middleware(Gate, control=control, fleet=fleet, refusals=refusals,
-                       limit_for=lambda method, path: _limit(settings, method, path))
+                       limit_for=lambda method, path: _limit(settings, method, path),
+                       store_calls=store_calls)
 
     names: set[str] = set()
 

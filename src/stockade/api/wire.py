@@ -175,6 +175,14 @@ class CompletionIn(_Strict):
             tuple(EgressRecord(**e.model_dump()) for e in self.egress))
 
 
+class CompletedOut(BaseModel):
+    """A completion recorded, and the runner's next job if it asked for one (``?next=true``)
+    and one was queued for it."""
+
+    recorded: bool
+    next: AssignmentOut | None = None
+
+
 class HeartbeatOut(BaseModel):
     """Whether the attempt still holds the job, and whether it is to stop."""
 

@@ -136,6 +136,7 @@ class Agent:
         self.stopping = threading.Event()
         self.fatal: str | None = None
         self._attempts: dict[str, Attempt] = {}
+        self._holding: set[str] = set()  # workers with a job (running, or next in line)
         self._lock = threading.Lock()
 
     def serve(self) -> int:
@@ -171,7 +172,7 @@ class Agent:
 
     def _busy(self, worker: str) -> bool:
         with self._lock:
-            return worker in self._attempts
+            return worker in self._holding
 
     def _renew(self) -> None:
         try:
@@ -195,22 +196,38 @@ class Agent:
 
     def _work(self) -> None:
         runner_id = self.session.runner_id or ""
-        while not self.stopping.is_set():
-            try:
-                a = self.control.claim(runner_id, ())
-            except Refused as e:
-                if e.status in (401, 403):
-                    self._stop(f"the server refused this runner: {e.detail}")
-                    return
-                time.sleep(1.0)
-                continue
-            except Unreachable:
-                time.sleep(1.0)
-                continue
+        a: Assignment | None = None
+        while a is not None or not self.stopping.is_set():
+            if a is None:
+                try:
+                    a = self.control.claim(runner_id, ())
+                except Refused as e:
+                    if e.status in (401, 403):
+                        self._stop(f"the server refused this runner: {e.detail}")
+                        return
+                    time.sleep(1.0)
+                    continue
+                except Unreachable:
+                    time.sleep(1.0)
+                    continue
             if a is not None:  # (claimed while stopping: it runs all the same)
-                self._run(a)
+                a = self._hold(a)
 
-    def _run(self, a: Assignment) -> None:
+    def _hold(self, a: Assignment) -> Assignment | None:
+        """Run ``a``; the worker counts as busy until it has no next job in hand either."""
+        me, following = threading.current_thread().name, None
+        with self._lock:
+            self._holding.add(me)
+        try:
+            following = self._run(a)
+        finally:
+            if following is None:
+                with self._lock:
+                    self._holding.discard(me)
+        return following
+
+    def _run(self, a: Assignment) -> Assignment | None:
+        """Run one attempt; the next job, if the completion brought one."""
         settings = self.settings
         log = JobLog(settings.logs_dir / f"{a.job_id}.log", settings.log_cap_bytes, None)
         attempt = Attempt(settings, self.backend, self.control, self.session.runner_id or "",
@@ -225,12 +242,14 @@ class Agent:
         beat.start()
         shipper.start()
         scratch = settings.home / "workspaces" / a.job_id
+        following = None
         try:
             workspace = self._workspace(a, scratch, attempt)
             completion = attempt.run(workspace)
             shipper.finish()
             completion = self._upload_artifacts(a, completion)
-            self.control.complete(completion)
+            _, following = self.control.complete_and_claim(
+                completion, take_next=not self.stopping.is_set())
         except StockadeError as e:
             sys.stderr.write(f"stockade runner: job {a.job_id}: {e.diagnostics()}\n")
         finally:
@@ -243,6 +262,7 @@ class Agent:
             shutil.rmtree(settings.artifacts_dir / a.job_id, ignore_errors=True)
             with contextlib.suppress(OSError):
                 log.path.unlink()
+        return following
 
     def _workspace(self, a: Assignment, scratch: Path, attempt: Attempt
                    ) -> WorkspaceSource | None:

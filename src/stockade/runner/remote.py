@@ -218,21 +218,32 @@ class RemoteControl:
 
     def complete(self, completion: Completion) -> bool:
         """Record the attempt; False if it no longer holds the job (fenced)."""
-        from stockade.api.wire import CompletionIn
+        return self.complete_and_claim(completion, take_next=False)[0]
+
+    def complete_and_claim(self, completion: Completion, take_next: bool = True
+                           ) -> tuple[bool, Assignment | None]:
+        """Record the attempt (False if fenced) and, in the same request, claim this runner's
+        next job if one is queued for it (one round trip per job on a busy queue)."""
+        from stockade.api.wire import CompletedOut, CompletionIn
 
         body = CompletionIn.of(completion).model_dump(mode="json")
         try:
-            self.session.call("POST", self._path(completion.job_id, completion.attempt,
-                                                 "complete"), json=body)
+            response = self.session.call(
+                "POST", self._path(completion.job_id, completion.attempt, "complete"),
+                params={"next": "true"} if take_next else None, json=body)
         except Refused as e:
             if e.status == 409:
-                return False
+                return False, None
             raise InfrastructureError(f"the server refused the completion: {e.detail}") from e
         except Unreachable as e:
             raise InfrastructureError(f"the control plane is unreachable: {e}") from e
         finally:
             self._attempts.pop(completion.job_id, None)
-        return True
+        out = CompletedOut.model_validate_json(response.content).next
+        if out is None:
+            return True, None
+        self._attempts[out.job_id] = out.attempt
+        return True, out.assignment()
 
     def heartbeat(self, job_id: str, attempt: int) -> tuple[bool, bool]:
         """``(held, cancel)``; held is False once the server gave the job to another attempt.

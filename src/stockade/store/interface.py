@@ -150,6 +150,8 @@ class AttemptRow(NamedTuple):
 class Store(Protocol):
     """Transactions the control plane needs; each call is one transaction with its audit event."""
 
+    concurrent_calls: int  # calls that can run at once in this process (1: one at a time)
+
     def insert_job(self, job: JobRow, event: AuditEvent) -> None:
         """Add a new job."""
         ...

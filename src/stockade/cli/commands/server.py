@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
         MAX_REQUESTS,
         Busy,
         connection_room,
-        guarded_h11,
+        guarded_http,
     )
     from stockade.api.server import create_app
     from stockade.cli.context import fleet_service, open_control
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     where = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
     # bounded as the module docstring says; idle keep-alive connections closed after 5 s
     config = uvicorn.Config(Busy(create_app(settings, control, fleet), MAX_REQUESTS),
-                            http=guarded_h11(connection_room()), loop="uvloop",
+                            http=guarded_http(connection_room()), loop="uvloop",
                             log_level="warning",
                             access_log=False, server_header=False, limit_concurrency=None,
                             timeout_keep_alive=KEEP_ALIVE_S,
