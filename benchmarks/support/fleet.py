@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 PYTHON = sys.executable
 STOCKADE = str(Path(sys.executable).parent / "stockade")
 TRIVIAL_SPEC = "name: t\nsteps:\n  - {name: t, run: 'true'}\n"

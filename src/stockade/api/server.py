@@ -233,10 +233,10 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
                                  f"{HEAD_REVISION!r}"}, 503)
         return JSONResponse({"status": "ready"})
 
+    runners.add_routes(app, ctx)  # first: routes are matched in order, these are the busiest
     jobs.add_routes(app, ctx)
     joblogs.add_routes(app, ctx)
     admin.add_routes(app, ctx)
-    runners.add_routes(app, ctx)
     metrics.add_routes(app, ctx.metrics)
     return app
 
