@@ -342,6 +342,19 @@ def test_a_submitted_workspace_secret_and_artifact_travel_over_the_wire(
         data = response.read()
     assert data == b"from the client\n"
     assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
+    # its provenance, signed by the server, checks out elsewhere with the server's public key
+    remote = {"STOCKADE_SERVER": fleet.server.url, "STOCKADE_TOKEN": fleet.token}
+    envelope = run_cli(fleet.home, "provenance", result["job_id"], **remote)
+    public = run_cli(fleet.home, "provenance", "--public-key", **remote)
+    assert envelope.returncode == 0 and public.returncode == 0, envelope.stderr + public.stderr
+    (tmp_path / "result.txt").write_bytes(data)
+    (tmp_path / "prov.json").write_text(envelope.stdout)
+    (tmp_path / "server.pub").write_text(public.stdout)
+    verified = run_cli(tmp_path / "elsewhere", "verify", str(tmp_path / "result.txt"),
+                       "--provenance", str(tmp_path / "prov.json"), "--key",
+                       str(tmp_path / "server.pub"))
+    assert verified.returncode == 0 and "verified: out/result.txt" in verified.stdout, \
+        verified.stderr
     # nothing of the job stays on the runner: the server has it all
     agent_home = fleet.agents[0].home
     wait_for("the runner to clean up", lambda: not list((agent_home / "artifacts").iterdir())

@@ -98,3 +98,20 @@ def test_every_route_refuses_bad_tokens_and_small_roles_and_audits_it(fleet: Fle
     assert refused == expected
     for token in fleet.bad.values():
         assert not token or token not in str(trail)  # a presented secret is never recorded
+
+
+def test_provenance_is_for_token_holders(fleet: Fleet) -> None:
+    # (the audit of these refusals is the gate's, tested above within the replicas' budgets)
+    for path in (f"/api/v1/jobs/{JOB}/provenance", "/api/v1/provenance/public-key"):
+        for kind in ("none", "unknown", "expired"):
+            token = fleet.bad[kind]
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            assert httpx.get(fleet.replicas[1].url + path, headers=headers,
+                             timeout=30).status_code == 401, (path, kind)
+    viewer = {"Authorization": f"Bearer {fleet.tokens['viewer']}"}
+    assert httpx.get(fleet.replicas[0].url + f"/api/v1/jobs/{JOB}/provenance", headers=viewer,
+                     timeout=30).status_code == 404
+    keys = [httpx.get(r.url + "/api/v1/provenance/public-key", headers=viewer,
+                      timeout=30).json() for r in fleet.replicas]
+    assert keys[0] == keys[1] and keys[0]["public_key"].startswith("-----BEGIN PUBLIC KEY")
+

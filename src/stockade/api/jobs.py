@@ -1,6 +1,6 @@
-"""The routes for people and their tools: jobs (submit, list, get, cancel, attempts) and the
-workspace archives submitted jobs carry. Logs and artifacts are in :mod:`.joblogs`, the
-administrator's routes in :mod:`.admin`.
+"""The routes for people and their tools: jobs (submit, list, get, cancel, attempts,
+provenance) and the workspace archives submitted jobs carry. Logs and artifacts are in
+:mod:`.joblogs`, the administrator's routes in :mod:`.admin`.
 
 Roles: a viewer reads, a submitter also submits and cancels the jobs it submitted, an admin
 cancels any job. Path parameters are checked against their patterns before anything looks
@@ -88,6 +88,29 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         if view is None:
             raise HTTPException(404, "no such job")
         return view.result()
+
+    @app.get("/api/v1/jobs/{job_id}/provenance")
+    def provenance(job_id: str = JobId) -> dict[str, Any]:
+        """The job's SLSA v1 provenance in a DSSE envelope (see ``stockade provenance``)."""
+        from stockade.provenance.issue import ProvenanceUnavailable, issue
+        from stockade.provenance.keys import signing_key
+
+        view = control.view(job_id)
+        if view is None or view.job.id != job_id:
+            raise HTTPException(404, "no such job")
+        try:
+            return issue(view.job, view.artifacts, signing_key(control.store),
+                         settings.oidc_issuer)
+        except ProvenanceUnavailable as e:
+            raise HTTPException(404, str(e)) from None
+
+    @app.get("/api/v1/provenance/public-key")
+    def provenance_key() -> dict[str, str]:
+        """The public key that signs provenance (PEM) and its DSSE ``keyid``."""
+        from stockade.provenance.keys import signing_key
+
+        key = signing_key(control.store)
+        return {"keyid": key.keyid, "public_key": key.public_pem()}
 
     @app.post("/api/v1/jobs", status_code=201)
     def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:

@@ -33,6 +33,8 @@ COMMANDS = {
     "cancel": "stockade.cli.commands.cancel",
     "runner": "stockade.cli.commands.runner",
     "up": "stockade.cli.commands.up",
+    "provenance": "stockade.cli.commands.provenance",
+    "verify": "stockade.cli.commands.verify",
 }
 
 DESCRIPTION = """\
