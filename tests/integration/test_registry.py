@@ -1,0 +1,180 @@
+"""The OCI distribution client against real registries (Debian's docker-registry on loopback):
+push and pull by tag and digest over TLS with basic auth, every digest checked, content
+changed in the registry's own storage refused, mirrors in order, a registry that is down."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stockade.image.reference import parse_reference
+from stockade.image.registry import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    ImageRefused,
+    ImageUnavailable,
+    Registry,
+    RegistryConfig,
+)
+from tests.support.registry import RunningRegistry
+
+
+class Image:
+    """A one-layer OCI image built here: its blobs as files and its manifest."""
+
+    def __init__(self, tmp: Path, text: str) -> None:
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("etc/greeting")
+            data = text.encode()
+            info.size, info.mtime = len(data), 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+        self.diff_id = "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
+        layer = gzip.compress(raw.getvalue(), mtime=0)
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": [self.diff_id]},
+                             "config": {}}, sort_keys=True).encode()
+        self.blobs: dict[str, Path] = {}
+        self.layer = self._blob(tmp, layer)
+        self.config = self._blob(tmp, config)
+        self.manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": self.config, "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": self.layer, "size": len(layer)}]}).encode()
+        self.digest = "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+
+    def _blob(self, tmp: Path, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        path = tmp / digest.replace(":", "-")
+        path.write_bytes(data)
+        self.blobs[digest] = path
+        return digest
+
+    def push(self, client: Registry, where: str) -> None:
+        ref = parse_reference(where)
+        for digest, path in self.blobs.items():
+            client.push_blob(ref, path, digest)
+        client.push_manifest(ref, ref.tag or self.digest, OCI_MANIFEST, self.manifest)
+
+
+def _client(reg: RunningRegistry, **config: Any) -> Registry:
+    creds = {reg.host: reg.credentials} if reg.credentials else {}
+    return Registry(RegistryConfig(**{"credentials": creds, "ca_file": reg.ca_file,
+                                      "insecure": frozenset() if reg.ca_file
+                                      else frozenset({reg.host}), **config}))
+
+
+def _storage(reg: RunningRegistry, digest: str) -> Path:
+    hexd = digest.split(":")[1]
+    return reg.base / "data/docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+
+def test_push_then_pull_by_tag_and_by_digest(registry: RunningRegistry, tmp_path: Path) -> None:
+    image = Image(tmp_path, "hello")
+    client = _client(registry)
+    image.push(client, f"{registry.host}/team/base:1.0")
+    ref = parse_reference(f"{registry.host}/team/base:1.0")
+    assert client.resolve(ref) == image.digest
+    manifest = client.manifest(ref.with_digest(image.digest))
+    assert manifest.digest == image.digest and manifest.config.digest == image.config
+    assert [d.digest for d in manifest.layers] == [image.layer]
+    out = tmp_path / "layer.tgz"
+    with out.open("wb") as f:
+        client.blob(ref, manifest.layers[0], f)
+    assert gzip.decompress(out.read_bytes()).find(b"hello") > 0
+    client.close()
+
+
+def test_an_index_is_followed_to_the_linux_amd64_image(registry: RunningRegistry,
+                                                        tmp_path: Path) -> None:
+    image, other = Image(tmp_path, "indexed"), Image(tmp_path, "for arm")
+    client = _client(registry)
+    image.push(client, f"{registry.host}/team/multi@{image.digest}")
+    other.push(client, f"{registry.host}/team/multi@{other.digest}")
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": other.digest, "size": len(other.manifest),
+         "platform": {"os": "linux", "architecture": "arm64"}},
+        {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest),
+         "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    ref = parse_reference(f"{registry.host}/team/multi:all")
+    client.push_manifest(ref, "all", OCI_INDEX, index)
+    pinned = ref.with_digest(client.resolve(ref))
+    assert client.manifest(pinned).digest == image.digest
+    client.close()
+
+
+def test_wrong_or_missing_credentials_are_refused(registry: RunningRegistry,
+                                                  tmp_path: Path) -> None:
+    ref = parse_reference(f"{registry.host}/team/base:1.0")
+    for creds in ({registry.host: ("ci", "wrong")}, {}):
+        client = Registry(RegistryConfig(credentials=creds, ca_file=registry.ca_file))
+        with pytest.raises(ImageUnavailable, match="401"):
+            client.resolve(ref)
+        client.close()
+    # and the registry's certificate is checked: without its CA, nothing is pulled
+    client = Registry(RegistryConfig(credentials={registry.host: registry.credentials}))
+    with pytest.raises(ImageUnavailable, match=r"(?i)certificate"):
+        client.resolve(ref)
+    client.close()
+
+
+def test_content_changed_in_the_registry_is_refused(registry: RunningRegistry,
+                                                    tmp_path: Path) -> None:
+    image = Image(tmp_path, "genuine")
+    client = _client(registry)
+    image.push(client, f"{registry.host}/team/tampered:1.0")
+    ref = parse_reference(f"{registry.host}/team/tampered@{image.digest}")
+    manifest = client.manifest(ref)
+    layer = _storage(registry, image.layer)
+    data = bytearray(layer.read_bytes())
+    data[-5] ^= 0xFF
+    layer.write_bytes(bytes(data))
+    with pytest.raises(ImageRefused, match="came with sha256"), \
+            (tmp_path / "out").open("wb") as f:
+        client.blob(ref, manifest.layers[0], f)
+    stored = _storage(registry, image.digest)  # a swapped manifest under the same digest
+    stored.write_bytes(stored.read_bytes().replace(b'"schemaVersion": 2',
+                                                   b'"schemaVersion":  2'))
+    with pytest.raises(ImageRefused, match="whose sha256 is"):
+        client.manifest(ref)
+    client.close()
+
+
+def test_mirrors_are_tried_in_order_and_the_registry_last(
+        registry: RunningRegistry, plain_registry: RunningRegistry, tmp_path: Path) -> None:
+    image = Image(tmp_path, "mirrored")
+    origin = _client(registry)
+    image.push(origin, f"{registry.host}/team/app:2.0")
+    ref = parse_reference(f"{registry.host}/team/app@{image.digest}")
+    config = {"mirrors": {registry.host: (plain_registry.host,)},
+              "insecure": frozenset({plain_registry.host}),
+              "credentials": {registry.host: registry.credentials}}
+    both = Registry(RegistryConfig(ca_file=registry.ca_file, **config))
+    assert both.manifest(ref).digest == image.digest  # the mirror lacks it: the origin has it
+    image.push(_client(plain_registry), f"{plain_registry.host}/team/app@{image.digest}")
+    down = Registry(RegistryConfig(ca_file=registry.ca_file, **{
+        **config, "mirrors": {"127.0.0.1:9": (plain_registry.host,)}}))
+    moved = ref._replace(registry="127.0.0.1:9")  # the origin is down: the mirror serves
+    assert down.manifest(moved).digest == image.digest
+    both.close()
+    down.close()
+
+
+def test_a_registry_that_is_down_fails_fast(tmp_path: Path) -> None:
+    client = Registry(RegistryConfig(insecure=frozenset({"127.0.0.1:9"})))
+    started = time.monotonic()
+    with pytest.raises(ImageUnavailable, match=re.escape("127.0.0.1:9")):
+        client.resolve(parse_reference("127.0.0.1:9/team/app:1"))
+    assert time.monotonic() - started < 5
+    client.close()
