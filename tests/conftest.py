@@ -17,7 +17,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 from tests.support.postgres import database_url, postgres_server, store_url  # noqa: F401
-from tests.support.registry import plain_registry, registry  # noqa: F401
+from tests.support.registry import plain_registry, registry, token_registry  # noqa: F401
 
 # shared, noisy machines: no per-example deadline (a slow example is not a wrong one)
 hypothesis_settings.register_profile("stockade", deadline=None)

@@ -114,6 +114,22 @@ def test_an_index_is_followed_to_the_linux_amd64_image(registry: RunningRegistry
     client.close()
 
 
+def test_a_registry_that_hands_out_bearer_tokens(token_registry: RunningRegistry,
+                                                 tmp_path: Path) -> None:
+    image = Image(tmp_path, "tokens")
+    client = _client(token_registry)
+    image.push(client, f"{token_registry.host}/team/tok:1")
+    ref = parse_reference(f"{token_registry.host}/team/tok:1")
+    assert client.manifest(ref.with_digest(client.resolve(ref))).digest == image.digest
+    assert token_registry.tokens is not None and token_registry.tokens.issued == 2  # push, pull
+    stranger = Registry(RegistryConfig(credentials={token_registry.host: ("ci", "nope")},
+                                       ca_file=token_registry.ca_file))
+    with pytest.raises(ImageUnavailable, match="401"):
+        stranger.resolve(ref)
+    stranger.close()
+    client.close()
+
+
 def test_wrong_or_missing_credentials_are_refused(registry: RunningRegistry,
                                                   tmp_path: Path) -> None:
     ref = parse_reference(f"{registry.host}/team/base:1.0")
