@@ -65,6 +65,15 @@ class Settings(NamedTuple):
     attest_stockade_digests: tuple[str, ...] = ("self",)
     # doctor controls a runner must have active ("*": every control doctor requires)
     attest_required_controls: tuple[str, ...] = ("*",)
+    # images (docs/images.md): registries spoken to over plain HTTP (loopback tests only),
+    # mirrors as REGISTRY=MIRROR entries (tried in order, the registry last), credentials in
+    # a docker-style config.json ({"auths": {HOST: {"auth": base64(user:password)}}}), an
+    # extra CA bundle for registries, and the size the unpacked-image cache may take
+    insecure_registries: tuple[str, ...] = ()
+    registry_mirrors: tuple[str, ...] = ()
+    registry_auth_file: str = ""
+    registry_ca_file: str = ""
+    image_cache_bytes: int = 20 * 1024 * MiB
 
     @property
     def db_path(self) -> Path:
@@ -127,6 +136,11 @@ _ENV = {
     "STOCKADE_MAX_ATTEMPTS": "max_attempts",
     "STOCKADE_ATTEST_STOCKADE_DIGESTS": "attest_stockade_digests",
     "STOCKADE_ATTEST_REQUIRED_CONTROLS": "attest_required_controls",
+    "STOCKADE_INSECURE_REGISTRIES": "insecure_registries",
+    "STOCKADE_REGISTRY_MIRRORS": "registry_mirrors",
+    "STOCKADE_REGISTRY_AUTH_FILE": "registry_auth_file",
+    "STOCKADE_REGISTRY_CA_FILE": "registry_ca_file",
+    "STOCKADE_IMAGE_CACHE": "image_cache_bytes",
 }
 
 

@@ -17,6 +17,7 @@ from stockade.store.open import open_store
 
 if TYPE_CHECKING:
     from stockade.control.fleet import FleetService
+    from stockade.image.cache import ImageCache
     from stockade.sandbox.interface import Backend
     from stockade.secrets.oidc import KeyRing
 
@@ -141,3 +142,13 @@ def fleet_service(settings: Settings, control: ControlService) -> FleetService:
         max_attempts=settings.max_attempts, log_cap_bytes=settings.log_cap_bytes + 2 * 1024**2,
         artifact_max_total_bytes=settings.artifact_max_total_bytes)
     return FleetService(control, policy, code_digest())
+
+
+def image_cache() -> tuple[Settings, ImageCache]:
+    """The settings and this installation's image cache."""
+    from stockade.image.cache import ImageCache
+
+    settings = load_settings()
+    ensure_home(settings)
+    return settings, ImageCache(settings.home / "images", settings.image_cache_bytes)
+

@@ -35,6 +35,7 @@ COMMANDS = {
     "up": "stockade.cli.commands.up",
     "provenance": "stockade.cli.commands.provenance",
     "verify": "stockade.cli.commands.verify",
+    "image": "stockade.cli.commands.image",
 }
 
 DESCRIPTION = """\

@@ -1,0 +1,102 @@
+"""``stockade image pull|list|inspect|prune``: the runner's cache of unpacked images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stockade.image.cache import CachedImage, ImageCache
+
+HELP = "pull, list, inspect or prune the image cache"
+DESCRIPTION = """\
+stockade image pull REGISTRY/REPO@sha256:DIGEST | REGISTRY/REPO:TAG
+stockade image list [--json]
+stockade image inspect DIGEST|REFERENCE [--json]
+stockade image prune [--all]
+
+The runner pulls the images jobs name by digest from the registry (or its mirrors, in the
+order of registry_mirrors), checks every digest (manifest, config, each layer and its
+uncompressed DiffID), and unpacks them into its cache in $STOCKADE_HOME/images (root's, 0700),
+one tree per chain of layers, shared read-only by the jobs that use it. A digest already
+cached is used without asking the registry. pull prints REGISTRY/REPO@sha256:DIGEST as its last
+line (a tag is resolved once, here). prune evicts the least recently used images until the
+cache fits image_cache_bytes (--all: every image no job is pulling). Credentials come from
+registry_auth_file, plain HTTP only for insecure_registries (see the settings table in
+README)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The subcommands."""
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pull = sub.add_parser("pull", help="pull an image into the cache")
+    pull.add_argument("reference", metavar="REFERENCE")
+    listing = sub.add_parser("list", help="the cached images, most recently used first")
+    listing.add_argument("--json", action="store_true")
+    inspect = sub.add_parser("inspect", help="one cached image")
+    inspect.add_argument("image", metavar="DIGEST|REFERENCE")
+    inspect.add_argument("--json", action="store_true")
+    prune = sub.add_parser("prune", help="evict images to fit the cache limit")
+    prune.add_argument("--all", action="store_true", help="evict every image")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the subcommand."""
+    from stockade.cli.context import image_cache
+
+    settings, cache = image_cache()
+    if args.action == "pull":
+        from stockade.image.reference import parse_reference
+        from stockade.image.registry import Registry
+        from stockade.image.settings import registry_config
+
+        ref = parse_reference(args.reference)
+        registry = Registry(registry_config(settings))
+        try:
+            pinned = ref.with_digest(registry.resolve(ref)) if not ref.digest else ref
+            cached = cache.get(pinned.digest or "")
+            image = cached or cache.pull(registry, pinned)
+        finally:
+            registry.close()
+        print(f"{'cached' if cached else 'pulled'}: {image.size // 1024} KiB, chain "
+              f"{image.chain_id}")
+        print(image.reference)
+        return 0
+    if args.action == "list":
+        images = cache.images()
+        if args.json:
+            print(json.dumps([_doc(i) for i in images]))
+            return 0
+        for i in images:
+            print(f"{i.reference}  {i.size // 1024} KiB  used "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(i.last_used))}")
+        if not images:
+            print("no images cached (pull one with: stockade image pull REFERENCE)")
+        return 0
+    if args.action == "inspect":
+        image = _find(cache, args.image)
+        print(json.dumps(_doc(image), indent=None if args.json else 2))
+        return 0
+    evicted = cache.prune(everything=args.all)
+    for image in evicted:
+        print(f"evicted {image.reference}")
+    print(f"{len(evicted)} image(s) evicted")
+    return 0
+
+
+def _find(cache: ImageCache, text: str) -> CachedImage:
+    from stockade.errors import UsageError
+
+    digest = text.rpartition("@")[2] if "@" in text else text
+    found = cache.get(digest) if digest.startswith("sha256:") and len(digest) == 71 else None
+    if found is None:
+        raise UsageError(f"no cached image {text[:200]!r}",
+                         hint="list them with: stockade image list")
+    return found
+
+
+def _doc(image: CachedImage) -> dict[str, object]:
+    return {"reference": image.reference, "digest": image.digest, "chain_id": image.chain_id,
+            "size": image.size, "last_used": image.last_used, "config": image.config}

@@ -1,0 +1,206 @@
+"""The runner's image cache: images pulled by digest, unpacked once, shared read-only.
+
+``$STOCKADE_HOME/images/`` (0700, root's): ``trees/<chain id>/`` holds one flattened root
+file system per chain of layers (the OCI chain ID of their DiffIDs: two images with the same
+layers share a tree), published by an atomic rename once every layer was checked and applied;
+``images/<manifest digest>.json`` records an image (its reference, config, chain id, size,
+last use). A pull of a digest that is recorded and whose tree exists touches nothing remote:
+it works while the registry is down. Pulls of one digest take turns (``locks/``). When the
+trees exceed ``image_cache_bytes``, the least recently used images not in use are evicted
+(:meth:`ImageCache.prune`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from stockade.image.reference import ImageRef
+from stockade.image.registry import MAX_MANIFEST_BYTES, ImageRefused, Registry
+
+CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
+                "application/vnd.docker.container.image.v1+json")
+
+
+class CachedImage(NamedTuple):
+    """An image in the cache."""
+
+    digest: str  # the manifest's
+    reference: str  # as it was pulled (registry/repository@digest)
+    chain_id: str
+    rootfs: Path
+    config: dict[str, Any]  # the image config's "config" (Env, WorkingDir, User, ...)
+    size: int  # bytes of its tree
+    last_used: float
+
+
+def chain_id(diff_ids: Sequence[str]) -> str:
+    """The OCI chain ID of layers with these DiffIDs."""
+    chain = diff_ids[0]
+    for diff_id in diff_ids[1:]:
+        chain = "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+    return chain
+
+
+class ImageCache:
+    """The cache under ``root`` (see the module docstring), at most ``limit`` bytes."""
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root, self.limit = root, limit
+        for sub in ("", "trees", "images", "locks", "tmp"):
+            (root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+
+    def get(self, digest: str) -> CachedImage | None:
+        """The cached image with this manifest digest, if its tree is there."""
+        record = self.root / "images" / f"{_hex(digest)}.json"
+        try:
+            doc = json.loads(record.read_text())
+            image = CachedImage(doc["digest"], doc["reference"], doc["chain_id"],
+                                self.root / "trees" / _hex(doc["chain_id"]), doc["config"],
+                                int(doc["size"]), float(doc["last_used"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return image if image.rootfs.is_dir() else None
+
+    def pull(self, registry: Registry, ref: ImageRef) -> CachedImage:
+        """The image ``ref`` (pinned) pins, from the cache or pulled, checked and unpacked."""
+        if not ref.digest:
+            raise ValueError("pull a pinned reference")
+        with self._lock(ref.digest):
+            found = self.get(ref.digest)
+            if found is not None:
+                return self._touch(found)
+            image = self._pull(registry, ref)
+        self.prune(keep=(image.digest,))
+        return image
+
+    def _pull(self, registry: Registry, ref: ImageRef) -> CachedImage:
+        from stockade.image.layers import unpack_image
+
+        manifest = registry.manifest(ref)
+        if manifest.config.media_type not in CONFIG_TYPES:
+            raise ImageRefused(f"image {ref} has a config of type "
+                               f"{manifest.config.media_type[:100]!r}, not an image config")
+        with tempfile.TemporaryDirectory(dir=self.root / "tmp") as tmp:
+            config_path = Path(tmp) / "config.json"
+            with config_path.open("w+b") as f:
+                registry.blob(ref, manifest.config._replace(
+                    size=min(manifest.config.size, MAX_MANIFEST_BYTES)), f)
+            config = _config(config_path.read_bytes(), ref)
+            diff_ids = config["rootfs"]["diff_ids"]
+            if len(diff_ids) != len(manifest.layers) or not diff_ids:
+                raise ImageRefused(f"image {ref}: its config lists {len(diff_ids)} layers, its "
+                                   f"manifest {len(manifest.layers)}")
+            chain = chain_id(diff_ids)
+            tree = self.root / "trees" / _hex(chain)
+            if not tree.is_dir():
+                layers = []
+                for n, layer in enumerate(manifest.layers):
+                    path = Path(tmp) / f"layer-{n}"
+                    with path.open("wb") as f:
+                        registry.blob(ref, layer, f)
+                    layers.append((path, layer.media_type, diff_ids[n]))
+                unpack_image(layers, tree)
+        image = CachedImage(manifest.digest, str(ref.with_digest(manifest.digest)), chain, tree,
+                            dict(config.get("config") or {}), _tree_size(tree), time.time())
+        self._record(image)
+        return image
+
+    def images(self) -> list[CachedImage]:
+        """Every cached image, the most recently used first."""
+        found = (self.get(f"sha256:{p.stem}") for p in (self.root / "images").glob("*.json"))
+        return sorted((i for i in found if i is not None), key=lambda i: -i.last_used)
+
+    def prune(self, keep: Sequence[str] = (), everything: bool = False) -> list[CachedImage]:
+        """Evict the least recently used images (all with ``everything``) until the trees fit
+        in the limit, never those in ``keep`` or being pulled; the evicted ones."""
+        images = self.images()
+        used = sum({i.chain_id: i.size for i in images}.values())
+        evicted = []
+        for image in reversed(images):
+            if not everything and used <= self.limit:
+                break
+            if image.digest in keep:
+                continue
+            with self._lock(image.digest, wait=False) as locked:
+                if not locked:
+                    continue
+                (self.root / "images" / f"{_hex(image.digest)}.json").unlink(missing_ok=True)
+                if not any(i.chain_id == image.chain_id for i in self.images()):
+                    self._remove_tree(image.rootfs)
+                    used -= image.size
+                evicted.append(image)
+        return evicted
+
+    def _remove_tree(self, tree: Path) -> None:
+        gone = self.root / "tmp" / f"gone-{tree.name}-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(tree, gone)  # out of sight at once, then removed
+            shutil.rmtree(gone, ignore_errors=True)
+
+    def _touch(self, image: CachedImage) -> CachedImage:
+        image = image._replace(last_used=time.time())
+        self._record(image)
+        return image
+
+    def _record(self, image: CachedImage) -> None:
+        doc = {"digest": image.digest, "reference": image.reference, "chain_id": image.chain_id,
+               "config": image.config, "size": image.size, "last_used": image.last_used}
+        path = self.root / "images" / f"{_hex(image.digest)}.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, sort_keys=True))
+        os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def _lock(self, digest: str, wait: bool = True) -> Iterator[bool]:
+        fd = os.open(self.root / "locks" / f"{_hex(digest)}.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+
+def _hex(digest: str) -> str:
+    algorithm, _, value = digest.partition(":")
+    if algorithm != "sha256" or len(value) != 64 or not all(c in "0123456789abcdef"
+                                                            for c in value):
+        raise ValueError(f"not a sha256 digest: {digest[:80]!r}")
+    return value
+
+
+def _config(raw: bytes, ref: ImageRef) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+        diff_ids = doc["rootfs"]["diff_ids"]
+        ok = isinstance(diff_ids, list) and all(isinstance(d, str) and len(d) == 71
+                                                and d.startswith("sha256:") for d in diff_ids)
+    except (ValueError, KeyError, TypeError, RecursionError):
+        ok = False
+    if not ok or not isinstance(doc.get("config", {}), dict | None):
+        raise ImageRefused(f"image {ref}: its config is malformed")
+    return dict(doc)
+
+
+def _tree_size(tree: Path) -> int:
+    total = 0
+    for top, _dirs, files in os.walk(tree):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+    return total

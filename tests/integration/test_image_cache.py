@@ -1,0 +1,92 @@
+"""The runner's image cache against a real registry: pulled by digest and unpacked once, shared
+by images with the same layers, used while the registry is down, evicted least recently used
+first; and ``stockade image`` as a user runs it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from stockade.image.cache import ImageCache, chain_id
+from stockade.image.reference import parse_reference
+from stockade.image.registry import ImageUnavailable, Registry, RegistryConfig
+from tests.conftest import run_cli
+from tests.support.images import Image
+from tests.support.registry import RunningRegistry
+
+
+def _client(reg: RunningRegistry) -> Registry:
+    assert reg.credentials is not None
+    return Registry(RegistryConfig(credentials={reg.host: reg.credentials},
+                                   ca_file=reg.ca_file))
+
+
+def test_a_pulled_image_is_cached_and_used_while_the_registry_is_down(
+        registry: RunningRegistry, tmp_path: Path) -> None:
+    image = Image(tmp_path, "cached")
+    client = _client(registry)
+    image.push(client, f"{registry.host}/cache/one:1")
+    cache = ImageCache(tmp_path / "images", 1 << 30)
+    ref = parse_reference(f"{registry.host}/cache/one@{image.digest}")
+    pulled = cache.pull(client, ref)
+    assert (pulled.rootfs / "etc/greeting").read_text() == "cached"
+    assert (pulled.rootfs / "bin").readlink() == Path("usr/bin")
+    assert pulled.chain_id == chain_id([image.diff_id]) == image.diff_id
+    assert (tmp_path / "images").stat().st_mode & 0o777 == 0o700
+    client.close()
+    offline = Registry(RegistryConfig(insecure=frozenset({"127.0.0.1:9"})))
+    again = cache.pull(offline, ref._replace(registry="127.0.0.1:9"))
+    assert again.rootfs == pulled.rootfs and again.last_used >= pulled.last_used
+    started = time.monotonic()
+    with pytest.raises(ImageUnavailable):
+        cache.pull(offline, ref._replace(registry="127.0.0.1:9", digest="sha256:" + "1" * 64))
+    assert time.monotonic() - started < 5
+
+
+def test_the_least_recently_used_images_are_evicted(registry: RunningRegistry,
+                                                     tmp_path: Path) -> None:
+    client = _client(registry)
+    images = [Image(tmp_path, f"image {n}", size=200_000) for n in range(3)]
+    cache = ImageCache(tmp_path / "images", 450_000)  # room for two
+    for n, image in enumerate(images):
+        image.push(client, f"{registry.host}/cache/lru:{n}")
+    pulled = [cache.pull(client, parse_reference(f"{registry.host}/cache/lru@{i.digest}"))
+              for i in images]
+    left = {i.digest for i in cache.images()}
+    assert images[0].digest not in left and left == {images[1].digest, images[2].digest}
+    assert not pulled[0].rootfs.exists() and pulled[2].rootfs.is_dir()
+    assert [i.digest for i in cache.prune(everything=True)] == [images[1].digest,
+                                                                images[2].digest]
+    assert cache.images() == [] and not list((tmp_path / "images" / "trees").iterdir())
+    client.close()
+
+
+def test_the_image_command(registry: RunningRegistry, tmp_path: Path) -> None:
+    stockade_home = tmp_path / "home"
+    image = Image(tmp_path, "from the cli")
+    image.push(_client(registry), f"{registry.host}/cli/app:v1")
+    assert registry.credentials is not None
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {registry.host: {"auth": base64.b64encode(
+        ":".join(registry.credentials).encode()).decode()}}}))
+    auth.chmod(0o600)
+    env = {"STOCKADE_REGISTRY_AUTH_FILE": str(auth),
+           "STOCKADE_REGISTRY_CA_FILE": str(registry.ca_file)}
+    pulled = run_cli(stockade_home, "image", "pull", f"{registry.host}/cli/app:v1", **env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.splitlines()[-1] == f"{registry.host}/cli/app@{image.digest}"
+    listed = run_cli(stockade_home, "image", "list", "--json")
+    assert [i["digest"] for i in json.loads(listed.stdout)] == [image.digest]
+    shown = run_cli(stockade_home, "image", "inspect", image.digest, "--json")
+    assert json.loads(shown.stdout)["chain_id"] == image.diff_id
+    bad = run_cli(stockade_home, "image", "pull", "debian:12", **env)
+    assert bad.returncode == 2 and "name the registry" in bad.stderr
+    missing = run_cli(stockade_home, "image", "pull", f"{registry.host}/cli/app:v2", **env)
+    assert missing.returncode == 4 and "not available" in missing.stderr
+    assert "Traceback" not in missing.stderr + bad.stderr
+    gone = run_cli(stockade_home, "image", "prune", "--all")
+    assert gone.returncode == 0 and "1 image(s) evicted" in gone.stdout
