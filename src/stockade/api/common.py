@@ -66,28 +66,23 @@ T = TypeVar("T")
 
 
 class StoreCalls:
-    """How the async routes call the store. A store whose calls run one at a time in this
-    process (SQLite: one connection, each call a fraction of a millisecond) is called in the
-    event loop's own thread: a hop to a worker thread and back costs as much as the call, and
-    more threads only queue for the same lock. Any other store (PostgreSQL: calls wait on the
-    network) is called in a small pool of threads of our own, as many as its connections
-    (cheaper than the framework's default pool of forty)."""
+    """How the async routes call the store: in threads of our own, as many as the store can
+    use at once (SQLite: one, its calls run one at a time anyway; PostgreSQL: its pool's
+    connections), cheaper than the framework's default pool of forty. Never in the event
+    loop's own thread, however short a call usually is: a SQLite write waits for another
+    process's (up to its busy timeout), and every other request would wait with it."""
 
-    def __init__(self, inline: bool, threads: int) -> None:
-        self.inline = inline
-        self._pool = None if inline else ThreadPoolExecutor(threads, "store")
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(max(1, threads), "store")
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, as above."""
-        if self._pool is None:
-            return fn(*args)
+        """``fn(*args)`` in a store thread."""
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, functools.partial(fn, *args))
 
     def close(self) -> None:
         """Let the threads go (after the server stopped)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ApiContext(NamedTuple):

@@ -1,12 +1,12 @@
 """The connections ``stockade server`` takes, bounded so that no client can hold the slots
-others need (:func:`guarded_http`): a request's head (request line and headers) must arrive
+others need (:func:`guarded_h11`): a request's head (request line and headers) must arrive
 within :data:`HEAD_TIMEOUT_S` of the connection (or of the previous response), however it
-trickles, and within :data:`MAX_HEAD_BYTES`; one client address (an IPv6 /64) holds at most
-:data:`PER_CLIENT` connections and all clients :data:`MAX_CONNECTIONS`, and a new connection
-beyond either bound takes the place of the one that has waited longest for its next request
-head (idle or trickling), or is refused (503) if every one is serving a request. Requests
-being served at once are bounded too (:data:`MAX_REQUESTS`, :class:`Busy`); idle connections
-do not count against that.
+trickles, and be at most :data:`MAX_HEAD_BYTES` (h11 refuses more); one client address (an
+IPv6 /64) holds at most :data:`PER_CLIENT` connections and all clients :data:`MAX_CONNECTIONS`,
+and a new connection beyond either bound takes the place of the one that has waited longest for
+its next request head (idle or trickling), or is refused (503) if every one is serving a
+request. Requests being served at once are bounded too
+(:data:`MAX_REQUESTS`, :class:`Busy`); idle connections do not count against that.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import ipaddress
 from typing import Any
 
 HEAD_TIMEOUT_S = 10.0  # from a connection (or a response) to the next request's whole head
-MAX_HEAD_BYTES = 64 * 1024  # a request line and headers larger than this get 431
+MAX_HEAD_BYTES = 64 * 1024  # a request line and headers (h11's max_incomplete_event_size)
 PER_CLIENT = 64  # connections of one address (IPv6: one /64) at once
 MAX_CONNECTIONS = 1024  # connections of all clients at once (fewer if files are scarce)
 MAX_REQUESTS = 256  # requests served at once
@@ -33,8 +33,6 @@ def _raw(status: bytes, text: bytes, *headers: bytes) -> bytes:
 _REFUSED = _raw(b"503 Service Unavailable", b"too many connections from here",
                 b"retry-after: 1")
 _TIMED_OUT = _raw(b"408 Request Timeout", b"the request head did not come in time")
-_TOO_LARGE = _raw(b"431 Request Header Fields Too Large",
-                  b"the request line and headers are larger than %d bytes" % MAX_HEAD_BYTES)
 
 
 def connection_room() -> int:
@@ -74,7 +72,7 @@ def client_key(client: tuple[str, int] | None) -> str:
 
 class Busy:
     """ASGI: at most ``limit`` HTTP requests served at once; more get 503 with Retry-After
-    (connections waiting for a request do not count, see :func:`guarded_http`)."""
+    (connections waiting for a request do not count, see :func:`guarded_h11`)."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit, self.active = app, limit, 0
@@ -150,20 +148,24 @@ class Room:
                 del self.waiting_of[key]
 
 
-def guarded_http(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with the bounds of the module docstring (uvicorn's own
-    ``limit_concurrency`` counts idle connections, and it has no deadline on a request head
-    and no bound on its size: a few hundred silent connections denied every request)."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+def guarded_h11(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with the bounds of the module docstring (uvicorn's own
+    ``limit_concurrency`` counts idle connections, and it has no deadline on a request head:
+    a few hundred silent connections denied every request). Not httptools: it parses every
+    pipelined request and trailer as it arrives, so one connection could make the server hold
+    any amount of memory; h11 takes one request at a time and bounds what it buffers."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     room = Room(PER_CLIENT, max_connections)
 
-    class Guarded(HttpToolsProtocol):
+    class Guarded(H11Protocol):
         key = ""
         _counted = False  # in ``room``
         _timer: asyncio.TimerHandle | None = None  # set while it waits for a request head
         _cycle: object = None  # the request cycle when the wait began
-        _heard = 0  # bytes that came while it waited for the head
+        _heard = False  # bytes of the awaited head came
+        _ahead = 0  # bytes that came after the request being served (a pipelined one)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -179,17 +181,21 @@ def guarded_http(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protoco
             self._await_head()
 
         def data_received(self, data: bytes) -> None:
-            if self._timer is not None:
-                if self._heard >= MAX_HEAD_BYTES:  # and still no whole head
-                    self._close(_TOO_LARGE)
+            self._heard = self._heard or self._timer is not None
+            if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+                # their request is all in: this is a next one, held until the response is
+                # out (a long poll reads on to see a disconnect): no more than one head's worth
+                self._ahead += len(data)
+                if self._ahead > MAX_HEAD_BYTES:
+                    self.transport.close()
                     return
-                self._heard += len(data)
             super().data_received(data)
             self._head_done_if_parsed()
 
         def on_response_complete(self) -> None:
+            self._ahead = 0
             if not self.transport.is_closing():
-                self._await_head()  # the next one's (a pipelined one may be parsed already)
+                self._await_head()  # the next one's (a pipelined one may be parsed at once)
             super().on_response_complete()
             self._head_done_if_parsed()
 
@@ -200,7 +206,7 @@ def guarded_http(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protoco
 
         def _await_head(self) -> None:
             self._stop_waiting()
-            self._cycle, self._heard = self.cycle, 0
+            self._cycle, self._heard = self.cycle, False
             self._timer = self.loop.call_later(HEAD_TIMEOUT_S, self.close_waiting)
             room.wait(self, self.key)
 
@@ -219,20 +225,15 @@ def guarded_http(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protoco
                 self._counted = False
                 room.leave(self, self.key)
 
-        def _close(self, answer: bytes) -> None:
-            """Close at once; ``answer`` first if part of a head came and no response is
-            under way."""
+        def close_waiting(self) -> None:
+            """Close this connection, which waits for a request head (408 if part of one
+            came and no response is under way)."""
             self._stop_waiting()
             self._leave()
             if self.transport.is_closing():
                 return
-            if self._heard and (self.cycle is None or self.cycle.response_complete):
-                self.transport.write(answer)
+            if self._heard and self.conn.our_state is h11.IDLE:
+                self.transport.write(_TIMED_OUT)
             self.transport.close()
-
-        def close_waiting(self) -> None:
-            """Close this connection, which waits for a request head (408 if part of one
-            came and no response is under way)."""
-            self._close(_TIMED_OUT)
 
     return Guarded

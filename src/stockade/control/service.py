@@ -320,7 +320,7 @@ class ControlService:
                               exit_code=c.exit_code)]
         finished = self.store.finish_attempt(c.job_id, c.attempt, c.runner_id, changes, steps,
                                              artifacts, events)
-        if self.broker is not None:
+        if finished and self.broker is not None:  # (a refused one revokes nobody's leases)
             self.broker.revoke(c.job_id, c.attempt)
         return finished
 

@@ -54,10 +54,11 @@ def main(args: argparse.Namespace) -> int:
     from stockade.api.connections import (
         BACKLOG,
         KEEP_ALIVE_S,
+        MAX_HEAD_BYTES,
         MAX_REQUESTS,
         Busy,
         connection_room,
-        guarded_http,
+        guarded_h11,
     )
     from stockade.api.server import create_app
     from stockade.cli.context import fleet_service, open_control
@@ -92,8 +93,9 @@ def main(args: argparse.Namespace) -> int:
     where = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
     # bounded as the module docstring says; idle keep-alive connections closed after 5 s
     config = uvicorn.Config(Busy(create_app(settings, control, fleet), MAX_REQUESTS),
-                            http=guarded_http(connection_room()), loop="uvloop",
-                            log_level="warning",
+                            http=guarded_h11(connection_room()), loop="uvloop",
+                            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                            log_level="error",  # (a warning per odd request: log spam)
                             access_log=False, server_header=False, limit_concurrency=None,
                             timeout_keep_alive=KEEP_ALIVE_S,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
