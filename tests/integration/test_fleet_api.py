@@ -313,6 +313,11 @@ def test_a_completion_can_bring_the_runners_next_job(api: Api) -> None:
         "succeeded"
     assert api.call("GET", f"/api/v1/jobs/{second}", api.viewer).json()["status"] == "running"
     assert runner.heartbeat(b)["held"] is True
+    # its answer lost, the runner sends the completion again: it gets the same next job
+    again = runner.http.post(f"{runner._job(a)}/complete", params={"next": "true"}, json=body)
+    assert again.status_code == 200
+    same = {k: v for k, v in again.json()["next"].items() if k != "lease_expires_at"}
+    assert same == {k: v for k, v in b.items() if k != "lease_expires_at"}  # (a heartbeat came)
     # a draining runner's completion is recorded, but it is handed nothing new
     assert api.call("POST", f"/api/v1/runners/{runner.runner_id}/drain",
                     api.admin).status_code == 200
@@ -320,9 +325,12 @@ def test_a_completion_can_bring_the_runners_next_job(api: Api) -> None:
     answer = runner.http.post(f"{runner._job(b)}/complete", params={"next": "true"},
                               json=body)
     assert answer.json() == {"recorded": True, "next": None}
-    # a fenced completion claims nothing either
+    # sent again it is answered the same, and a fenced one claims nothing either
     again = runner.http.post(f"{runner._job(b)}/complete", params={"next": "true"}, json=body)
-    assert again.status_code == 409
+    assert again.json() == {"recorded": True, "next": None}
+    other = runner.http.post(f"{runner._job(b)}/complete", params={"next": "true"},
+                             json={**body, "status": "error"})
+    assert other.status_code == 409
     assert api.call("GET", f"/api/v1/jobs/{third}", api.viewer).json()["status"] == "queued"
     assert api.call("POST", f"/api/v1/jobs/{third}/cancel", api.admin).status_code == 200
     runner.close()

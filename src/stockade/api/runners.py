@@ -157,11 +157,16 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
                                    body.completion(job_id, attempt, caller.runner.id))
         if isinstance(result, str):
             raise HTTPException(422, result)
-        if not result:
-            raise HTTPException(409, "this attempt no longer holds the job")
-        a = await store_calls(fleet.claim, caller) if take_next else None
-        if a is not None:
-            ctx.metrics.claims.inc()
+        a = None
+        if not result:  # fenced, unless it is this completion again (its answer was lost)
+            replayed, a = await store_calls(fleet.replayed, caller, job_id, attempt,
+                                            body.status)
+            if not replayed:
+                raise HTTPException(409, "this attempt no longer holds the job")
+        elif take_next and not await request.is_disconnected():
+            a = await store_calls(fleet.claim, caller, (job_id, attempt))
+            if a is not None:
+                ctx.metrics.claims.inc()
         return _json(CompletedOut(recorded=True, next=AssignmentOut.of(a) if a else None))
 
     def secrets_allowed(caller: Caller, job_id: str, attempt: int) -> None:

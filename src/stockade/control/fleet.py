@@ -23,7 +23,7 @@ from stockade.api.attestation import (
     signed_bytes,
     verify_signature,
 )
-from stockade.api.protocol import TRUST_LEVELS, Assignment, Completion
+from stockade.api.protocol import TRUST_LEVELS, Assignment, Completion, LeaseGrant
 from stockade.audit import AuditEvent
 from stockade.control.service import ControlService
 from stockade.errors import PolicyDenied, UsageError
@@ -248,11 +248,33 @@ class FleetService:
 
     # -- work -----------------------------------------------------------------------------
 
-    def claim(self, caller: Caller) -> Assignment | None:
-        """The next job for this runner (None if none, or if it may not take work now)."""
+    def claim(self, caller: Caller, after: tuple[str, int] | None = None
+              ) -> Assignment | None:
+        """The next job for this runner (None if none, or if it may not take work now);
+        ``after``: the attempt whose completion asks for it (which remembers it)."""
         runner = caller.runner  # its status is read again in the claim's transaction
         return self.control.claim(runner.id, tuple(json.loads(runner.labels_json)),
-                                  lease_s=self.policy.lease_s, max_trust=runner.max_trust)
+                                  lease_s=self.policy.lease_s, max_trust=runner.max_trust,
+                                  after=after)
+
+    def replayed(self, caller: Caller, job_id: str, attempt: int, status: str
+                 ) -> tuple[bool, Assignment | None]:
+        """Whether a refused completion is this runner's own, sent again (its answer was
+        lost): the attempt ended with this outcome. Then also the job that completion claimed,
+        if the runner still holds it, as it was handed out (nobody else can have it)."""
+        ended = self.store.ended_attempt(job_id, attempt, caller.runner.id)
+        if ended is None or ended[0] != status:
+            return False, None
+        _, next_id, next_attempt = ended
+        job = self.store.get_job(next_id) if next_id else None
+        if job is None or (job.id, job.status, job.attempt, job.runner_id) != (
+                next_id, "running", next_attempt, caller.runner.id):
+            return True, None
+        grants = tuple(LeaseGrant(lease.secret_name, lease.id, lease.delivery)
+                       for lease in self.store.live_leases(job.id, job.attempt))
+        return True, Assignment(job.id, job.attempt, caller.runner.id, job.spec_json,
+                                job.lease_expires_at or 0.0, grants, job.trust, job.ref,
+                                job.workspace_sha256)
 
     def heartbeat(self, caller: Caller, job_id: str, attempt: int) -> tuple[bool, bool]:
         """Extend the attempt's lease: ``(held, cancel)``."""

@@ -233,7 +233,8 @@ class ControlService:
 
     def claim(self, runner_id: str, labels: tuple[str, ...],
               job_id: str | None = None, lease_s: float | None = None,
-              max_trust: str = "protected") -> Assignment | None:
+              max_trust: str = "protected",
+              after: tuple[str, int] | None = None) -> Assignment | None:
         """Lease the oldest queued job whose labels this runner has (or exactly ``job_id``),
         until its timeout and a grace period, or for ``lease_s`` (a runner agent's lease,
         extended by its heartbeats). A runner takes jobs of trust up to ``max_trust`` only."""
@@ -258,7 +259,7 @@ class ControlService:
             return self.clock() + Job.from_json(job.spec_json).timeout + LEASE_GRACE_S
 
         job = self.store.claim_attempt(runner_id, lease_until, event, eligible,
-                                       agent=lease_s is not None)
+                                       agent=lease_s is not None, after=after)
         if job is None:
             return None
         spec = Job.from_json(job.spec_json)

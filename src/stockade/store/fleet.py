@@ -78,12 +78,13 @@ class FleetQueries:
 
     def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
                       event_for: Callable[[JobRow], AuditEvent],
-                      eligible: Callable[[JobRow], bool], agent: bool = False
-                      ) -> JobRow | None:
+                      eligible: Callable[[JobRow], bool], agent: bool = False,
+                      after: tuple[str, int] | None = None) -> JobRow | None:
         """Move the oldest eligible queued job to running for ``runner_id`` as its next
         attempt (recorded in ``attempts``), in one transaction; for a runner ``agent``, only
         while it is active (read in the same transaction: a runner drained or quarantined a
-        moment ago gets nothing)."""
+        moment ago gets nothing). ``after``: the attempt whose completion claims it (which
+        remembers it, see :meth:`handed_next`)."""
         if not self._read("SELECT 1 FROM jobs WHERE status = 'queued' AND (runner_id IS NULL "
                           "OR runner_id = ?) LIMIT 1", (runner_id,)):
             return None  # nothing to take: no write transaction (long polls look often)
@@ -104,6 +105,10 @@ class FleetQueries:
             db.execute(f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (job.id, job.attempt + 1, runner_id, now, None, "running", 0))
             db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?", (now, runner_id))
+            if after is not None:
+                db.execute("UPDATE attempts SET next_job_id = ?, next_attempt = ? WHERE "
+                           "job_id = ? AND attempt = ? AND runner_id = ?",
+                           (job.id, job.attempt + 1, after[0], after[1], runner_id))
             claimed = job._replace(**changes)
             self._append_audit(db, event_for(claimed))
             return claimed
@@ -145,6 +150,15 @@ class FleetQueries:
             row = db.execute("SELECT cancel_requested_at FROM jobs WHERE id = ?",
                              (job_id,)).fetchone()
             return True, row is not None and row[0] is not None
+
+    def ended_attempt(self, job_id: str, attempt: int, runner_id: str
+                      ) -> tuple[str, str | None, int | None] | None:
+        """``(outcome, next job, its attempt)`` of an attempt ``runner_id`` ran and that
+        ended, or None."""
+        rows = self._read("SELECT outcome, next_job_id, next_attempt FROM attempts WHERE "
+                          "job_id = ? AND attempt = ? AND runner_id = ? AND ended_at IS NOT "
+                          "NULL", (job_id, attempt, runner_id))
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
 
     def holds(self, job_id: str, attempt: int, runner_id: str) -> bool:
         """Whether this attempt of ``runner_id`` is the job's current, running one."""

@@ -158,8 +158,8 @@ class Store(Protocol):
 
     def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
                       event_for: Callable[[JobRow], AuditEvent],
-                      eligible: Callable[[JobRow], bool], agent: bool = False
-                      ) -> JobRow | None:
+                      eligible: Callable[[JobRow], bool], agent: bool = False,
+                      after: tuple[str, int] | None = None) -> JobRow | None:
         """Atomically move the oldest eligible queued job to ``running`` for ``runner_id`` as
         its next attempt (for a runner ``agent``: only while it is active)."""
         ...
@@ -358,6 +358,15 @@ class Store(Protocol):
 
     def get_lease(self, lease_id: str) -> LeaseRow | None:
         """A lease by id."""
+        ...
+
+    def live_leases(self, job_id: str, attempt: int) -> list[LeaseRow]:
+        """The secret leases an attempt holds and that were not revoked."""
+        ...
+
+    def ended_attempt(self, job_id: str, attempt: int, runner_id: str
+                      ) -> tuple[str, str | None, int | None] | None:
+        """``(outcome, next job, its attempt)`` of an ended attempt of ``runner_id``."""
         ...
 
     def revoke_leases(self, job_id: str, attempt: int, now: float,

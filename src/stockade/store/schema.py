@@ -187,6 +187,9 @@ attempts = Table(
     Column("ended_at", Float),
     Column("outcome", String(16), nullable=False),  # running, lost, or the job's status
     Column("log_bytes", Integer, nullable=False, server_default="0"),
+    # migration 0009: the job (and attempt) a completion of this attempt also claimed
+    Column("next_job_id", String(32)),
+    Column("next_attempt", Integer),
 )
 
 log_chunks = Table(  # a retried chunk finds its (job, attempt, seq) taken: never duplicated

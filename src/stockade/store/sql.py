@@ -34,7 +34,7 @@ from stockade.store.interface import (
     TokenRow,
 )
 
-HEAD_REVISION = "0008"  # tests check this equals the newest Alembic migration
+HEAD_REVISION = "0009"  # tests check this equals the newest Alembic migration
 _JOB_COLUMNS = ", ".join(JobRow._fields)
 _SECRET_COLUMNS = ", ".join(SecretRow._fields)
 _LEASE_COLUMNS = ", ".join(LeaseRow._fields)
@@ -255,6 +255,12 @@ class SqlStore:
         """A lease by id."""
         rows = self._read(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = ?", (lease_id,))
         return LeaseRow(*rows[0]) if rows else None
+
+    def live_leases(self, job_id: str, attempt: int) -> list[LeaseRow]:
+        """The secret leases an attempt holds and that were not revoked."""
+        return [LeaseRow(*r) for r in self._read(
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE job_id = ? AND attempt = ? AND "
+            "revoked_at IS NULL ORDER BY id", (job_id, attempt))]
 
     def revoke_leases(self, job_id: str, attempt: int, now: float,
                       event_for: Callable[[LeaseRow], AuditEvent]) -> list[LeaseRow]:

@@ -83,6 +83,28 @@ def test_attempts_are_fenced_logged_and_lost(store_url: str) -> None:
     store.close()
 
 
+def test_a_completion_remembers_the_job_it_claimed_next(store_url: str) -> None:
+    store = open_store(store_url)
+    enrolled(store)
+    for n in (1, 2):
+        store.insert_job(job(f"j{n}", float(n)), ev("job.admitted", f"j{n}"))
+
+    def claim(after: tuple[str, int] | None = None) -> JobRow | None:
+        return store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                                   lambda j: True, agent=True, after=after)
+
+    first = claim()
+    assert first is not None and first.id == "j1"
+    assert store.ended_attempt("j1", 1, "r1") is None  # still running
+    assert store.finish_attempt("j1", 1, "r1", {"status": "succeeded"}, [], [], [])
+    second = claim(after=("j1", 1))
+    assert second is not None and second.id == "j2"
+    assert store.ended_attempt("j1", 1, "r1") == ("succeeded", "j2", 1)
+    assert store.ended_attempt("j1", 1, "r2") is None  # only the runner that ran it
+    assert store.live_leases("j2", 1) == []
+    store.close()
+
+
 def test_a_lost_attempt_runs_again_and_the_second_finishes(store_url: str) -> None:
     store = open_store(store_url)
     enrolled(store)
