@@ -69,6 +69,7 @@ class Settings(NamedTuple):
     # mirrors as REGISTRY=MIRROR entries (tried in order, the registry last), credentials in
     # a docker-style config.json ({"auths": {HOST: {"auth": base64(user:password)}}}), an
     # extra CA bundle for registries, and the size the unpacked-image cache may take
+    image_registries: tuple[str, ...] = ()  # the registries job specs may name images from
     insecure_registries: tuple[str, ...] = ()
     registry_mirrors: tuple[str, ...] = ()
     registry_auth_file: str = ""
@@ -136,6 +137,7 @@ _ENV = {
     "STOCKADE_MAX_ATTEMPTS": "max_attempts",
     "STOCKADE_ATTEST_STOCKADE_DIGESTS": "attest_stockade_digests",
     "STOCKADE_ATTEST_REQUIRED_CONTROLS": "attest_required_controls",
+    "STOCKADE_IMAGE_REGISTRIES": "image_registries",
     "STOCKADE_INSECURE_REGISTRIES": "insecure_registries",
     "STOCKADE_REGISTRY_MIRRORS": "registry_mirrors",
     "STOCKADE_REGISTRY_AUTH_FILE": "registry_auth_file",

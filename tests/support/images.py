@@ -17,17 +17,24 @@ from stockade.image.registry import OCI_MANIFEST, Registry
 class Image:
     """A one-layer OCI image built here: its blobs as files and its manifest."""
 
-    def __init__(self, tmp: Path, text: str, size: int = 0) -> None:
+    def __init__(self, tmp: Path, text: str, size: int = 0,
+                 files: dict[str, bytes | str] | None = None) -> None:
+        """``files``: path -> bytes (a file, 0755) or ``"-> TARGET"`` (a symbolic link);
+        by default a greeting, a filler of ``size`` bytes and ``bin -> usr/bin``."""
+        if files is None:
+            files = {"etc/greeting": text.encode(), "usr/share/filler": b"x" * size,
+                     "bin": "-> usr/bin"}
         raw = io.BytesIO()
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for name, data in (("etc/greeting", text.encode()), ("usr/share/filler",
-                                                                   b"x" * size)):
+            for name, data in files.items():
                 info = tarfile.TarInfo(name)
-                info.size, info.mtime = len(data), 1_700_000_000
-                tar.addfile(info, io.BytesIO(data))
-            link = tarfile.TarInfo("bin")
-            link.type, link.linkname = tarfile.SYMTYPE, "usr/bin"
-            tar.addfile(link)
+                info.mtime, info.mode = 1_700_000_000, 0o755
+                if isinstance(data, str):
+                    info.type, info.linkname = tarfile.SYMTYPE, data.removeprefix("-> ")
+                    tar.addfile(info)
+                else:
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
         self.diff_id = "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
         layer = gzip.compress(raw.getvalue(), mtime=0)
         config = json.dumps({"architecture": "amd64", "os": "linux",
@@ -56,3 +63,25 @@ class Image:
         for digest, path in self.blobs.items():
             client.push_blob(ref, path, digest)
         client.push_manifest(ref, ref.tag or self.digest, OCI_MANIFEST, self.manifest)
+
+
+BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: one binary, no libraries
+APPLETS = ("sh", "cat", "echo", "id", "ls", "test", "touch", "grep", "sleep", "mkdir", "head",
+           "wc", "env", "true", "false", "readlink", "mount", "unshare", "mknod", "nc",
+           "hostname", "chroot")
+
+
+def busybox_image(tmp: Path, passwd: bytes | None = None, extra: dict[str, bytes | str] | None
+                  = None) -> Image:
+    """A runnable image: a static busybox and its applets, an /etc of its own (a user with
+    the job's uid, a shadow file, a release name) and ``extra`` entries."""
+    files: dict[str, bytes | str] = {"bin/busybox": BUSYBOX.read_bytes()}
+    files |= {f"bin/{applet}": "-> busybox" for applet in APPLETS}
+    files |= {"etc/os-release": b"ID=stockade-test\n",
+              "etc/passwd": passwd if passwd is not None else
+              b"root:x:0:0:root:/root:/bin/sh\nubuntu:x:1000:1000::/home/ubuntu:/bin/sh\n",
+              "etc/group": b"root:x:0:\nubuntu:x:1000:\n",
+              "etc/shadow": b"root:$6$secret:19000:0:99999:7:::\n",
+              "etc/hosts": b"10.0.0.1 evil\n", "usr/local/bin/.keep": b""}
+    return Image(tmp, "", files={**files, **(extra or {})})
+

@@ -32,6 +32,7 @@ class FailureReason(StrEnum):
     RUNNER_LOST = "runner_lost"
     EGRESS_VIOLATION = "egress_violation"
     IMAGE_UNVERIFIED = "image_unverified"
+    IMAGE_UNAVAILABLE = "image_unavailable"
     SECRET_UNAVAILABLE = "secret_unavailable"
     SECRET_LEAK = "secret_leak"
     CANCELED = "canceled"

@@ -36,7 +36,8 @@ def open_control(recover: bool = True) -> tuple[Settings, ControlService]:
     actor = f"cli:{getpass.getuser()}"
     control = ControlService(store, actor=actor, broker=open_broker(settings, store),
                              identity=lambda: open_keyring(settings),
-                             policy=admission_policy(settings))
+                             policy=admission_policy(settings),
+                             resolve_image=lambda ref: resolve_image(settings, ref))
     if recover:
         recover_lost(settings, control)
     return settings, control
@@ -83,6 +84,20 @@ def recover_lost(settings: Settings, control: ControlService,
     return lost
 
 
+def resolve_image(settings: Settings, text: str) -> str:
+    """``text`` (an image reference with a tag) pinned to the digest the registry names now."""
+    from stockade.image.reference import parse_reference
+    from stockade.image.registry import Registry
+    from stockade.image.settings import registry_config
+
+    ref = parse_reference(text)
+    registry = Registry(registry_config(settings))
+    try:
+        return str(ref.with_digest(registry.resolve(ref)))
+    finally:
+        registry.close()
+
+
 def admission_policy(settings: Settings) -> AdmissionPolicy:
     """The operator's admission settings, as the control plane takes them."""
     return AdmissionPolicy(
@@ -90,6 +105,7 @@ def admission_policy(settings: Settings) -> AdmissionPolicy:
         oidc_audiences_trusted=settings.oidc_audiences_trusted,
         oidc_audiences_protected=settings.oidc_audiences_protected,
         egress_untrusted_allow=settings.egress_untrusted_allow,
+        image_registries=settings.image_registries,
     )
 
 

@@ -20,7 +20,7 @@ from stockade.api.protocol import (
 )
 from stockade.audit import AuditEvent
 from stockade.control.egress import egress_summary
-from stockade.errors import PolicyDenied, UsageError
+from stockade.errors import PolicyDenied, StockadeError, UsageError
 from stockade.ids import new_job_id
 from stockade.spec import Job
 from stockade.store.interface import ArtifactRow, JobRow, StepRow, Store
@@ -49,6 +49,21 @@ class AdmissionPolicy(NamedTuple):
     oidc_audiences_trusted: tuple[str, ...] = ("*",)
     oidc_audiences_protected: tuple[str, ...] = ("*",)
     egress_untrusted_allow: tuple[str, ...] = ()
+    image_registries: tuple[str, ...] = ()
+
+    def image_refusal(self, image: str) -> str | None:
+        """Why a job may not run on ``image`` (None if it may): only ``host`` and images from
+        the registries the operator lists (the runner pulls them, outside any sandbox: a job
+        must not make it talk to any host it likes)."""
+        if image == "host":
+            return None
+        registry = image.split("/", 1)[0]
+        if registry in self.image_registries:
+            return None
+        return (f"image {image[:200]!r}: jobs may use images from "
+                f"{', '.join(map(repr, self.image_registries)) or 'no registry'} only; the "
+                f"operator can allow {registry[:100]!r} with the setting image_registries "
+                "(STOCKADE_IMAGE_REGISTRIES)")
 
     def audiences(self, trust: str) -> tuple[str, ...]:
         """The audiences a job of ``trust`` may ask for."""
@@ -106,8 +121,10 @@ class ControlService:
     def __init__(self, store: Store, actor: str, clock: Callable[[], float] = time.time,
                  broker: "Broker | None" = None,
                  identity: "Callable[[], KeyRing] | None" = None,
-                 policy: AdmissionPolicy | None = None) -> None:
+                 policy: AdmissionPolicy | None = None,
+                 resolve_image: Callable[[str], str] | None = None) -> None:
         self.store = store
+        self._resolve_image = resolve_image  # a tag to the digest it names now
         self.policy = policy or AdmissionPolicy()
         self.actor = actor
         self.clock = clock
@@ -175,6 +192,8 @@ class ControlService:
         job_id = new_job_id()
         refusals = self._secret_refusals(spec, trust, ref)
         reason, message = self._admission(spec, trust, refusals)
+        if reason is None:
+            spec, reason, message = self._pin_image(spec)
         status = JobStatus.DENIED if reason else JobStatus.QUEUED
         extra = json.dumps({"message": message}) if message else None
         job = JobRow(
@@ -193,6 +212,22 @@ class ControlService:
             for name, why in refusals:
                 self.broker.refuse(job_id, name, why)
         return job
+
+    def _pin_image(self, spec: Job) -> tuple[Job, FailureReason | None, str]:
+        """``spec`` with its image's tag resolved to the digest it names now (recorded: every
+        attempt runs that digest), or why it cannot be (image_unavailable/_unverified)."""
+        if spec.image == "host" or "@sha256:" in spec.image:
+            return spec, None, ""
+        from stockade.image.registry import ImageRefused
+
+        if self._resolve_image is None:
+            return spec, FailureReason.IMAGE_UNAVAILABLE, "no registry is reachable from here"
+        try:
+            return spec._replace(image=self._resolve_image(spec.image)), None, ""
+        except ImageRefused as e:
+            return spec, FailureReason.IMAGE_UNVERIFIED, e.message
+        except StockadeError as e:
+            return spec, FailureReason.IMAGE_UNAVAILABLE, e.message
 
     def _secret_refusals(self, spec: Job, trust: str, ref: str) -> list[tuple[str, str]]:
         if not spec.secrets:
@@ -218,6 +253,12 @@ class ControlService:
     def _policy_denials(self, spec: Job, trust: str) -> list[str]:
         """What the spec asks for beyond what the operator allows a job of ``trust``."""
         denials = []
+        why = self.policy.image_refusal(spec.image)
+        if why:
+            denials.append(why)
+        elif spec.image != "host" and spec.egress.mode != "none":
+            denials.append(f"image {spec.image[:200]!r}: jobs on an image have no network yet "
+                           "(egress needs image: host for now)")
         if spec.id_token is not None:
             why = self.policy.audience_refusal(trust, spec.id_token.aud)
             if why:

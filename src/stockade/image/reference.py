@@ -25,6 +25,14 @@ MAX_REFERENCE = 512
 EXAMPLE = "registry.example:5000/team/base@sha256:<64 hex> or registry.example/team/base:1.2"
 
 
+class BadReference(UsageError):
+    """Not an image reference; ``why`` says what is wrong with it."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message, hint=f"write e.g. {EXAMPLE}")
+        self.why = why
+
+
 class ImageRef(NamedTuple):
     """A parsed reference: ``tag`` or ``digest`` (or both: a tag pinned to a digest)."""
 
@@ -77,8 +85,8 @@ def parse_reference(text: str) -> ImageRef:
     return ImageRef(registry, path, tag, digest)
 
 
-def _bad(text: str, why: str) -> UsageError:
+def _bad(text: str, why: str) -> BadReference:
     from stockade.text import escape_controls
 
-    return UsageError(f"{escape_controls(text[:200])!r} is not an image reference: {why}",
-                      hint=f"write e.g. {EXAMPLE}")
+    return BadReference(f"{escape_controls(text[:200])!r} is not an image reference: {why}",
+                        why)

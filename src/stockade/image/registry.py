@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import ssl
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -28,6 +27,8 @@ from stockade.errors import InfrastructureError, StockadeError
 from stockade.image.reference import ImageRef
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -243,6 +244,8 @@ class Registry:
 
     def _verify(self) -> ssl.SSLContext:
         """The TLS context: the system's CAs, and the operator's extra bundle if any."""
+        import ssl
+
         context = ssl.create_default_context()
         if self.config.ca_file:
             context.load_verify_locations(cafile=self.config.ca_file)

@@ -10,6 +10,7 @@ import errno
 import math
 import shutil
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stockade.api.protocol import (
@@ -49,6 +50,14 @@ COLLECT_MAX_S = 120.0
 
 class Canceled(Exception):
     """The attempt was stopped from outside (:meth:`Attempt.cancel`)."""
+
+
+class ImageProblem(Exception):
+    """The job's image could not be had (``reason``: image_unavailable or _unverified)."""
+
+    def __init__(self, reason: FailureReason, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
 
 
 class Attempt:
@@ -103,6 +112,10 @@ class Attempt:
         except PolicyDenied as e:
             self._fail(JobStatus.FAILED, FailureReason.SECRET_UNAVAILABLE,
                        f"secret unavailable: {e.diagnostics()}", e.diagnostics())
+        except ImageProblem as e:
+            status = JobStatus.FAILED if e.reason is FailureReason.IMAGE_UNVERIFIED \
+                else JobStatus.ERROR
+            self._fail(status, e.reason, f"image: {e.message}", e.message)
         except StockadeError as e:
             self._stopped("error")
             self._fail(JobStatus.ERROR, FailureReason.SYSTEM_ERROR, f"error: {e.diagnostics()}",
@@ -141,11 +154,13 @@ class Attempt:
         self.log.note(f"job {spec.name} ({a.job_id}) attempt {a.attempt} on {self.runner_id}")
         self.secrets = JobSecrets(self.control, a, self.runner_id)
         self.log.use_masker(self.secrets.masker, self.secrets.mask_registered)
+        rootfs = self._image() if spec.image != "host" else None
         r = spec.resources
         self.sandbox = sandbox = self.backend.prepare(SandboxRequest(
             job_id=a.job_id, cpus=r.cpus, memory_bytes=r.memory, pids=r.pids, tmp_bytes=r.tmp,
             workspace_bytes=r.workspace, workspace_src=workspace,
-            egress=spec.egress.mode != "none", identity=spec.id_token is not None))
+            egress=spec.egress.mode != "none", identity=spec.id_token is not None,
+            rootfs=rootfs))
         self.details["host_uid"] = sandbox.host_uid
         if sandbox.workspace_copy is not None:
             self.log.note(_workspace_note(sandbox.workspace_copy, self.log))
@@ -159,6 +174,34 @@ class Attempt:
 
             self.identity = TokenRefresher(self.control, a, self.runner_id, sandbox,
                                            self.secrets.masker, self.settings.oidc_refresh_s)
+
+    def _image(self) -> Path:
+        """The job's image, pulled by digest into the cache (or found there): its tree."""
+        from stockade.image.cache import ImageCache
+        from stockade.image.reference import parse_reference
+        from stockade.image.registry import ImageRefused, Registry
+        from stockade.image.settings import registry_config
+
+        ref = parse_reference(self.spec.image)
+        if not ref.digest:  # admission pins every image: a tag here was not admitted by us
+            raise ImageProblem(FailureReason.IMAGE_UNVERIFIED,
+                               f"image {self.spec.image} is not pinned to a digest")
+        started = time.monotonic()
+        cache = ImageCache(self.settings.home / "images", self.settings.image_cache_bytes)
+        found = cache.get(ref.digest)
+        registry = Registry(registry_config(self.settings))
+        try:
+            image = found or cache.pull(registry, ref)
+        except ImageRefused as e:
+            raise ImageProblem(FailureReason.IMAGE_UNVERIFIED, e.message) from None
+        except StockadeError as e:
+            raise ImageProblem(FailureReason.IMAGE_UNAVAILABLE, e.message) from None
+        finally:
+            registry.close()
+        self.details["image"] = image.reference
+        self.log.note(f"image {image.reference} ({'cached' if found else 'pulled'} in "
+                      f"{time.monotonic() - started:.1f} s)")
+        return image.rootfs
 
     def _violated(self) -> bool:
         return self.egress is not None and self.egress.violated

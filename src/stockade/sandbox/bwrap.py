@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from stockade.config import Settings, installation_id
 from stockade.errors import SandboxError
-from stockade.sandbox import mounts, orphans, reaper, rootfs, seccomp, uids
+from stockade.sandbox import image_root, mounts, orphans, reaper, rootfs, seccomp, uids
 from stockade.sandbox.cgroups import JobCgroup, Limits
 from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, StepExit, StepRun
 from stockade.sandbox.plumbing import (
@@ -168,8 +168,10 @@ class BwrapSandbox:
         self._egress: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._killed = False
-        self._bash = Path("/usr/bin/bash").exists()
-        self._shell = ["/usr/bin/bash", "-e", "-o", "pipefail"] if self._bash else ["/bin/sh", "-e"]
+        self._etc: Path | None = None  # an image's /etc (image host: the backend's)
+        bash = _bash(request.rootfs)
+        self._bash = bash is not None
+        self._shell = [bash, "-e", "-o", "pipefail"] if bash else ["/bin/sh", "-e"]
 
     @property
     def host_uid(self) -> int:
@@ -230,11 +232,18 @@ class BwrapSandbox:
         """Take a host uid, mount the tmpfs, copy the workspace, create the cgroup."""
         r = self.request
         self.backend.etc_dir()
+        if self.request.rootfs is not None:
+            self._etc = image_root.image_etc(self.request.rootfs, self.backend.jobs_dir)
         try:
             self._uid = uids.allocate(pool)
             # root-owned, traversable only by the job's own uid (its group): nothing of one
             # job is reachable by another's, and the job cannot rename what root later uses
             self._lock = orphans.create_locked(self.job_dir, self.host_uid)
+            if r.rootfs is not None:  # the image's root-only tree, seen read-only here
+                point = self.job_dir / "rootfs"
+                point.mkdir(mode=0o700)
+                mounts.bind_read_only(r.rootfs, point)
+                self._mounted.append(point)
             for name, size in (("ws", r.workspace_bytes), ("tmp", r.tmp_bytes)):
                 point = self.job_dir / name
                 point.mkdir(mode=0o700)
@@ -261,7 +270,7 @@ class BwrapSandbox:
         """bwrap's options for one step, handed over in a memfd (``--args``), never in argv:
         no host path, job variable or secret shows in any process list or ``/proc/PID/cmdline``.
         The job's variables reach only the sandboxed command (``--clearenv``/``--setenv``)."""
-        etc = self.backend.etc_dir()
+        root = self._root()
         secrets: list[str] = []
         if secret_fds:
             secrets = ["--dir", SECRETS_DIR]
@@ -275,10 +284,7 @@ class BwrapSandbox:
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--uid", str(rootfs.JOB_UID), "--gid", str(rootfs.JOB_GID),
             "--hostname", self.request.job_id,
-            "--ro-bind", "/usr", "/usr",
-            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
-            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-            "--ro-bind", str(etc), "/etc",
+            *root,
             "--proc", "/proc", *masked,
             "--dev", "/dev", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
             "--remount-ro", "/dev",
@@ -297,6 +303,17 @@ class BwrapSandbox:
             "--clearenv",
             *[arg for name, value in env.items() for arg in ("--setenv", name, value)],
         ]
+
+    def _root(self) -> list[str]:
+        """The read-only root: the host's ``/usr`` and a synthetic ``/etc`` (image host), or
+        the image's tree and its prepared ``/etc`` (see ``image_root.py``)."""
+        if self.request.rootfs is not None and self._etc is not None:
+            return [*image_root.root_options(self.request.rootfs, self.job_dir / "rootfs"),
+                    "--ro-bind", str(self._etc), "/etc"]
+        return ["--ro-bind", "/usr", "/usr",
+                "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+                "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+                "--ro-bind", str(self.backend.etc_dir()), "/etc"]
 
     def command(self) -> list[str]:
         """What bwrap runs inside: the step's shell (behind the egress forwarder)."""
@@ -427,3 +444,11 @@ class BwrapSandbox:
             # pool still skips it while any process of it is alive
             self._uid.release()
         return leftovers
+
+
+def _bash(rootfs: Path | None) -> str | None:
+    """Where the job's root has bash (None: only ``/bin/sh``)."""
+    if rootfs is None:
+        return "/usr/bin/bash" if Path("/usr/bin/bash").exists() else None
+    return next((p for p in ("/usr/bin/bash", "/bin/bash") if image_root.has(rootfs, p)), None)
+

@@ -41,6 +41,7 @@ class SandboxRequest(NamedTuple):
     workspace_src: WorkspaceSource | None
     egress: bool = False  # reach the runner's egress proxy through a socket (see bwrap.py)
     identity: bool = False  # an OIDC token file the runner refreshes during the job
+    rootfs: Path | None = None  # an image's unpacked tree (None: image host)
 
 
 class StepRun(NamedTuple):

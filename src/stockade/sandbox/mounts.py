@@ -1,4 +1,5 @@
-"""The few mount operations the runner performs on the host: a size-limited tmpfs per job."""
+"""The few mount operations the runner performs on the host: a size-limited tmpfs per job, and
+a read-only view of an image's tree inside the job's directory."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import ctypes
 import os
 from pathlib import Path
 
+MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
 MS_PRIVATE = 1 << 18
 UMOUNT_NOFOLLOW = 8
 
@@ -26,6 +30,22 @@ def mount_tmpfs(target: Path, size: int, uid: int, gid: int) -> None:
     _check(_libc.mount(b"tmpfs", bytes(target), b"tmpfs", MS_NOSUID | MS_NODEV, opts),
            f"mount tmpfs on {target}")
     _check(_libc.mount(None, bytes(target), None, MS_PRIVATE, None), f"make {target} private")
+
+
+def bind_read_only(source: Path, target: Path) -> None:
+    """Bind ``source`` on ``target`` read-only, nosuid, nodev, private (the job's bwrap, which
+    runs as the job's uid, reaches a root-only tree through it)."""
+    _check(_libc.mount(bytes(source), bytes(target), None, MS_BIND, None),
+           f"bind {source} on {target}")
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    try:
+        _check(_libc.mount(None, bytes(target), None, flags, None),
+               f"make {target} read-only")
+        _check(_libc.mount(None, bytes(target), None, MS_PRIVATE, None),
+               f"make {target} private")
+    except OSError:
+        unmount(target)
+        raise
 
 
 def unmount(target: Path) -> None:

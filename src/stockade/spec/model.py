@@ -231,10 +231,14 @@ class JobSpec(_Strict):
     @classmethod
     def _image(cls, v: str) -> str:
         if v != "host":
-            raise ValueError(
-                f"image {excerpt(v)} is not available: this version runs jobs on image 'host' only "
-                "(the host's /usr, read-only); remove the key or write image: host"
-            )
+            from stockade.image.reference import BadReference, parse_reference
+
+            try:
+                parse_reference(v)
+            except BadReference as e:
+                raise ValueError(f"image {excerpt(v)} is not an image reference: {e.why}; write "
+                                 "host (the host's /usr, read-only) or "
+                                 "REGISTRY/REPO@sha256:DIGEST or REGISTRY/REPO:TAG") from None
         return v
 
     @field_validator("env")

@@ -51,7 +51,8 @@ def test_bad_duration_names_path_and_fix() -> None:
     (MINIMAL + "artifacts: ['../x']\n", "artifacts: '../x' must be a glob relative"),
     (MINIMAL + "artifacts: ['/etc/*']\n", "artifacts: '/etc/*' must be a glob relative"),
     (MINIMAL + "egress: {mode: open}\n", "egress.mode: 'open' is not an egress mode"),
-    (MINIMAL + "image: alpine\n", "image: image 'alpine' is not available"),
+    (MINIMAL + "image: alpine\n", "image: image 'alpine' is not an image reference: name the "
+                                   "registry"),
     (MINIMAL + "  - name: a\n    run: echo again\n", "steps: two steps are named 'a'"),
     ("name: t\nsteps:\n  - name: a\n    run: '  '\n", "steps[0].run: the script is empty"),
     ("name: bad name\nsteps:\n  - {name: a, run: x}\n", "name: 'bad name' is not a valid name"),

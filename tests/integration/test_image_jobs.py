@@ -1,0 +1,92 @@
+"""Jobs on an OCI image (a static busybox, pushed to a real registry on loopback): the tag is
+pinned at admission, the runner pulls and caches the image, steps run on the image's tree with
+an /etc of stockade's making and every control of image: host; and what is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stockade.image.registry import Registry, RegistryConfig
+from tests.support.images import busybox_image
+from tests.support.registry import RunningRegistry
+
+PROBE = """\
+id -u; id -g
+cat /etc/os-release
+test ! -e /usr/bin/python3 && echo no-host-usr
+grep -c '^ci:x:1000:1000:' /etc/passwd
+grep -q ubuntu /etc/passwd || echo no-image-user-1000
+test ! -e /etc/shadow && echo no-shadow
+grep -q evil /etc/hosts || echo our-hosts
+touch /bin/x 2>/dev/null || echo read-only-root
+touch /etc/x 2>/dev/null || echo read-only-etc
+echo built > /workspace/out.txt && cat /workspace/out.txt
+readlink /etc/escape
+cat /etc/escape 2>/dev/null || echo escape-dangles
+mkdir /tmp/m; mount -t tmpfs none /tmp/m 2>/dev/null && echo MOUNTED || echo no-mount
+unshare -U true 2>/dev/null && echo USERNS || echo no-userns
+mknod /tmp/d c 1 3 2>/dev/null && echo MKNOD || echo no-mknod
+echo x | nc -w 1 127.0.0.1 22 2>/dev/null && echo NETWORK || echo no-network
+hostname evil 2>/dev/null && echo HOSTNAME || echo no-hostname
+chroot / true 2>/dev/null && echo CHROOT || echo no-chroot
+echo kcore=$(head -c 16 /proc/kcore 2>/dev/null | wc -c)
+"""
+
+
+@pytest.fixture
+def image_env(plain_registry: RunningRegistry, tmp_path: Path) -> dict[str, str]:
+    image = busybox_image(tmp_path, extra={"etc/escape": "-> /etc/shadow"})
+    client = Registry(RegistryConfig(insecure=frozenset({plain_registry.host})))
+    image.push(client, f"{plain_registry.host}/test/busybox:1")
+    client.close()
+    return {"STOCKADE_IMAGE_REGISTRIES": plain_registry.host,
+            "STOCKADE_INSECURE_REGISTRIES": plain_registry.host,
+            "DIGEST": image.digest, "HOST": plain_registry.host}
+
+
+def _spec(image: str, script: str = PROBE) -> str:
+    return (f"name: on-image\nimage: {image}\nsteps:\n  - name: probe\n    run: |\n"
+            + "".join(f"      {line}\n" for line in script.splitlines()))
+
+
+def test_a_job_runs_on_its_image_with_our_etc(run_job, image_env: dict[str, str]) -> None:
+    host, digest = image_env.pop("HOST"), image_env.pop("DIGEST")
+    job = run_job(_spec(f"{host}/test/busybox:1"), **image_env)
+    assert job.rc == 0, job.stderr + job.log
+    lines = job.log
+    for expected in ("ID=stockade-test", "no-host-usr", "no-image-user-1000", "no-shadow",
+                     "our-hosts", "read-only-root", "read-only-etc", "built",
+                     "escape-dangles", "no-mount", "no-userns", "no-mknod", "no-network",
+                     "no-hostname", "no-chroot", "kcore=0"):
+        assert expected in lines, (expected, lines)
+    assert "1000\n" in lines and "$6$secret" not in lines
+    for forbidden in ("MOUNTED", "USERNS", "MKNOD", "NETWORK", "HOSTNAME", "CHROOT"):
+        assert forbidden not in lines, forbidden
+    assert job.result["image"] == f"{host}/test/busybox@{digest}"
+    # (the runner runs only pinned images: the tag was pinned at admission)
+    # again, with the registry unknown to this runner: the cached digest still runs
+    again = run_job(_spec(f"{host}/test/busybox@{digest}", "cat /etc/os-release"),
+                    **{**image_env, "STOCKADE_INSECURE_REGISTRIES": ""})
+    assert again.rc == 0 and "ID=stockade-test" in again.log, again.stderr + again.log
+
+
+def test_images_the_operator_did_not_allow_or_that_are_missing(
+        run_job, image_env: dict[str, str]) -> None:
+    host = image_env.pop("HOST")
+    image_env.pop("DIGEST")
+    other = run_job(_spec("registry.example/team/base:1"), **image_env)
+    assert other.rc == 3 and other.result["failure_reason"] == "policy_denied"
+    assert "image_registries" in other.stderr + json.dumps(other.result)
+    missing = run_job(_spec(f"{host}/test/none:1"), **image_env)
+    assert missing.rc != 0 and missing.result.get("failure_reason") == "image_unavailable", \
+        missing.stderr
+    unpinned_missing = run_job(_spec(f"{host}/test/busybox@sha256:" + "1" * 64), **image_env)
+    assert unpinned_missing.result["failure_reason"] == "image_unavailable"
+    assert unpinned_missing.result["steps"] == []
+    networked = run_job(_spec(f"{host}/test/busybox:1").replace(
+        "steps:", "egress:\n  mode: block\n  allow: [example.com:443]\nsteps:"), **image_env)
+    assert networked.result["failure_reason"] == "policy_denied"
+    assert "Traceback" not in other.stderr + missing.stderr + unpinned_missing.stderr
