@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def test_the_least_recently_used_images_are_evicted(registry: RunningRegistry,
     left = {i.digest for i in cache.images()}
     assert images[0].digest not in left and left == {images[1].digest, images[2].digest}
     assert not pulled[0].rootfs.exists() and pulled[2].rootfs.is_dir()
-    assert [i.digest for i in cache.prune(everything=True)] == [images[1].digest,
-                                                                images[2].digest]
+    held = cache.use(images[1].digest)  # a job stands on it: never evicted meanwhile
+    assert [i.digest for i in cache.prune(everything=True)] == [images[2].digest]
+    assert pulled[1].rootfs.is_dir()
+    os.close(held)
+    assert [i.digest for i in cache.prune(everything=True)] == [images[1].digest]
     assert cache.images() == [] and not list((tmp_path / "images" / "trees").iterdir())
     client.close()
 

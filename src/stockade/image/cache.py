@@ -116,6 +116,25 @@ class ImageCache:
         self._record(image)
         return image
 
+    def use(self, digest: str) -> int:
+        """Mark the image in use by a job until the returned descriptor is closed (a shared
+        lock): :meth:`prune` never evicts a tree a running job stands on."""
+        fd = os.open(self.root / "locks" / f"{_hex(digest)}.use",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    def _unused(self, digest: str) -> bool:
+        fd = os.open(self.root / "locks" / f"{_hex(digest)}.use",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
     def images(self) -> list[CachedImage]:
         """Every cached image, the most recently used first."""
         found = (self.get(f"sha256:{p.stem}") for p in (self.root / "images").glob("*.json"))
@@ -123,14 +142,15 @@ class ImageCache:
 
     def prune(self, keep: Sequence[str] = (), everything: bool = False) -> list[CachedImage]:
         """Evict the least recently used images (all with ``everything``) until the trees fit
-        in the limit, never those in ``keep`` or being pulled; the evicted ones."""
+        in the limit, never those in ``keep``, being pulled or in use by a job (nor a tree
+        another cached image shares); the evicted ones."""
         images = self.images()
         used = sum({i.chain_id: i.size for i in images}.values())
         evicted = []
         for image in reversed(images):
             if not everything and used <= self.limit:
                 break
-            if image.digest in keep:
+            if image.digest in keep or not self._unused(image.digest):
                 continue
             with self._lock(image.digest, wait=False) as locked:
                 if not locked:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -82,6 +83,7 @@ class Attempt:
         self.records: tuple[EgressRecord, ...] = ()
         self._running: tuple[str, float] | None = None  # the step running, since when
         self._canceled: str | None = None  # why the attempt was canceled from outside
+        self._image_use: int | None = None  # the image cache's in-use lock of the job's image
 
     def cancel(self, why: str) -> None:
         """Stop the attempt from another thread (a runner agent's heartbeat): the job's
@@ -192,6 +194,7 @@ class Attempt:
         registry = Registry(registry_config(self.settings))
         try:
             image = found or cache.pull(registry, ref)
+            self._image_use = cache.use(image.digest)  # until teardown: not evicted meanwhile
         except ImageRefused as e:
             raise ImageProblem(FailureReason.IMAGE_UNVERIFIED, e.message) from None
         except StockadeError as e:
@@ -296,6 +299,9 @@ class Attempt:
                 for item in leftovers:
                     self.log.note(f"TEARDOWN FAILED: {item}")
                 self.status, self.reason = JobStatus.ERROR, FailureReason.SYSTEM_ERROR
+        if self._image_use is not None:
+            os.close(self._image_use)
+            self._image_use = None
 
     def _finish(self) -> Completion:
         duration = time.monotonic() - self.started
