@@ -74,6 +74,9 @@ class Settings(NamedTuple):
     registry_mirrors: tuple[str, ...] = ()
     registry_auth_file: str = ""
     registry_ca_file: str = ""
+    # hosts a registry may send the runner to besides itself: its token service (bearer
+    # realm), its blob storage (redirects); any other is refused
+    registry_auxiliary_hosts: tuple[str, ...] = ()
     image_cache_bytes: int = 20 * 1024 * MiB
 
     @property
@@ -142,6 +145,7 @@ _ENV = {
     "STOCKADE_REGISTRY_MIRRORS": "registry_mirrors",
     "STOCKADE_REGISTRY_AUTH_FILE": "registry_auth_file",
     "STOCKADE_REGISTRY_CA_FILE": "registry_ca_file",
+    "STOCKADE_REGISTRY_AUXILIARY_HOSTS": "registry_auxiliary_hosts",
     "STOCKADE_IMAGE_CACHE": "image_cache_bytes",
 }
 

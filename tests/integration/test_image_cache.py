@@ -39,13 +39,16 @@ def test_a_pulled_image_is_cached_and_used_while_the_registry_is_down(
     assert pulled.chain_id == chain_id([image.diff_id]) == image.diff_id
     assert (tmp_path / "images").stat().st_mode & 0o777 == 0o700
     client.close()
-    offline = Registry(RegistryConfig(insecure=frozenset({"127.0.0.1:9"})))
-    again = cache.pull(offline, ref._replace(registry="127.0.0.1:9"))
+    offline = Registry(RegistryConfig())  # no credentials, no CA: any request would fail
+    again = cache.pull(offline, ref)
     assert again.rootfs == pulled.rootfs and again.last_used >= pulled.last_used
     started = time.monotonic()
     with pytest.raises(ImageUnavailable):
-        cache.pull(offline, ref._replace(registry="127.0.0.1:9", digest="sha256:" + "1" * 64))
+        cache.pull(offline, ref._replace(digest="sha256:" + "1" * 64))
     assert time.monotonic() - started < 5
+    # the same content named in another repository is not taken from the cache unchecked
+    with pytest.raises(ImageUnavailable):
+        cache.pull(offline, ref._replace(repository="cache/other"))
 
 
 def test_the_least_recently_used_images_are_evicted(registry: RunningRegistry,

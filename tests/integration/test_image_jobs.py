@@ -90,3 +90,23 @@ def test_images_the_operator_did_not_allow_or_that_are_missing(
         "steps:", "egress:\n  mode: block\n  allow: [example.com:443]\nsteps:"), **image_env)
     assert networked.result["failure_reason"] == "policy_denied"
     assert "Traceback" not in other.stderr + missing.stderr + unpinned_missing.stderr
+
+
+def test_an_image_whose_etc_is_a_link_gets_ours_only(run_job, plain_registry: RunningRegistry,
+                                                       tmp_path: Path) -> None:
+    from tests.support.images import APPLETS, BUSYBOX, Image
+
+    files: dict[str, bytes | str] = {"bin/busybox": BUSYBOX.read_bytes(), "etc": "-> /etc"}
+    files |= {f"bin/{applet}": "-> busybox" for applet in APPLETS}
+    image = Image(tmp_path, "", files=files)
+    client = Registry(RegistryConfig(insecure=frozenset({plain_registry.host})))
+    image.push(client, f"{plain_registry.host}/test/linked-etc:1")
+    client.close()
+    job = run_job(_spec(f"{plain_registry.host}/test/linked-etc:1", "cat /etc/passwd /etc/group"),
+                  STOCKADE_IMAGE_REGISTRIES=plain_registry.host,
+                  STOCKADE_INSECURE_REGISTRIES=plain_registry.host)
+    assert job.rc == 0, job.stderr + job.log
+    host = Path("/etc/passwd").read_text().splitlines()[1:]  # (root's line may be any image's)
+    assert "ci:x:1000:1000:" in job.log
+    assert not any(line and line in job.log for line in host), job.log
+

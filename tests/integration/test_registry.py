@@ -75,13 +75,21 @@ def test_an_index_is_followed_to_the_linux_amd64_image(registry: RunningRegistry
 def test_a_registry_that_hands_out_bearer_tokens(token_registry: RunningRegistry,
                                                  tmp_path: Path) -> None:
     image = Image(tmp_path, "tokens")
-    client = _client(token_registry)
+    assert token_registry.tokens is not None
+    realm = token_registry.tokens.realm.split("/")[2]
+    # a realm on another host is used only if the operator names it
+    bare = _client(token_registry)
+    with pytest.raises(ImageUnavailable, match="401"):
+        bare.resolve(parse_reference(f"{token_registry.host}/team/tok:1"))
+    bare.close()
+    client = _client(token_registry, auxiliary_hosts=frozenset({realm}))
     image.push(client, f"{token_registry.host}/team/tok:1")
     ref = parse_reference(f"{token_registry.host}/team/tok:1")
     assert client.manifest(ref.with_digest(client.resolve(ref))).digest == image.digest
-    assert token_registry.tokens is not None and token_registry.tokens.issued == 2  # push, pull
+    assert token_registry.tokens.issued == 2  # push, pull
     stranger = Registry(RegistryConfig(credentials={token_registry.host: ("ci", "nope")},
-                                       ca_file=token_registry.ca_file))
+                                       ca_file=token_registry.ca_file,
+                                       auxiliary_hosts=frozenset({realm})))
     with pytest.raises(ImageUnavailable, match="401"):
         stranger.resolve(ref)
     stranger.close()
@@ -152,3 +160,85 @@ def test_a_registry_that_is_down_fails_fast(tmp_path: Path) -> None:
         client.resolve(parse_reference("127.0.0.1:9/team/app:1"))
     assert time.monotonic() - started < 5
     client.close()
+
+
+class _Hostile:
+    """A registry of the attacker's on loopback: its manifest route answers with ``reply``
+    (status, headers, body, seconds between body bytes); and an "internal" service that
+    counts who reaches it."""
+
+    def __init__(self, reply: tuple[int, dict[str, str], bytes, float]) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.internal_hits = 0
+
+        class Registry(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, headers, body, drip = reply
+                self.send_response(status)
+                for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v.replace("INTERNAL", outer.internal))
+                self.end_headers()
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(drip)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Internal(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.internal_hits += 1
+                body = b'{"token": "INTERNAL-SECRET"}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), h)
+                        for h in (Registry, Internal)]
+        self.host = f"127.0.0.1:{self.servers[0].server_address[1]}"
+        self.internal = f"127.0.0.1:{self.servers[1].server_address[1]}"
+        for server in self.servers:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.mark.parametrize("reply", [
+    (401, {"WWW-Authenticate": 'Bearer realm="http://INTERNAL/creds",service="x"'}, b"", 0.0),
+    (307, {"Location": "http://INTERNAL/latest/meta-data"}, b"", 0.0),
+])
+def test_a_registry_cannot_send_the_runner_elsewhere(reply: Any) -> None:
+    hostile = _Hostile(reply)
+    client = Registry(RegistryConfig(insecure=frozenset({hostile.host}),
+                                     credentials={hostile.host: ("ci", "operator-secret")}))
+    try:
+        with pytest.raises(ImageUnavailable):
+            client.resolve(parse_reference(f"{hostile.host}/team/app:1"))
+        assert hostile.internal_hits == 0
+    finally:
+        client.close()
+        hostile.close()
+
+
+def test_a_registry_that_answers_a_byte_at_a_time_runs_out_of_time() -> None:
+    hostile = _Hostile((200, {"Content-Type": OCI_MANIFEST}, b"{" + b" " * 200 + b"}", 0.5))
+    client = Registry(RegistryConfig(insecure=frozenset({hostile.host}))).within(2.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ImageUnavailable, match="out of time"):
+            client.resolve(parse_reference(f"{hostile.host}/team/app:1"))
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()
+        hostile.close()

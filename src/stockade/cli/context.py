@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import shutil
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from stockade import liveness
@@ -84,18 +85,27 @@ def recover_lost(settings: Settings, control: ControlService,
     return lost
 
 
+RESOLVE_S = 20.0  # a tag's resolution at admission, all tries and reads
+_RESOLVING = threading.BoundedSemaphore(4)  # at once per process: submits never wait on it
+
+
 def resolve_image(settings: Settings, text: str) -> str:
-    """``text`` (an image reference with a tag) pinned to the digest the registry names now."""
+    """``text`` (an image reference with a tag) pinned to the digest the registry names now,
+    within ``RESOLVE_S``; at most four at once (a slow registry cannot tie up a server)."""
     from stockade.image.reference import parse_reference
-    from stockade.image.registry import Registry
+    from stockade.image.registry import ImageUnavailable, Registry
     from stockade.image.settings import registry_config
 
     ref = parse_reference(text)
-    registry = Registry(registry_config(settings))
+    if not _RESOLVING.acquire(blocking=False):
+        raise ImageUnavailable("other image tags are being resolved right now; pin the image "
+                               "by digest (REGISTRY/REPO@sha256:...) or submit again")
+    registry = Registry(registry_config(settings)).within(RESOLVE_S)
     try:
         return str(ref.with_digest(registry.resolve(ref)))
     finally:
         registry.close()
+        _RESOLVING.release()
 
 
 def admission_policy(settings: Settings) -> AdmissionPolicy:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from stockade.image.reference import ImageRef
 from stockade.image.registry import MAX_MANIFEST_BYTES, ImageRefused, Registry
 
+MAX_TOP_LEVEL = 512  # entries at an image's root (each is one bind of the job's root)
 CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
                 "application/vnd.docker.container.image.v1+json")
 
@@ -78,9 +79,10 @@ class ImageCache:
             raise ValueError("pull a pinned reference")
         with self._lock(ref.digest):
             found = self.get(ref.digest)
-            if found is not None:
+            if found is not None and _repository(found.reference) == _repository(str(ref)):
                 return self._touch(found)
-            image = self._pull(registry, ref)
+            image = self._pull(registry, ref)  # (the same content pulled from elsewhere: the
+            # job's own registry must have it too; its tree is used again, not downloaded)
         self.prune(keep=(image.digest,))
         return image
 
@@ -89,8 +91,7 @@ class ImageCache:
 
         manifest = registry.manifest(ref)
         if manifest.config.media_type not in CONFIG_TYPES:
-            raise ImageRefused(f"image {ref} has a config of type "
-                               f"{manifest.config.media_type[:100]!r}, not an image config")
+            raise ImageRefused(f"image {ref} has no image config")
         with tempfile.TemporaryDirectory(dir=self.root / "tmp") as tmp:
             config_path = Path(tmp) / "config.json"
             with config_path.open("w+b") as f:
@@ -104,6 +105,7 @@ class ImageCache:
             chain = chain_id(diff_ids)
             tree = self.root / "trees" / _hex(chain)
             if not tree.is_dir():
+                self._check_room(ref, sum(layer.size for layer in manifest.layers))
                 layers = []
                 for n, layer in enumerate(manifest.layers):
                     path = Path(tmp) / f"layer-{n}"
@@ -111,6 +113,12 @@ class ImageCache:
                         registry.blob(ref, layer, f)
                     layers.append((path, layer.media_type, diff_ids[n]))
                 unpack_image(layers, tree)
+        top = sum(1 for _ in os.scandir(tree))
+        if top > MAX_TOP_LEVEL:
+            if not any(i.chain_id == chain for i in self.images()):
+                self._remove_tree(tree)
+            raise ImageRefused(f"image {ref} has {top} entries at its root, more than the "
+                               f"{MAX_TOP_LEVEL} a job's root may have")
         image = CachedImage(manifest.digest, str(ref.with_digest(manifest.digest)), chain, tree,
                             dict(config.get("config") or {}), _tree_size(tree), time.time())
         self._record(image)
@@ -134,6 +142,15 @@ class ImageCache:
             return False
         finally:
             os.close(fd)
+
+    def _check_room(self, ref: ImageRef, size: int) -> None:
+        """Refuse an image whose layers cannot fit (the cache's limit, the disk's free space)
+        before downloading any of them."""
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if size > self.limit or size * 2 > free:
+            raise ImageRefused(f"image {ref} has {size} bytes of layers; the cache holds "
+                               f"{self.limit} and the disk has {free} free")
 
     def images(self) -> list[CachedImage]:
         """Every cached image, the most recently used first."""
@@ -194,6 +211,11 @@ class ImageCache:
             yield True
         finally:
             os.close(fd)
+
+
+def _repository(reference: str) -> str:
+    """``registry/repository`` of a pinned reference."""
+    return reference.split("@", 1)[0]
 
 
 def _hex(digest: str) -> str:

@@ -59,7 +59,11 @@ class RegistryConfig(NamedTuple):
     mirrors: Mapping[str, tuple[str, ...]] = {}  # registry -> mirrors, tried first, in order
     ca_file: str | None = None  # extra CA bundle (PEM) for registries' certificates
     attempts: int = 3  # per source, for unreachable/5xx
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  # one read
+    # other hosts a registry may send the runner to (its token service, its blob storage):
+    # any other realm or redirect is refused (a registry must not make the runner fetch
+    # what it likes, nor get the operator's credentials sent elsewhere)
+    auxiliary_hosts: frozenset[str] = frozenset()
 
 
 class Descriptor(NamedTuple):
@@ -101,7 +105,20 @@ class Registry:
         self.config, self.max_blob_bytes, self.max_layers = config, max_blob_bytes, max_layers
         self._clients: dict[str, httpx.Client] = {}
         self._plain: httpx.Client | None = None  # for redirects to blob storage
+        self.deadline = float("inf")  # time.monotonic() by which the operation must end
         self._tokens: dict[tuple[str, str], str] = {}  # (host, scope) -> bearer token
+
+    def within(self, seconds: float) -> Registry:
+        """Give what this client does from now on ``seconds`` in all (every try and read):
+        a registry that answers a byte at a time cannot hold a runner or a server."""
+        self.deadline = time.monotonic() + seconds
+        return self
+
+    def _left(self, host: str) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _SourceFailed(f"{host}: out of time")
+        return left
 
     def close(self) -> None:
         """Close the connections."""
@@ -131,8 +148,7 @@ class Registry:
             media_type, raw, digest = self._manifest(ref, chosen, chosen)
             doc = _json(raw, digest)
         if media_type not in MANIFESTS:
-            raise ImageRefused(f"manifest {digest} is of type {media_type[:100]!r}, not an "
-                               "image manifest")
+            raise ImageRefused(f"manifest {digest} is not an image manifest")
         layers = doc.get("layers")
         if not isinstance(layers, list) or len(layers) > self.max_layers:
             raise ImageRefused(f"manifest {digest} has no layer list or more than "
@@ -155,7 +171,7 @@ class Registry:
                     _check_status(response, source)
                     out.seek(0)
                     out.truncate()
-                    _copy_checked(response.iter_bytes(CHUNK), out, d)
+                    _copy_checked(self._timed(source, response.iter_bytes()), out, d)
                     return
             except _SourceFailed as e:
                 problems.append(str(e))
@@ -176,7 +192,8 @@ class Registry:
                         problems.append(f"{source}: no manifest {reference}")
                         continue
                     _check_status(response, source)
-                    raw = _read_bounded(response.iter_bytes(CHUNK), MAX_MANIFEST_BYTES,
+                    raw = _read_bounded(self._timed(source, response.iter_bytes()),
+                                        MAX_MANIFEST_BYTES,
                                         f"manifest {reference}")
                     media_type = response.headers.get("content-type", "").split(";")[0].strip()
             except _SourceFailed as e:
@@ -255,6 +272,11 @@ class Registry:
                  push: bool = False, **kwargs: Any) -> _Answer:
         return _Answer(self, host, method, url, repository, push, kwargs)
 
+    def _timed(self, host: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self._left(host)
+            yield chunk
+
     def _send(self, host: str, method: str, url: str, repository: str, push: bool,
               kwargs: dict[str, Any]) -> httpx.Response:
         """One request with retries (unreachable, 5xx, 429) and authentication (basic, or a
@@ -272,12 +294,14 @@ class Registry:
             auth = self._authorization(host, scope)
             if auth:
                 headers["Authorization"] = auth
+            timeout = min(self.config.timeout_s, self._left(host))
             try:
-                request = client.build_request(method, url, **{**kwargs, "headers": headers})
+                request = client.build_request(method, url, timeout=timeout,
+                                               **{**kwargs, "headers": headers})
                 response = client.send(request, stream=True)
-                if response.is_redirect and method == "GET":
+                if response.is_redirect and method == "GET" and "/blobs/" in url:
                     response = self._follow(host, response)
-            except httpx.HTTPError as e:
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:  # (a bad URL too)
                 problem = f"{host}: {type(e).__name__}: {str(e)[:200]}"
             else:
                 if response.status_code == 401 and not tried_auth:
@@ -292,7 +316,7 @@ class Registry:
                 problem = f"{host}: {response.status_code}"
                 response.close()
             attempt += 1
-            if attempt >= self.config.attempts:
+            if attempt >= self.config.attempts or self.deadline - time.monotonic() < delay:
                 raise _SourceFailed(problem)
             time.sleep(delay)
             delay *= 2
@@ -307,11 +331,15 @@ class Registry:
             response.close()
             if not (target.startswith("https://") or host in self.config.insecure):
                 raise _SourceFailed(f"{host}: redirected to plain HTTP: refused")
+            if not self._may_visit(host, target):
+                raise _SourceFailed(f"{host}: redirected to a host that is neither it nor one "
+                                    "of registry_auxiliary_hosts: refused")
             if self._plain is None:
                 self._plain = httpx.Client(verify=self._verify(),
                                            timeout=self.config.timeout_s, trust_env=False,
                                            follow_redirects=False)
-            response = self._plain.send(self._plain.build_request("GET", target), stream=True)
+            response = self._plain.send(self._plain.build_request(
+                "GET", target, timeout=min(self.config.timeout_s, self._left(host))), stream=True)
             if not response.is_redirect:
                 return response
         response.close()
@@ -348,6 +376,17 @@ class Registry:
         self._tokens[(host, scope)] = token
         return True
 
+    def _may_visit(self, host: str, url: str) -> bool:
+        """Whether the registry ``host`` may send the runner to ``url``: its own host, or
+        one of the operator's auxiliary hosts."""
+        from urllib.parse import urlsplit
+
+        try:
+            netloc = urlsplit(url).netloc
+        except ValueError:
+            return False
+        return bool(netloc) and (netloc == host or netloc in self.config.auxiliary_hosts)
+
     def _bearer(self, host: str, fields: dict[str, str], scope: str,
                 basic: str | None) -> str | None:
         import httpx
@@ -356,23 +395,32 @@ class Registry:
         secure = realm.startswith("https://")
         if not (secure or (realm.startswith("http://") and host in self.config.insecure)):
             return None  # credentials never travel in the clear to a realm we did not allow
+        if not self._may_visit(host, realm):
+            return None  # nor to a host the operator did not name
         params = {"scope": scope, **({"service": fields["service"]} if "service" in fields
                                      else {})}
         try:
-            answer = httpx.get(realm, params=params, headers={"Authorization": basic}
-                               if basic else {}, verify=self._verify(),
-                               timeout=self.config.timeout_s, follow_redirects=False,
-                               trust_env=False)
-            doc = answer.json() if answer.status_code == 200 and len(answer.content) < 65536 \
-                else {}
-        except (httpx.HTTPError, ValueError):
+            with httpx.stream("GET", realm, params=params, headers={"Authorization": basic}
+                              if basic else {}, verify=self._verify(),
+                              timeout=min(self.config.timeout_s, self._left(host)),
+                              follow_redirects=False, trust_env=False) as answer:
+                if answer.status_code != 200:
+                    return None
+                body = bytearray()
+                for chunk in answer.iter_bytes():
+                    body += chunk
+                    if len(body) > 65536:
+                        return None
+                    self._left(host)
+            doc = json.loads(bytes(body))
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, RecursionError, _SourceFailed):
             return None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         return token if isinstance(token, str) and 0 < len(token) < 16384 else None
 
 
-class _SourceFailed(Exception):
-    """A source did not answer usefully (unreachable, 5xx, refused credentials)."""
+class _SourceFailed(ImageUnavailable):
+    """A source did not answer usefully (unreachable, 5xx, refused credentials, too slow)."""
 
 
 class _Answer:

@@ -17,7 +17,7 @@ MAX_AUTH_FILE = 1 << 20
 
 def registry_config(settings: Settings) -> RegistryConfig:
     """:class:`RegistryConfig` from ``insecure_registries``, ``registry_mirrors``,
-    ``registry_auth_file`` and ``registry_ca_file``."""
+    ``registry_auth_file``, ``registry_ca_file`` and ``registry_auxiliary_hosts``."""
     mirrors: dict[str, tuple[str, ...]] = {}
     for entry in settings.registry_mirrors:
         origin, sep, mirror = entry.partition("=")
@@ -31,7 +31,8 @@ def registry_config(settings: Settings) -> RegistryConfig:
                           hint="point it at a PEM bundle of the registries' CA certificates")
     return RegistryConfig(credentials=_credentials(settings.registry_auth_file),
                           insecure=frozenset(settings.insecure_registries), mirrors=mirrors,
-                          ca_file=ca_file)
+                          ca_file=ca_file,
+                          auxiliary_hosts=frozenset(settings.registry_auxiliary_hosts))
 
 
 def _credentials(path: str) -> dict[str, tuple[str, str]]:

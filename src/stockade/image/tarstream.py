@@ -39,6 +39,7 @@ CHUNK = 64 * 1024
 MAX_COMPONENT = 255
 MAX_META = 1024 * 1024  # one pax or GNU long-name header: names, links and (ignored) xattrs
 MAX_SHOWN = 160
+MAX_MTIME = 2**32 - 1  # 2106: what every file system here stores
 HINT = "the image is refused; use an image built by a standard tool from trusted content"
 
 FILE, DIR, SYMLINK, HARDLINK = "file", "directory", "symbolic link", "hard link"
@@ -333,7 +334,8 @@ def _member(block: bytes, name: bytes, ext: dict[bytes, Any], limits: LayerLimit
         raise LayerRefused(f"the link target '{shown(target)}' is empty, longer than "
                            f"{limits.max_name} bytes or holds a control character", raw)
     mode = _number(block[100:108], raw) & 0o7777
-    return Member(raw, clean(raw, limits, "name", raw), kind, mode, max(mtime, 0), size,
+    mtime = min(max(mtime, 0), MAX_MTIME)  # (the file system's range: no OverflowError)
+    return Member(raw, clean(raw, limits, "name", raw), kind, mode, mtime, size,
                   target if kind in (SYMLINK, HARDLINK) else b"")
 
 

@@ -191,9 +191,11 @@ class Attempt:
         started = time.monotonic()
         cache = ImageCache(self.settings.home / "images", self.settings.image_cache_bytes)
         found = cache.get(ref.digest)
-        registry = Registry(registry_config(self.settings))
+        # the pull counts against the job's own timeout
+        left = self.started + self.spec.timeout - time.monotonic()
+        registry = Registry(registry_config(self.settings)).within(max(1.0, left))
         try:
-            image = found or cache.pull(registry, ref)
+            image = cache.pull(registry, ref)
             self._image_use = cache.use(image.digest)  # until teardown: not evicted meanwhile
         except ImageRefused as e:
             raise ImageProblem(FailureReason.IMAGE_UNVERIFIED, e.message) from None

@@ -27,6 +27,7 @@ from stockade.sandbox.rootfs import JOB_GID, JOB_HOME, JOB_UID, JOB_USER
 OURS = frozenset({"etc", "proc", "dev", "sys", "tmp", "run", "workspace"})
 LEFT_OUT = frozenset({"shadow", "gshadow", "shadow-", "gshadow-", "passwd-", "group-"})
 MAX_ETC_BYTES = 64 * 1024 * 1024
+MAX_ETC_ENTRIES = 20_000
 MAX_ACCOUNTS_BYTES = 1024 * 1024
 _FILES = {
     "hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
@@ -81,9 +82,13 @@ def has(tree: Path, path: str) -> bool:
 def image_etc(tree: Path, runtime_dir: Path) -> Path:
     """The ``/etc`` for jobs on the image unpacked at ``tree`` (built once, see above)."""
     target = runtime_dir / f"etc-img-{tree.name}"
+    if not tree.is_dir() or tree.is_symlink():
+        raise SandboxError(f"the image's tree {tree.name} is gone from the cache",
+                           hint="run the job again (the image is pulled again)")
     if target.is_dir():
         os.utime(target)
         return target
+    _forget_evicted(runtime_dir, tree.parent)
     tmp = runtime_dir / f".etc-img-{os.getpid()}-{threading.get_native_id()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -103,15 +108,25 @@ def image_etc(tree: Path, runtime_dir: Path) -> Path:
     return target
 
 
+def _forget_evicted(runtime_dir: Path, trees: Path) -> None:
+    """Remove the ``/etc`` copies of images whose trees the cache evicted."""
+    for old in runtime_dir.glob("etc-img-*"):
+        if not (trees / old.name.removeprefix("etc-img-")).is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _copy_etc(src: Path, dst: Path) -> None:
     try:
         if not stat.S_ISDIR(os.lstat(src).st_mode):
             return  # an image whose /etc is a link or a file gets ours only
     except FileNotFoundError:
         return
-    total = 0
+    total, entries = 0, 0
     for top, dirs, files in os.walk(src, followlinks=False):
         rel = Path(top).relative_to(src)
+        entries += len(dirs) + len(files)
+        if entries > MAX_ETC_ENTRIES:
+            raise SandboxError(f"the image's /etc has more than {MAX_ETC_ENTRIES} entries")
         for name in [*dirs, *files]:
             source, dest = Path(top) / name, dst / rel / name
             if rel == Path(".") and name in LEFT_OUT:
@@ -130,13 +145,26 @@ def _copy_etc(src: Path, dst: Path) -> None:
 
 
 def _accounts(src: Path, dst: Path) -> None:
-    """``passwd`` and ``group``: the image's entries, less any with our name or id, and ours."""
+    """``passwd`` and ``group``: the image's entries, less any with our name or id, and ours
+    (an image whose ``/etc`` is not a directory of its own gets ours only)."""
+    try:
+        etc = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        etc = None
+    try:
+        _write_accounts(etc, dst)
+    finally:
+        if etc is not None:
+            os.close(etc)
+
+
+def _write_accounts(etc: int | None, dst: Path) -> None:
     ours = {"passwd": (f"{JOB_USER}:x:{JOB_UID}:{JOB_GID}:stockade job:{JOB_HOME}:/bin/sh",
                        JOB_UID),
             "group": (f"{JOB_USER}:x:{JOB_GID}:", JOB_GID)}
     for name, (line, number) in ours.items():
         kept = []
-        for entry in _regular_text(src / name).splitlines():
+        for entry in (_regular_text(etc, name) if etc is not None else "").splitlines():
             fields = entry.split(":")
             if len(fields) < 3 or fields[0] == JOB_USER or fields[2] == str(number):
                 continue
@@ -144,10 +172,11 @@ def _accounts(src: Path, dst: Path) -> None:
         _write(dst / name, ("\n".join([*kept, line]) + "\n").encode())
 
 
-def _regular_text(path: Path) -> str:
-    """A regular file's text (links are not followed: empty then)."""
+def _regular_text(directory: int, name: str) -> str:
+    """The text of the regular file ``name`` in ``directory`` (a link: empty)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=directory)
     except OSError:
         return ""
     try:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from stockade.image.cache import CachedImage, ImageCache
 
 HELP = "pull, list, inspect or prune the image cache"
+PULL_S = 3600.0  # one pull, all of it
 DESCRIPTION = """\
 stockade image pull REGISTRY/REPO@sha256:DIGEST | REGISTRY/REPO:TAG
 stockade image list [--json]
@@ -53,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         from stockade.image.settings import registry_config
 
         ref = parse_reference(args.reference)
-        registry = Registry(registry_config(settings))
+        registry = Registry(registry_config(settings)).within(PULL_S)
         try:
             pinned = ref.with_digest(registry.resolve(ref)) if not ref.digest else ref
             cached = cache.get(pinned.digest or "")
@@ -90,7 +91,9 @@ def _find(cache: ImageCache, text: str) -> CachedImage:
     from stockade.errors import UsageError
 
     digest = text.rpartition("@")[2] if "@" in text else text
-    found = cache.get(digest) if digest.startswith("sha256:") and len(digest) == 71 else None
+    well_formed = digest.startswith("sha256:") and len(digest) == 71 and all(
+        c in "0123456789abcdef" for c in digest[7:])
+    found = cache.get(digest) if well_formed else None
     if found is None:
         raise UsageError(f"no cached image {text[:200]!r}",
                          hint="list them with: stockade image list")
