@@ -162,18 +162,20 @@ def start(tls_and_auth: bool, tokens: bool = False) -> RunningRegistry:
         pytest.fail(f"{BINARY} is missing: install it with apt-get install docker-registry "
                     "apache2-utils (make test does)")
     base = Path(tempfile.mkdtemp(prefix="stockade-test-registry-"))
-    port = _free_port()
-    lines = ["version: 0.1", "log:", "  level: error", "  accesslog:", "    disabled: true",
-             "storage:", "  filesystem:", f"    rootdirectory: {base / 'data'}",
-             "  delete:", "    enabled: true", "http:", f"  addr: 127.0.0.1:{port}",
-             "  secret: stockade-test"]
     ca, token_server = None, None
     if tls_and_auth:
         ca_path, cert, key = _tls(base)
         ca = str(ca_path)
-        lines += ["  tls:", f"    certificate: {cert}", f"    key: {key}", "auth:"]
         if tokens:
             token_server = _TokenServer(base, cert, key)
+    port = _free_port()  # (after the token server took its own)
+    lines = ["version: 0.1", "log:", "  level: error", "  accesslog:", "    disabled: true",
+             "storage:", "  filesystem:", f"    rootdirectory: {base / 'data'}",
+             "  delete:", "    enabled: true", "http:", f"  addr: 127.0.0.1:{port}",
+             "  secret: stockade-test"]
+    if tls_and_auth:
+        lines += ["  tls:", f"    certificate: {cert}", f"    key: {key}", "auth:"]
+        if token_server is not None:
             lines += ["  token:", f"    realm: {token_server.realm}",
                       "    service: stockade-test", "    issuer: stockade-test-issuer",
                       f"    rootcertbundle: {token_server.bundle}"]
@@ -194,7 +196,11 @@ def start(tls_and_auth: bool, tokens: bool = False) -> RunningRegistry:
     while True:
         with contextlib.suppress(httpx.HTTPError):
             verify = ssl.create_default_context(cafile=ca) if ca else False
-            if httpx.get(f"{made.url}/v2/", verify=verify, timeout=2).status_code in (200, 401):
+            answer = httpx.get(f"{made.url}/v2/", verify=verify, timeout=2)
+            # (the registry's own answer: the port was free when picked, another server of
+            # ours, such as the token server, may have taken it since)
+            if answer.status_code in (200, 401) and \
+                    "docker-distribution-api-version" in answer.headers:
                 return made
         if process.poll() is not None or time.monotonic() > deadline:
             made.stop()
