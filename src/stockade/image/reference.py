@@ -41,11 +41,6 @@ class ImageRef(NamedTuple):
     tag: str | None
     digest: str | None
 
-    @property
-    def pinned(self) -> bool:
-        """Whether the digest is known."""
-        return self.digest is not None
-
     def with_digest(self, digest: str) -> ImageRef:
         """The same image pinned to ``digest``."""
         return self._replace(digest=digest)
