@@ -33,15 +33,16 @@ def test_a_pulled_image_is_cached_and_used_while_the_registry_is_down(
     image.push(client, f"{registry.host}/cache/one:1")
     cache = ImageCache(tmp_path / "images", 1 << 30)
     ref = parse_reference(f"{registry.host}/cache/one@{image.digest}")
-    pulled = cache.pull(client, ref)
+    pulled, fresh = cache.pull(client, ref)
+    assert fresh
     assert (pulled.rootfs / "etc/greeting").read_text() == "cached"
     assert (pulled.rootfs / "bin").readlink() == Path("usr/bin")
     assert pulled.chain_id == chain_id([image.diff_id]) == image.diff_id
     assert (tmp_path / "images").stat().st_mode & 0o777 == 0o700
     client.close()
     offline = Registry(RegistryConfig())  # no credentials, no CA: any request would fail
-    again = cache.pull(offline, ref)
-    assert again.rootfs == pulled.rootfs and again.last_used >= pulled.last_used
+    again, fresh = cache.pull(offline, ref)
+    assert not fresh and again.rootfs == pulled.rootfs and again.last_used >= pulled.last_used
     started = time.monotonic()
     with pytest.raises(ImageUnavailable):
         cache.pull(offline, ref._replace(digest="sha256:" + "1" * 64))
@@ -58,7 +59,7 @@ def test_the_least_recently_used_images_are_evicted(registry: RunningRegistry,
     cache = ImageCache(tmp_path / "images", 450_000)  # room for two
     for n, image in enumerate(images):
         image.push(client, f"{registry.host}/cache/lru:{n}")
-    pulled = [cache.pull(client, parse_reference(f"{registry.host}/cache/lru@{i.digest}"))
+    pulled = [cache.pull(client, parse_reference(f"{registry.host}/cache/lru@{i.digest}"))[0]
               for i in images]
     left = {i.digest for i in cache.images()}
     assert images[0].digest not in left and left == {images[1].digest, images[2].digest}

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from stockade.image.reference import ImageRef
-from stockade.image.registry import MAX_MANIFEST_BYTES, ImageRefused, Registry
+from stockade.image.registry import ImageRefused, Registry
+from stockade.liveness import lock_is_free
 
 MAX_TOP_LEVEL = 512  # entries at an image's root (each is one bind of the job's root)
 CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
@@ -73,18 +74,19 @@ class ImageCache:
             return None
         return image if image.rootfs.is_dir() else None
 
-    def pull(self, registry: Registry, ref: ImageRef) -> CachedImage:
-        """The image ``ref`` (pinned) pins, from the cache or pulled, checked and unpacked."""
+    def pull(self, registry: Registry, ref: ImageRef) -> tuple[CachedImage, bool]:
+        """The image ``ref`` (pinned) pins, from the cache or pulled, checked and unpacked;
+        and whether it was pulled now."""
         if not ref.digest:
             raise ValueError("pull a pinned reference")
         with self._lock(ref.digest):
             found = self.get(ref.digest)
             if found is not None and _repository(found.reference) == _repository(str(ref)):
-                return self._touch(found)
+                return self._touch(found), False
             image = self._pull(registry, ref)  # (the same content pulled from elsewhere: the
             # job's own registry must have it too; its tree is used again, not downloaded)
         self.prune(keep=(image.digest,))
-        return image
+        return image, True
 
     def _pull(self, registry: Registry, ref: ImageRef) -> CachedImage:
         from stockade.image.layers import unpack_image
@@ -94,9 +96,8 @@ class ImageCache:
             raise ImageRefused(f"image {ref} has no image config")
         with tempfile.TemporaryDirectory(dir=self.root / "tmp") as tmp:
             config_path = Path(tmp) / "config.json"
-            with config_path.open("w+b") as f:
-                registry.blob(ref, manifest.config._replace(
-                    size=min(manifest.config.size, MAX_MANIFEST_BYTES)), f)
+            with config_path.open("w+b") as f:  # (its descriptor is bounded by the manifest's)
+                registry.blob(ref, manifest.config, f)
             config = _config(config_path.read_bytes(), ref)
             diff_ids = config["rootfs"]["diff_ids"]
             if len(diff_ids) != len(manifest.layers) or not diff_ids:
@@ -127,21 +128,12 @@ class ImageCache:
     def use(self, digest: str) -> int:
         """Mark the image in use by a job until the returned descriptor is closed (a shared
         lock): :meth:`prune` never evicts a tree a running job stands on."""
-        fd = os.open(self.root / "locks" / f"{_hex(digest)}.use",
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self._use_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)
         return fd
 
-    def _unused(self, digest: str) -> bool:
-        fd = os.open(self.root / "locks" / f"{_hex(digest)}.use",
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)
+    def _use_path(self, digest: str) -> Path:
+        return self.root / "locks" / f"{_hex(digest)}.use"
 
     def _check_room(self, ref: ImageRef, size: int) -> None:
         """Refuse an image whose layers cannot fit (the cache's limit, the disk's free space)
@@ -167,13 +159,14 @@ class ImageCache:
         for image in reversed(images):
             if not everything and used <= self.limit:
                 break
-            if image.digest in keep or not self._unused(image.digest):
+            if image.digest in keep or lock_is_free(self._use_path(image.digest)) is False:
                 continue
             with self._lock(image.digest, wait=False) as locked:
                 if not locked:
                     continue
                 (self.root / "images" / f"{_hex(image.digest)}.json").unlink(missing_ok=True)
-                if not any(i.chain_id == image.chain_id for i in self.images()):
+                images.remove(image)
+                if not any(i.chain_id == image.chain_id for i in images):
                     self._remove_tree(image.rootfs)
                     used -= image.size
                 evicted.append(image)
@@ -240,9 +233,12 @@ def _config(raw: bytes, ref: ImageRef) -> dict[str, Any]:
 
 
 def _tree_size(tree: Path) -> int:
-    total = 0
-    for top, _dirs, files in os.walk(tree):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+    """The bytes a tree takes (its links are never followed, not even to stat them)."""
+    total, todo = 0, [str(tree)]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
     return total

@@ -190,12 +190,11 @@ class Attempt:
                                f"image {self.spec.image} is not pinned to a digest")
         started = time.monotonic()
         cache = ImageCache(self.settings.home / "images", self.settings.image_cache_bytes)
-        found = cache.get(ref.digest)
         # the pull counts against the job's own timeout
         left = self.started + self.spec.timeout - time.monotonic()
         registry = Registry(registry_config(self.settings)).within(max(1.0, left))
         try:
-            image = cache.pull(registry, ref)
+            image, pulled = cache.pull(registry, ref)
             self._image_use = cache.use(image.digest)  # until teardown: not evicted meanwhile
         except ImageRefused as e:
             raise ImageProblem(FailureReason.IMAGE_UNVERIFIED, e.message) from None
@@ -204,7 +203,7 @@ class Attempt:
         finally:
             registry.close()
         self.details["image"] = image.reference
-        self.log.note(f"image {image.reference} ({'cached' if found else 'pulled'} in "
+        self.log.note(f"image {image.reference} ({'pulled' if pulled else 'cached'} in "
                       f"{time.monotonic() - started:.1f} s)")
         return image.rootfs
 

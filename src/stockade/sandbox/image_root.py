@@ -95,7 +95,7 @@ def image_etc(tree: Path, runtime_dir: Path) -> Path:
         tmp.mkdir(mode=0o755)
         tmp.chmod(0o755)
         _copy_etc(tree / "etc", tmp)
-        _accounts(tree / "etc", tmp)
+        _accounts(tmp)  # (from the copy: the image's tree is read once)
         for name, text in _FILES.items():
             _write(tmp / name, text.encode())
         try:
@@ -116,67 +116,59 @@ def _forget_evicted(runtime_dir: Path, trees: Path) -> None:
 
 
 def _copy_etc(src: Path, dst: Path) -> None:
+    """Copy the image's ``/etc`` (a directory of its own, else nothing) into ``dst``: links
+    as links (never followed, not even to stat them), files by their own bytes."""
     try:
         if not stat.S_ISDIR(os.lstat(src).st_mode):
             return  # an image whose /etc is a link or a file gets ours only
     except FileNotFoundError:
         return
-    total, entries = 0, 0
-    for top, dirs, files in os.walk(src, followlinks=False):
-        rel = Path(top).relative_to(src)
-        entries += len(dirs) + len(files)
-        if entries > MAX_ETC_ENTRIES:
-            raise SandboxError(f"the image's /etc has more than {MAX_ETC_ENTRIES} entries")
-        for name in [*dirs, *files]:
-            source, dest = Path(top) / name, dst / rel / name
-            if rel == Path(".") and name in LEFT_OUT:
-                continue
-            st = os.lstat(source)
-            if stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(source), dest)
-            elif stat.S_ISDIR(st.st_mode):
-                dest.mkdir(mode=0o755)
-            elif stat.S_ISREG(st.st_mode):
-                total += st.st_size
-                if total > MAX_ETC_BYTES:
-                    raise SandboxError(f"the image's /etc is larger than {MAX_ETC_BYTES} bytes")
-                _write(dest, _read(source, st.st_size), st.st_mode & 0o755)
-        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(top, d))]
+    total, count, todo = 0, 0, [(src, dst)]
+    while todo:
+        source_dir, dest_dir = todo.pop()
+        with os.scandir(source_dir) as entries:
+            for entry in entries:
+                count += 1
+                if count > MAX_ETC_ENTRIES:
+                    raise SandboxError(f"the image's /etc has more than {MAX_ETC_ENTRIES} "
+                                       "entries")
+                if source_dir == src and entry.name in LEFT_OUT:
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                dest = dest_dir / entry.name
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(entry.path), dest)
+                elif stat.S_ISDIR(st.st_mode):
+                    dest.mkdir(mode=0o755)
+                    todo.append((Path(entry.path), dest))
+                elif stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+                    if total > MAX_ETC_BYTES:
+                        raise SandboxError(f"the image's /etc is larger than {MAX_ETC_BYTES} "
+                                           "bytes")
+                    _write(dest, _read(Path(entry.path), st.st_size), st.st_mode & 0o755)
 
 
-def _accounts(src: Path, dst: Path) -> None:
-    """``passwd`` and ``group``: the image's entries, less any with our name or id, and ours
-    (an image whose ``/etc`` is not a directory of its own gets ours only)."""
-    try:
-        etc = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        etc = None
-    try:
-        _write_accounts(etc, dst)
-    finally:
-        if etc is not None:
-            os.close(etc)
-
-
-def _write_accounts(etc: int | None, dst: Path) -> None:
+def _accounts(etc: Path) -> None:
+    """``passwd`` and ``group`` in our copy ``etc``: the image's entries (from a regular file
+    only, never through a link), less any with our name or id, and ours."""
     ours = {"passwd": (f"{JOB_USER}:x:{JOB_UID}:{JOB_GID}:stockade job:{JOB_HOME}:/bin/sh",
                        JOB_UID),
             "group": (f"{JOB_USER}:x:{JOB_GID}:", JOB_GID)}
     for name, (line, number) in ours.items():
         kept = []
-        for entry in (_regular_text(etc, name) if etc is not None else "").splitlines():
+        for entry in _regular_text(etc / name).splitlines():
             fields = entry.split(":")
             if len(fields) < 3 or fields[0] == JOB_USER or fields[2] == str(number):
                 continue
             kept.append(entry)
-        _write(dst / name, ("\n".join([*kept, line]) + "\n").encode())
+        _write(etc / name, ("\n".join([*kept, line]) + "\n").encode())
 
 
-def _regular_text(directory: int, name: str) -> str:
-    """The text of the regular file ``name`` in ``directory`` (a link: empty)."""
+def _regular_text(path: Path) -> str:
+    """The text of the regular file ``path`` in our copy (a link there: empty)."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                     dir_fd=directory)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return ""
     try:

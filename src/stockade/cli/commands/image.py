@@ -57,11 +57,10 @@ def main(args: argparse.Namespace) -> int:
         registry = Registry(registry_config(settings)).within(PULL_S)
         try:
             pinned = ref.with_digest(registry.resolve(ref)) if not ref.digest else ref
-            cached = cache.get(pinned.digest or "")
-            image = cached or cache.pull(registry, pinned)
+            image, pulled = cache.pull(registry, pinned)
         finally:
             registry.close()
-        print(f"{'cached' if cached else 'pulled'}: {image.size // 1024} KiB, chain "
+        print(f"{'pulled' if pulled else 'cached'}: {image.size // 1024} KiB, chain "
               f"{image.chain_id}")
         print(image.reference)
         return 0
