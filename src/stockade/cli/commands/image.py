@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from typing import TYPE_CHECKING
@@ -12,6 +13,9 @@ if TYPE_CHECKING:
 
 HELP = "pull, list, inspect or prune the image cache"
 PULL_S = 3600.0  # one pull, all of it
+# actions kept in modules of their own: each has add_actions(sub) and main(args), and
+# ACTIONS, the names it adds
+MORE: tuple[str, ...] = ()
 DESCRIPTION = """\
 stockade image pull REGISTRY/REPO@sha256:DIGEST | REGISTRY/REPO:TAG
 stockade image list [--json]
@@ -41,10 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inspect.add_argument("--json", action="store_true")
     prune = sub.add_parser("prune", help="evict images to fit the cache limit")
     prune.add_argument("--all", action="store_true", help="evict every image")
+    for name in MORE:
+        importlib.import_module(name).add_actions(sub)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the subcommand."""
+    for name in MORE:
+        module = importlib.import_module(name)
+        if args.action in module.ACTIONS:
+            return int(module.main(args))
     from stockade.cli.context import image_cache
 
     settings, cache = image_cache()
