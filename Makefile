@@ -2,10 +2,10 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := bubblewrap libseccomp2 python3 util-linux procps iproute2 curl socat openssl gcc
+APT_PACKAGES := bubblewrap libseccomp2 python3 util-linux procps iproute2 curl openssl gcc
 # only for the tests: they start a throwaway PostgreSQL server and OCI registries of their own
 # on loopback (tests/support; the registry package's own config is never used)
-TEST_APT_PACKAGES := postgresql docker-registry apache2-utils busybox-static
+TEST_APT_PACKAGES := postgresql docker-registry apache2-utils busybox-static socat
 
 .PHONY: setup system test-system venv demo test lint unit containment bench clean
 

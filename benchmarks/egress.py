@@ -1,7 +1,8 @@
 """Egress proxy cost, side by side: a 256 MiB download and connect latency, through the proxy
-(and the in-sandbox forwarder, socat) versus straight over loopback, and through squid too
-when it is installed; a burst of 200 connections at once (queued, not refused); and a storm of
-12,000 denied CONNECTs to distinct destinations (what the result and the audit trail keep).
+(listening on TCP as it does in a job's network namespace) versus straight over loopback, and
+through squid too when it is installed; a burst of 200 connections at once (queued, not
+refused); and a storm of 12,000 denied CONNECTs to distinct destinations (what the result and
+the audit trail keep).
 Prints medians and ratios, then one ``RESULT {json}`` line per configuration. Run as root:
 ``make bench``.
 
@@ -36,7 +37,6 @@ from stockade.egress.proxy import JobProxy
 from stockade.egress.resolver import SystemResolver
 from stockade.runner.egress import EgressSession
 from stockade.runner.logs import JobLog
-from stockade.sandbox.plumbing import forwarder_argv
 from stockade.spec import load_spec
 
 SIZE = 256 * 1024 * 1024
@@ -83,7 +83,7 @@ def curl(url: str, proxy: str | None, what: str) -> float:
 
 
 def main() -> None:
-    """Set up server, proxy, forwarder (and squid), measure, print."""
+    """Set up server, proxy (and squid), measure, print."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=7, help="downloads per path (default 7)")
     parser.add_argument("--latency-runs", type=int, default=50)
@@ -98,25 +98,23 @@ def main() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), FileHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(work / "egress.sock"))
-    listener.listen(128)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)  # as in a job's network namespace (sandbox/netns.py)
+    proxy_address = listener.getsockname()
     policy = Policy.from_spec("block", (), internal=(f"127.0.0.1/32:{port}",))
     proxy = JobProxy(policy, SystemResolver(), listener, lambda record: None)
     proxy.start()
-    fwd_port = free_port()
-    forwarder = subprocess.Popen(forwarder_argv(fwd_port, str(work / "egress.sock")))
-    paths = {"direct": None, "stockade": f"http://127.0.0.1:{fwd_port}"}
+    paths = {"direct": None, "stockade": f"http://127.0.0.1:{proxy_address[1]}"}
     squid = start_squid(work)
     if squid:
         paths["squid"] = f"http://127.0.0.1:{squid[1]}"
     time.sleep(0.5)
     try:
         report(paths, f"http://127.0.0.1:{port}", args.n, args.latency_runs)
-        burst(str(work / "egress.sock"), f"http://127.0.0.1:{port}/small")
+        burst(proxy_address, f"http://127.0.0.1:{port}/small")
         storm(work)
     finally:
-        forwarder.kill()
         proxy.stop()
         server.shutdown()
         if squid:
@@ -150,11 +148,11 @@ def result(**figures: Any) -> None:
     print("RESULT " + json.dumps(figures))
 
 
-def fetch(socket_path: str, url: str) -> str:
-    """One plain-HTTP request straight to the proxy's socket (as a job can); the status."""
-    with socket.socket(socket.AF_UNIX) as s:
+def fetch(address: tuple[str, int], url: str) -> str:
+    """One plain-HTTP request straight to the proxy (as a job can); the status."""
+    with socket.socket() as s:
         try:
-            s.connect(socket_path)  # blocking: waits while the listen backlog is full
+            s.connect(address)  # blocking: waits while the listen backlog is full
             s.settimeout(60)
             s.sendall(f"GET {url} HTTP/1.1\r\n\r\n".encode())
             answer = b""
@@ -165,13 +163,13 @@ def fetch(socket_path: str, url: str) -> str:
     return answer.split(b" ", 2)[1].decode() if answer else "empty"
 
 
-def burst(socket_path: str, url: str) -> None:
+def burst(address: tuple[str, int], url: str) -> None:
     """BURST connections at once against the default limit of 64 concurrent connections."""
     go = threading.Barrier(BURST)
 
     def one(_: int) -> str:
         go.wait()
-        return fetch(socket_path, url)
+        return fetch(address, url)
 
     started = time.monotonic()
     with ThreadPoolExecutor(BURST) as pool:

@@ -20,20 +20,37 @@ def test_proxy_never_reaches_host_loopback_or_metadata(hostile, host) -> None:
     assert run.result["egress"]["allowed"] == []
 
 
-def test_the_proxy_socket_is_the_only_way_out(hostile, host) -> None:
+def test_the_proxy_listener_is_the_only_way_out(hostile, host) -> None:
     run = hostile(f"""
         ls -la /run/stockade/
+        echo "interfaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ' ')"
         python3 - <<'PY'
-        import socket
+        import fcntl, socket, struct
         for addr in (("127.0.0.1", {host.listener.port}),):
             try:
                 socket.create_connection(addr, timeout=2)
                 print("CONNECTED", addr)
             except OSError as e:
                 print("refused", addr, e)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", 3128))
+            print("TOOK THE PROXY PORT")
+        except OSError as e:
+            print("proxy port held", e.errno)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:  # take loopback down: the namespace is not the job's to change
+                fcntl.ioctl(u, 0x8914, struct.pack("16sH22x", b"lo", 0))
+                print("LOOPBACK DOWN")
+            except OSError as e:
+                print("loopback stays", e.errno)
         PY
         echo DONE
     """, extra="egress: {mode: block, allow: []}\n",
                   STOCKADE_EGRESS_INTERNAL_ALLOW=f"127.0.0.1/32:{host.listener.port}")
     assert "DONE" in run.log and "CONNECTED" not in run.log
-    assert "egress.sock" in run.log
+    assert any(line.split()[-2:] == ["interfaces:", "lo"] for line in run.log.splitlines())
+    assert "proxy port held 98" in run.log  # EADDRINUSE
+    assert "loopback stays 1" in run.log  # EPERM
+    assert "TOOK" not in run.log and "LOOPBACK DOWN" not in run.log
+    assert "egress.sock" not in run.log

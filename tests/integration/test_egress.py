@@ -561,10 +561,10 @@ def test_a_burst_of_connections_queues_instead_of_503(net: Net, stockade_home: P
         from collections import Counter
         go, status = threading.Barrier(200), Counter()
         def fetch(i):
-            s = socket.socket(socket.AF_UNIX)
+            s = socket.socket()
             go.wait()
             try:
-                s.connect("/run/stockade/egress.sock")
+                s.connect(("127.0.0.1", 3128))
                 s.settimeout(60)
                 s.sendall(f"GET http://api.example.test:8082/burst/{i} HTTP/1.1\r\n\r\n"
                           .encode())
@@ -592,8 +592,8 @@ def test_a_denial_storm_leaves_a_bounded_result_and_audit_trail(
         python3 - <<'PY'
         import socket
         def connect(target):
-            s = socket.socket(socket.AF_UNIX)
-            s.connect("/run/stockade/egress.sock")
+            s = socket.socket()
+            s.connect(("127.0.0.1", 3128))
             s.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
             s.recv(100)
             s.close()

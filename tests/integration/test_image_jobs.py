@@ -4,7 +4,10 @@ an /etc of stockade's making and every control of image: host; and what is refus
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,9 +89,6 @@ def test_images_the_operator_did_not_allow_or_that_are_missing(
     unpinned_missing = run_job(_spec(f"{host}/test/busybox@sha256:" + "1" * 64), **image_env)
     assert unpinned_missing.result["failure_reason"] == "image_unavailable"
     assert unpinned_missing.result["steps"] == []
-    networked = run_job(_spec(f"{host}/test/busybox:1").replace(
-        "steps:", "egress:\n  mode: block\n  allow: [example.com:443]\nsteps:"), **image_env)
-    assert networked.result["failure_reason"] == "policy_denied"
     assert "Traceback" not in other.stderr + missing.stderr + unpinned_missing.stderr
 
 
@@ -110,3 +110,43 @@ def test_an_image_whose_etc_is_a_link_gets_ours_only(run_job, plain_registry: Ru
     assert "ci:x:1000:1000:" in job.log
     assert not any(line and line in job.log for line in host), job.log
 
+
+
+@pytest.fixture
+def web() -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 answering ``hello PATH``; yields its port."""
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"hello {self.path}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_job_on_an_image_reaches_the_egress_proxy(run_job, image_env: dict[str, str],
+                                                    web: int) -> None:
+    """No forwarder of the image's is needed: the proxy listens in the job's own network
+    namespace. A destination the policy allows is reached, any other is refused."""
+    host = image_env.pop("HOST")
+    image_env.pop("DIGEST")
+    script = "\n".join(
+        f"printf 'GET http://{target}/ HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 3128 "
+        f"| head -1 | sed 's|^|{target} -> |'" for target in (f"127.0.0.1:{web}",
+                                                             "127.0.0.1:22"))
+    spec = _spec(f"{host}/test/busybox:1", script + "\necho DONE").replace(
+        "steps:", "egress: {mode: block, allow: []}\nsteps:")
+    job = run_job(spec, **image_env, STOCKADE_EGRESS_INTERNAL_ALLOW=f"127.0.0.1/32:{web}")
+    assert job.rc == 0, job.stderr + job.log
+    assert f"127.0.0.1:{web} -> HTTP/1.0 200" in job.log, job.log
+    assert "127.0.0.1:22 -> HTTP/1.1 403" in job.log, job.log
+    assert job.result["egress"]["allowed"] == [f"127.0.0.1:{web}"]

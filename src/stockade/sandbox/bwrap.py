@@ -5,11 +5,12 @@ creates ``<runtime>/<job>/`` (root-owned, traversable by that uid only) with two
 tmpfs mounts owned by it (``ws`` → ``/workspace``, ``tmp`` → ``/tmp``; both persist across steps
 and count against the job's memory limit) and the job's cgroup. Per step it starts bwrap as
 that uid with a fixed environment and its options in a memfd (``--args``), and bwrap enters
-the cgroup first (see ``cgroups.py``). Inside: fresh
-user/pid/net/ipc/uts/mount/cgroup namespaces, uid 1000, no capabilities, no_new_privs, the
-seccomp filter, read-only root (host ``/usr`` + synthetic ``/etc``), a fresh ``/proc``, a
-minimal read-only ``/dev``, no core dumps. When the step's shell exits, its pid namespace dies
-with it.
+the cgroup first (see ``cgroups.py``). Inside: fresh user/pid/net/ipc/uts/mount/cgroup
+namespaces (with egress, the network namespace is the job's own, made by the runner with the
+proxy's listener in it: ``netns.py``), uid 1000, no capabilities, no_new_privs, the seccomp
+filter, read-only root (host ``/usr`` + synthetic ``/etc``, or an image's tree), a fresh
+``/proc``, a minimal read-only ``/dev``, no core dumps. When the step's shell exits, its pid
+namespace dies with it.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ from stockade.errors import SandboxError
 from stockade.sandbox import image_root, mounts, orphans, reaper, rootfs, seccomp, uids
 from stockade.sandbox.cgroups import JobCgroup, Limits
 from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, StepExit, StepRun
+from stockade.sandbox.netns import JobNetwork
 from stockade.sandbox.plumbing import (
-    EGRESS_SOCKET,
     ERR_TRAP,
     FAILED_FILE,
-    FORWARDER,
     MASKED_PROC,
     MASKED_PROC_DIRS,
+    PROXY_PORT,
     PROXY_URL,
-    SOCAT,
     TRAP_PATH,
     memfd,
     read_failed_at,
@@ -165,7 +165,7 @@ class BwrapSandbox:
                                 backend.settings.cgroup_name)
         self._mounted: list[Path] = []
         self._lock: int | None = None
-        self._egress: socket.socket | None = None
+        self._network: JobNetwork | None = None  # the job's own (jobs with egress)
         self._proc: subprocess.Popen[bytes] | None = None
         self._killed = False
         self._etc: Path | None = None  # an image's /etc (image host: the backend's)
@@ -185,18 +185,14 @@ class BwrapSandbox:
         return self.job_dir / "ws"
 
     @property
-    def egress_socket(self) -> Path | None:
-        """The host path of this job's egress socket (bind-mounted into the sandbox)."""
-        return self.job_dir / "egress.sock" if self.request.egress else None
-
-    @property
     def egress_listener(self) -> socket.socket | None:
-        """The listening egress socket, connectable by the job's uid only."""
-        return self._egress
+        """The proxy's listening socket, on 127.0.0.1:3128 in the job's own network
+        namespace: connectable from the job's loopback only."""
+        return self._network.listener if self._network is not None else None
 
     @property
     def proxy_url(self) -> str | None:
-        """The forwarder's address inside the sandbox."""
+        """The proxy's address inside the sandbox."""
         return PROXY_URL if self.request.egress else None
 
     @property
@@ -213,20 +209,6 @@ class BwrapSandbox:
             os.fchown(f.fileno(), self.host_uid, self.host_uid)
             f.write(token)
         os.replace(tmp, directory / "token")
-
-    def _listen_egress(self, path: Path) -> None:
-        import socket  # only jobs with egress need it
-
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(str(path))
-            os.chown(path, self.host_uid, self.host_uid)
-            os.chmod(path, 0o600)
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        self._egress = sock
 
     def setup(self, pool: range) -> None:
         """Take a host uid, mount the tmpfs, copy the workspace, create the cgroup."""
@@ -252,11 +234,8 @@ class BwrapSandbox:
             if self.request.identity:
                 (self.job_dir / "identity").mkdir(mode=0o500)
                 os.chown(self.job_dir / "identity", self.host_uid, self.host_uid)
-            if self.egress_socket is not None:
-                if not Path(SOCAT).exists():
-                    raise SandboxError("egress needs socat in the image (the forwarder to the "
-                                       "proxy)", hint="apt-get install socat (make demo does)")
-                self._listen_egress(self.egress_socket)
+            if r.egress:
+                self._network = JobNetwork(PROXY_PORT)
         except OSError as e:
             raise SandboxError(f"cannot prepare {self.job_dir}: {e}",
                                hint="run stockade as root; see stockade doctor") from e
@@ -276,11 +255,12 @@ class BwrapSandbox:
             secrets = ["--dir", SECRETS_DIR]
             for name, fd in secret_fds.items():
                 secrets += ["--perms", "0400", "--ro-bind-data", str(fd), f"{SECRETS_DIR}/{name}"]
-        egress = (["--ro-bind", str(self.egress_socket), EGRESS_SOCKET]
-                  if self.egress_socket is not None else [])
         masked = self.backend.proc_masks()
+        # with egress, the network namespace is the one the step is started in (the job's)
+        unshare = (["--unshare-all"] if self._network is None else
+                   ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"])
         return [
-            "--unshare-all", "--unshare-user", "--disable-userns",
+            *unshare, "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--uid", str(rootfs.JOB_UID), "--gid", str(rootfs.JOB_GID),
             "--hostname", self.request.job_id,
@@ -293,7 +273,6 @@ class BwrapSandbox:
             "--ro-bind-data", str(script_fd), SCRIPT_PATH,
             *(["--ro-bind-data", str(trap_fd), TRAP_PATH] if trap_fd is not None else []),
             *secrets,
-            *egress,
             *(["--ro-bind", str(self.job_dir / "identity"), IDENTITY_DIR]
               if self.request.identity else []),
             "--remount-ro", "/",
@@ -316,11 +295,8 @@ class BwrapSandbox:
                 "--ro-bind", str(self.backend.etc_dir()), "/etc"]
 
     def command(self) -> list[str]:
-        """What bwrap runs inside: the step's shell (behind the egress forwarder)."""
-        command = [*self._shell, SCRIPT_PATH]
-        if self.egress_socket is not None:
-            command = ["/bin/sh", "-c", FORWARDER, "forwarder", *command]
-        return command
+        """What bwrap runs inside: the step's shell."""
+        return [*self._shell, SCRIPT_PATH]
 
     def run(self, step: StepRun, sink: OutputSink) -> StepExit:
         """Run one step to completion or to its timeout, streaming output to ``sink``."""
@@ -346,7 +322,8 @@ class BwrapSandbox:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
         try:
-            self._proc = subprocess.Popen(
+            popen = subprocess.Popen if self._network is None else self._network.popen
+            self._proc = popen(
                 [self.bwrap, "--args", str(args_fd), "--", *self.command()], env=HOST_ENV,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 user=self.host_uid, group=self.host_uid, extra_groups=[],
@@ -422,9 +399,9 @@ class BwrapSandbox:
     def teardown(self) -> list[str]:
         """Kill, unmount, remove; verify nothing of the job is left and report what is."""
         leftovers = self.cgroup.remove()
-        if self._egress is not None:
-            self._egress.close()
-            self._egress = None
+        if self._network is not None:
+            self._network.close()
+            self._network = None
         for point in reversed(self._mounted):
             try:
                 mounts.unmount(point)

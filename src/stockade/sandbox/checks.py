@@ -55,10 +55,7 @@ def check_host(backend: BwrapBackend) -> list[Finding]:
     findings += [_bwrap(backend), _uid_pool(backend), _userns(), _seccomp(backend)]
     findings += _cgroups()
     findings += check_sysctls()
-    findings.append(_finding(
-        "egress forwarder", Path("/usr/bin/socat").exists(),
-        "socat exposes the egress proxy inside sandboxes (jobs with egress block/audit)",
-        "apt-get install socat", required=False))
+    findings.append(_egress_network())
     findings.append(_ca_store(backend))
     if all(f.ok for f in findings if f.required):
         findings.append(_probe(backend))
@@ -66,6 +63,21 @@ def check_host(backend: BwrapBackend) -> list[Finding]:
         findings.append(_finding("end-to-end probe", False, "skipped: fix the problems above",
                                  "fix the failed checks above"))
     return findings
+
+
+def _egress_network() -> Finding:
+    """Whether the runner can make a job's network namespace with the proxy's listener in it
+    (jobs with egress block/audit need it)."""
+    from stockade.sandbox.netns import JobNetwork
+
+    try:
+        JobNetwork(0).close()
+    except OSError as e:
+        return _finding("egress network", False, f"cannot make a job's network namespace: {e}",
+                        "run as root on a kernel with network namespaces (CONFIG_NET_NS)",
+                        required=False)
+    return _finding("egress network", True, "jobs with egress get a network namespace of "
+                    "their own with the proxy on 127.0.0.1:3128 in it")
 
 
 def _bwrap(backend: BwrapBackend) -> Finding:

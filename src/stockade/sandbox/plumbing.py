@@ -1,5 +1,5 @@
-"""Small pieces of the bwrap backend: the in-sandbox egress forwarder, the masked ``/proc``
-entries, memfds, bwrap's status."""
+"""Small pieces of the bwrap backend: where the egress proxy listens, the masked ``/proc``
+entries, memfds, bwrap's status, the step's failure trap."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import os
 import stat
 from pathlib import Path
 
-EGRESS_SOCKET = "/run/stockade/egress.sock"
 PROXY_PORT = 3128
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
-SOCAT = "/usr/bin/socat"
 # /proc files that tell a job about the host (boot arguments, kernel addresses, keys, timers),
 # covered with /dev/null as Docker's masked paths are
 MASKED_PROC = ("/proc/cmdline", "/proc/kallsyms", "/proc/kcore", "/proc/keys",
@@ -21,25 +19,6 @@ MASKED_PROC = ("/proc/cmdline", "/proc/kallsyms", "/proc/kcore", "/proc/keys",
                "/proc/vmallocinfo", "/proc/iomem", "/proc/ioports",
                "/proc/sys/kernel/random/boot_id")
 MASKED_PROC_DIRS = ("/proc/acpi", "/proc/scsi", "/proc/asound")  # covered with empty tmpfs
-
-# Inside the sandbox a forwarder exposes the proxy's socket on 127.0.0.1:3128 (the network
-# namespace has only its own loopback), and the step starts once it listens. It is only a
-# convenience for proxy-aware clients: the policy is enforced by the proxy, outside.
-
-
-def forwarder_argv(port: int, socket_path: str) -> list[str]:
-    """socat from 127.0.0.1:``port`` to the proxy's socket (1 MiB buffers keep it fast)."""
-    return [SOCAT, "-b", "1048576", "-lf", "/dev/null",
-            f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,max-children=64,backlog=256",
-            f"UNIX-CONNECT:{socket_path}"]
-
-
-FORWARDER = (
-    " ".join(forwarder_argv(PROXY_PORT, EGRESS_SOCKET)) + " &\n"
-    f"i=0; until grep -q '0100007F:{PROXY_PORT:04X} 00000000:0000 0A' /proc/net/tcp; do\n"
-    "  i=$((i+1)); [ $i -gt 1000 ] && break; sleep 0.002; done\n"
-    'exec "$@"\n'
-)
 
 
 def memfd(name: str, data: bytes) -> int:
