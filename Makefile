@@ -2,14 +2,20 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := bubblewrap libseccomp2 python3 util-linux procps iproute2 curl openssl gcc
+APT_PACKAGES := bubblewrap libseccomp2 python3 util-linux procps iproute2 curl openssl gcc \
+	mmdebstrap apt-utils docker-registry
+# a local Debian package mirror for images (make demo's image, the image tests): fetched once
+# from the host's mirror by mmdebstrap, then served from disk (copy://), never the network
+DEBS := .cache/debs
+DEB_SUITE := $(shell . /etc/os-release && echo $$VERSION_CODENAME)
+DEB_PACKAGES := python3,ca-certificates,usr-is-merged,busybox-static
 # only for the tests: they start a throwaway PostgreSQL server and OCI registries of their own
 # on loopback (tests/support; the registry package's own config is never used)
-TEST_APT_PACKAGES := postgresql docker-registry apache2-utils busybox-static socat
+TEST_APT_PACKAGES := postgresql apache2-utils busybox-static socat
 
-.PHONY: setup system test-system venv demo test lint unit containment bench clean
+.PHONY: setup system test-system venv debs demo test lint unit containment bench clean FORCE
 
-setup: system venv
+setup: system venv debs
 
 # install the packages of $(1) that are missing
 define apt_install
@@ -38,10 +44,29 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 	@$(PY) -m compileall -q src >/dev/null
 
+debs: $(DEBS)/Release
+
+# rewritten only when the suite or the package list changes: then the mirror is fetched again
+.cache/debs.want: FORCE
+	@mkdir -p .cache; want="$(DEB_SUITE) $(DEB_PACKAGES)"; \
+	  echo "$$want" | cmp -s - $@ || echo "$$want" > $@
+
+$(DEBS)/Release: .cache/debs.want
+	@echo "fetching the Debian packages images are built from (once, into $(DEBS))"
+	@rm -rf $(DEBS).tmp && mkdir -p $(DEBS).tmp
+	@mmdebstrap --quiet --variant=essential --include=$(DEB_PACKAGES) --skip=download/empty \
+	  --skip=essential/unlink --customize-hook='sync-out /var/cache/apt/archives $(abspath $(DEBS)).tmp' \
+	  $(DEB_SUITE) /dev/null
+	@cd $(DEBS).tmp && rm -rf lock partial && apt-ftparchive packages . > Packages 2>/dev/null && \
+	  apt-ftparchive -o APT::FTPArchive::Release::Suite=$(DEB_SUITE) \
+	  -o APT::FTPArchive::Release::Codename=$(DEB_SUITE) release . > Release
+	@rm -rf $(DEBS) && mv $(DEBS).tmp $(DEBS)
+
 demo: setup
 	@echo "== stockade doctor"; $(VENV)/bin/stockade doctor
 	@echo; echo "== stockade run examples/demo/job.yaml"
 	$(VENV)/bin/stockade run examples/demo/job.yaml --workspace examples/demo
+	@echo; examples/demo/image-demo.sh
 	@echo; echo "== stockade jobs"; $(VENV)/bin/stockade jobs --limit 5
 
 lint: setup

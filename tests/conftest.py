@@ -92,10 +92,16 @@ def job_cgroups(home: Path, job_id: str, parent: str = "stockade") -> list[str]:
         f"/sys/fs/cgroup/{parent}/{name}")
 
 
+# settings every CLI run of the current test gets (the containment corpus sets the sandbox
+# backend here: each probe runs on every backend)
+CLI_SETTINGS: dict[str, str] = {}
+
+
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment a user would run the CLI with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
     env["STOCKADE_HOME"] = str(home)
+    env.update(CLI_SETTINGS)
     env.update(extra)
     return env
 
@@ -124,3 +130,7 @@ def run_job(stockade_home: Path, tmp_path: Path) -> Iterator[Any]:
         return JobRun(proc.returncode, result, proc.stdout, proc.stderr, stockade_home)
 
     yield run
+
+
+# fixtures that use the helpers above
+from tests.support.debian import python_image  # noqa: E402,F401

@@ -78,6 +78,17 @@ class Settings(NamedTuple):
     # realm), its blob storage (redirects); any other is refused
     registry_auxiliary_hosts: tuple[str, ...] = ()
     image_cache_bytes: int = 20 * 1024 * MiB
+    # image signatures (image/trust.py): PREFIX=PATH entries, PREFIX * or a registry or a
+    # repository prefix (the most specific covering an image decides), PATH a cosign.pub;
+    # an image a prefix covers must be signed by one of its keys; with require_signed_images
+    # every image must be (image: host has no signature: such jobs are refused then)
+    image_trusted_keys: tuple[str, ...] = ()
+    require_signed_images: bool = False
+    # image vulnerabilities (image/scan.py): OSV data (a JSON file, a directory of records or
+    # a zip of them; empty: images are not scanned), and the severity at or above which a
+    # finding refuses an image (critical, high, medium, low, any; none refuses nothing)
+    vulnerability_data: str = ""
+    image_refuse_severity: str = "critical"
 
     @property
     def db_path(self) -> Path:
@@ -147,6 +158,10 @@ _ENV = {
     "STOCKADE_REGISTRY_CA_FILE": "registry_ca_file",
     "STOCKADE_REGISTRY_AUXILIARY_HOSTS": "registry_auxiliary_hosts",
     "STOCKADE_IMAGE_CACHE": "image_cache_bytes",
+    "STOCKADE_IMAGE_TRUSTED_KEYS": "image_trusted_keys",
+    "STOCKADE_REQUIRE_SIGNED_IMAGES": "require_signed_images",
+    "STOCKADE_VULNERABILITY_DATA": "vulnerability_data",
+    "STOCKADE_IMAGE_REFUSE_SEVERITY": "image_refuse_severity",
 }
 
 
@@ -317,6 +332,8 @@ def _convert(key: str, kind: str, value: Any, source: str) -> Any:
     from stockade.spec.units import parse_duration, parse_size
 
     try:
+        if kind == "bool":
+            return _boolean(value)
         if kind == "tuple":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())
@@ -339,6 +356,18 @@ def _convert(key: str, kind: str, value: Any, source: str) -> Any:
                           f"{str(e)[:200]}",
                           hint="see the settings table in README (State and audit)") from e
     return str(value)
+
+
+def _boolean(value: Any) -> bool:
+    """A TOML boolean, or true/false (yes/no, on/off, 1/0) as text."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def ensure_home(settings: Settings) -> None:

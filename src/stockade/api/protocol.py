@@ -33,6 +33,7 @@ class FailureReason(StrEnum):
     EGRESS_VIOLATION = "egress_violation"
     IMAGE_UNVERIFIED = "image_unverified"
     IMAGE_UNAVAILABLE = "image_unavailable"
+    IMAGE_VULNERABLE = "image_vulnerable"
     SECRET_UNAVAILABLE = "secret_unavailable"
     SECRET_LEAK = "secret_leak"
     CANCELED = "canceled"

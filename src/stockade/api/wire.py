@@ -26,7 +26,8 @@ MAX_TIME = 1e11  # a Unix time, long after any clock here
 MAX_COUNT = 2**62  # bytes, counts: what a database's BIGINT holds
 # the audit actions a runner reports, and nothing else (a runner never speaks for others)
 REPORT_ACTIONS = frozenset({"egress.allowed", "egress.denied", "egress.truncated",
-                            "secret.leak", "secret.mask_registered"})
+                            "secret.leak", "secret.mask_registered", "image.verified",
+                            "image.unverified"})
 MAX_REPORT_DETAIL = 4096  # bytes of JSON per reported event
 
 

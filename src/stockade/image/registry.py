@@ -209,10 +209,50 @@ class Registry:
         raise ImageUnavailable(f"{ref.registry}/{ref.repository}:{reference} is not available: "
                                + "; ".join(problems))
 
+    def find_manifest(self, ref: ImageRef, tag: str, limit: int = MAX_MANIFEST_BYTES
+                      ) -> tuple[str, bytes, str] | None:
+        """``(media type, bytes, sha256 digest)`` of the manifest ``tag`` (a tag, or a digest
+        the caller compares with the one returned) in ``ref``'s repository, as the first
+        source that has it sends it (at most ``limit`` bytes; an index is returned, not
+        followed); None when the registry itself says it has no such manifest (a mirror's 404
+        does not mean that: mirrors may lag)."""
+        problems, accept = [], ", ".join((*MANIFESTS, *INDEXES))
+        for source in self._sources(ref):
+            try:
+                with self._request(source, "GET", f"/v2/{ref.repository}/manifests/{tag}",
+                                   ref.repository, headers={"Accept": accept}) as response:
+                    if response.status_code == 404:
+                        problems.append(f"{source}: no manifest {tag}")
+                        if source == ref.registry:
+                            return None
+                        continue
+                    _check_status(response, source)
+                    raw = _read_bounded(self._timed(source, response.iter_bytes()), limit,
+                                        f"manifest {tag}")
+                    media_type = response.headers.get("content-type", "").split(";")[0].strip()
+            except _SourceFailed as e:
+                problems.append(str(e))
+                continue
+            got = "sha256:" + hashlib.sha256(raw).hexdigest()
+            return str(_json(raw, got).get("mediaType") or media_type), raw, got
+        raise ImageUnavailable(f"{ref.registry}/{ref.repository}:{tag} is not available: "
+                               + "; ".join(problems))
+
     # -- pushing --------------------------------------------------------------------------
 
     def push_blob(self, ref: ImageRef, path: Path, digest: str) -> None:
         """Upload the file ``path`` (whose sha256 is ``digest``) unless the registry has it."""
+        with path.open("rb") as f:
+            self._upload(ref, digest, path.stat().st_size, iter(lambda: f.read(CHUNK), b""))
+
+    def push_bytes(self, ref: ImageRef, data: bytes) -> str:
+        """Upload ``data`` as a blob unless the registry has it; its digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self._upload(ref, digest, len(data), data)
+        return digest
+
+    def _upload(self, ref: ImageRef, digest: str, size: int,
+                content: bytes | Iterator[bytes]) -> None:
         source, repo = ref.registry, ref.repository
         with self._request(source, "HEAD", f"/v2/{repo}/blobs/{digest}", repo,
                            push=True) as found:
@@ -224,13 +264,10 @@ class Registry:
             location = started.headers.get("location", "")
         if not location:
             raise ImageUnavailable(f"{source} gave no upload location")
-        size = path.stat().st_size
         target = f"{location}{'&' if '?' in location else '?'}digest={digest}"
-        with path.open("rb") as f, self._request(
-                source, "PUT", target, repo, push=True,
-                content=iter(lambda: f.read(CHUNK), b""),
-                headers={"Content-Type": "application/octet-stream",
-                         "Content-Length": str(size)}) as done:
+        with self._request(source, "PUT", target, repo, push=True, content=content,
+                           headers={"Content-Type": "application/octet-stream",
+                                    "Content-Length": str(size)}) as done:
             _check_status(done, source, (201,))
 
     def push_manifest(self, ref: ImageRef, reference: str, media_type: str, raw: bytes) -> str:

@@ -41,6 +41,8 @@ from stockade.spec import Job
 from stockade.spec.units import format_size
 
 if TYPE_CHECKING:
+    from stockade.image.cache import CachedImage
+    from stockade.image.trust import Verdict
     from stockade.runner.egress import EgressSession
     from stockade.runner.identity import TokenRefresher
 
@@ -54,7 +56,8 @@ class Canceled(Exception):
 
 
 class ImageProblem(Exception):
-    """The job's image could not be had (``reason``: image_unavailable or _unverified)."""
+    """The job's image could not be had or was refused (``reason``: image_unavailable,
+    _unverified or _vulnerable)."""
 
     def __init__(self, reason: FailureReason, message: str) -> None:
         super().__init__(message)
@@ -115,7 +118,8 @@ class Attempt:
             self._fail(JobStatus.FAILED, FailureReason.SECRET_UNAVAILABLE,
                        f"secret unavailable: {e.diagnostics()}", e.diagnostics())
         except ImageProblem as e:
-            status = JobStatus.FAILED if e.reason is FailureReason.IMAGE_UNVERIFIED \
+            status = JobStatus.FAILED if e.reason in (
+                FailureReason.IMAGE_UNVERIFIED, FailureReason.IMAGE_VULNERABLE) \
                 else JobStatus.ERROR
             self._fail(status, e.reason, f"image: {e.message}", e.message)
         except StockadeError as e:
@@ -156,7 +160,7 @@ class Attempt:
         self.log.note(f"job {spec.name} ({a.job_id}) attempt {a.attempt} on {self.runner_id}")
         self.secrets = JobSecrets(self.control, a, self.runner_id)
         self.log.use_masker(self.secrets.masker, self.secrets.mask_registered)
-        rootfs = self._image() if spec.image != "host" else None
+        rootfs = self._image() if spec.image != "host" else self._host_image()
         r = spec.resources
         self.sandbox = sandbox = self.backend.prepare(SandboxRequest(
             job_id=a.job_id, cpus=r.cpus, memory_bytes=r.memory, pids=r.pids, tmp_bytes=r.tmp,
@@ -177,23 +181,43 @@ class Attempt:
             self.identity = TokenRefresher(self.control, a, self.runner_id, sandbox,
                                            self.secrets.masker, self.settings.oidc_refresh_s)
 
+    def _host_image(self) -> Path | None:
+        """``image: host`` (no tree of its own: None), unless every image must be signed."""
+        from stockade.image.trust import host_verdict
+
+        self._signature(host_verdict(self.settings))
+        return None
+
+    def _signature(self, verdict: Verdict) -> None:
+        """Log and audit the image's signature verdict (image/trust.py); the job fails
+        image_unverified if it refuses the image."""
+        if verdict.event is not None:
+            self.control.report(self.a.job_id, [verdict.event])
+        if verdict.note is not None:
+            self.log.note(verdict.note)
+        if verdict.refusal is not None:
+            raise ImageProblem(FailureReason.IMAGE_UNVERIFIED, verdict.refusal)
+
     def _image(self) -> Path:
         """The job's image, pulled by digest into the cache (or found there): its tree."""
         from stockade.image.cache import ImageCache
         from stockade.image.reference import parse_reference
         from stockade.image.registry import ImageRefused, Registry
         from stockade.image.settings import registry_config
+        from stockade.image.trust import signature_verdict, trust_policy
 
         ref = parse_reference(self.spec.image)
         if not ref.digest:  # admission pins every image: a tag here was not admitted by us
             raise ImageProblem(FailureReason.IMAGE_UNVERIFIED,
                                f"image {self.spec.image} is not pinned to a digest")
+        policy = trust_policy(self.settings)  # (a bad setting is the operator's: system_error)
         started = time.monotonic()
         cache = ImageCache(self.settings.home / "images", self.settings.image_cache_bytes)
         # the pull counts against the job's own timeout
         left = self.started + self.spec.timeout - time.monotonic()
         registry = Registry(registry_config(self.settings)).within(max(1.0, left))
         try:
+            self._signature(signature_verdict(policy, registry, ref))  # (its deadline too)
             image, pulled = cache.pull(registry, ref)
             self._image_use = cache.use(image.digest)  # until teardown: not evicted meanwhile
         except ImageRefused as e:
@@ -205,7 +229,21 @@ class Attempt:
         self.details["image"] = image.reference
         self.log.note(f"image {image.reference} ({'pulled' if pulled else 'cached'} in "
                       f"{time.monotonic() - started:.1f} s)")
+        self._vulnerabilities(cache.root, image)
         return image.rootfs
+
+    def _vulnerabilities(self, cache_root: Path, image: CachedImage) -> None:
+        """The image's findings per severity on the job (with vulnerability_data set), and
+        the job refused (image_vulnerable) at or above image_refuse_severity, before any
+        step (image/scan.py)."""
+        from stockade.image.scan import check_image
+
+        verdict = check_image(self.settings, cache_root, image)
+        if verdict is not None:
+            self.details["image_vulnerabilities"] = verdict.counts
+            self.log.note(verdict.note)
+            if verdict.refusal:
+                raise ImageProblem(FailureReason.IMAGE_VULNERABLE, verdict.refusal)
 
     def _violated(self) -> bool:
         return self.egress is not None and self.egress.violated

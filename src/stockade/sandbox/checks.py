@@ -77,7 +77,7 @@ def _egress_network() -> Finding:
                         "run as root on a kernel with network namespaces (CONFIG_NET_NS)",
                         required=False)
     return _finding("egress network", True, "jobs with egress get a network namespace of "
-                    "their own with the proxy on 127.0.0.1:3128 in it")
+                    "their own with the proxy on 127.0.0.1:3128 in it", required=False)
 
 
 def _bwrap(backend: BwrapBackend) -> Finding:

@@ -15,12 +15,16 @@ HELP = "pull, list, inspect or prune the image cache"
 PULL_S = 3600.0  # one pull, all of it
 # actions kept in modules of their own: each has add_actions(sub) and main(args), and
 # ACTIONS, the names it adds
-MORE: tuple[str, ...] = ()
+MORE: tuple[str, ...] = ("stockade.cli.commands.image_build", "stockade.cli.commands.image_sign",
+                         "stockade.cli.commands.image_scan")
 DESCRIPTION = """\
 stockade image pull REGISTRY/REPO@sha256:DIGEST | REGISTRY/REPO:TAG
 stockade image list [--json]
 stockade image inspect DIGEST|REFERENCE [--json]
 stockade image prune [--all]
+stockade image sign REF --key cosign.key | verify REF [--key cosign.pub] | generate-key-pair
+stockade image sbom REF [--attach] [--output FILE]
+stockade image scan REF [--vulns PATH] [--json] [--fail-on SEVERITY]
 
 The runner pulls the images jobs name by digest from the registry (or its mirrors, in the
 order of registry_mirrors), checks every digest (manifest, config, each layer and its
@@ -30,7 +34,12 @@ cached is used without asking the registry. pull prints REGISTRY/REPO@sha256:DIG
 line (a tag is resolved once, here). prune evicts the least recently used images until the
 cache fits image_cache_bytes (--all: every image no job is pulling). Credentials come from
 registry_auth_file, plain HTTP only for insecure_registries (see the settings table in
-README)."""
+README).
+
+sbom prints an image's CycloneDX SBOM (its dpkg packages; --attach pushes it to the image's
+repository at tag sha256-<hex>.sbom); scan matches those packages against OSV data (--vulns or
+vulnerability_data) and exits 1 if a finding is at or above --fail-on (default:
+image_refuse_severity, at which the runner refuses jobs on the image: image_vulnerable)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
