@@ -183,6 +183,8 @@ class Attempt:
 
     def _host_image(self) -> Path | None:
         """``image: host`` (no tree of its own: None), unless every image must be signed."""
+        if not self.settings.require_signed_images:  # (the usual case: no import to pay for)
+            return None
         from stockade.image.trust import host_verdict
 
         self._signature(host_verdict(self.settings))
@@ -204,20 +206,25 @@ class Attempt:
         from stockade.image.reference import parse_reference
         from stockade.image.registry import ImageRefused, Registry
         from stockade.image.settings import registry_config
-        from stockade.image.trust import signature_verdict, trust_policy
 
         ref = parse_reference(self.spec.image)
         if not ref.digest:  # admission pins every image: a tag here was not admitted by us
             raise ImageProblem(FailureReason.IMAGE_UNVERIFIED,
                                f"image {self.spec.image} is not pinned to a digest")
-        policy = trust_policy(self.settings)  # (a bad setting is the operator's: system_error)
+        s = self.settings
+        policy = None
+        if s.image_trusted_keys or s.require_signed_images:  # (else: no import to pay for)
+            from stockade.image.trust import signature_verdict, trust_policy
+
+            policy = trust_policy(s)  # (a bad setting is the operator's: system_error)
         started = time.monotonic()
         cache = ImageCache(self.settings.home / "images", self.settings.image_cache_bytes)
         # the pull counts against the job's own timeout
         left = self.started + self.spec.timeout - time.monotonic()
         registry = Registry(registry_config(self.settings)).within(max(1.0, left))
         try:
-            self._signature(signature_verdict(policy, registry, ref))  # (its deadline too)
+            if policy is not None:
+                self._signature(signature_verdict(policy, registry, ref))  # (its deadline too)
             image, pulled = cache.pull(registry, ref)
             self._image_use = cache.use(image.digest)  # until teardown: not evicted meanwhile
         except ImageRefused as e:
@@ -236,6 +243,8 @@ class Attempt:
         """The image's findings per severity on the job (with vulnerability_data set), and
         the job refused (image_vulnerable) at or above image_refuse_severity, before any
         step (image/scan.py)."""
+        if not self.settings.vulnerability_data:  # not scanned: no import to pay for
+            return
         from stockade.image.scan import check_image
 
         verdict = check_image(self.settings, cache_root, image)
