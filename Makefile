@@ -10,8 +10,9 @@ DEBS := .cache/debs
 DEB_SUITE := $(shell . /etc/os-release && echo $$VERSION_CODENAME)
 DEB_PACKAGES := python3,ca-certificates,usr-is-merged,busybox-static
 # only for the tests: they start a throwaway PostgreSQL server and OCI registries of their own
-# on loopback (tests/support; the registry package's own config is never used)
-TEST_APT_PACKAGES := postgresql apache2-utils busybox-static socat
+# on loopback (tests/support; the registry package's own config is never used), and run the
+# red-team corpus on the oci backend (runc) too
+TEST_APT_PACKAGES := postgresql apache2-utils busybox-static socat runc
 
 .PHONY: setup system test-system venv debs demo test lint unit containment bench clean FORCE
 
@@ -85,11 +86,14 @@ containment: setup
 
 bench: setup test-system
 	@command -v podman >/dev/null || (apt-get install -y -qq podman runc busybox-static >/dev/null)
+	@command -v umoci >/dev/null || (apt-get install -y -qq skopeo umoci >/dev/null)
 	@test -x /usr/sbin/squid || (apt-get install -y -qq squid >/dev/null)
 	$(PY) benchmarks/job_start.py
 	$(PY) benchmarks/egress.py
 	$(PY) benchmarks/masking.py
 	$(PY) benchmarks/dispatch.py
+	$(PY) benchmarks/images.py
+	$(PY) benchmarks/image_scan.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
