@@ -9,6 +9,9 @@
     from Debian's busybox-static, runc, no network, all capabilities dropped, read-only,
     no-new-privileges, pids and memory limits), the comparison target of (b).
 
+(a) and (b) run for each sandbox backend usable here (``bwrap``; ``oci``, runc, if
+installed); every RESULT line names its ``backend``.
+
 Each baseline run is a raw bwrap with the same hardening flags and seccomp filter, started as
 the same unprivileged user, interleaved with the measured runs so that both see the same
 machine load. Prints medians and ratios. Run as root: ``make bench``.
@@ -29,8 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stockade.config import ensure_home, load_settings
+from stockade.sandbox import get_backend
 from stockade.sandbox.bwrap import BwrapBackend, BwrapSandbox
-from stockade.sandbox.interface import SandboxRequest, StepRun
+from stockade.sandbox.interface import Backend, SandboxRequest, StepRun
 from stockade.sandbox.plumbing import memfd
 
 STOCKADE = str(Path(sys.executable).parent / "stockade")
@@ -56,12 +60,14 @@ def raw_bwrap(backend: BwrapBackend, box: BwrapSandbox) -> Callable[[], None]:
     return run
 
 
-def in_process(backend: BwrapBackend, n: int) -> None:
-    """One sandbox per iteration: prepare, run ``true``, teardown."""
+def in_process(backend: BwrapBackend, n: int, subject: Backend | None = None) -> None:
+    """One sandbox of ``subject`` (default: ``backend``) per iteration: prepare, run
+    ``true``, teardown; against a raw bwrap of ``backend``."""
+    measured = subject or backend
     step = StepRun("bench", "true\n", {"PATH": "/usr/bin:/bin"}, 30)
 
     def start() -> None:
-        box = backend.prepare(SandboxRequest(f"bench-{os.getpid()}-{time.monotonic_ns()}", 1,
+        box = measured.prepare(SandboxRequest(f"bench-{os.getpid()}-{time.monotonic_ns()}", 1,
                                              256 << 20, 64, 16 << 20, 16 << 20, None))
         try:
             exit = box.run(step, lambda _: None)
@@ -73,16 +79,17 @@ def in_process(backend: BwrapBackend, n: int) -> None:
                                            16 << 20, None))
     baseline = raw_bwrap(backend, probe)
     try:
-        compare("(a) sandbox start in the runner", start, baseline, n)
+        compare("(a) sandbox start in the runner", start, baseline, n, backend=measured.name)
     finally:
         probe.teardown()
 
 
-def end_to_end(backend: BwrapBackend, n: int) -> None:
-    """``stockade run`` of a one-step ``true`` job, with the spec cached and not."""
+def end_to_end(backend: BwrapBackend, n: int, name: str = "bwrap") -> None:
+    """``stockade run`` of a one-step ``true`` job on backend ``name``, with the spec cached
+    and not."""
     work = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     spec = work / "job.yaml"
-    env = {**os.environ, "STOCKADE_HOME": str(work / "home")}
+    env = {**os.environ, "STOCKADE_HOME": str(work / "home"), "STOCKADE_SANDBOX_BACKEND": name}
     (work / "ws").mkdir()
     counter = iter(range(10**9))
 
@@ -97,13 +104,14 @@ def end_to_end(backend: BwrapBackend, n: int) -> None:
                                            16 << 20, None))
     baseline = raw_bwrap(backend, probe)
     try:
-        compare("(b) stockade run, spec cached", run, baseline, n)
-        compare("(b) stockade run, spec validated", lambda: run(True), baseline, n)
+        compare("(b) stockade run, spec cached", run, baseline, n, backend=name)
+        compare("(b) stockade run, spec validated", lambda: run(True), baseline, n,
+                backend=name)
         podman = podman_run(work)
         if podman:
-            compare("(c) locked-down podman run", podman, baseline, n)
+            compare("(c) locked-down podman run", podman, baseline, n, backend="podman")
             compare("(d) stockade run, spec cached", run, podman, n,
-                    against="locked-down podman run")
+                    against="locked-down podman run", backend=name)
         else:
             print("(c) podman is not installed: apt-get install podman runc busybox-static")
     finally:
@@ -148,7 +156,7 @@ def podman_run(work: Path) -> Callable[[], None] | None:
 
 
 def compare(title: str, subject: Callable[[], None], baseline: Callable[[], None],
-            n: int, against: str = "raw hardened bwrap") -> None:
+            n: int, against: str = "raw hardened bwrap", backend: str = "bwrap") -> None:
     """Interleave ``n`` runs of each, print the medians and their ratio, and a RESULT line."""
     for _ in range(5):  # warm caches
         subject()
@@ -162,9 +170,10 @@ def compare(title: str, subject: Callable[[], None], baseline: Callable[[], None
         baseline()
         b.append(time.perf_counter() - t)
     ma, mb = statistics.median(a), statistics.median(b)
-    print(f"{title}: median {ma * 1000:.2f} ms vs {against} {mb * 1000:.2f} ms "
+    print(f"{title} [{backend}]: median {ma * 1000:.2f} ms vs {against} {mb * 1000:.2f} ms "
           f"-> ratio {ma / mb:.2f}x  (n={n}, p90 {sorted(a)[int(n * 0.9)] * 1000:.2f} ms)")
-    print("RESULT " + json.dumps({"config": title, "against": against, "n": n,
+    print("RESULT " + json.dumps({"config": title, "backend": backend, "against": against,
+                                  "n": n,
                                   "median_ms": round(ma * 1000, 2),
                                   "baseline_median_ms": round(mb * 1000, 2),
                                   "ratio": round(ma / mb, 3)}), flush=True)
@@ -178,8 +187,11 @@ def main() -> None:
     settings = load_settings()
     ensure_home(settings)
     backend = BwrapBackend(settings)
-    in_process(backend, args.n)
-    end_to_end(backend, max(20, args.n // 4))
+    names = ["bwrap", *(["oci"] if shutil.which("runc", path="/usr/sbin:/usr/bin") else [])]
+    for name in names:
+        in_process(backend, args.n, None if name == "bwrap" else get_backend(name, settings))
+    for name in names:
+        end_to_end(backend, max(20, args.n // 4), name)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ class Settings(NamedTuple):
     uid_pool: str = "1600000-1601023"
     cgroup_name: str = "stockade"
     runtime_dir: str = "/run/stockade"
+    # how this runner runs jobs: bwrap, oci (runc) or runsc (gVisor; the only one that takes
+    # jobs with isolation: strong); stockade doctor says which are usable here
+    sandbox_backend: str = "bwrap"
     artifact_max_file_bytes: int = 512 * MiB
     artifact_max_total_bytes: int = 1024 * MiB
     artifact_max_files: int = 10_000
@@ -122,6 +125,7 @@ _ENV = {
     "STOCKADE_UID_POOL": "uid_pool",
     "STOCKADE_CGROUP_NAME": "cgroup_name",
     "STOCKADE_RUNTIME_DIR": "runtime_dir",
+    "STOCKADE_SANDBOX_BACKEND": "sandbox_backend",
     "STOCKADE_ARTIFACT_MAX_FILE": "artifact_max_file_bytes",
     "STOCKADE_ARTIFACT_MAX_TOTAL": "artifact_max_total_bytes",
     "STOCKADE_MASTER_KEY_FILE": "master_key_file",
@@ -185,7 +189,19 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     settings = _apply(settings, overrides, "environment")
     _check_owned_locations(settings)
     _check_egress_entries(settings)
+    _check_backend(settings)
     return settings
+
+
+SANDBOX_BACKENDS = ("bwrap", "oci", "runsc")  # sandbox.BACKENDS, without importing it
+
+
+def _check_backend(settings: Settings) -> None:
+    """The runner's sandbox backend is one stockade has."""
+    if settings.sandbox_backend not in SANDBOX_BACKENDS:
+        raise ConfigError(f"sandbox_backend {settings.sandbox_backend[:40]!r} is not a sandbox "
+                          "backend", hint=f"use one of {', '.join(SANDBOX_BACKENDS)} (stockade "
+                          "doctor says which are usable on this host)")
 
 
 def _check_egress_entries(settings: Settings) -> None:

@@ -25,10 +25,21 @@ import pytest
 
 from stockade.config import Settings
 from stockade.sandbox.uids import parse_range
-from tests.conftest import JobRun, job_cgroups, job_dir
+from tests.conftest import CLI_SETTINGS, JobRun, job_cgroups, job_dir
 
 # the host uids jobs run as (each job its own, see sandbox/uids.py)
 UID_POOL = parse_range(Settings(home=Path("/")).uid_pool)
+# every probe runs on each backend usable here (runsc is not on Debian 12: see doctor)
+BACKENDS = ("bwrap", "oci")
+HOST_PID_NS = os.readlink("/proc/self/ns/pid")
+
+
+@pytest.fixture(params=BACKENDS, autouse=True)
+def sandbox_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The sandbox backend of every ``stockade`` command the test runs."""
+    CLI_SETTINGS["STOCKADE_SANDBOX_BACKEND"] = request.param
+    yield request.param
+    CLI_SETTINGS.clear()
 
 
 class Listener:
@@ -76,14 +87,24 @@ class Listener:
 
 
 class UidSampler:
-    """Samples the host uids of the processes in stockade job cgroups while a job runs, by
-    job id: a test looks only at its own job (another installation may run jobs meanwhile)."""
+    """Samples the host uids of the processes in stockade job cgroups (and the children an
+    OCI runtime makes for each step's container) while a job runs, by job id: a test looks
+    only at its own job (another installation may run jobs meanwhile).
+
+    runc's own set-up is told apart: in a step's cgroup, a process in the host's pid
+    namespace is runc's (``runc init``, ``runc:[0:PARENT]``, ``runc:[1:CHILD]``: rootful, as
+    root, before they enter the job's namespaces; no process of a job is ever in the host's
+    pid namespace there), and ``runc:[2:INIT]`` runs as the container's root, the job's
+    second unprivileged pool uid, then as the job's, until it executes the step."""
 
     PATTERNS = ("/sys/fs/cgroup/pids/stockade/*/cgroup.procs",
-                "/sys/fs/cgroup/stockade/*/cgroup.procs")
+                "/sys/fs/cgroup/pids/stockade/*/*/cgroup.procs",
+                "/sys/fs/cgroup/stockade/*/cgroup.procs",
+                "/sys/fs/cgroup/stockade/*/*/cgroup.procs")
 
     def __init__(self) -> None:
         self.seen: dict[str, list[int]] = {}
+        self.setup: dict[str, list[int]] = {}  # uids of runc:[2:INIT]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -92,15 +113,29 @@ class UidSampler:
         while not self._stop.wait(0.005):
             for pattern in self.PATTERNS:
                 for procs in glob.glob(pattern):
-                    job = Path(procs).parent.name.rsplit("-", 1)[-1]  # <installation>-<job>
+                    group = Path(procs).parent
+                    step = group.parent.name != "stockade"  # a step's child cgroup
+                    job = (group.parent if step else group).name.rsplit("-", 1)[-1]
                     for pid in _read(procs).split():
-                        uid = _host_uid(int(pid))
-                        if uid is not None:
-                            self.seen.setdefault(job, []).append(uid)
+                        self._sample(job, int(pid), step)
+
+    def _sample(self, job: str, pid: int, step: bool) -> None:
+        status = _read(f"/proc/{pid}/status")
+        uid = _status_uid(status)
+        if uid is None or (step and _pid_ns(pid) in (HOST_PID_NS, "")):
+            return  # the runtime's set-up, before it enters the job's namespaces (or gone)
+        name = next((line.split(None, 1)[-1] for line in status.splitlines()
+                     if line.startswith("Name:")), "")
+        bucket = self.setup if name == "runc:[2:INIT]" else self.seen
+        bucket.setdefault(job, []).append(uid)
 
     def uids(self, job: str) -> list[int]:
-        """The host uids seen in ``job``'s cgroup."""
+        """The host uids seen in ``job``'s cgroups."""
         return self.seen.get(job, [])
+
+    def setup_uids(self, job: str) -> list[int]:
+        """The host uids ``job``'s runtime set-up ran as inside its namespaces."""
+        return self.setup.get(job, [])
 
     def stop(self) -> None:
         self._stop.set()
@@ -115,10 +150,21 @@ def _read(path: str) -> str:
 
 
 def _host_uid(pid: int) -> int | None:
-    for line in _read(f"/proc/{pid}/status").splitlines():
+    return _status_uid(_read(f"/proc/{pid}/status"))
+
+
+def _status_uid(status: str) -> int | None:
+    for line in status.splitlines():
         if line.startswith("Uid:"):
             return min(int(x) for x in line.split()[1:])
     return None
+
+
+def _pid_ns(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return ""
 
 
 def job_processes(run: JobRun) -> list[int]:
@@ -168,15 +214,25 @@ class HostGuard:
         assert self.victim.poll() is None, "the host process was killed"
         assert self.listener.hits == 0, "a host loopback listener was reached"
         assert socket.gethostname() == self.hostname, "the host hostname changed"
-        uids = self.sampler.uids(job)
-        assert 0 not in uids, "a sandboxed process ran as host root"
-        assert set(uids) <= {run.result.get("host_uid")}, set(uids)
+        uids, setup = self.sampler.uids(job), self.sampler.setup_uids(job)
+        assert 0 not in uids + setup, "a sandboxed process ran as host root"
+        others = set(uids) - {run.result.get("host_uid")}
+        if CLI_SETTINGS.get("STOCKADE_SANDBOX_BACKEND") == "oci":
+            # runc's init runs as the container's root (the job's second pool uid) inside
+            # the job's namespaces until it executes the step; a step can never become it
+            others -= set(setup)
+            assert len(others) <= 1 and others <= set(UID_POOL), others
+            others = set()
+        assert not others, others
+        assert set(setup) <= set(UID_POOL), set(setup)  # its root, then the job uid
         assert run.result.get("host_uid") in UID_POOL, run.result.get("host_uid")
         assert job_processes(run) == [], "processes of the job's uid survived"
         assert not job_cgroups(run.home, job), "a job cgroup remains"
         assert not job_dir(run.home, job).exists(), "the job directory remains"
         assert job not in Path("/proc/self/mountinfo").read_text(), "a job mount remains"
         assert "leftovers" not in run.result, run.result.get("leftovers")
+        backend = CLI_SETTINGS.get("STOCKADE_SANDBOX_BACKEND", "bwrap")
+        assert run.result.get("sandbox", backend) == backend, run.result.get("sandbox")
 
     def close(self) -> None:
         self.sampler.stop()

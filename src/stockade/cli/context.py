@@ -26,10 +26,13 @@ if TYPE_CHECKING:
 _OPEN: list[Store] = []
 
 
-def open_control(recover: bool = True) -> tuple[Settings, ControlService]:
+def open_control(recover: bool = True, local_runner: bool = False
+                 ) -> tuple[Settings, ControlService]:
     """Settings, the state directory, and the control service over the embedded store; jobs
     whose runner is gone are failed first (so no command shows them running), unless the
-    caller does that itself (``recover=False``: ``run`` reaps sandboxes too)."""
+    caller does that itself (``recover=False``: ``run`` reaps sandboxes too). With
+    ``local_runner`` (``stockade run``) every job is for this host's runner: admission refuses
+    what its sandbox backend cannot run."""
     settings = load_settings()
     ensure_home(settings)
     store = open_store(settings)
@@ -37,7 +40,7 @@ def open_control(recover: bool = True) -> tuple[Settings, ControlService]:
     actor = f"cli:{getpass.getuser()}"
     control = ControlService(store, actor=actor, broker=open_broker(settings, store),
                              identity=lambda: open_keyring(settings),
-                             policy=admission_policy(settings),
+                             policy=admission_policy(settings, local_runner),
                              resolve_image=lambda ref: resolve_image(settings, ref))
     if recover:
         recover_lost(settings, control)
@@ -108,14 +111,16 @@ def resolve_image(settings: Settings, text: str) -> str:
         _RESOLVING.release()
 
 
-def admission_policy(settings: Settings) -> AdmissionPolicy:
-    """The operator's admission settings, as the control plane takes them."""
+def admission_policy(settings: Settings, local_runner: bool = False) -> AdmissionPolicy:
+    """The operator's admission settings, as the control plane takes them (with
+    ``local_runner``, the backend of the runner that will take the job)."""
     return AdmissionPolicy(
         oidc_audiences_untrusted=settings.oidc_audiences_untrusted,
         oidc_audiences_trusted=settings.oidc_audiences_trusted,
         oidc_audiences_protected=settings.oidc_audiences_protected,
         egress_untrusted_allow=settings.egress_untrusted_allow,
         image_registries=settings.image_registries,
+        runner_backend=settings.sandbox_backend if local_runner else "",
     )
 
 

@@ -23,7 +23,14 @@ from stockade.api.attestation import (
     signed_bytes,
     verify_signature,
 )
-from stockade.api.protocol import TRUST_LEVELS, Assignment, Completion, LeaseGrant
+from stockade.api.protocol import (
+    STRONG_BACKENDS,
+    STRONG_ISOLATION_LABEL,
+    TRUST_LEVELS,
+    Assignment,
+    Completion,
+    LeaseGrant,
+)
 from stockade.audit import AuditEvent
 from stockade.control.service import ControlService
 from stockade.errors import PolicyDenied, UsageError
@@ -253,7 +260,7 @@ class FleetService:
         """The next job for this runner (None if none, or if it may not take work now);
         ``after``: the attempt whose completion asks for it (which remembers it)."""
         runner = caller.runner  # its status is read again in the claim's transaction
-        return self.control.claim(runner.id, tuple(json.loads(runner.labels_json)),
+        return self.control.claim(runner.id, runner_labels(runner),
                                   lease_s=self.policy.lease_s, max_trust=runner.max_trust,
                                   after=after)
 
@@ -400,6 +407,19 @@ class AuditBudget:
         return out
 
 
+def runner_labels(runner: RunnerRow) -> tuple[str, ...]:
+    """What a runner offers at a claim: its labels, and the strong-isolation label when its
+    last attested measurements say its sandbox backend gives a kernel of the job's own."""
+    labels = [x for x in json.loads(runner.labels_json) if x != STRONG_ISOLATION_LABEL]
+    try:
+        backend = json.loads(runner.measurements_json).get("sandbox_backend")
+    except (ValueError, AttributeError):
+        backend = None
+    if backend in STRONG_BACKENDS:
+        labels.append(STRONG_ISOLATION_LABEL)
+    return tuple(labels)
+
+
 def _check_runner_fields(name: str, labels: list[str], concurrency: int) -> None:
     if not name or len(name) > 60 or not all(c.isalnum() or c in "-_." for c in name) \
             or not name.isascii():
@@ -407,5 +427,8 @@ def _check_runner_fields(name: str, labels: list[str], concurrency: int) -> None
     if len(labels) > MAX_LABELS or any(not (0 < len(x) <= 64) or not x.isascii()
                                        or not x.isprintable() or " " in x for x in labels):
         raise PolicyDenied(f"at most {MAX_LABELS} labels of 1 to 64 printable characters")
+    if STRONG_ISOLATION_LABEL in labels:
+        raise PolicyDenied(f"{STRONG_ISOLATION_LABEL} is not a label to give: runners offer it "
+                           f"when their sandbox backend is {' or '.join(STRONG_BACKENDS)}")
     if not 1 <= concurrency <= 64:
         raise PolicyDenied("a runner's concurrency is 1 to 64")

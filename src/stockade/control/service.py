@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stockade.api.protocol import (
+    STRONG_BACKENDS,
+    STRONG_ISOLATION_LABEL,
     TRUST_LEVELS,
     Assignment,
     Completion,
@@ -50,6 +52,20 @@ class AdmissionPolicy(NamedTuple):
     oidc_audiences_protected: tuple[str, ...] = ("*",)
     egress_untrusted_allow: tuple[str, ...] = ()
     image_registries: tuple[str, ...] = ()
+    # the sandbox backend of the one runner that takes every job (stockade run's own);
+    # empty for a fleet, where a job waits for a runner that can take it
+    runner_backend: str = ""
+
+    def isolation_refusal(self, isolation: str) -> str | None:
+        """Why no runner here can take a job asking for ``isolation`` (None if one can)."""
+        if isolation != "strong" or not self.runner_backend \
+                or self.runner_backend in STRONG_BACKENDS:
+            return None
+        return (f"the job asks for isolation: strong, which only a runner whose sandbox backend "
+                f"is {' or '.join(STRONG_BACKENDS)} (gVisor) takes; this runner's is "
+                f"{self.runner_backend!r}: set sandbox_backend = \"runsc\" "
+                "(STOCKADE_SANDBOX_BACKEND=runsc) where stockade doctor reports the runsc "
+                "backend usable, or ask for isolation: standard")
 
     def image_refusal(self, image: str) -> str | None:
         """Why a job may not run on ``image`` (None if it may): only ``host`` and images from
@@ -198,7 +214,7 @@ class ControlService:
         extra = json.dumps({"message": message}) if message else None
         job = JobRow(
             id=job_id, name=spec.name, spec_json=spec.to_json(),
-            labels_json=json.dumps(list(spec.labels)), status=status.value,
+            labels_json=json.dumps(claim_labels(spec)), status=status.value,
             failure_reason=reason.value if reason else None, exit_code=None, attempt=0,
             runner_id=runner_id, lease_expires_at=None, created_at=now, started_at=None,
             finished_at=now if reason else None, result_json=extra, trust=trust, ref=ref,
@@ -254,6 +270,9 @@ class ControlService:
         """What the spec asks for beyond what the operator allows a job of ``trust``."""
         denials = []
         why = self.policy.image_refusal(spec.image)
+        if why:
+            denials.append(why)
+        why = self.policy.isolation_refusal(spec.isolation)
         if why:
             denials.append(why)
         if spec.id_token is not None:
@@ -397,3 +416,12 @@ def check_submission(trust: str, ref: str) -> None:
         raise UsageError(f"{ref[:MAX_REF_LENGTH]!r} is not a ref",
                          hint="pass e.g. --ref refs/heads/main: printable, no spaces, at most "
                               f"{MAX_REF_LENGTH} characters")
+
+
+def claim_labels(spec: Job) -> list[str]:
+    """The labels a runner must offer to take the job: the spec's, and the strong-isolation
+    label for ``isolation: strong``."""
+    labels = list(spec.labels)
+    if spec.isolation == "strong" and STRONG_ISOLATION_LABEL not in labels:
+        labels.append(STRONG_ISOLATION_LABEL)
+    return labels

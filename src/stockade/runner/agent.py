@@ -71,7 +71,7 @@ def start(args: argparse.Namespace) -> int:
     labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
     settings = load_settings()
     ensure_home(settings)
-    backend = get_backend("bwrap", settings)
+    backend = get_backend(settings.sandbox_backend, settings)
     identity = Identity(settings.home / "runner")
     _lock_home(settings.home / "runner" / "agent.lock")
     _forget_earlier_jobs(settings)

@@ -79,18 +79,21 @@ class Identity:
 
 
 def measure(settings: Settings, backend: Backend) -> dict[str, Any]:
-    """The runner's measurements: its code, bubblewrap, seccomp filter, doctor, kernel."""
+    """The runner's measurements: its code, sandbox backend and runtime, seccomp filter,
+    doctor, kernel."""
     from stockade.sandbox.seccomp import load_bpf
 
     findings = backend.check()
-    bwrap = next((f.detail for f in findings if f.control == "bubblewrap"), "unavailable")
+    runtime = next((f.detail for f in findings if f.control == "sandbox runtime"),
+                   "unavailable")
     try:
         seccomp = hashlib.sha256(load_bpf(settings.cache_dir)).hexdigest()
     except Exception as e:
         seccomp = f"unavailable: {e}"[:200]
     return {
         "stockade_sha256": code_digest(),
-        "bwrap_version": bwrap,
+        "bwrap_version": runtime,  # the name predates other backends: their runtime's too
+        "sandbox_backend": backend.name,
         "seccomp_sha256": seccomp,
         "doctor": [{"control": f.control, "ok": f.ok, "required": f.required,
                     "detail": f.detail[:300]} for f in findings],

@@ -1,8 +1,11 @@
 """Execution engines behind one :class:`~stockade.sandbox.interface.Backend` protocol.
 
-Backends are listed explicitly in :data:`BACKENDS` (no import-time registration). ``bwrap`` is
-the default and only backend today: hardened bubblewrap sandboxes in per-job cgroups with a
-libseccomp filter. ``stockade doctor`` reports what each control needs and whether it is active.
+Backends are listed explicitly in :data:`BACKENDS` (no import-time registration): ``bwrap``
+(the default: hardened bubblewrap sandboxes in per-job cgroups with a libseccomp filter),
+``oci`` (a runc container per step, the same hardening in an OCI runtime spec) and ``runsc``
+(the same bundle run by gVisor, a kernel of its own between the job and the host's: the only
+backend that takes jobs with ``isolation: strong``). The operator chooses one per runner
+(``sandbox_backend``); ``stockade doctor`` reports what each needs and whether it is usable.
 """
 
 from __future__ import annotations
@@ -22,7 +25,19 @@ def _bwrap(settings: Settings) -> Backend:
     return BwrapBackend(settings)
 
 
-BACKENDS = {"bwrap": _bwrap}
+def _oci(settings: Settings) -> Backend:
+    from stockade.sandbox.oci import RUNC, OciBackend
+
+    return OciBackend(settings, RUNC)
+
+
+def _runsc(settings: Settings) -> Backend:
+    from stockade.sandbox.oci import RUNSC, OciBackend
+
+    return OciBackend(settings, RUNSC)
+
+
+BACKENDS = {"bwrap": _bwrap, "oci": _oci, "runsc": _runsc}
 
 
 def get_backend(name: str, settings: Settings) -> Backend:

@@ -5,6 +5,11 @@ The runner (root) creates ``<root>/<controller>/stockade/<job>`` (v1) or
 The sandbox launcher, already running as the job's unprivileged host uid, writes ``0`` to those
 open files to enter the cgroup before it executes bwrap: the kernel checks the credentials of
 whoever opened the file, so the job's processes never need write access to any cgroup file.
+
+An OCI runtime puts each step's container in a child of the job's cgroup (``step_path``) and
+makes that child in every hierarchy it knows (``cpuset``, ``devices``, the named ``systemd``
+one ...): reading, killing and removing therefore cover the job's whole subtree, in every
+hierarchy, so that nothing a runtime made survives the job.
 """
 
 import contextlib
@@ -53,6 +58,21 @@ def _read_procs(path: Path) -> list[int]:
         return [int(x) for x in path.read_text().split()]
     except FileNotFoundError:
         return []
+
+
+def _subtree(top: Path) -> list[Path]:
+    """``top`` and every cgroup below it, deepest first (the order they can be removed in)."""
+    found, todo = [], [top]
+    while todo:
+        d = todo.pop()
+        try:
+            children = [Path(e.path) for e in os.scandir(d)
+                        if e.is_dir(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        found.append(d)
+        todo += children
+    return found[::-1]
 
 
 def _rmdir(path: Path, deadline: float) -> None:
@@ -136,21 +156,21 @@ class JobCgroup:
         """Open ``cgroup.procs`` files; writing ``0`` to each moves the writer into the job."""
         return list(self._procs_fds)
 
+    def step_path(self, step: str) -> str:
+        """The path (from the hierarchy's root) of a child cgroup for one step's container,
+        as an OCI runtime's ``cgroupsPath`` names it."""
+        return f"/{self.parent}/{self._main.name}/{step}"
+
     def pids(self) -> list[int]:
-        """The processes currently in the job's cgroup."""
-        return _read_procs(self._main / "cgroup.procs")
+        """The processes currently in the job's cgroup and its children."""
+        return [pid for d in _subtree(self._main) for pid in _read_procs(d / "cgroup.procs")]
 
     def oom_kills(self) -> int:
-        """How many processes of the job the kernel's OOM killer has killed so far."""
-        name = "memory.oom_control" if self.layout == "v1" else "memory.events"
-        try:
-            for line in (self._main / name).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except FileNotFoundError:
-            pass
-        return 0
+        """How many processes of the job the kernel's OOM killer has killed so far (v1
+        counts a kill in the victim's own cgroup only: its children's are added up)."""
+        if self.layout == "v1":
+            return sum(_oom_kill_count(d / "memory.oom_control") for d in _subtree(self._main))
+        return _oom_kill_count(self._main / "memory.events")
 
     def memory_peak(self) -> int:
         """The job's peak memory use in bytes (0 if the kernel does not report it)."""
@@ -199,7 +219,8 @@ class JobCgroup:
             _write(freezer / state, thawed)
 
     def remove(self) -> list[str]:
-        """Close the open files, kill what is left and remove the directories; return leftovers."""
+        """Close the open files, kill what is left and remove the directories (with their
+        children, in every hierarchy); return leftovers."""
         for fd in self._procs_fds:
             os.close(fd)
         self._procs_fds = []
@@ -210,9 +231,31 @@ class JobCgroup:
         except OSError as e:
             leftovers.append(f"cannot kill the processes in {self._main}: {e.strerror}")
         deadline = time.monotonic() + 5
-        for d in self.dirs.values():
-            try:
-                _rmdir(d, deadline)
-            except OSError as e:
-                leftovers.append(f"cgroup {d} not removed: {e.strerror}")
+        for top in self._all_dirs():
+            for d in _subtree(top):
+                try:
+                    _rmdir(d, deadline)
+                except OSError as e:
+                    leftovers.append(f"cgroup {d} not removed: {e.strerror}")
         return leftovers
+
+    def _all_dirs(self) -> list[Path]:
+        """The job's directory in each hierarchy: ours, and those a runtime made."""
+        name = self._main.name
+        found = {*self.dirs.values(), self.root / self.parent / name}
+        with contextlib.suppress(OSError):
+            found |= {Path(e.path) / self.parent / name for e in os.scandir(self.root)
+                      if e.is_dir(follow_symlinks=False)}
+        return sorted(d for d in found if d.is_dir())
+
+
+def _oom_kill_count(path: Path) -> int:
+    """The ``oom_kill`` line of ``memory.oom_control`` (v1) or ``memory.events`` (v2)."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except FileNotFoundError:
+        pass
+    return 0

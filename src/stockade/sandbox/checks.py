@@ -19,6 +19,8 @@ from stockade.sandbox.sysctls import check_sysctls
 
 if TYPE_CHECKING:
     from stockade.sandbox.bwrap import BwrapBackend
+    from stockade.sandbox.interface import Backend
+    from stockade.sandbox.job import JobBackend
 
 PROBE_SCRIPT = r"""
 fail() { echo "PROBE-FAIL $*"; exit 1; }
@@ -27,7 +29,7 @@ grep -q '^CapEff:[[:space:]]*0000000000000000$' /proc/self/status || fail "capab
 grep -q '^NoNewPrivs:[[:space:]]*1$' /proc/self/status || fail "no_new_privs not set"
 grep -q '^Seccomp:[[:space:]]*2$' /proc/self/status || fail "seccomp filter not loaded"
 [ "$(hostname)" = "$EXPECT_HOST" ] || fail "hostname is $(hostname)"
-[ "$(cat /proc/1/comm)" = bwrap ] || fail "not in a fresh pid namespace"
+[ "$(cat /proc/1/comm)" = bwrap ] || [ "$$" = 1 ] || fail "not in a fresh pid namespace"
 [ ! -e /sys/class ] || fail "/sys is visible"
 [ -z "$(cat /proc/cmdline 2>/dev/null)" ] || fail "/proc/cmdline shows the boot arguments"
 tr "\\0" " " </proc/1/cmdline | grep -q -- "--bind" && fail "bwrap's argv shows host paths"
@@ -39,30 +41,55 @@ echo PROBE-OK
 """
 
 
-def _finding(control: str, ok: bool, detail: str, remedy: str = "",
-             required: bool = True) -> Finding:
+def finding(control: str, ok: bool, detail: str, remedy: str = "",
+            required: bool = True) -> Finding:
+    """One finding (the remedy only where the control is not met)."""
     return Finding(control, ok, detail, "" if ok else remedy, required)
 
 
 def check_host(backend: BwrapBackend) -> list[Finding]:
     """All findings, in the order a person would fix them."""
-    findings = [
-        _finding("architecture", seccomp.machine() in seccomp.SUPPORTED_ARCHES,
+    findings = basics()
+    findings += [_bwrap(backend), uid_pool(backend), _userns(), _seccomp(backend)]
+    return with_probe(backend, findings + environment(backend))
+
+
+def basics() -> list[Finding]:
+    """What every backend needs first: a supported architecture, root."""
+    return [
+        finding("architecture", seccomp.machine() in seccomp.SUPPORTED_ARCHES,
                  seccomp.machine(), "stockade supports x86_64 and aarch64"),
-        _finding("running as root", os.geteuid() == 0, f"euid {os.geteuid()}",
+        finding("running as root", os.geteuid() == 0, f"euid {os.geteuid()}",
                  "run stockade as root: it creates cgroups, then drops to a per-job uid"),
     ]
-    findings += [_bwrap(backend), _uid_pool(backend), _userns(), _seccomp(backend)]
-    findings += _cgroups()
-    findings += check_sysctls()
-    findings.append(_egress_network())
-    findings.append(_ca_store(backend))
+
+
+def environment(backend: JobBackend) -> list[Finding]:
+    """What every backend needs of the host besides its runtime: cgroups, kernel settings,
+    the egress network, the CA store."""
+    return [*_cgroups(), *check_sysctls(), _egress_network(), _ca_store(backend)]
+
+
+def with_probe(backend: Backend, findings: list[Finding]) -> list[Finding]:
+    """``findings`` and the end-to-end probe (skipped while a required check fails)."""
     if all(f.ok for f in findings if f.required):
-        findings.append(_probe(backend))
-    else:
-        findings.append(_finding("end-to-end probe", False, "skipped: fix the problems above",
-                                 "fix the failed checks above"))
-    return findings
+        return [*findings, _probe(backend)]
+    return [*findings, finding("end-to-end probe", False, "skipped: fix the problems above",
+                                "fix the failed checks above")]
+
+
+def backend_summary(name: str, findings: list[Finding], selected: bool) -> Finding:
+    """One line for the sandbox backend ``name``: usable or not (the first failed check and
+    its fix), marked required only for the backend this runner uses."""
+    failed = next((f for f in findings if f.required and not f.ok), None)
+    use = f"set sandbox_backend = \"{name}\" (STOCKADE_SANDBOX_BACKEND={name}) to use it"
+    if failed is None:
+        detail = "usable" + (" (selected)" if selected else f"; {use}")
+        return finding(f"backend {name}", True, detail, required=selected)
+    return finding(f"backend {name}", False,
+                    f"not usable: {failed.control}: {failed.detail}"
+                    + (" (selected)" if selected else ""),
+                    failed.remedy or "see its checks", required=selected)
 
 
 def _egress_network() -> Finding:
@@ -73,11 +100,11 @@ def _egress_network() -> Finding:
     try:
         JobNetwork(0).close()
     except OSError as e:
-        return _finding("egress network", False, f"cannot make a job's network namespace: {e}",
+        return finding("egress network", False, f"cannot make a job's network namespace: {e}",
                         "run as root on a kernel with network namespaces (CONFIG_NET_NS)",
                         required=False)
-    return _finding("egress network", True, "jobs with egress get a network namespace of "
-                    "their own with the proxy on 127.0.0.1:3128 in it", required=False)
+    return finding("egress network", True, "jobs with egress get a network namespace of "
+                   "their own with the proxy on 127.0.0.1:3128 in it", required=False)
 
 
 def _bwrap(backend: BwrapBackend) -> Finding:
@@ -85,19 +112,21 @@ def _bwrap(backend: BwrapBackend) -> Finding:
         path = backend.bwrap_path()
         version = subprocess.run([path, "--version"], capture_output=True, text=True,
                                  check=False).stdout.strip()
-        return _finding("bubblewrap", True, f"{path} ({version})")
+        return finding("sandbox runtime", True, f"bubblewrap: {path} ({version})")
     except StockadeError as e:
-        return _finding("bubblewrap", False, e.message, e.hint)
+        return finding("sandbox runtime", False, e.message, e.hint)
 
 
-def _uid_pool(backend: BwrapBackend) -> Finding:
+def uid_pool(backend: JobBackend, per_job: int = 1) -> Finding:
+    """The operator's pool of per-job host uids (``per_job`` uids each job takes)."""
     try:
         pool = backend.uid_pool()
-        return _finding("per-job host uids", True,
-                        f"{pool.start}-{pool.stop - 1} ({len(pool)} jobs at once): each job "
+        return finding("per-job host uids", True,
+                        f"{pool.start}-{pool.stop - 1} ({len(pool) // per_job} jobs at "
+                        "once): each job "
                         "runs as its own unprivileged uid, an escape lands unprivileged")
     except StockadeError as e:
-        return _finding("per-job host uids", False, e.message, e.hint)
+        return finding("per-job host uids", False, e.message, e.hint)
 
 
 def _userns() -> Finding:
@@ -106,7 +135,7 @@ def _userns() -> Finding:
     apparmor = _read_int(Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
                          default=0)
     ok = limit > 0 and clone == 1 and apparmor == 0
-    return _finding("user namespaces", ok,
+    return finding("user namespaces", ok,
                     f"max_user_namespaces={limit}, unprivileged_userns_clone={clone}, "
                     f"apparmor_restrict_unprivileged_userns={apparmor}",
                     "sysctl user.max_user_namespaces=10000 kernel.unprivileged_userns_clone=1 "
@@ -116,27 +145,27 @@ def _userns() -> Finding:
 def _seccomp(backend: BwrapBackend) -> Finding:
     try:
         bpf = backend.seccomp_bpf()
-        return _finding("seccomp filter", True,
+        return finding("seccomp filter", True,
                         f"libseccomp profile compiled for {seccomp.machine()} "
                         f"({len(bpf) // 8} BPF instructions, Moby default plus extra refusals)")
     except StockadeError as e:
-        return _finding("seccomp filter", False, e.message, e.hint)
+        return finding("seccomp filter", False, e.message, e.hint)
 
 
-def _ca_store(backend: BwrapBackend) -> Finding:
+def _ca_store(backend: JobBackend) -> Finding:
     """What jobs trust for TLS: the host's public CA bundle plus the operator's extra CAs."""
     extra_file = backend.settings.tls_extra_ca_file
     try:
         extra = rootfs.extra_certificates(extra_file).count(b"-----BEGIN")
     except StockadeError as e:
-        return _finding("TLS CA store", False, e.message, e.hint)
+        return finding("TLS CA store", False, e.message, e.hint)
     try:
         host = rootfs.certificates((Path("/etc") / rootfs.CERTS / rootfs.BUNDLE).read_bytes())
     except OSError:
         host = b""
     count = host.count(b"-----BEGIN")
     plus = f" plus {extra} from tls_extra_ca_file {extra_file}" if extra_file else ""
-    return _finding("TLS CA store", count + extra > 0,
+    return finding("TLS CA store", count + extra > 0,
                     f"jobs verify TLS against {count} host CA certificates{plus} at "
                     "/etc/ssl/certs (read-only, certificates only)",
                     "apt-get install ca-certificates, or set tls_extra_ca_file", required=False)
@@ -145,23 +174,23 @@ def _ca_store(backend: BwrapBackend) -> Finding:
 def _cgroups() -> list[Finding]:
     layout = cgroups.layout()
     remedy = "mount cgroup v2 at /sys/fs/cgroup, or the v1 memory, pids and cpu controllers"
-    found = [_finding("cgroups", layout != "none", f"layout {layout}", remedy)]
+    found = [finding("cgroups", layout != "none", f"layout {layout}", remedy)]
     if layout == "v1":
         memsw = Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
         swap_used = _swap_total() > 0
-        found.append(_finding(
+        found.append(finding(
             "swap limit", memsw or not swap_used,
             "memory+swap limited (memsw)" if memsw else
             ("no swap accounting, but no swap is active" if not swap_used
              else "swap is active and not limited"),
             "boot with swapaccount=1 or turn swap off", required=swap_used))
-        found.append(_finding("freezer", Path("/sys/fs/cgroup/freezer").is_dir(),
+        found.append(finding("freezer", Path("/sys/fs/cgroup/freezer").is_dir(),
                               "used to stop fork bombs while killing them",
                               "mount the v1 freezer controller", required=False))
     return found
 
 
-def _probe(backend: BwrapBackend) -> Finding:
+def _probe(backend: Backend) -> Finding:
     job = f"doctor-{uuid.uuid4().hex[:8]}"
     out = bytearray()
     try:
@@ -172,14 +201,17 @@ def _probe(backend: BwrapBackend) -> Finding:
         finally:
             leftovers = box.teardown()
     except StockadeError as e:
-        return _finding("end-to-end probe", False, e.message, e.hint or "see the checks above")
+        said = out.decode(errors="replace").strip().splitlines()
+        return finding("end-to-end probe", False,
+                       e.message + (f": {said[-1][:300]}" if said else ""),
+                       e.hint or "see the checks above")
     text = out.decode(errors="replace").strip()
     ok = exit.exit_code == 0 and "PROBE-OK" in text and not leftovers
     detail = ("a probe job saw uid 1000, no capabilities, no_new_privs, seccomp, fresh "
               "namespaces, read-only root; nothing was left behind") if ok else (
         text.splitlines()[-1] if text else f"exit {exit.exit_code}") + (
         f"; leftovers: {leftovers}" if leftovers else "")
-    return _finding("end-to-end probe", ok, detail, "see the failing control above")
+    return finding("end-to-end probe", ok, detail, "see the failing control above")
 
 
 def _read_int(path: Path, default: int = 0) -> int:

@@ -20,6 +20,7 @@ import shutil
 import stat
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 from stockade.errors import SandboxError
 from stockade.sandbox.rootfs import JOB_GID, JOB_HOME, JOB_UID, JOB_USER
@@ -36,19 +37,38 @@ _FILES = {
 }
 
 
+class Entry(NamedTuple):
+    """A top-level entry of an image's tree: a directory, a file, or a symbolic link (its
+    target, recreated as a link: never followed on the host)."""
+
+    name: str
+    is_dir: bool
+    link: str | None = None
+
+
+def top_entries(tree: Path) -> list[Entry]:
+    """The image's top-level entries a job's root shows (see the module docstring)."""
+    found: list[Entry] = []
+    for entry in sorted(os.scandir(tree), key=lambda e: e.name):
+        if entry.name in OURS:
+            continue
+        if entry.is_symlink():
+            found.append(Entry(entry.name, False, os.readlink(entry.path)))
+        elif entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+            found.append(Entry(entry.name, entry.is_dir(follow_symlinks=False)))
+    return found
+
+
 def root_options(tree: Path, seen_at: Path) -> list[str]:
     """bwrap options binding the image's top-level entries (see the module docstring); the
     tree is read on the host at ``tree``, and bwrap (the job's uid) reaches it at ``seen_at``
     (a read-only bind of it in the job's directory)."""
     options: list[str] = []
-    for entry in sorted(os.scandir(tree), key=lambda e: e.name):
-        target = f"/{entry.name}"
-        if entry.name in OURS:
-            continue
-        if entry.is_symlink():
-            options += ["--symlink", os.readlink(entry.path), target]
-        elif entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
-            options += ["--ro-bind", str(seen_at / entry.name), target]
+    for entry in top_entries(tree):
+        if entry.link is not None:
+            options += ["--symlink", entry.link, f"/{entry.name}"]
+        else:
+            options += ["--ro-bind", str(seen_at / entry.name), f"/{entry.name}"]
     return options
 
 

@@ -67,7 +67,13 @@ class JobNetwork:
             raise result
         self.listener = result
 
+    @property
+    def path(self) -> str:
+        """The namespace's file (its thread's), for a runtime that joins it by path."""
+        return f"/proc/{os.getpid()}/task/{self._tid}/ns/net"
+
     def _live(self, port: int, made: queue.SimpleQueue[socket.socket | BaseException]) -> None:
+        self._tid = threading.get_native_id()
         try:
             _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
             _loopback_up()

@@ -72,9 +72,10 @@ def _is_orphan(job_dir: Path) -> bool:
 
 
 def _cgroup_names(parent: str) -> set[str]:
+    """Children of ``parent`` in any hierarchy (an OCI runtime makes them in all of them)."""
     names: set[str] = set()
-    for base in (ROOT / "memory" / parent, ROOT / "pids" / parent, ROOT / parent):
-        if base.is_dir():
+    for base in (*ROOT.glob(f"*/{parent}"), ROOT / parent):
+        if base.is_dir() and not base.is_symlink():
             names.update(p.name for p in base.iterdir() if p.is_dir())
     return names
 

@@ -7,7 +7,6 @@ on any other architecture stockade refuses to run jobs rather than run them unfi
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from pathlib import Path
@@ -39,7 +38,7 @@ def compile_bpf() -> bytes:
             f"libseccomp is not usable: {e}",
             hint="install libseccomp2 (apt-get install libseccomp2)",
         ) from e
-    f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
+    f = sc.SyscallFilter(sc.ERRNO(profile.REFUSED_ERRNO))
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     for name in profile.ALLOW:
         nr = sc.resolve_syscall(sc.Arch.NATIVE, name)
@@ -61,17 +60,20 @@ def compile_bpf() -> bytes:
 
 
 def _add_conditional(sc: Any, f: Any) -> None:
-    f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, profile.CLONE_NS_FLAGS, 0))
-    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # libc falls back to clone(), filtered above
-    f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.NE, profile.AF_VSOCK))
-    for value in profile.PERSONALITY_ALLOWED:
-        f.add_rule(sc.ALLOW, "personality", sc.Arg(0, sc.EQ, value))
-    f.add_rule(sc.ALLOW, "ioctl")
+    for rule in profile.CONDITIONAL:
+        action = sc.ALLOW if rule.errno is None else sc.ERRNO(rule.errno)
+        if rule.condition is None:
+            f.add_rule(action, rule.syscall)
+            continue
+        c = rule.condition
+        arg = (sc.Arg(c.arg, sc.MASKED_EQ, c.value, c.value_two) if c.op == "MASKED_EQ"
+               else sc.Arg(c.arg, getattr(sc, c.op), c.value))
+        f.add_rule(action, rule.syscall, arg)
 
 
 def _cache_key() -> str:
-    text = repr((machine(), profile.ALLOW, profile.REFUSED, profile.CLONE_NS_FLAGS,
-                 profile.AF_VSOCK, profile.PERSONALITY_ALLOWED))
+    text = repr((machine(), profile.ALLOW, profile.REFUSED, profile.CONDITIONAL,
+                 profile.REFUSED_ERRNO))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -5,10 +5,15 @@ Everything not listed is refused with EPERM; syscalls of a foreign architecture 
 container without extra capabilities) this profile additionally refuses io_uring,
 name_to_handle_at and the mempolicy calls. ``TIOCSTI`` needs no filter: every step runs in a
 new session without a controlling terminal. Rules with
-argument conditions are in :data:`CONDITIONAL`; the list is data, compiled by ``seccomp.py``.
+argument conditions are in :data:`CONDITIONAL`; the lists are data, compiled to BPF by
+``seccomp.py`` (bwrap) and rendered as the OCI runtime spec's ``linux.seccomp`` by
+``oci_config.py`` (runc, runsc): one profile, two encodings.
 """
 
 from __future__ import annotations
+
+import errno
+from typing import NamedTuple
 
 _ALLOW_TEXT = """
 accept accept4 access adjtimex alarm bind brk cachestat capget capset chdir chmod chown
@@ -53,6 +58,35 @@ ALLOW: tuple[str, ...] = tuple(_ALLOW_TEXT.split())
 CLONE_NS_FLAGS = 0x7E020000
 AF_VSOCK = 40
 PERSONALITY_ALLOWED = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
+REFUSED_ERRNO = errno.EPERM  # what every syscall not allowed returns
+
+
+class Condition(NamedTuple):
+    """A test of argument number ``arg``: ``op`` is libseccomp's (``EQ``, ``NE``,
+    ``MASKED_EQ``: the argument masked with ``value`` equals ``value_two``)."""
+
+    arg: int
+    op: str
+    value: int
+    value_two: int = 0
+
+
+class Rule(NamedTuple):
+    """One rule with a condition or an errno of its own: allowed (``errno`` None) when
+    ``condition`` holds (always, without one), else refused with ``errno``."""
+
+    syscall: str
+    condition: Condition | None = None
+    errno: int | None = None
+
+
+CONDITIONAL: tuple[Rule, ...] = (
+    Rule("clone", Condition(0, "MASKED_EQ", CLONE_NS_FLAGS, 0)),
+    Rule("clone3", errno=errno.ENOSYS),  # libc falls back to clone(), filtered above
+    Rule("socket", Condition(0, "NE", AF_VSOCK)),
+    *(Rule("personality", Condition(0, "EQ", value)) for value in PERSONALITY_ALLOWED),
+    Rule("ioctl"),
+)
 
 # Refused on purpose, listed so that tests can check each one is really refused.
 _REFUSED_TEXT = """

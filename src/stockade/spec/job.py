@@ -63,6 +63,7 @@ class Job(NamedTuple):
     artifacts: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     id_token: IdToken | None = None
+    isolation: str = "standard"  # strong: only runners whose backend is runsc (gVisor)
 
     @property
     def timeout(self) -> float:
@@ -86,6 +87,7 @@ class Job(NamedTuple):
                              d["egress"]["on_violation"]),
             artifacts=tuple(d["artifacts"]), labels=tuple(d["labels"]),
             id_token=IdToken(**d["id_token"]) if d.get("id_token") else None,
+            isolation=d.get("isolation", "standard"),
         )
 
 

@@ -140,6 +140,15 @@ class EgressMode(StrEnum):
     AUDIT = "audit"
 
 
+class Isolation(StrEnum):
+    """How far the job is kept from the host's kernel: ``standard`` (namespaces, seccomp,
+    cgroups: every backend) or ``strong`` (also a kernel of its own: runners whose sandbox
+    backend is runsc, gVisor)."""
+
+    STANDARD = "standard"
+    STRONG = "strong"
+
+
 class EgressSpec(_Strict):
     """The job's network policy (``none``: no network at all)."""
 
@@ -226,6 +235,15 @@ class JobSpec(_Strict):
     resources: Resources = DEFAULT_RESOURCES
     artifacts: tuple[StrictStr, ...] = ()
     labels: tuple[StrictStr, ...] = ()
+    isolation: Isolation = Isolation.STANDARD
+
+    @field_validator("isolation", mode="before")
+    @classmethod
+    def _isolation(cls, v: Any) -> Any:
+        if v not in tuple(Isolation):
+            raise ValueError(f"{excerpt(v)} is not an isolation; use standard (the default) "
+                             "or strong (runners with the runsc backend only)")
+        return v
 
     @field_validator("image")
     @classmethod
@@ -340,4 +358,5 @@ class JobSpec(_Strict):
                              self.egress.on_violation),
             artifacts=self.artifacts, labels=self.labels,
             id_token=IdToken(self.id_token.aud) if self.id_token else None,
+            isolation=self.isolation.value,
         )

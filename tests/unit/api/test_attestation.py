@@ -44,3 +44,12 @@ def test_nonces_are_ours_and_fresh() -> None:
     assert "expired" in str(nonce_refusal(key, nonce, 1400.0))
     assert "not issued" in str(nonce_refusal(b"x" * 32, nonce, 1000.0))
     assert "malformed" in str(nonce_refusal(key, "v1.x", 1000.0))
+
+
+def test_every_backend_reports_the_required_controls(tmp_path: Path) -> None:
+    from stockade.config import Settings
+    from stockade.sandbox import get_backend
+
+    for name in ("oci", "runsc"):
+        findings = get_backend(name, Settings(home=tmp_path)).check()
+        assert tuple(f.control for f in findings if f.required) == REQUIRED_CONTROLS, name

@@ -12,11 +12,12 @@ from pathlib import Path
 HELP = "run one job locally in a hardened sandbox"
 DESCRIPTION = """\
 Run the job spec FILE once, locally: it is admitted, queued, claimed by an in-process runner
-and executed in a fresh bubblewrap sandbox; the workspace (--workspace, default: the current
-directory) is copied into the sandbox, never mounted, without the paths that .stockadeignore
-at its root or --exclude name (gitignore syntax); a workspace larger than the job's
-resources.workspace is refused before the job is submitted. Live logs go to stderr; with --json
-one JSON object with the result is printed on stdout at the end.
+and executed in a fresh sandbox (sandbox_backend: bwrap by default); the workspace
+(--workspace, default: the current directory) is copied into the sandbox, never mounted,
+without the paths that .stockadeignore at its root or --exclude name (gitignore syntax); a
+workspace larger than the job's resources.workspace is refused before the job is submitted.
+Live logs go to stderr; with --json one JSON object with the result is printed on stdout at
+the end.
 
 Exit codes: 0 succeeded, 1 failed (script, timeout, oom, ...), 2 invalid spec or usage,
 3 denied by policy, 4 infrastructure error."""
@@ -52,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
     from stockade.sandbox.workspace import check_workspace
     from stockade.spec import ceilings, load_spec
 
-    settings, control = open_control(recover=False)  # recover_lost below, with the backend
+    # recover_lost below, with the backend
+    settings, control = open_control(recover=False, local_runner=True)
     spec = load_spec(args.file, settings.cache_dir / "specs")
     ceilings.check(spec, settings, source=str(args.file))
     workspace = (args.workspace or Path.cwd()).absolute()
@@ -61,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
                          hint="pass --workspace DIR with an existing directory")
     workspace = WorkspaceSource(workspace, tuple(args.exclude))
     check_workspace(workspace, spec.resources.workspace, settings.max_workspace_bytes)
-    backend = get_backend("bwrap", settings)
+    backend = get_backend(settings.sandbox_backend, settings)
     recover_lost(settings, control, backend)
     runner_id = new_runner_id(f"local-{os.uname().nodename}")
     # held from before the job exists until its result is committed: if this process dies
