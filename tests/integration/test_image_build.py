@@ -78,3 +78,21 @@ def test_bad_builds_and_pushes_are_refused_with_the_fix(tmp_path: Path,
     assert missing.returncode == 2 and "was built here" in missing.stderr, missing.stderr
     malformed = run_cli(home, "image", "push", "test/none", f"{plain_registry.host}/x")
     assert malformed.returncode == 2 and "NAME@sha256:DIGEST" in malformed.stderr
+
+
+def test_doctor_probes_an_image(python_image: Built, stockade_home: Path) -> None:
+    """stockade doctor --image: the end-to-end probe also runs on the image."""
+    done = run_cli(stockade_home, "doctor", "--json", "--image", python_image.reference,
+                   **python_image.env)
+    found = {f["control"]: f for f in json.loads(done.stdout)["findings"]}
+    probe = found[f"end-to-end probe on {python_image.reference}"]
+    assert probe["ok"] and "nothing was left behind" in probe["detail"], probe
+    assert done.returncode == 0, done.stderr
+    missing = run_cli(stockade_home, "doctor", "--json", "--image",
+                      python_image.reference.rsplit("@", 1)[0] + "@sha256:" + "0" * 64,
+                      **python_image.env)
+    assert missing.returncode == 4
+    failed = [f for f in json.loads(missing.stdout)["findings"] if not f["ok"] and f["required"]]
+    assert [f["control"] for f in failed] == [
+        f"end-to-end probe on {python_image.reference.rsplit('@', 1)[0]}@sha256:{'0' * 64}"]
+    assert "cannot pull it" in failed[0]["detail"]

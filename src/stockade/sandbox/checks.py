@@ -190,11 +190,20 @@ def _cgroups() -> list[Finding]:
     return found
 
 
-def _probe(backend: Backend) -> Finding:
+def probe_image(backend: Backend, rootfs: Path, image: str) -> Finding:
+    """The end-to-end probe run on an image's tree (``stockade doctor --image``): every
+    control holds there too (the probe needs a shell, id, grep, hostname, tr, touch, ls, wc
+    and unshare in the image)."""
+    return _probe(backend, rootfs, f"end-to-end probe on {image}")
+
+
+def _probe(backend: Backend, rootfs: Path | None = None,
+           control: str = "end-to-end probe") -> Finding:
     job = f"doctor-{uuid.uuid4().hex[:8]}"
     out = bytearray()
     try:
-        box = backend.prepare(SandboxRequest(job, 0.5, 256 << 20, 64, 16 << 20, 16 << 20, None))
+        box = backend.prepare(SandboxRequest(job, 0.5, 256 << 20, 64, 16 << 20, 16 << 20, None,
+                                             rootfs=rootfs))
         try:
             exit = box.run(StepRun("probe", PROBE_SCRIPT,
                                    {"PATH": "/usr/bin:/bin", "EXPECT_HOST": job}, 30), out.extend)
@@ -202,8 +211,7 @@ def _probe(backend: Backend) -> Finding:
             leftovers = box.teardown()
     except StockadeError as e:
         said = out.decode(errors="replace").strip().splitlines()
-        return finding("end-to-end probe", False,
-                       e.message + (f": {said[-1][:300]}" if said else ""),
+        return finding(control, False, e.message + (f": {said[-1][:300]}" if said else ""),
                        e.hint or "see the checks above")
     text = out.decode(errors="replace").strip()
     ok = exit.exit_code == 0 and "PROBE-OK" in text and not leftovers
@@ -211,7 +219,7 @@ def _probe(backend: Backend) -> Finding:
               "namespaces, read-only root; nothing was left behind") if ok else (
         text.splitlines()[-1] if text else f"exit {exit.exit_code}") + (
         f"; leftovers: {leftovers}" if leftovers else "")
-    return finding("end-to-end probe", ok, detail, "see the failing control above")
+    return finding(control, ok, detail, "see the failing control above")
 
 
 def _read_int(path: Path, default: int = 0) -> int:
