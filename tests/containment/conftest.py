@@ -26,6 +26,7 @@ import pytest
 from stockade.config import Settings
 from stockade.sandbox.uids import parse_range
 from tests.conftest import CLI_SETTINGS, JobRun, job_cgroups, job_dir
+from tests.support.debian import Built
 
 # the host uids jobs run as (each job its own, see sandbox/uids.py)
 UID_POOL = parse_range(Settings(home=Path("/")).uid_pool)
@@ -34,12 +35,41 @@ BACKENDS = ("bwrap", "oci")
 HOST_PID_NS = os.readlink("/proc/self/ns/pid")
 
 
-@pytest.fixture(params=BACKENDS, autouse=True)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on each backend, on ``image: host``; the probes of a module that sets
+    ``IMAGE_TOO = True`` also in an image (Debian's Essential packages + python3, built by
+    ``stockade image build`` and pulled from a registry on loopback), on bwrap, unless the
+    test is marked ``host_image_only`` (it checks what the host's /usr and /etc hold)."""
+    if "sandbox_backend" not in metafunc.fixturenames:
+        return
+    if "job_root" not in metafunc.fixturenames:  # (a test that runs no hostile job)
+        metafunc.parametrize("sandbox_backend", BACKENDS, indirect=True)
+        return
+    combos = [(backend, "host") for backend in BACKENDS]
+    if getattr(metafunc.module, "IMAGE_TOO", False) and \
+            metafunc.definition.get_closest_marker("host_image_only") is None:
+        combos.append(("bwrap", "image"))
+    metafunc.parametrize(("sandbox_backend", "job_root"), combos, indirect=True,
+                         ids=[b if root == "host" else f"{b}-image" for b, root in combos])
+
+
+@pytest.fixture(autouse=True)
 def sandbox_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """The sandbox backend of every ``stockade`` command the test runs."""
     CLI_SETTINGS["STOCKADE_SANDBOX_BACKEND"] = request.param
     yield request.param
     CLI_SETTINGS.clear()
+
+
+@pytest.fixture
+def job_root(request: pytest.FixtureRequest) -> Built | None:
+    """The image the hostile job runs in (None: ``image: host``)."""
+    if request.param == "host":
+        return None
+    built: Built = request.getfixturevalue("python_image")
+    return built
 
 
 class Listener:
@@ -251,13 +281,17 @@ def host() -> Iterator[HostGuard]:
 
 
 @pytest.fixture
-def hostile(run_job: Any, host: HostGuard) -> Any:
-    """``hostile(script, **opts)``: run ``script`` as one step, check the host, return the run."""
+def hostile(run_job: Any, host: HostGuard, job_root: Built | None) -> Any:
+    """``hostile(script, **opts)``: run ``script`` as one step (in the image of ``job_root``,
+    if any), check the host, return the run."""
 
     def run(script: str, *, resources: str = "", step: str = "", extra: str = "",
             workspace: Path | None = None, job_env: dict[str, str] | None = None,
             **env: str) -> JobRun:
         body = "\n".join("      " + line for line in textwrap.dedent(script).strip().splitlines())
+        if job_root is not None:
+            extra = f"image: {job_root.reference}\n{extra}"
+            env = {**job_root.env, **env}
         spec = (f"name: hostile\n{host.spec_env(job_env)}{resources}{extra}steps:\n"
                 f"  - name: probe\n{step}    run: |\n{body}\n")
         started = time.monotonic()

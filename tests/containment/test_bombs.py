@@ -6,6 +6,8 @@ import resource
 
 from tests.containment.conftest import job_processes
 
+IMAGE_TOO = True  # these probes run in an image too (see conftest.py)
+
 
 def written(log: str) -> list[int]:
     """The byte counts of dd's "N bytes (...) copied" lines."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 
+IMAGE_TOO = True  # these probes run in an image too (see conftest.py)
+
 
 def test_dev_is_minimal_and_read_only(hostile) -> None:
     run = hostile("""

@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import job_dir
 from tests.containment.conftest import UID_POOL
 
+IMAGE_TOO = True  # these probes run in an image too (see conftest.py)
+
 PRELOAD_SOURCE = r"""
 #include <fcntl.h>
 #include <stdlib.h>

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+IMAGE_TOO = True  # these probes run in an image too (see conftest.py)
+
 
 def test_tcp_to_the_host_loopback_fails(hostile, host) -> None:
     run = hostile("""

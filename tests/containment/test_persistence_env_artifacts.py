@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+IMAGE_TOO = True  # these probes run in an image too (see conftest.py)
+
 
 def test_nothing_persists_between_jobs(hostile) -> None:
     hostile("""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 
+IMAGE_TOO = True  # these probes run in an image too (see conftest.py)
+
 
 def test_host_processes_are_invisible(hostile, host) -> None:
     run = hostile("""

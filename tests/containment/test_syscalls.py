@@ -6,6 +6,8 @@ import platform
 
 import pytest
 
+IMAGE_TOO = True  # these probes run in an image too (see conftest.py)
+
 ARCH = platform.machine()
 # (name, x86_64 number, aarch64 number, arguments)
 SYSCALLS = [
@@ -51,6 +53,7 @@ def test_unshare_command_cannot_make_namespaces(hostile) -> None:
 
 
 @pytest.mark.skipif(ARCH != "x86_64", reason="the 32-bit int 0x80 ABI exists on x86_64 only")
+@pytest.mark.host_image_only  # (it compiles its probe with the host's gcc)
 def test_32bit_syscall_abi_kills_the_process(hostile) -> None:
     run = hostile("""
         cat > /tmp/x32.c <<'C'
