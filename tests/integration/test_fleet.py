@@ -112,6 +112,9 @@ def test_a_runner_killed_mid_job_loses_the_attempt_and_the_job_completes_elsewhe
     job_id = submit(fleet.server, fleet.token,
                     step_job("requeued", "echo attempt-$STOCKADE_ATTEMPT; sleep 2; echo done"))
     wait_for("the job to run on the first runner", lambda: fleet.running_on(job_id))
+    # its step has started (claimed is not enough: on a loaded machine the sandbox may not
+    # exist yet, and then the agent leaves nothing to clean up)
+    wait_for("the step to start", lambda: "attempt-1" in fleet.log(job_id))
     first.proc.kill()  # kill -9: no goodbye, no completion
     first.proc.wait()
     second = fleet.agent("second")
