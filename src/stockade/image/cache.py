@@ -4,7 +4,8 @@
 file system per chain of layers (the OCI chain ID of their DiffIDs: two images with the same
 layers share a tree), published by an atomic rename once every layer was checked and applied;
 ``images/<manifest digest>.json`` records an image (its reference, config, chain id, size,
-last use). A pull of a digest that is recorded and whose tree exists touches nothing remote:
+last use), and ``images/<index digest>.index`` the manifest digest an index pinned by a
+job led to. A pull of a digest that is recorded and whose tree exists touches nothing remote:
 it works while the registry is down. Pulls of one digest take turns (``locks/``). When the
 trees exceed ``image_cache_bytes``, the least recently used images not in use are evicted
 (:meth:`ImageCache.prune`).
@@ -63,9 +64,12 @@ class ImageCache:
         os.chmod(root, 0o700)
 
     def get(self, digest: str) -> CachedImage | None:
-        """The cached image with this manifest digest, if its tree is there."""
+        """The cached image with this manifest digest (or the digest of the index it was
+        pulled by), if its tree is there."""
         record = self.root / "images" / f"{_hex(digest)}.json"
         try:
+            if not record.exists():  # an index pulled before: the manifest it led to
+                record = self.root / "images" / f"{_hex(self._alias(digest))}.json"
             doc = json.loads(record.read_text())
             image = CachedImage(doc["digest"], doc["reference"], doc["chain_id"],
                                 self.root / "trees" / _hex(doc["chain_id"]), doc["config"],
@@ -84,7 +88,9 @@ class ImageCache:
             if found is not None and _repository(found.reference) == _repository(str(ref)):
                 return self._touch(found), False
             image = self._pull(registry, ref)  # (the same content pulled from elsewhere: the
-            # job's own registry must have it too; its tree is used again, not downloaded)
+            # job's own registry must have it too, layers and all; its tree is used again)
+            if image.digest != ref.digest:  # pinned by its index: found by it next time
+                self._write(self._alias_path(ref.digest), image.digest)
         self.prune(keep=(image.digest,))
         return image, True
 
@@ -105,14 +111,16 @@ class ImageCache:
                                    f"manifest {len(manifest.layers)}")
             chain = chain_id(diff_ids)
             tree = self.root / "trees" / _hex(chain)
-            if not tree.is_dir():
-                self._check_room(ref, sum(layer.size for layer in manifest.layers))
-                layers = []
-                for n, layer in enumerate(manifest.layers):
-                    path = Path(tmp) / f"layer-{n}"
-                    with path.open("wb") as f:
-                        registry.blob(ref, layer, f)
-                    layers.append((path, layer.media_type, diff_ids[n]))
+            self._check_room(ref, sum(layer.size for layer in manifest.layers))
+            layers = []
+            for n, layer in enumerate(manifest.layers):
+                path = Path(tmp) / f"layer-{n}"
+                with path.open("wb") as f:
+                    registry.blob(ref, layer, f)
+                layers.append((path, layer.media_type, diff_ids[n]))
+            if tree.is_dir():  # (the DiffIDs a config claims are not proof: its layers are)
+                _check_diff_ids(ref, layers)
+            else:
                 unpack_image(layers, tree)
         top = sum(1 for _ in os.scandir(tree))
         if top > MAX_TOP_LEVEL:
@@ -124,6 +132,13 @@ class ImageCache:
                             dict(config.get("config") or {}), _tree_size(tree), time.time())
         self._record(image)
         return image
+
+    def _alias_path(self, digest: str) -> Path:
+        return self.root / "images" / f"{_hex(digest)}.index"
+
+    def _alias(self, digest: str) -> str:
+        """The manifest digest the index ``digest`` led to (OSError if none is recorded)."""
+        return self._alias_path(digest).read_text(encoding="ascii").strip()
 
     def use(self, digest: str) -> int:
         """Mark the image in use by a job until the returned descriptor is closed (a shared
@@ -170,6 +185,11 @@ class ImageCache:
                     self._remove_tree(image.rootfs)
                     used -= image.size
                 evicted.append(image)
+        for alias in (self.root / "images").glob("*.index") if evicted else ():
+            with contextlib.suppress(OSError, ValueError):  # (those that lead nowhere now)
+                if not (self.root / "images" / f"{_hex(alias.read_text().strip())}.json"
+                        ).exists():
+                    alias.unlink()
         return evicted
 
     def _remove_tree(self, tree: Path) -> None:
@@ -186,9 +206,12 @@ class ImageCache:
     def _record(self, image: CachedImage) -> None:
         doc = {"digest": image.digest, "reference": image.reference, "chain_id": image.chain_id,
                "config": image.config, "size": image.size, "last_used": image.last_used}
-        path = self.root / "images" / f"{_hex(image.digest)}.json"
+        self._write(self.root / "images" / f"{_hex(image.digest)}.json",
+                    json.dumps(doc, sort_keys=True))
+
+    def _write(self, path: Path, text: str) -> None:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, sort_keys=True))
+        tmp.write_text(text)
         os.replace(tmp, path)
 
     @contextlib.contextmanager
@@ -204,6 +227,19 @@ class ImageCache:
             yield True
         finally:
             os.close(fd)
+
+
+def _check_diff_ids(ref: ImageRef, layers: Sequence[tuple[Path, str, str]]) -> None:
+    """Each downloaded layer's DiffID is the one the config names (ImageRefused otherwise):
+    an image is run on a cached tree only if its own layers make that tree."""
+    from stockade.image.layers import layer_diff_id
+
+    for number, (path, media_type, expected) in enumerate(layers, 1):
+        with path.open("rb") as f:
+            got = layer_diff_id(f, media_type)
+        if got != expected:
+            raise ImageRefused(f"image {ref}: layer {number}: its DiffID is {got}, not the "
+                               f"{expected} of the image config")
 
 
 def _repository(reference: str) -> str:

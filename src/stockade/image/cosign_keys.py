@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -92,7 +92,7 @@ def load_public_key(data: bytes, source: str) -> PublicKey:
     kind, der = _pem_block(data, source)
     try:
         key = serialization.load_der_public_key(der) if kind == "PUBLIC KEY" else None
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # (a curve it does not know, too)
         key = None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise KeyFileError(f"{source} is not an ECDSA P-256 public key (PEM PUBLIC KEY)",
@@ -114,7 +114,7 @@ def load_private_key(data: bytes, password: bytes, source: str) -> ec.EllipticCu
     der = decrypt(body, password, source)
     try:
         key = load_der_private_key(der, password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         key = None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
         raise KeyFileError(f"{source} does not hold an ECDSA P-256 private key",

@@ -54,7 +54,7 @@ from stockade.image import tarstream as ts
 from stockade.image.tarstream import LayerLimits, LayerRefused, Member
 
 __all__ = ["LayerInfo", "LayerLimits", "LayerRefused", "UnpackError", "apply_layer",
-           "unpack_image"]
+           "layer_diff_id", "unpack_image"]
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
@@ -384,6 +384,16 @@ def apply_layer(layer: BinaryIO, media_type: str, root: int | str | os.PathLike[
     return LayerInfo(f"sha256:{source.diff.hexdigest()}", f"sha256:{source.raw.sha.hexdigest()}",
                      source.raw.size, source.size, tree.entries, tree.files, tree.bytes,
                      tree.whiteouts, tree.skipped, tree.stripped)
+
+
+def layer_diff_id(layer: BinaryIO, media_type: str, limits: LayerLimits = DEFAULT_LIMITS
+                  ) -> str:
+    """The DiffID (sha256 of the uncompressed stream) of the layer read from ``layer``,
+    nothing unpacked; inflation bounded as when applying it (LayerRefused otherwise)."""
+    source = ts.Source(layer, media_type, limits)
+    while source.more():
+        pass
+    return f"sha256:{source.diff.hexdigest()}"
 
 
 def unpack_image(layers: Sequence[tuple[Path, str, str]], dest: Path,

@@ -115,12 +115,31 @@ class Layout:
 
     def read(self, digest: str, limit: int) -> bytes:
         """The blob ``digest`` (at most ``limit`` bytes), checked against its digest."""
-        with open(self.blob_path(digest), "rb") as f:
-            data = f.read(limit + 1)
-        if len(data) > limit or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise UsageError(f"blob {digest} of {self.root} is damaged",
-                             hint="build the image again")
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            data = None
+        if data is None or len(data) > limit \
+                or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise _damaged(self.root, digest, data is None)
         return data
+
+    def check(self, digest: str, size: int) -> Path:
+        """The path of blob ``digest``, after checking that its bytes are ``size`` bytes
+        with that sha256 (UsageError if it is missing or damaged: nothing of it is sent)."""
+        path = self.blob_path(digest)
+        sha, got = hashlib.sha256(), 0
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    sha.update(chunk)
+                    got += len(chunk)
+        except FileNotFoundError:
+            raise _damaged(self.root, digest, True) from None
+        if got != size or "sha256:" + sha.hexdigest() != digest:
+            raise _damaged(self.root, digest, False)
+        return path
 
     def _index(self) -> dict[str, Any]:
         try:
@@ -128,7 +147,7 @@ class Layout:
                 doc = json.loads(f.read(MAX_INDEX_BYTES))
         except FileNotFoundError:
             return {"schemaVersion": 2, "manifests": []}
-        except ValueError:
+        except (ValueError, RecursionError):  # (damaged: not JSON, or nested too deeply)
             doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
             raise UsageError(f"{self.root / 'index.json'} is not an OCI index",
@@ -143,6 +162,11 @@ class Layout:
             yield
         finally:
             os.close(fd)
+
+
+def _damaged(root: Path, digest: str, missing: bool) -> UsageError:
+    return UsageError(f"blob {digest} of {root} is {'missing' if missing else 'damaged'}",
+                      hint="build the image again")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -1,9 +1,10 @@
 """``stockade image push``: an image of the local OCI layout, uploaded to a registry.
 
-Blobs first (the layer and the config; each skipped when the registry has it), the manifest
-last, under its digest and, when the target names one, a tag: a registry never holds a
-manifest whose blobs are missing. The manifest's bytes are pushed as built, so the digest in
-the registry is the one ``build`` printed.
+Every blob is checked in the layout first (its size and sha256: a missing or damaged one is
+refused before anything is sent), then uploaded (the layer and the config; each skipped when
+the registry has it), the manifest last, under its digest and, when the target names one, a
+tag: a registry never holds a manifest whose blobs are missing. The manifest's bytes are
+pushed as built, so the digest in the registry is the one ``build`` printed.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ def push(layout: Layout, name: str, digest: str, registry: Registry, target: Ima
         raise UsageError(f"the target names digest {target.digest}, the image is {digest}",
                          hint="name the target by repository (and tag) only")
     entry = layout.find(name, digest)
-    for descriptor in _blobs(entry.manifest):
-        blob = str(descriptor["digest"])
-        registry.push_blob(target, layout.blob_path(blob), blob)
+    # every blob checked before anything is sent: a missing or damaged one is the layout's
+    # fault, said so, and no byte of it (nor the manifest) reaches the registry
+    blobs = [(str(d.get("digest")), layout.check(str(d.get("digest")), _size(d)))
+             for d in _blobs(entry.manifest)]
+    for blob, path in blobs:
+        registry.push_blob(target, path, blob)
     media_type = str(entry.manifest.get("mediaType"))
     pushed = registry.push_manifest(target, digest, media_type, entry.raw)
     if target.tag:
@@ -33,10 +37,19 @@ def push(layout: Layout, name: str, digest: str, registry: Registry, target: Ima
     return pushed
 
 
-def _blobs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    layers = manifest.get("layers")
-    config = manifest.get("config")
-    if not isinstance(layers, list) or not isinstance(config, dict):
+def _blobs(manifest: Any) -> list[dict[str, Any]]:
+    layers = manifest.get("layers") if isinstance(manifest, dict) else None
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    if not isinstance(layers, list) or not isinstance(config, dict) \
+            or not all(isinstance(layer, dict) for layer in layers):
         raise UsageError("the built manifest has no config or layers",
                          hint="build the image again")
     return [config, *layers]
+
+
+def _size(descriptor: dict[str, Any]) -> int:
+    size = descriptor.get("size")
+    if type(size) is not int:
+        raise UsageError("the built manifest has a blob without a size",
+                         hint="build the image again")
+    return size

@@ -206,8 +206,9 @@ class Registry:
             doc = _json(raw, got)
             media_type = str(doc.get("mediaType") or media_type)
             return media_type, raw, got
-        raise ImageUnavailable(f"{ref.registry}/{ref.repository}:{reference} is not available: "
-                               + "; ".join(problems))
+        at = "@" if _DIGEST.match(reference) else ":"  # (a digest is not a tag)
+        raise ImageUnavailable(f"{ref.registry}/{ref.repository}{at}{reference} is not "
+                               "available: " + "; ".join(problems))
 
     def find_manifest(self, ref: ImageRef, tag: str, limit: int = MAX_MANIFEST_BYTES
                       ) -> tuple[str, bytes, str] | None:

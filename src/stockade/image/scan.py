@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from stockade.config import Settings
     from stockade.image.cache import CachedImage
 
-SCANNER = 1  # the matching's version: stored reports of another are made again
+SCANNER = 2  # the matching's version: stored reports of another are made again
 THRESHOLDS = ("critical", "high", "medium", "low", "any", "none")
 MAX_REPORT_BYTES = 64 * 1024 * 1024
 _LOADED: dict[str, VulnerabilityData] = {}  # signature -> data (the last one)

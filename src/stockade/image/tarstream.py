@@ -184,6 +184,11 @@ class Source:
                                "(a decompression bomb?)")
         return piece
 
+    def more(self) -> bytes:
+        """The next piece of the tar stream past what was read (b"" at its end): to hash a
+        whole layer without reading it as tar."""
+        return self._more()
+
     @property
     def position(self) -> int:
         """How many bytes of the tar stream have been read so far."""

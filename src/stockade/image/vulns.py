@@ -7,7 +7,8 @@ order: events sorted by version (``introduced: "0"`` first), the version is affe
 an ``introduced`` at or below it, until a ``fixed`` at or below it, or a ``last_affected``
 below it. One finding per advisory and source package; an advisory whose aliases are all
 named by other findings of the package (a DSA that lists the CVEs Debian also publishes one
-by one) is folded into them (its id added to their aliases) rather than counted again.
+by one) is folded into them (its id added to their aliases, its severity taken where it is
+worse) rather than counted again.
 
 Severity, in this order: Debian's urgency ``unimportant`` (Debian's word that the issue does
 not matter for its package) is ``low``; else the highest CVSS base score of the advisory's
@@ -168,7 +169,11 @@ def _fold(findings: list[Finding]) -> list[Finding]:
     named: set[str] = set()
     for finding in sorted(findings, key=lambda f: (len(f.aliases), f.id)):
         if finding.aliases and set(finding.aliases) <= named:
-            kept = [k._replace(aliases=(*k.aliases, finding.id))
+            # (the findings it names keep its severity if it is worse: a critical advisory
+            # folded into a low one must still count as critical)
+            kept = [k._replace(aliases=(*k.aliases, finding.id),
+                               severity=max(k.severity, finding.severity,
+                                            key=lambda s: s.rank))
                     if set(finding.aliases) & {k.id, *k.aliases} else k for k in kept]
             continue
         kept.append(finding)
