@@ -48,6 +48,9 @@ class Settings(NamedTuple):
     oidc_audiences_protected: tuple[str, ...] = ("*",)
     egress_hosts_file: str = ""
     egress_max_connections: int = 64
+    # new proxy connections a job's proxy accepts per second on average (twice as many at
+    # once): the proxy is the runner's CPU, not the job's (more wait in the kernel's backlog)
+    egress_accept_rate: float = 150.0
     egress_header_timeout_s: float = 10.0
     egress_idle_timeout_s: float = 300.0
     # destinations only the operator can open: CIDR:port entries that may name loopback,
@@ -133,6 +136,7 @@ _ENV = {
     "STOCKADE_OIDC_REFRESH": "oidc_refresh_s",
     "STOCKADE_EGRESS_HOSTS_FILE": "egress_hosts_file",
     "STOCKADE_EGRESS_MAX_CONNECTIONS": "egress_max_connections",
+    "STOCKADE_EGRESS_ACCEPT_RATE": "egress_accept_rate",
     "STOCKADE_EGRESS_HEADER_TIMEOUT": "egress_header_timeout_s",
     "STOCKADE_EGRESS_IDLE_TIMEOUT": "egress_idle_timeout_s",
     "STOCKADE_EGRESS_INTERNAL_ALLOW": "egress_internal_allow",

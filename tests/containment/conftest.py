@@ -33,6 +33,7 @@ UID_POOL = parse_range(Settings(home=Path("/")).uid_pool)
 # every probe runs on each backend usable here (runsc is not on Debian 12: see doctor)
 BACKENDS = ("bwrap", "oci")
 HOST_PID_NS = os.readlink("/proc/self/ns/pid")
+HOST_USER_NS = os.readlink("/proc/self/ns/user")
 
 
 
@@ -125,7 +126,12 @@ class UidSampler:
     namespace is runc's (``runc init``, ``runc:[0:PARENT]``, ``runc:[1:CHILD]``: rootful, as
     root, before they enter the job's namespaces; no process of a job is ever in the host's
     pid namespace there), and ``runc:[2:INIT]`` runs as the container's root, the job's
-    second unprivileged pool uid, then as the job's, until it executes the step."""
+    second unprivileged pool uid, then as the job's, until it executes the step. runc joins
+    the job's own user namespace (made by the job's uid, not by runc) as host uid 0, with no
+    capability outside it: its stage 2, the first process of the step's pid namespace, is
+    still host uid 0 there, in that user namespace, until its ``setuid(0)`` makes it the
+    container's root; that is runc's own code before anything of the step exists (no process
+    of a job can be host uid 0 in its user namespace, where uid 0 maps to a pool uid)."""
 
     PATTERNS = ("/sys/fs/cgroup/pids/stockade/*/cgroup.procs",
                 "/sys/fs/cgroup/pids/stockade/*/*/cgroup.procs",
@@ -154,6 +160,8 @@ class UidSampler:
         uid = _status_uid(status)
         if uid is None or (step and _pid_ns(pid) in (HOST_PID_NS, "")):
             return  # the runtime's set-up, before it enters the job's namespaces (or gone)
+        if step and _runc_entering(pid, status):
+            return  # runc's stage 2 in the job's user namespace, before its setuid(0)
         name = next((line.split(None, 1)[-1] for line in status.splitlines()
                      if line.startswith("Name:")), "")
         bucket = self.setup if name == "runc:[2:INIT]" else self.seen
@@ -188,6 +196,21 @@ def _status_uid(status: str) -> int | None:
         if line.startswith("Uid:"):
             return min(int(x) for x in line.split()[1:])
     return None
+
+
+def _runc_entering(pid: int, status: str) -> bool:
+    """Whether ``pid`` is runc's stage 2 as it joined the job's user namespace: named by
+    runc (``runc:[1:CHILD]`` until it renames itself), host uid 0 throughout, pid 1 of the
+    step's pid namespace, in a user namespace other than the host's."""
+    fields = {line.split(":", 1)[0]: line.split(":", 1)[1].split()
+              for line in status.splitlines() if ":" in line}
+    try:
+        user_ns = os.readlink(f"/proc/{pid}/ns/user")
+    except OSError:
+        return False
+    return (fields.get("Name", [""])[0] in ("runc:[1:CHILD]", "runc:[2:INIT]")
+            and fields.get("Uid") == ["0"] * 4 and fields.get("NSpid", [""])[-1] == "1"
+            and user_ns not in (HOST_USER_NS, ""))
 
 
 def _pid_ns(pid: int) -> str:

@@ -66,6 +66,32 @@ steps:
     nothing_left(stockade_home, job.result["job_id"])
 
 
+OWNERS = r"""
+python3 - <<'PY'
+import fcntl, os, struct
+NS_GET_USERNS, NS_GET_OWNER_UID = 0xB701, 0xB704  # <linux/nsfs.h>
+user = os.open("/proc/self/ns/user", os.O_RDONLY)
+owner = struct.unpack("I", fcntl.ioctl(user, NS_GET_OWNER_UID, bytes(4)))[0]
+net_owner = fcntl.ioctl(os.open("/proc/self/ns/net", os.O_RDONLY), NS_GET_USERNS)
+same = os.fstat(net_owner).st_ino == os.fstat(user).st_ino
+print(f"userns-owner={owner} uid={os.getuid()} netns-in-userns={same}")
+PY
+"""
+
+
+def test_the_jobs_user_namespace_is_its_own_uids(run_job, stockade_home: Path) -> None:
+    """The container's user namespace is owned by the job's own host uid, seen inside as the
+    job user (one made by runc, as root, shows as the overflow uid 65534), in every step, and
+    the job's egress network namespace belongs to it."""
+    body = "\n".join("      " + line for line in OWNERS.strip().splitlines())
+    spec = ("name: owners\negress: {mode: block, allow: []}\nsteps:\n"
+            f"  - name: a\n    run: |\n{body}\n  - name: b\n    run: |\n{body}\n")
+    job = run_job(spec)
+    assert job.rc == 0, job.stderr + job.log
+    assert job.log.count("userns-owner=1000 uid=1000 netns-in-userns=True") == 2, job.log
+    nothing_left(stockade_home, job.result["job_id"])
+
+
 def test_a_job_runs_on_its_image(run_job, image_env: dict[str, str],  # noqa: F811
                                  stockade_home: Path) -> None:
     host = image_env.pop("HOST")

@@ -38,19 +38,9 @@ _TIMED_OUT = _raw(b"408 Request Timeout", b"the request head did not come in tim
 def connection_room() -> int:
     """:data:`MAX_CONNECTIONS`, or fewer if this process may not open that many files (its
     soft limit is raised towards the hard one first)."""
-    import resource
+    from stockade.rlimits import raise_open_files
 
-    wanted = MAX_CONNECTIONS + 256  # the database, the log files, the threads' pipes
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            soft = raised
-        except (ValueError, OSError):
-            pass
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
+    soft = raise_open_files(MAX_CONNECTIONS + 256)  # the database, log files, threads' pipes
     return max(PER_CLIENT, min(MAX_CONNECTIONS, soft - 256))
 
 

@@ -53,6 +53,12 @@ class Limits(NamedTuple):
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     max_waiting: int = 0  # connections waiting for a slot; 0: four times max_connections
+    # new connections accepted per second on average (and at most this many more at once):
+    # the proxy runs in the runner, outside the job's cgroup, so a job that only connects and
+    # disconnects must not make the runner spend its CPU; beyond, connections wait in the
+    # kernel's backlog (in the job's own network namespace) until accepted
+    accept_rate: float = 150.0
+    accept_burst: int = 300
 
     @property
     def waiting(self) -> int:
@@ -65,6 +71,25 @@ DEFAULT_LIMITS = Limits()
 
 def _same(text: str) -> str:
     return text
+
+
+class _Pace:
+    """A token bucket: on average ``rate`` takes per second, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = max(rate, 0.001), max(burst, 1)
+        self.tokens, self.at = float(self.burst), time.monotonic()
+
+    async def take(self) -> None:
+        """Wait until a token is there, and take it."""
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await asyncio.sleep((1 - self.tokens) / self.rate)
 
 
 class JobProxy:
@@ -119,16 +144,24 @@ class JobProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _accept(self) -> None:
+        """Accept while there is room: at most the served and waiting connections at once
+        (each one a descriptor of the runner's), at the pace of ``accept_rate``."""
         loop = asyncio.get_running_loop()
+        room = asyncio.Semaphore(self.limits.max_connections + self.limits.waiting)
+        pace = _Pace(self.limits.accept_rate, self.limits.accept_burst)
         while True:
+            await room.acquire()
+            await pace.take()
             try:
                 client, _ = await loop.sock_accept(self.listener)
             except OSError:
+                room.release()
                 await asyncio.sleep(0.05)  # e.g. EMFILE: back off rather than spin
                 continue
             task = asyncio.ensure_future(self._serve(client))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _: room.release())
 
     async def _serve(self, client: socket.socket) -> None:
         try:

@@ -317,8 +317,8 @@ class Agent:
                     self._stop(f"the server refused this runner: {e.detail}")
                     return
                 continue
-            except Unreachable:  # a restart: the lease outlasts a few missed beats
-                silent = time.monotonic() - last_ok
+            except (Unreachable, OSError):  # a restart (the lease outlasts a few missed beats),
+                silent = time.monotonic() - last_ok  # or no descriptor left for a moment
                 if silent > give_up_after:
                     attempt.cancel(f"the control plane did not answer for {silent:.0f} s, "
                                    "close to the job's lease: stopped, as another runner may "

@@ -30,6 +30,7 @@ from stockade.egress.policy import Policy, parse_rule
 from stockade.egress.proxy import JobProxy, Limits
 from stockade.egress.resolver import HostsFileResolver, Resolver, SystemResolver
 from stockade.errors import ConfigError, SpecError
+from stockade.rlimits import raise_open_files
 from stockade.runner.logs import JobLog
 from stockade.sandbox.interface import Sandbox
 from stockade.spec import Job
@@ -157,7 +158,10 @@ class EgressSession:
         policy, notes = job_policy(settings, spec, a.trust)
         for note in notes:
             log.note(clean(note))
+        raise_open_files()  # each connection the proxy holds is a descriptor of the runner
         limits = Limits(max_connections=settings.egress_max_connections,
+                        accept_rate=settings.egress_accept_rate,
+                        accept_burst=max(1, int(2 * settings.egress_accept_rate)),
                         header_timeout_s=settings.egress_header_timeout_s,
                         idle_timeout_s=settings.egress_idle_timeout_s)
         self.proxy = JobProxy(policy, resolver_for(settings), listener, self._decided, limits,

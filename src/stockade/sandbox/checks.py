@@ -50,7 +50,7 @@ def finding(control: str, ok: bool, detail: str, remedy: str = "",
 def check_host(backend: BwrapBackend) -> list[Finding]:
     """All findings, in the order a person would fix them."""
     findings = basics()
-    findings += [_bwrap(backend), uid_pool(backend), _userns(), _seccomp(backend)]
+    findings += [_bwrap(backend), uid_pool(backend), unprivileged_userns(), _seccomp(backend)]
     return with_probe(backend, findings + environment(backend))
 
 
@@ -129,7 +129,8 @@ def uid_pool(backend: JobBackend, per_job: int = 1) -> Finding:
         return finding("per-job host uids", False, e.message, e.hint)
 
 
-def _userns() -> Finding:
+def unprivileged_userns() -> Finding:
+    """Whether the job's own host uid may create user namespaces (bwrap's, runc's)."""
     limit = _read_int(Path("/proc/sys/user/max_user_namespaces"))
     clone = _read_int(Path("/proc/sys/kernel/unprivileged_userns_clone"), default=1)
     apparmor = _read_int(Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),

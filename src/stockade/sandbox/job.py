@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import select
 import shutil
 import subprocess
 import time
@@ -29,7 +28,7 @@ from stockade.sandbox import image_root, mounts, orphans, reaper, rootfs, uids
 from stockade.sandbox.cgroups import JobCgroup, Limits
 from stockade.sandbox.interface import OutputSink, SandboxRequest, WorkspaceCopy
 from stockade.sandbox.netns import JobNetwork
-from stockade.sandbox.plumbing import PROXY_PORT, PROXY_URL
+from stockade.sandbox.plumbing import PROXY_PORT, PROXY_URL, readable
 
 if TYPE_CHECKING:
     import socket
@@ -186,9 +185,9 @@ class PreparedJob:
             if r.identity:
                 (self.job_dir / "identity").mkdir(mode=0o500)
                 os.chown(self.job_dir / "identity", self.host_uid, self.host_uid)
-            if r.egress:
-                self._network = JobNetwork(PROXY_PORT)
             self.setup_runtime(pool)
+            if r.egress:
+                self._network = self.job_network()
         except OSError as e:
             raise SandboxError(f"cannot prepare {self.job_dir}: {e}",
                                hint="run stockade as root; see stockade doctor") from e
@@ -206,6 +205,10 @@ class PreparedJob:
 
     def setup_runtime(self, pool: range) -> None:
         """What the backend itself needs per job (nothing by default)."""
+
+    def job_network(self) -> JobNetwork:
+        """The job's network namespace with the proxy's listener (a new one by default)."""
+        return JobNetwork(PROXY_PORT)
 
     def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start a host process for a step, in the job's network namespace if it has one,
@@ -243,8 +246,7 @@ class PreparedJob:
             # runner is handled by the main thread only once it runs again
             left = deadline - time.monotonic()
             wait = SIGNAL_POLL_S if timed_out else max(0.0, min(left, SIGNAL_POLL_S))
-            ready, _, _ = select.select([fd], [], [], wait)
-            if not ready:
+            if not readable(fd, wait):
                 if not timed_out and time.monotonic() >= deadline:
                     timed_out = True
                     self.kill()

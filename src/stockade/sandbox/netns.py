@@ -7,14 +7,20 @@ one). So the proxy is reachable from the job's own loopback and from nowhere els
 forwarder process inside the sandbox (nothing of the image is needed: jobs on any image get
 egress), and no process of the job holds the listener (it cannot close, replace or signal it).
 
-The namespace belongs to the host's user namespace, not to the sandbox's: the job has no
-capability over it at all (it cannot even take loopback down). It lives as long as its
-thread, its listener or a process of the job is in it.
+For bwrap (and runsc) the namespace belongs to the host's user namespace, not to the
+sandbox's: the job has no capability over it at all (it cannot even take loopback down). It
+lives as long as its thread, its listener or a process of the job is in it. runc (``oci``)
+joins the job's user namespace first and could then no longer join such a namespace: for it
+the namespace is made inside the job's user namespace (``userns.py``) and the thread enters
+it (root's capabilities reach every namespace below the host's user namespace) to bring
+loopback up and bind the listener; the job, with no capability at all, cannot change it
+either.
 
-``unshare(CLONE_NEWNET)`` acts on the calling thread only, so the namespace is made on a
-thread of the job's own, which stays in it and starts the job's processes until teardown: no
-other thread of the runner ever changes namespace, and the thread that started bwrap outlives
-it (bwrap's ``--die-with-parent`` fires when that thread ends, not the runner).
+``unshare(CLONE_NEWNET)`` and ``setns`` act on the calling thread only, so the namespace is
+made (or entered) on a thread of the job's own, which stays in it and starts the job's
+processes until teardown: no other thread of the runner ever changes namespace, and the
+thread that started bwrap outlives it (bwrap's ``--die-with-parent`` fires when that thread
+ends, not the runner).
 """
 
 from __future__ import annotations
@@ -53,13 +59,13 @@ def _loopback_up() -> None:
 
 class JobNetwork:
     """A network namespace with loopback up and a listener on ``127.0.0.1:port`` in it, and
-    the thread that lives in it."""
+    the thread that lives in it: a new one, or the one open at fd ``join``."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, join: int | None = None) -> None:
         self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         made: queue.SimpleQueue[socket.socket | BaseException] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._live, args=(port, made), name="netns",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._live, args=(port, join, made),
+                                        name="netns", daemon=True)
         self._thread.start()
         result = made.get()
         if isinstance(result, BaseException):
@@ -72,10 +78,14 @@ class JobNetwork:
         """The namespace's file (its thread's), for a runtime that joins it by path."""
         return f"/proc/{os.getpid()}/task/{self._tid}/ns/net"
 
-    def _live(self, port: int, made: queue.SimpleQueue[socket.socket | BaseException]) -> None:
+    def _live(self, port: int, join: int | None,
+              made: queue.SimpleQueue[socket.socket | BaseException]) -> None:
         self._tid = threading.get_native_id()
         try:
-            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            if join is None:
+                _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            else:
+                _check(_libc.setns(join, CLONE_NEWNET), "setns(CLONE_NEWNET)")
             _loopback_up()
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:

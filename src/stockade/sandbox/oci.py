@@ -3,19 +3,24 @@
 
 The job's host uid, directory, tmpfs mounts, cgroup and network are prepared as for every
 backend (``job.py``). On top, per job: a second unprivileged uid of the pool (root of the
-container's user namespace: the runtime's own set-up runs as it, the step never does), a
-root-only tmpfs ``<job>/oci`` (the bundle: ``config.json``, the runtime's state, the step's
-script and secret files: in memory only, never on disk, unreachable by the job) and the root's
-skeleton (``oci_root.py``). Per step the runner writes the step's files and ``config.json``
-(``oci_config.py``) there and runs ``RUNTIME --root state run --detach --bundle . ID`` as root
-from that directory (no host path, secret or job variable in any argv; the runtime's own
-environment is the fixed host one); as soon as the runtime returns, ``config.json`` and the
-secret files are removed (the container keeps its read-only binds of them). The container
-lives in a child cgroup of the job's (``cgroups.step_path``), so the job's limits, OOM count,
-peak memory and kill cover it; its init is re-parented to the runner (a child subreaper), which
-waits for it with a pidfd. Teardown kills and removes the job's cgroup subtree in every
-hierarchy and unmounts the bundle with the runtime's state in it: nothing of a runtime is
-left, and the reaper finds the same things after a runner died.
+container's user namespace: the runtime's own set-up runs as it, the step never does); for
+runc, that user namespace itself, made by the job's own host uid (``userns.py``: made by runc,
+as root, it would have the kernel charge the job's per-user counts, inotify instances and the
+like, to host root) and joined by every step's container, with egress the job's network
+namespace inside it; a root-only tmpfs ``<job>/oci`` (the bundle: ``config.json``, the
+runtime's state, the step's script and secret files: in memory only, never on disk,
+unreachable by the job) and the root's skeleton (``oci_root.py``). Per step the runner writes
+the step's files and ``config.json`` (``oci_config.py``) there and runs ``RUNTIME --root
+state run --detach --bundle . ID`` as root from that directory (no host path, secret or job
+variable in any argv; the runtime's own environment is the fixed host one); as soon as the
+runtime returns, ``config.json`` and the secret files are removed (the container keeps its
+read-only binds of them). The container lives in a child cgroup of the job's
+(``cgroups.step_path``), so the job's limits, OOM count, peak memory and kill cover it; its
+init is re-parented to the runner (a child subreaper), which waits for it with a pidfd.
+Teardown kills and removes the job's cgroup subtree in every hierarchy, unmounts the bundle
+with the runtime's state in it and closes the runner's hold on the job's namespaces: nothing
+of a runtime is left, and the reaper finds the same things after a runner died (the
+namespaces go with the runner's fds and the job's last process).
 
 Unlike bwrap (``--die-with-parent``), a container does not die with a runner killed by
 SIGKILL: it runs on until the reaper (the runner's restart, or the installation's next
@@ -26,19 +31,18 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 from stockade.config import Settings
 from stockade.errors import SandboxError
-from stockade.sandbox import image_root, mounts, oci_config, oci_root, uids
+from stockade.sandbox import image_root, mounts, oci_config, oci_root, uids, userns
 from stockade.sandbox.cgroups import Limits
 from stockade.sandbox.interface import Finding, OutputSink, SandboxRequest, StepExit, StepRun
 from stockade.sandbox.job import (
+    HOST_ENV,
     IDENTITY_DIR,
     SCRIPT_PATH,
     SECRETS_DIR,
@@ -47,22 +51,33 @@ from stockade.sandbox.job import (
     JobBackend,
     PreparedJob,
 )
-from stockade.sandbox.plumbing import ERR_TRAP, FAILED_FILE, TRAP_PATH, read_failed_at
+from stockade.sandbox.netns import JobNetwork
+from stockade.sandbox.plumbing import (
+    ERR_TRAP,
+    FAILED_FILE,
+    PROXY_PORT,
+    TRAP_PATH,
+    read_failed_at,
+    readable,
+)
 
 BUNDLE_BYTES = 64 * 1024 * 1024  # config.json (the env), the script, secret files, state
 SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin"
+PRLIMIT = "/usr/bin/prlimit"  # util-linux: sets its own limits, then executes the command
 
 
 class Runtime(NamedTuple):
-    """An OCI runtime: its backend name, binary, Debian package and global options."""
+    """An OCI runtime: its backend name, binary, Debian package, global options, and whether
+    its containers join a user namespace the runner made (else the runtime makes one)."""
 
     backend: str
     binary: str
     package: str
     options: tuple[str, ...] = ()
+    joins_userns: bool = False
 
 
-RUNC = Runtime("oci", "runc", "runc")
+RUNC = Runtime("oci", "runc", "runc", joins_userns=True)
 # gVisor: its ptrace platform (KVM needs nesting this host's VM lacks), the OCI seccomp
 # profile applied inside its kernel too
 RUNSC = Runtime("runsc", "runsc", "runsc", ("--platform=ptrace", "--oci-seccomp"))
@@ -107,13 +122,19 @@ class OciSandbox(PreparedJob):
         self.runtime = runtime
         self.bundle = self.job_dir / "oci"
         self._setup_uid: uids.UidLease | None = None
+        self._namespaces: userns.JobNamespaces | None = None
         self._skeleton: Path | None = None
         self._root_binds: list[tuple[str, str]] = []
         self._steps = 0
 
     def setup_runtime(self, pool: range) -> None:
-        """The set-up uid, the bundle's tmpfs, the root's skeleton and binds."""
+        """The set-up uid, the job's user namespace (runc), the bundle's tmpfs, the root's
+        skeleton and binds."""
         self._setup_uid = uids.allocate(pool)
+        if self.backend.runtime.joins_userns:
+            self._namespaces = userns.make(
+                self.host_uid, oci_config.id_map(self.host_uid, self._setup_uid.uid),
+                network=self.request.egress, env=HOST_ENV)
         self.mount_dir("oci", lambda point: mounts.mount_tmpfs(point, BUNDLE_BYTES, 0, 0))
         tree = self.request.rootfs
         if tree is None:
@@ -126,6 +147,19 @@ class OciSandbox(PreparedJob):
             self._root_binds = [(str(seen_at / e.name), f"/{e.name}")
                                 for e in image_root.top_entries(tree) if e.link is None]
             self._root_binds.append((str(self._etc), "/etc"))
+
+    def job_network(self) -> JobNetwork:
+        """The job's network namespace: with runc, the one in the job's user namespace."""
+        if self._namespaces is None or self._namespaces.net is None:
+            return super().job_network()
+        return JobNetwork(PROXY_PORT, join=self._namespaces.net)
+
+    def teardown(self) -> list[str]:
+        """Drop the runner's hold on the job's namespaces, then tear down as every backend."""
+        if self._namespaces is not None:
+            self._namespaces.close()
+            self._namespaces = None
+        return super().teardown()
 
     def release_uids(self) -> None:
         """Give both of the job's host uids back to the pool."""
@@ -151,6 +185,7 @@ class OciSandbox(PreparedJob):
             root_binds=self._root_binds, workspace=str(self.workspace),
             tmp=str(self.job_dir / "tmp"), files=files,
             netns=self._network.path if self._network is not None else None,
+            userns=self._namespaces.user_path if self._namespaces is not None else None,
             cgroups_path=self.cgroup.step_path(f"step-{self._steps}"),
             limits=Limits(memory_bytes=r.memory_bytes, pids=r.pids, cpus=r.cpus),
             shm_bytes=SHM_BYTES)
@@ -188,10 +223,12 @@ class OciSandbox(PreparedJob):
         document = json.dumps(oci_config.config(self.step_config(step, binds)))
         _write(self.bundle / "config.json", document.encode(), 0, mode=0o600)
         container = f"step-{self._steps}"
+        # no core dumps: runc cannot set the limit on a container in a user namespace root
+        # does not own (see oci_config.py), so runc starts with it and its container inherits
+        no_cores = [PRLIMIT, "--core=0:0", "--"] if self.backend.runtime.joins_userns else []
         try:
-            self.spawn([self.runtime, *self.options(), "run", "--detach",
-                               "--pid-file", "pid", "--bundle", ".", container],
-                              cwd=self.bundle)
+            self.spawn([*no_cores, self.runtime, *self.options(), "run", "--detach",
+                        "--pid-file", "pid", "--bundle", ".", container], cwd=self.bundle)
             started = self._started(deadline)
         finally:
             for path in (self.bundle / "config.json", *secrets):
@@ -217,10 +254,17 @@ class OciSandbox(PreparedJob):
         """Wait for the runtime to have started the container; its init's pid (None if it
         did not start)."""
         assert self._proc is not None
+        # the runtime's exit seen on a pidfd: Popen.wait(timeout) sleeps in doubling steps
+        # (up to 50 ms), which added up to ~30 ms to a step's start
+        pidfd = os.pidfd_open(self._proc.pid)
         try:
-            self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:  # supervise kills the job at the deadline
-            return None
+            while not readable(pidfd, max(0.0, min(deadline - time.monotonic(),
+                                                   SIGNAL_POLL_S))):
+                if time.monotonic() >= deadline:
+                    return None  # supervise kills the job at the deadline
+        finally:
+            os.close(pidfd)
+        self._proc.wait()
         try:
             return int((self.bundle / "pid").read_text().strip())
         except (OSError, ValueError):
@@ -237,9 +281,7 @@ class OciSandbox(PreparedJob):
         try:
             while pidfd >= 0:
                 left = deadline - time.monotonic()
-                ready, _, _ = select.select([pidfd], [], [], max(0.0, min(left,
-                                                                          SIGNAL_POLL_S)))
-                if ready:
+                if readable(pidfd, max(0.0, min(left, SIGNAL_POLL_S))):
                     break
                 if time.monotonic() >= deadline:
                     timed_out = True

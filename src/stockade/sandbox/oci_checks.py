@@ -1,10 +1,11 @@
 """Host checks of the OCI backends (``oci``: runc, ``runsc``: gVisor) for ``stockade doctor``.
 
 Besides what every backend needs (``checks.py``): the runtime's binary and version, user
-namespaces for a rootful runtime, two host uids of the pool per job, the seccomp profile as
-OCI JSON for this architecture, and the same end-to-end probe job bwrap runs, through the
-runtime: a runtime that cannot run the hardened bundle here (crun on a hybrid cgroup layout,
-gVisor builds that cannot map the job's user) is reported as unusable, with the probe's words.
+namespaces (made by the job's own host uid for runc, by the runtime itself for runsc), two
+host uids of the pool per job, the seccomp profile as OCI JSON for this architecture, and the
+same end-to-end probe job bwrap runs, through the runtime: a runtime that cannot run the
+hardened bundle here (crun on a hybrid cgroup layout, gVisor builds that cannot map the job's
+user) is reported as unusable, with the probe's words.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from typing import TYPE_CHECKING
 
 from stockade.errors import StockadeError
 from stockade.sandbox import oci_config
-from stockade.sandbox.checks import basics, environment, finding, uid_pool, with_probe
+from stockade.sandbox.checks import (
+    basics,
+    environment,
+    finding,
+    uid_pool,
+    unprivileged_userns,
+    with_probe,
+)
 from stockade.sandbox.interface import Finding
 
 if TYPE_CHECKING:
@@ -28,7 +36,8 @@ CONTROL = "sandbox runtime"  # the same control as bwrap's (attestation requires
 def check_oci(backend: OciBackend) -> list[Finding]:
     """All findings of ``backend``, in the order a person would fix them."""
     findings = basics()
-    findings += [_runtime(backend), uid_pool(backend, per_job=2), _userns(), _seccomp()]
+    userns = unprivileged_userns() if backend.runtime.joins_userns else _userns()
+    findings += [_runtime(backend), uid_pool(backend, per_job=2), userns, _seccomp()]
     findings = with_probe(backend, findings + environment(backend))
     probe = findings[-1]
     if not probe.ok and probe.detail != "skipped: fix the problems above":

@@ -4,11 +4,13 @@ read it.
 Everything is explicit rather than a runtime's default: a user namespace mapping the job user
 (uid/gid 1000) to the job's own host uid and the namespace's root (used by the runtime's own
 set-up only, before it executes the step) to a second unprivileged uid of the pool, nothing to
-host root; every namespace new except, with egress, the network (the job's own, joined by
-path); all five capability sets empty; ``noNewPrivileges``; the seccomp profile of
-``seccomp_profile.py`` (the same rules and errnos bwrap's BPF has); a read-only root; ``/proc``
-with the host-revealing entries masked and the kernel's knobs read-only (as bwrap's
-``--proc``); a minimal read-only ``/dev``; no core dumps; the job's cgroup limits.
+host root (for runc the job's own, made by its host uid and joined by path: the maps stay in
+the document, runc 1.1 reads them for the container's root and user but writes them only for
+a namespace it makes); every other namespace new except, with egress, the network (the job's
+own, joined by path); all five capability sets empty; ``noNewPrivileges``; the seccomp
+profile of ``seccomp_profile.py`` (the same rules and errnos bwrap's BPF has); a read-only
+root; ``/proc`` with the host-revealing entries masked and the kernel's knobs read-only (as
+bwrap's ``--proc``); a minimal read-only ``/dev``; no core dumps; the job's cgroup limits.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ OCI_VERSION = "1.0.2"
 READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
 ARCHES = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}
 CAPABILITY_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
-NAMESPACES = ("pid", "ipc", "uts", "mount", "user", "cgroup")
+NAMESPACES = ("pid", "ipc", "uts", "mount", "cgroup")  # new; user and network: see config
 _BIND_RO = ["rbind", "ro", "nosuid", "nodev"]
 
 
@@ -45,6 +47,7 @@ class StepConfig(NamedTuple):
     tmp: str
     files: Sequence[tuple[str, str]]  # (source, path inside /run), read-only
     netns: str | None  # the job's network namespace (egress), else a new one
+    userns: str | None  # the job's user namespace (runc), else a new one
     cgroups_path: str
     limits: Limits
     shm_bytes: int
@@ -62,8 +65,11 @@ def config(step: StepConfig) -> dict[str, Any]:
             "cwd": "/workspace",
             "capabilities": {name: [] for name in CAPABILITY_SETS},
             "noNewPrivileges": True,
-            # no core dumps: a core_pattern pipe helper would run on the host, as root
-            "rlimits": [{"type": "RLIMIT_CORE", "hard": 0, "soft": 0}],
+            # no core dumps: a core_pattern pipe helper would run on the host, as root. runc
+            # applies rlimits with prlimit from outside, which needs CAP_SYS_RESOURCE over a
+            # user namespace root does not own (root lacks it on some hosts): in a joined
+            # one the container inherits the core limit runc is started with instead
+            "rlimits": [] if step.userns else [{"type": "RLIMIT_CORE", "hard": 0, "soft": 0}],
         },
         "root": {"path": step.root, "readonly": True},
         "hostname": step.hostname,
@@ -71,8 +77,8 @@ def config(step: StepConfig) -> dict[str, Any]:
         "linux": {
             "uidMappings": _mappings(step),
             "gidMappings": _mappings(step),
-            "namespaces": [{"type": t} for t in NAMESPACES] + [
-                {"type": "network", **({"path": step.netns} if step.netns else {})}],
+            "namespaces": [{"type": t} for t in NAMESPACES]
+            + [_namespace("user", step.userns), _namespace("network", step.netns)],
             "cgroupsPath": step.cgroups_path,
             "resources": _resources(step.limits),
             "seccomp": seccomp(),
@@ -82,9 +88,19 @@ def config(step: StepConfig) -> dict[str, Any]:
     }
 
 
+def id_map(job_uid: int, setup_uid: int) -> list[tuple[int, int]]:
+    """(inside, host) of the container's user namespace, uids and gids alike: its root (the
+    runtime's set-up) and the job user, each to an unprivileged host uid of the pool."""
+    return [(0, setup_uid), (JOB_UID, job_uid)]
+
+
 def _mappings(step: StepConfig) -> list[dict[str, int]]:
-    return [{"containerID": 0, "hostID": step.setup_uid, "size": 1},
-            {"containerID": JOB_UID, "hostID": step.job_uid, "size": 1}]
+    return [{"containerID": inside, "hostID": host, "size": 1}
+            for inside, host in id_map(step.job_uid, step.setup_uid)]
+
+
+def _namespace(kind: str, path: str | None) -> dict[str, str]:
+    return {"type": kind, **({"path": path} if path else {})}
 
 
 def _mounts(step: StepConfig) -> list[dict[str, Any]]:

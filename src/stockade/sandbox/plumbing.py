@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import stat
 from pathlib import Path
 
@@ -19,6 +20,14 @@ MASKED_PROC = ("/proc/cmdline", "/proc/kallsyms", "/proc/kcore", "/proc/keys",
                "/proc/vmallocinfo", "/proc/iomem", "/proc/ioports",
                "/proc/sys/kernel/random/boot_id")
 MASKED_PROC_DIRS = ("/proc/acpi", "/proc/scsi", "/proc/asound")  # covered with empty tmpfs
+
+
+def readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` becomes readable (or closed) within ``timeout`` seconds. poll, never
+    select: a runner holding many descriptors (egress proxies) has fds above select's 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 def memfd(name: str, data: bytes) -> int:

@@ -15,7 +15,7 @@ STEP = oci_config.StepConfig(
     root_binds=[("/usr", "/usr"), ("/run/stockade/i/etc-x", "/etc")],
     workspace="/run/stockade/i/job-1/ws", tmp="/run/stockade/i/job-1/tmp",
     files=[("/run/stockade/i/job-1/oci/step/step.sh", "/run/stockade/step.sh")],
-    netns=None, cgroups_path="/stockade/i-job-1/step-1",
+    netns=None, userns=None, cgroups_path="/stockade/i-job-1/step-1",
     limits=Limits(memory_bytes=256 << 20, pids=64, cpus=0.5), shm_bytes=1 << 20)
 
 
@@ -46,6 +46,22 @@ def test_every_namespace_is_new_but_a_given_network() -> None:
     joined = oci_config.config(STEP._replace(netns="/proc/1/task/2/ns/net"))["linux"]
     net = next(n for n in joined["namespaces"] if n["type"] == "network")
     assert net == {"type": "network", "path": "/proc/1/task/2/ns/net"}
+
+
+def test_the_jobs_own_user_namespace_is_joined_with_its_maps_stated() -> None:
+    """runc joins the user namespace the job's host uid made; runc 1.1 still reads the maps
+    (the container root's and the job user's host uids), so they stay, unchanged. The core
+    limit comes from runc's own process then (runc's prlimit could be refused)."""
+    doc = oci_config.config(STEP._replace(userns="/proc/1/fd/7"))
+    assert doc["process"]["rlimits"] == []
+    linux = doc["linux"]
+    types = {n["type"]: n for n in linux["namespaces"]}
+    assert types["user"] == {"type": "user", "path": "/proc/1/fd/7"}
+    assert all("path" not in n for t, n in types.items() if t != "user")
+    assert linux["uidMappings"] == linux["gidMappings"] == [
+        {"containerID": 0, "hostID": 1600002, "size": 1},
+        {"containerID": 1000, "hostID": 1600001, "size": 1}]
+    assert oci_config.id_map(1600001, 1600002) == [(0, 1600002), (1000, 1600001)]
 
 
 def test_read_only_root_masked_proc_minimal_dev() -> None:
