@@ -75,8 +75,10 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# two workers, a test file each at a time: most tests wait on real processes (jobs, servers,
+# registries), and every test looks only at what is its own, so files run side by side
 test: setup test-system lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 unit: venv test-system
 	$(VENV)/bin/pytest -q tests/unit
