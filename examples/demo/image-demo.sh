@@ -17,15 +17,17 @@ http: {addr: "127.0.0.1:$port", secret: stockade-demo}
 CONFIG
 /usr/bin/docker-registry serve "$work/config.yml" > "$work/registry.log" 2>&1 &
 registry=$!
-trap 'kill $registry 2>/dev/null; wait $registry 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $registry 2>/dev/null; wait $registry 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 100); do
   curl -fso /dev/null "http://127.0.0.1:$port/v2/" && break
   sleep 0.1
 done
 
 echo "== stockade image build demo/python --suite $suite --include python3"
-built=$($stockade image build demo/python --suite "$suite" --include python3 \
-  --mirror "deb [trusted=yes] copy://$PWD/.cache/debs ./" | tee /dev/stderr | tail -1)
+$stockade image build demo/python --suite "$suite" --include python3 \
+  --mirror "deb [trusted=yes] copy://$PWD/.cache/debs ./" > "$work/build.out"
+cat "$work/build.out"
+built=$(tail -1 "$work/build.out")
 export STOCKADE_IMAGE_REGISTRIES="127.0.0.1:$port" STOCKADE_INSECURE_REGISTRIES="127.0.0.1:$port"
 echo; echo "== stockade image push $built 127.0.0.1:$port/demo/python:1"
 image=$($stockade image push "$built" "127.0.0.1:$port/demo/python:1" | tail -1)
