@@ -22,6 +22,7 @@ stockade image pull REGISTRY/REPO@sha256:DIGEST | REGISTRY/REPO:TAG
 stockade image list [--json]
 stockade image inspect DIGEST|REFERENCE [--json]
 stockade image prune [--all]
+stockade image build NAME --suite SUITE [--include PKG,...] | push NAME@sha256:DIGEST REGISTRY/REPO
 stockade image sign REF --key cosign.key | verify REF [--key cosign.pub] | generate-key-pair
 stockade image sbom REF [--attach] [--output FILE]
 stockade image scan REF [--vulns PATH] [--json] [--fail-on SEVERITY]
