@@ -17,19 +17,18 @@ one ``RESULT {json}`` line per configuration. Run as root: ``make bench``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from support.sides import compare, remove_installation  # noqa: E402
 
 from tests.support.registry import start  # noqa: E402  (a registry on loopback, ours)
 
@@ -60,7 +59,7 @@ def main() -> None:
         run_in_image(work, env, reference, args.n, args.backends.split(","))
     finally:
         registry.stop()
-        _remove_installation(work / "home")
+        remove_installation(work / "home")
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -100,7 +99,7 @@ def pull_and_unpack(work: Path, env: dict[str, str], reference: str, n: int) -> 
                         str(target / "bundle")], check=True, capture_output=True)
 
     compare("(a) pull + unpack of the minimal image", ours, theirs, n,
-            "skopeo copy + umoci unpack", key="ratio_vs_skopeo_umoci", runs_first=1)
+            "skopeo copy + umoci unpack", key="ratio_vs_skopeo_umoci", warm=1)
     shutil.rmtree(work / "skopeo", ignore_errors=True)
 
 
@@ -133,43 +132,10 @@ def run_in_image(work: Path, env: dict[str, str], reference: str, n: int,
                 subprocess.run([STOCKADE, "run", str(spec), "--workspace", str(work / "ws")],
                                env=run_env, check=True, stderr=subprocess.DEVNULL)
 
-            compare(f"(b) stockade run in the cached image, backend {backend}", ours, theirs, n,
+            compare("(b) stockade run in the cached image", ours, theirs, n,
                     "locked-down podman run", key="ratio_vs_podman", backend=backend)
     finally:
         subprocess.run(["podman", "rmi", "--force", reference], capture_output=True, check=False)
-
-
-def compare(title: str, subject: Callable[[], None], baseline: Callable[[], None], n: int,
-            against: str, key: str, runs_first: int = 3, **extra: str) -> None:
-    """Interleave ``n`` runs of each; print the medians, their ratio and a RESULT line."""
-    for _ in range(runs_first):  # warm caches
-        subject()
-        baseline()
-    a, b = [], []
-    for _ in range(n):
-        t = time.perf_counter()
-        subject()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        baseline()
-        b.append(time.perf_counter() - t)
-    ma, mb = statistics.median(a), statistics.median(b)
-    print(f"{title}: median {ma * 1000:.1f} ms vs {against} {mb * 1000:.1f} ms "
-          f"-> {key} {ma / mb:.2f}  (n={n})")
-    print("RESULT " + json.dumps({"config": title, "against": against, "n": n, **extra,
-                                  "median_ms": round(ma * 1000, 1),
-                                  "baseline_median_ms": round(mb * 1000, 1),
-                                  key: round(ma / mb, 3)}), flush=True)
-
-
-def _remove_installation(home: Path) -> None:
-    """The runtime directory the benchmark's own installation made."""
-    try:
-        installation = (home / "installation-id").read_text().strip()
-    except OSError:
-        return
-    if installation.isalnum():
-        shutil.rmtree(Path("/run/stockade") / installation, ignore_errors=True)
 
 
 if __name__ == "__main__":

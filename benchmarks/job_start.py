@@ -20,16 +20,16 @@ machine load. Prints medians and ratios. Run as root: ``make bench``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from support.sides import compare, remove_installation
 
 from stockade.config import ensure_home, load_settings
 from stockade.sandbox import get_backend
@@ -38,6 +38,7 @@ from stockade.sandbox.interface import Backend, SandboxRequest, StepRun
 from stockade.sandbox.plumbing import memfd
 
 STOCKADE = str(Path(sys.executable).parent / "stockade")
+RAW = "raw hardened bwrap"
 
 
 def raw_bwrap(backend: BwrapBackend, box: BwrapSandbox) -> Callable[[], None]:
@@ -79,7 +80,8 @@ def in_process(backend: BwrapBackend, n: int, subject: Backend | None = None) ->
                                            16 << 20, None))
     baseline = raw_bwrap(backend, probe)
     try:
-        compare("(a) sandbox start in the runner", start, baseline, n, backend=measured.name)
+        compare("(a) sandbox start in the runner", start, baseline, n, RAW,
+                backend=measured.name)
     finally:
         probe.teardown()
 
@@ -104,31 +106,20 @@ def end_to_end(backend: BwrapBackend, n: int, name: str = "bwrap") -> None:
                                            16 << 20, None))
     baseline = raw_bwrap(backend, probe)
     try:
-        compare("(b) stockade run, spec cached", run, baseline, n, backend=name)
-        compare("(b) stockade run, spec validated", lambda: run(True), baseline, n,
+        compare("(b) stockade run, spec cached", run, baseline, n, RAW, backend=name)
+        compare("(b) stockade run, spec validated", lambda: run(True), baseline, n, RAW,
                 backend=name)
         podman = podman_run(work)
         if podman:
-            compare("(c) locked-down podman run", podman, baseline, n, backend="podman")
-            compare("(d) stockade run, spec cached", run, podman, n,
-                    against="locked-down podman run", backend=name)
+            compare("(c) locked-down podman run", podman, baseline, n, RAW, backend="podman")
+            compare("(d) stockade run, spec cached", run, podman, n, "locked-down podman run",
+                    backend=name)
         else:
             print("(c) podman is not installed: apt-get install podman runc busybox-static")
     finally:
         probe.teardown()
-        _remove_installation(work / "home")
+        remove_installation(work / "home")
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _remove_installation(home: Path) -> None:
-    """The runtime directory the benchmark's own installation made (its state dir goes too)."""
-    try:
-        installation = (home / "installation-id").read_text().strip()
-    except OSError:
-        return
-    if installation.isalnum():
-        shutil.rmtree(Path(load_settings({"STOCKADE_HOME": str(home)}).runtime_dir)
-                      / installation, ignore_errors=True)
 
 
 def podman_run(work: Path) -> Callable[[], None] | None:
@@ -153,30 +144,6 @@ def podman_run(work: Path) -> Callable[[], None] | None:
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
 
     return run
-
-
-def compare(title: str, subject: Callable[[], None], baseline: Callable[[], None],
-            n: int, against: str = "raw hardened bwrap", backend: str = "bwrap") -> None:
-    """Interleave ``n`` runs of each, print the medians and their ratio, and a RESULT line."""
-    for _ in range(5):  # warm caches
-        subject()
-        baseline()
-    a, b = [], []
-    for _ in range(n):
-        t = time.perf_counter()
-        subject()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        baseline()
-        b.append(time.perf_counter() - t)
-    ma, mb = statistics.median(a), statistics.median(b)
-    print(f"{title} [{backend}]: median {ma * 1000:.2f} ms vs {against} {mb * 1000:.2f} ms "
-          f"-> ratio {ma / mb:.2f}x  (n={n}, p90 {sorted(a)[int(n * 0.9)] * 1000:.2f} ms)")
-    print("RESULT " + json.dumps({"config": title, "backend": backend, "against": against,
-                                  "n": n,
-                                  "median_ms": round(ma * 1000, 2),
-                                  "baseline_median_ms": round(mb * 1000, 2),
-                                  "ratio": round(ma / mb, 3)}), flush=True)
 
 
 def main() -> None:
