@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -109,22 +110,35 @@ def image_etc(tree: Path, runtime_dir: Path) -> Path:
         os.utime(target)
         return target
     _forget_evicted(runtime_dir, tree.parent)
-    tmp = runtime_dir / f".etc-img-{os.getpid()}-{threading.get_native_id()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(mode=0o755)
-        tmp.chmod(0o755)
+
+    def fill(tmp: Path) -> None:
         _copy_etc(tree / "etc", tmp)
         _accounts(tmp)  # (from the copy: the image's tree is read once)
         for name, text in _FILES.items():
             _write(tmp / name, text.encode())
+
+    return build_once(target, fill, "/etc for the image")
+
+
+def build_once(target: Path, fill: Callable[[Path], None], what: str) -> Path:
+    """``target``, a directory (0755) ``fill`` makes in a temporary one renamed into place
+    (another runner may build the same at the same moment: the first rename wins);
+    SandboxError naming ``what`` if it cannot be made."""
+    if target.is_dir():
+        return target
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_native_id()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(mode=0o755)
+        tmp.chmod(0o755)  # whatever the umask: jobs run as other uids
+        fill(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another runner built it first
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SandboxError(f"cannot prepare /etc for the image: {e.strerror}") from e
+        raise SandboxError(f"cannot make {what}: {e.strerror}") from e
     return target
 
 

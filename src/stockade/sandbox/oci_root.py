@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from pathlib import Path
 
-from stockade.errors import SandboxError
-from stockade.sandbox.image_root import Entry, top_entries
+from stockade.sandbox.image_root import Entry, build_once, top_entries
 
 HOST_LINKS = (Entry("bin", False, "usr/bin"), Entry("sbin", False, "usr/sbin"),
               Entry("lib", False, "usr/lib"), Entry("lib64", False, "usr/lib64"))
@@ -44,13 +42,7 @@ def image_skeleton(runtime_dir: Path, tree: Path) -> Path:
 
 
 def _skeleton(target: Path, entries: list[Entry]) -> Path:
-    if target.is_dir():
-        return target
-    tmp = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_native_id()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(mode=0o755)
-        tmp.chmod(0o755)
+    def fill(tmp: Path) -> None:
         for entry in [*entries, *(Entry(name, True) for name in JOB_DIRS)]:
             path = tmp / entry.name
             if entry.link is not None:
@@ -60,14 +52,8 @@ def _skeleton(target: Path, entries: list[Entry]) -> Path:
             else:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                                  0o644))
-        try:
-            tmp.rename(target)
-        except OSError:  # another runner built it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SandboxError(f"cannot make the root's skeleton {target.name}: {e.strerror}") from e
-    return target
+
+    return build_once(target, fill, f"the root's skeleton {target.name}")
 
 
 def _forget_evicted(runtime_dir: Path, trees: Path) -> None:
