@@ -182,6 +182,21 @@ class Registry:
                   ) -> tuple[str, bytes, str]:
         """``(media type, bytes, digest)`` of manifest ``reference`` from the first source
         that has it; with ``digest``, its bytes must hash to it."""
+        found = self._fetch_manifest(ref, reference, digest, MAX_MANIFEST_BYTES, False)
+        assert found is not None  # (only an absent_ok fetch finds nothing)
+        return found
+
+    def find_manifest(self, ref: ImageRef, tag: str, limit: int = MAX_MANIFEST_BYTES
+                      ) -> tuple[str, bytes, str] | None:
+        """``(media type, bytes, sha256 digest)`` of the manifest ``tag`` (a tag, or a digest
+        the caller compares with the one returned) in ``ref``'s repository, as the first
+        source that has it sends it (at most ``limit`` bytes; an index is returned, not
+        followed); None when the registry itself says it has no such manifest (a mirror's 404
+        does not mean that: mirrors may lag)."""
+        return self._fetch_manifest(ref, tag, None, limit, True)
+
+    def _fetch_manifest(self, ref: ImageRef, reference: str, digest: str | None, limit: int,
+                        absent_ok: bool) -> tuple[str, bytes, str] | None:
         problems = []
         accept = ", ".join((*MANIFESTS, *INDEXES))
         for source in self._sources(ref):
@@ -190,10 +205,11 @@ class Registry:
                                    ref.repository, headers={"Accept": accept}) as response:
                     if response.status_code == 404:
                         problems.append(f"{source}: no manifest {reference}")
+                        if absent_ok and source == ref.registry:
+                            return None
                         continue
                     _check_status(response, source)
-                    raw = _read_bounded(self._timed(source, response.iter_bytes()),
-                                        MAX_MANIFEST_BYTES,
+                    raw = _read_bounded(self._timed(source, response.iter_bytes()), limit,
                                         f"manifest {reference}")
                     media_type = response.headers.get("content-type", "").split(";")[0].strip()
             except _SourceFailed as e:
@@ -204,40 +220,10 @@ class Registry:
                 raise ImageRefused(f"{source} sent a manifest for {digest} whose sha256 is "
                                    f"{got}: refused")
             doc = _json(raw, got)
-            media_type = str(doc.get("mediaType") or media_type)
-            return media_type, raw, got
+            return str(doc.get("mediaType") or media_type), raw, got
         at = "@" if _DIGEST.match(reference) else ":"  # (a digest is not a tag)
         raise ImageUnavailable(f"{ref.registry}/{ref.repository}{at}{reference} is not "
                                "available: " + "; ".join(problems))
-
-    def find_manifest(self, ref: ImageRef, tag: str, limit: int = MAX_MANIFEST_BYTES
-                      ) -> tuple[str, bytes, str] | None:
-        """``(media type, bytes, sha256 digest)`` of the manifest ``tag`` (a tag, or a digest
-        the caller compares with the one returned) in ``ref``'s repository, as the first
-        source that has it sends it (at most ``limit`` bytes; an index is returned, not
-        followed); None when the registry itself says it has no such manifest (a mirror's 404
-        does not mean that: mirrors may lag)."""
-        problems, accept = [], ", ".join((*MANIFESTS, *INDEXES))
-        for source in self._sources(ref):
-            try:
-                with self._request(source, "GET", f"/v2/{ref.repository}/manifests/{tag}",
-                                   ref.repository, headers={"Accept": accept}) as response:
-                    if response.status_code == 404:
-                        problems.append(f"{source}: no manifest {tag}")
-                        if source == ref.registry:
-                            return None
-                        continue
-                    _check_status(response, source)
-                    raw = _read_bounded(self._timed(source, response.iter_bytes()), limit,
-                                        f"manifest {tag}")
-                    media_type = response.headers.get("content-type", "").split(";")[0].strip()
-            except _SourceFailed as e:
-                problems.append(str(e))
-                continue
-            got = "sha256:" + hashlib.sha256(raw).hexdigest()
-            return str(_json(raw, got).get("mediaType") or media_type), raw, got
-        raise ImageUnavailable(f"{ref.registry}/{ref.repository}:{tag} is not available: "
-                               + "; ".join(problems))
 
     # -- pushing --------------------------------------------------------------------------
 
