@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import STOCKADE, JobRun, cli_env, job_dir, run_cli
 from tests.containment.conftest import Listener
 from tests.support.internet import Internet
+from tests.support.web import InternalService
 
 HOSTS = """\
 198.51.100.11 api.example.test
@@ -383,33 +384,6 @@ def test_a_spec_cannot_open_internal_destinations(net: Net, stockade_home: Path,
                 "egress_internal_allow") in proc.stderr
         assert "RAN" not in proc.stderr
     assert net.listener.hits == 0
-
-
-class InternalService:
-    """An HTTP service on a loopback address of this host (an operator's internal one)."""
-
-    def __init__(self, address: str) -> None:
-        import http.server
-        import threading
-
-        class Hello(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = b"internal service says hi\n"
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((address, 0), Hello)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_only_the_operator_opens_internal_destinations_for_every_job(

@@ -4,9 +4,7 @@ an /etc of stockade's making and every control of image: host; and what is refus
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 from stockade.image.registry import Registry, RegistryConfig
 from tests.support.images import busybox_image
 from tests.support.registry import RunningRegistry
+from tests.support.web import InternalService
 
 PROBE = """\
 id -u; id -g
@@ -114,23 +113,10 @@ def test_an_image_whose_etc_is_a_link_gets_ours_only(run_job, plain_registry: Ru
 
 @pytest.fixture
 def web() -> Iterator[int]:
-    """An HTTP server on 127.0.0.1 answering ``hello PATH``; yields its port."""
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = f"hello {self.path}\n".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    """An HTTP service on 127.0.0.1; yields its port."""
+    service = InternalService()
+    yield service.port
+    service.close()
 
 
 def test_a_job_on_an_image_reaches_the_egress_proxy(run_job, image_env: dict[str, str],
