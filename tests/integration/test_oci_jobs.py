@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import CLI_SETTINGS, STOCKADE, cli_env, job_cgroups, job_dir, run_cli
 from tests.integration.test_image_jobs import PROBE, _spec, image_env, web  # noqa: F401
+from tests.support.web import BODY
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +62,7 @@ steps:
     assert value not in job.log
     assert sorted(a["path"] for a in job.result["artifacts"]) == ["out/fetched", "out/result"]
     fetched = stockade_home / "artifacts" / job.result["job_id"] / "out" / "fetched"
-    assert fetched.read_text() == "hello /x\n"
+    assert fetched.read_bytes() == BODY
     assert job.result["egress"]["allowed"] == [f"127.0.0.1:{web}"]
     nothing_left(stockade_home, job.result["job_id"])
 
