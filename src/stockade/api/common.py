@@ -8,8 +8,9 @@ import asyncio
 import collections
 import contextlib
 import functools
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 from fastapi import Depends, HTTPException, Request
@@ -34,12 +35,17 @@ class Waker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    async def wait(self, timeout: float) -> None:
-        """Until a :meth:`notify` picks this poll, or ``timeout`` seconds."""
+    async def wait(self, timeout: float, gone: "asyncio.Future[Any] | None" = None) -> None:
+        """Until a :meth:`notify` picks this poll, ``timeout`` seconds, or ``gone`` is done
+        (the client went away)."""
         self._loop = loop = asyncio.get_running_loop()
         woken: asyncio.Future[None] = loop.create_future()
         self._waiting.append(woken)
         try:
+            if gone is not None:
+                await asyncio.wait((woken, gone), timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken, timeout)
         finally:
@@ -65,24 +71,70 @@ class Waker:
 T = TypeVar("T")
 
 
+MAX_BATCH = 16  # store calls at most in one transaction
+
+
 class StoreCalls:
     """How the async routes call the store: in threads of our own, as many as the store can
-    use at once (SQLite: one, its calls run one at a time anyway; PostgreSQL: its pool's
-    connections), cheaper than the framework's default pool of forty. Never in the event
-    loop's own thread, however short a call usually is: a SQLite write waits for another
-    process's (up to its busy timeout), and every other request would wait with it."""
+    use at once (SQLite: one, its calls run one at a time anyway; PostgreSQL: a few of its
+    pool's connections), never the event loop's own thread, however short a call usually is
+    (a SQLite write waits for another process's, up to its busy timeout, and every other
+    request would wait with it). A thread takes every call queued when it comes free and runs
+    them in one transaction (``Store.batched``): under load, concurrent requests share one
+    commit; alone, a call is its own batch and waits for nothing."""
 
-    def __init__(self, threads: int) -> None:
-        self._pool = ThreadPoolExecutor(max(1, threads), "store")
+    def __init__(self, store: Any, threads: int) -> None:
+        self._store = store
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name="store", daemon=True)
+                         for _ in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a store thread."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, functools.partial(fn, *args))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._queue.put((functools.partial(fn, *args), done, loop))
+        return await done
+
+    def _work(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while len(items) < MAX_BATCH and items[-1] is not None:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = items[-1] is None
+            items = [i for i in items if i is not None and not i[1].cancelled()]
+            if items:
+                try:
+                    outcomes = self._store.batched([call for call, _, _ in items])
+                except Exception as e:  # the commit failed: every call's error
+                    outcomes = [(False, e)] * len(items)
+                by_loop: dict[Any, list[Any]] = {}
+                for (_, done, loop), outcome in zip(items, outcomes, strict=True):
+                    by_loop.setdefault(loop, []).append((done, outcome))
+                for loop, settled in by_loop.items():
+                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                        loop.call_soon_threadsafe(_settle, settled)
+            if stop:
+                return
 
     def close(self) -> None:
         """Let the threads go (after the server stopped)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
+    for done, (ok, value) in settled:
+        if not done.done():
+            if ok:
+                done.set_result(value)
+            else:
+                done.set_exception(value)
 
 
 class ApiContext(NamedTuple):

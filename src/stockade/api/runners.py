@@ -9,12 +9,14 @@ attempt that no longer holds its job (409), so a runner that lost its lease chan
 import base64
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api.common import ApiContext, runner_of
+from stockade.api.protocol import Assignment
 from stockade.api.wire import (
     MAX_REPORT_DETAIL,
     REPORT_ACTIONS,
@@ -42,9 +44,70 @@ def _session(s: Session) -> SessionOut:
     return SessionOut(**s._asdict())
 
 
-def _json(model: BaseModel) -> Response:
-    """``model`` as the answer, serialised once (FastAPI would validate it again first)."""
-    return Response(model.model_dump_json(), media_type="application/json")
+def _answer(status: int, out: Any) -> Response:
+    """What :func:`heartbeat`, :func:`log_chunk` or :func:`complete` answered, as a response
+    (serialised once: FastAPI would validate it again first)."""
+    if isinstance(out, bytes):
+        return Response(out, status, media_type="application/json")
+    if status >= 400:
+        raise HTTPException(status, out["detail"])
+    return Response(json.dumps(out), status, media_type="application/json")
+
+
+def assignment_json(a: Assignment) -> bytes:
+    """The wire form of an assignment (``AssignmentOut``), serialised."""
+    return AssignmentOut.of(a).model_dump_json().encode()
+
+
+# What the hot routes do, shared by their FastAPI routes here and by api/fastpath.py: each
+# answers ``(status, JSON object or serialised bytes)``, in one store call.
+
+async def heartbeat(ctx: ApiContext, caller: Caller, job_id: str, attempt: int
+                    ) -> tuple[int, Any]:
+    """Extend the attempt's lease: whether it still holds the job and is to stop."""
+    ok, cancel = await ctx.store_calls(ctx.fleet.heartbeat, caller, job_id, attempt)
+    if not ok:
+        return 409, {"detail": "this attempt no longer holds the job"}
+    return 200, {"held": True, "cancel": cancel}
+
+
+async def log_chunk(ctx: ApiContext, caller: Caller, job_id: str, attempt: int, seq: int,
+                    data: bytes) -> tuple[int, Any]:
+    """Store one chunk of the attempt's log (idempotent: a retried chunk is not stored twice)."""
+    state = await ctx.store_calls(ctx.fleet.put_log, caller, job_id, attempt, seq, data)
+    if state in ("fenced", "conflict"):
+        return 409, {"detail": f"chunk refused: {state}"}
+    if state == "full":
+        return 413, {"detail": "the job's log is full"}
+    return 201, {"state": state}
+
+
+async def complete(ctx: ApiContext, caller: Caller, job_id: str, attempt: int,
+                   body: CompletionIn, take_next: bool, gone: Callable[[], bool]
+                   ) -> tuple[int, Any]:
+    """Record the attempt's outcome and, with ``take_next`` (unless the client is ``gone``),
+    claim the runner's next job, in one store call (a transaction, or a batch's)."""
+    fleet = ctx.fleet
+
+    def work() -> tuple[int, Any, bool]:
+        result = fleet.complete(caller, body.completion(job_id, attempt, caller.runner.id))
+        if isinstance(result, str):
+            return 422, {"detail": result}, False
+        if not result:  # fenced, unless it is this completion again (its answer was lost)
+            replayed, a = fleet.replayed(caller, job_id, attempt, body.status)
+            if not replayed:
+                return 409, {"detail": "this attempt no longer holds the job"}, False
+            return 200, a, False
+        a = fleet.claim(caller, (job_id, attempt)) if take_next and not gone() else None
+        return 200, a, a is not None
+
+    status, out, claimed = await ctx.store_calls(work)
+    if status != 200:
+        return status, out
+    if claimed:
+        ctx.metrics.claims.inc()
+    nxt = b"null" if out is None else assignment_json(out)
+    return 200, b'{"recorded":true,"next":' + nxt + b"}"
 
 
 def add_routes(app: FastAPI, ctx: ApiContext) -> None:
@@ -92,7 +155,7 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
             a = await store_calls(fleet.claim, caller)
             if a is not None:
                 ctx.metrics.claims.inc()
-                return _json(AssignmentOut.of(a))
+                return Response(assignment_json(a), media_type="application/json")
             left = deadline - time.monotonic()
             if left <= 0 or await request.is_disconnected():
                 return Response(status_code=204)
@@ -103,24 +166,16 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
             raise HTTPException(409, "this attempt no longer holds the job")
 
     @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/heartbeat", response_model=HeartbeatOut)
-    async def heartbeat(request: Request, job_id: str = JobId, attempt: int = Attempt
-                        ) -> Response:
-        ok, cancel = await store_calls(fleet.heartbeat, runner_of(request), job_id, attempt)
-        if not ok:
-            raise HTTPException(409, "this attempt no longer holds the job")
-        return _json(HeartbeatOut(held=True, cancel=cancel))
+    async def heartbeat_route(request: Request, job_id: str = JobId, attempt: int = Attempt
+                              ) -> Response:
+        return _answer(*await heartbeat(ctx, runner_of(request), job_id, attempt))
 
-    @app.put("/api/v1/runner/jobs/{job_id}/{attempt}/log/{seq}", status_code=201)
-    async def log_chunk(request: Request, job_id: str = JobId, attempt: int = Attempt,
-                        seq: int = Path(ge=0, le=10**9)) -> dict[str, str]:
-        caller = runner_of(request)
+    @app.put("/api/v1/runner/jobs/{job_id}/{attempt}/log/{seq}", status_code=201,
+             response_model=dict[str, str])
+    async def log_route(request: Request, job_id: str = JobId, attempt: int = Attempt,
+                        seq: int = Path(ge=0, le=10**9)) -> Response:
         data = await request.body()
-        state = await store_calls(fleet.put_log, caller, job_id, attempt, seq, data)
-        if state in ("fenced", "conflict"):
-            raise HTTPException(409, f"chunk refused: {state}")
-        if state == "full":
-            raise HTTPException(413, "the job's log is full")
-        return {"state": state}
+        return _answer(*await log_chunk(ctx, runner_of(request), job_id, attempt, seq, data))
 
     @app.put("/api/v1/runner/jobs/{job_id}/{attempt}/artifacts/{sha256}", status_code=201)
     async def artifact(request: Request, job_id: str = JobId, attempt: int = Attempt,
@@ -146,28 +201,15 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         return Response(data, media_type="application/x-tar")
 
     @app.post("/api/v1/runner/jobs/{job_id}/{attempt}/complete", response_model=CompletedOut)
-    async def complete(body: CompletionIn, request: Request, job_id: str = JobId,
-                       attempt: int = Attempt,
-                       take_next: bool = Query(False, alias="next",
-                                               description="also claim the runner's next job "
-                                               "(without waiting) and return it as `next`")
-                       ) -> Response:
-        caller = runner_of(request)
-        result = await store_calls(fleet.complete, caller,
-                                   body.completion(job_id, attempt, caller.runner.id))
-        if isinstance(result, str):
-            raise HTTPException(422, result)
-        a = None
-        if not result:  # fenced, unless it is this completion again (its answer was lost)
-            replayed, a = await store_calls(fleet.replayed, caller, job_id, attempt,
-                                            body.status)
-            if not replayed:
-                raise HTTPException(409, "this attempt no longer holds the job")
-        elif take_next and not await request.is_disconnected():
-            a = await store_calls(fleet.claim, caller, (job_id, attempt))
-            if a is not None:
-                ctx.metrics.claims.inc()
-        return _json(CompletedOut(recorded=True, next=AssignmentOut.of(a) if a else None))
+    async def complete_route(body: CompletionIn, request: Request, job_id: str = JobId,
+                             attempt: int = Attempt,
+                             take_next: bool = Query(False, alias="next",
+                                                     description="also claim the runner's next "
+                                                     "job (without waiting) and return it as "
+                                                     "`next`")) -> Response:
+        gone = await request.is_disconnected()
+        return _answer(*await complete(ctx, runner_of(request), job_id, attempt, body,
+                                       take_next, lambda: gone))
 
     def secrets_allowed(caller: Caller, job_id: str, attempt: int) -> None:
         held(caller, job_id, attempt)

@@ -73,11 +73,13 @@ class Gate:
     token (``scope["state"]["token"]``); GET needs a viewer, anything else a submitter, and
     endpoints ask for more where they need it."""
 
-    def __init__(self, app: Any, control: ControlService, fleet: FleetService,
-                 refusals: Refusals, limit_for: Callable[[str, str], int],
-                 store_calls: StoreCalls) -> None:
-        self.app, self.control, self.fleet = app, control, fleet
-        self.refusals, self.limit_for, self.store_calls = refusals, limit_for, store_calls
+    def __init__(self, app: Any, ctx: ApiContext, refusals: Refusals,
+                 limit_for: Callable[[str, str], int]) -> None:
+        from stockade.api.fastpath import FastPath
+
+        self.app, self.control, self.fleet = app, ctx.control, ctx.fleet
+        self.refusals, self.limit_for, self.store_calls = refusals, limit_for, ctx.store_calls
+        self.fast = FastPath(ctx, app)  # a runner's well-formed hot requests
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -110,7 +112,8 @@ class Gate:
         scope.setdefault("state", {}).update(state)
         chunked = b"transfer-encoding" in headers
         if limit <= BIG_BODY_BYTES or not (chunked or int(declared) > BIG_BODY_BYTES):
-            await self.app(scope, Body(receive, limit, int(declared), chunked), send)
+            app = self.fast if "runner" in state else self.app
+            await app(scope, Body(receive, limit, int(declared), chunked), send)
             return
         try:  # uploads are held in memory: a few at a time
             async with asyncio.timeout(BIG_BODY_WAIT_S):
@@ -184,7 +187,7 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
     serialises them). While it runs, a task looks for expired leases (:func:`_sweeper`)."""
     from stockade.api import admin, joblogs, jobs, metrics, runners
 
-    store_calls = StoreCalls(control.store.concurrent_calls)
+    store_calls = StoreCalls(control.store, control.store.concurrent_calls)
     ctx = ApiContext(settings, control, fleet, Waker(), metrics.Metrics(control.store),
                      store_calls)
 
@@ -201,9 +204,8 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
                   redirect_slashes=False, lifespan=lifespan)
     app.state.refusals = refusals = Refusals(control, ctx.metrics.refusals.inc)
     app.state.ctx = ctx
-    app.add_middleware(Gate, control=control, fleet=fleet, refusals=refusals,
-                       limit_for=lambda method, path: _limit(settings, method, path),
-                       store_calls=store_calls)
+    app.add_middleware(Gate, ctx=ctx, refusals=refusals,
+                       limit_for=lambda method, path: _limit(settings, method, path))
 
     names: set[str] = set()
 

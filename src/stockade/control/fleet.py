@@ -312,7 +312,8 @@ class FleetService:
         uploaded by this attempt (True), False if fenced, or why it is refused."""
         if completion.runner_id != caller.runner.id:
             return "a runner completes only its own attempts"
-        uploaded = self.store.uploaded(completion.job_id, completion.attempt)
+        uploaded = self.store.uploaded(completion.job_id, completion.attempt) \
+            if completion.artifacts else {}
         total = 0
         for n, a in enumerate(completion.artifacts):
             if uploaded.get(a.sha256) != a.size:

@@ -31,8 +31,8 @@ from stockade.store.interface import (
     StepRow,
 )
 
-CLAIM_BATCH = 32  # queued candidates looked at (and, on PostgreSQL, locked) per query
-CLAIM_BATCHES = 8
+# queued candidates looked at (and, on PostgreSQL, locked) by each query of a claim: 256 in all
+CLAIM_BATCHES = (2, 14, 48, 64, 128)
 _JOB_COLUMNS = ", ".join(JobRow._fields)
 _RUNNER_COLUMNS = ", ".join(RunnerRow._fields)
 _ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
@@ -40,10 +40,6 @@ _ENROL_COLUMNS = ", ".join(EnrolTokenRow._fields)
 _SESSION_COLUMNS = ", ".join(SessionRow._fields)
 _RUNNING = "status = 'running' AND attempt = ? AND runner_id = ?"
 _CHUNK_SHA = "SELECT sha256 FROM log_chunks WHERE job_id = ? AND attempt = ? AND seq = ?"
-
-
-class _Full(Exception):
-    """A log chunk would take its attempt's log over the cap."""
 
 
 class FleetQueries:
@@ -63,16 +59,16 @@ class FleetQueries:
 
     def _candidates(self, db: Any, runner_id: str) -> Iterator[JobRow]:
         after: tuple[float, str] = (-1.0, "")
-        for _ in range(CLAIM_BATCHES):
+        for size in CLAIM_BATCHES:  # few rows first: the oldest queued job is usually taken
             rows = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
                 "(runner_id IS NULL OR runner_id = ?) AND "
                 "(created_at > ? OR (created_at = ? AND id > ?)) "
-                f"ORDER BY created_at, id LIMIT {CLAIM_BATCH}{self._skip_locked}",
+                f"ORDER BY created_at, id LIMIT {size}{self._skip_locked}",
                 (runner_id, after[0], after[0], after[1])).fetchall()
             for row in rows:
                 yield JobRow(*row)
-            if len(rows) < CLAIM_BATCH:
+            if len(rows) < size:
                 return
             after = (rows[-1][JobRow._fields.index("created_at")], rows[-1][0])
 
@@ -126,13 +122,16 @@ class FleetQueries:
             db.execute("UPDATE attempts SET ended_at = ?, outcome = ? WHERE job_id = ? AND "
                        "attempt = ?", (time.time(), changes.get("status", "finished"), job_id,
                                        attempt))
-            db.execute("DELETE FROM steps WHERE job_id = ?", (job_id,))  # of a lost attempt
-            db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
-            db.executemany("INSERT INTO steps (job_id, idx, name, status, exit_code, "
-                           "duration_s) VALUES (?, ?, ?, ?, ?, ?)",
-                           [(job_id, *s) for s in steps])
-            db.executemany("INSERT INTO artifacts (job_id, path, sha256, size) "
-                           "VALUES (?, ?, ?, ?)", [(job_id, *a) for a in artifacts])
+            if attempt > 1:  # what a lost attempt may have left
+                db.execute("DELETE FROM steps WHERE job_id = ?", (job_id,))
+                db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
+            if steps:
+                db.executemany("INSERT INTO steps (job_id, idx, name, status, exit_code, "
+                               "duration_s) VALUES (?, ?, ?, ?, ?, ?)",
+                               [(job_id, *s) for s in steps])
+            if artifacts:
+                db.executemany("INSERT INTO artifacts (job_id, path, sha256, size) "
+                               "VALUES (?, ?, ?, ?)", [(job_id, *a) for a in artifacts])
             for event in events:
                 self._append_audit(db, event)
             return True
@@ -367,31 +366,36 @@ class FleetQueries:
         stored before: a retry), ``conflict`` (another chunk has that number), ``fenced``
         (the attempt no longer holds the job) or ``full`` (over ``cap`` bytes)."""
         digest = hashlib.sha256(data).hexdigest()
-        try:
-            with self._tx() as db:
-                return self._put_chunk(db, (job_id, attempt, seq), runner_id, digest, data, cap)
-        except _Full:
-            return "full"
+        with self._tx() as db:
+            return self._put_chunk(db, (job_id, attempt, seq), runner_id, digest, data, cap)
 
     @staticmethod
     def _put_chunk(db: Any, key: tuple[str, int, int], runner_id: str, digest: str,
                    data: bytes, cap: int) -> str:
         job_id, attempt, _ = key
+
+        def sent_before() -> str:
+            row = db.execute(_CHUNK_SHA, key).fetchone()
+            return "duplicate" if row is not None and row[0] == digest else "conflict"
+
         if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
                       (job_id, attempt, runner_id)).fetchone() is None:
             row = db.execute(_CHUNK_SHA, key).fetchone()  # a retry after the attempt ended
             return "fenced" if row is None else "duplicate" if row[0] == digest else "conflict"
-        cur = db.execute("INSERT INTO log_chunks (job_id, attempt, seq, sha256, data, at) "
-                         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                         (*key, digest, data, time.time()))
-        if cur.rowcount != 1:  # sent before (or a retry racing the first send)
-            row = db.execute(_CHUNK_SHA, key).fetchone()
-            return "duplicate" if row is not None and row[0] == digest else "conflict"
+        if db.execute(_CHUNK_SHA, key).fetchone() is not None:
+            return sent_before()
         cur = db.execute("UPDATE attempts SET log_bytes = log_bytes + ? WHERE job_id = ? "
                          "AND attempt = ? AND log_bytes + ? <= ?",
                          (len(data), job_id, attempt, len(data), cap))
         if cur.rowcount != 1:
-            raise _Full  # the chunk is rolled back with the transaction
+            return "full"  # nothing written
+        cur = db.execute("INSERT INTO log_chunks (job_id, attempt, seq, sha256, data, at) "
+                         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                         (*key, digest, data, time.time()))
+        if cur.rowcount != 1:  # a retry racing the first send (PostgreSQL): not counted twice
+            db.execute("UPDATE attempts SET log_bytes = log_bytes - ? WHERE job_id = ? AND "
+                       "attempt = ?", (len(data), job_id, attempt))
+            return sent_before()
         return "stored"
 
     def log_chunks(self, job_id: str, after: tuple[int, int] = (0, -1),

@@ -152,6 +152,11 @@ class Store(Protocol):
 
     concurrent_calls: int  # calls that can run at once in this process (1: one at a time)
 
+    def batched(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        """Run ``calls`` (store calls) in one transaction: ``(True, result)`` or
+        ``(False, exception)`` each (see ``SqlStore.batched``)."""
+        ...
+
     def insert_job(self, job: JobRow, event: AuditEvent) -> None:
         """Add a new job."""
         ...

@@ -135,14 +135,14 @@ class PostgresStore(SqlStore, FleetQueries):
             super()._append_audit(db, event)
 
     @contextmanager
-    def _tx(self) -> Iterator["_Db"]:
+    def _begin(self) -> Iterator["_Db"]:
         try:
             with self._pool.connection() as conn, conn.transaction():
                 yield _Db(conn)
         except psycopg.Error as e:
             raise self._error(e) from e
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+    def _fetch(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
             with self._pool.connection() as conn:
                 return conn.execute(_pg(sql), args).fetchall()

@@ -2,12 +2,14 @@
 
 A backend (and a mixin such as ``fleet.FleetQueries``) builds on this contract:
 
-- ``_tx()``: one transaction, as a context manager yielding a :class:`Db` whose ``execute`` and
-  ``executemany`` take ``?`` placeholders and return a :class:`Cursor`. It commits at the end
-  and rolls back on an exception; a database error leaves it as a ``StoreError``. On SQLite it
-  is ``BEGIN IMMEDIATE`` (writers take turns), on PostgreSQL a pooled connection's transaction
-  (READ COMMITTED: writers of other rows go on).
-- ``_read(sql, args)``: the rows of one short read, outside any write transaction.
+- ``_begin()``: one transaction, as a context manager yielding a :class:`Db` whose ``execute``
+  and ``executemany`` take ``?`` placeholders and return a :class:`Cursor`. It commits at the
+  end and rolls back on an exception; a database error leaves it as a ``StoreError``. On SQLite
+  it is ``BEGIN IMMEDIATE`` (writers take turns), on PostgreSQL a pooled connection's
+  transaction (READ COMMITTED: writers of other rows go on). Queries use ``_tx()``, which is
+  ``_begin()`` unless the thread runs a batch (:meth:`SqlStore.batched`): then the batch's.
+- ``_fetch(sql, args)``: the rows of one short read, outside any write transaction. Queries
+  use ``_read()``, which reads in the batch's transaction while the thread runs one.
 - ``_append_audit(db, event)``: append one event to the hash chain in the transaction ``db``.
   On PostgreSQL it first locks the one ``audit_head`` row, so every replica's appends take
   turns; append events last in a transaction, after its other writes, so that no transaction
@@ -19,8 +21,9 @@ A backend (and a mixin such as ``fleet.FleetQueries``) builds on this contract:
 """
 
 import json
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
 from stockade.audit import GENESIS, AuditEvent, AuditHead, chain_hash
@@ -82,6 +85,26 @@ class Db(Protocol):
         ...
 
 
+class _Batch:
+    """The transaction the calls of one batch share (:meth:`SqlStore.batched`)."""
+
+    __slots__ = ("db", "spoiled")
+
+    def __init__(self, db: Db) -> None:
+        self.db, self.spoiled = db, False
+
+
+class _Redo(Exception):
+    """A batch cannot stand as one transaction: its calls run again, one transaction each."""
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, call()
+    except Exception as e:  # the caller's: handed back, raised where it waits
+        return False, e
+
+
 class SqlStore:
     """The :class:`~stockade.store.interface.Store` queries both SQL backends share; a
     subclass provides the connection (see the module docstring for the contract)."""
@@ -93,11 +116,61 @@ class SqlStore:
     _damaged_hint = "restore the database from a backup"
     concurrent_calls = 1  # calls that can run at once in this process (its connections)
 
-    def _tx(self) -> AbstractContextManager[Db]:
+    def _begin(self) -> AbstractContextManager[Db]:
         raise NotImplementedError
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+    def _fetch(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         raise NotImplementedError
+
+    def _local(self) -> threading.local:
+        local: threading.local | None = self.__dict__.get("_local_")
+        if local is None:
+            local = self.__dict__.setdefault("_local_", threading.local())
+        return local
+
+    def _tx(self) -> AbstractContextManager[Db]:
+        """A transaction of one's own, or the batch's this thread runs."""
+        batch = getattr(self._local(), "batch", None)
+        return self._begin() if batch is None else _joined(batch)
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """One short read (in the batch's transaction while this thread runs one)."""
+        batch = getattr(self._local(), "batch", None)
+        if batch is None:
+            return self._fetch(sql, args)
+        return list(batch.db.execute(sql, args).fetchall())
+
+    def batched(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        """Run ``calls`` (each a store call, or code making store calls) in one transaction
+        and one commit, in order: ``(True, result)`` or ``(False, exception)`` for each (group
+        commit: a server's concurrent requests share the cost of a transaction, and on
+        PostgreSQL of the wait for the audit head). No result is handed out before the commit.
+        If a call fails, or one of its transactions ended by an exception (which undoes only
+        that transaction's writes when it has its own), the batch is undone and every call
+        runs again in transactions of its own; a call must therefore keep no effect outside
+        the database that running it twice would double (as a retry would)."""
+        if len(calls) > 1:
+            try:
+                return self._together(calls)
+            except _Redo:
+                pass
+        return [_outcome(call) for call in calls]
+
+    def _together(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        local, out = self._local(), []
+        with self._begin() as db:
+            local.batch = batch = _Batch(db)
+            try:
+                for call in calls:
+                    try:
+                        out.append((True, call()))
+                    except Exception:
+                        raise _Redo from None
+                    if batch.spoiled:
+                        raise _Redo
+            finally:
+                local.batch = None
+        return out
 
     def _audit_moved(self, before: AuditHead, after: AuditHead) -> None:
         """Called in the transaction of each appended event (SQLite moves its head file)."""
@@ -305,6 +378,16 @@ class SqlStore:
                 return False
             self._append_audit(db, event)
             return True
+
+
+@contextmanager
+def _joined(batch: _Batch) -> Iterator[Db]:
+    """A transaction within a batch's: one that ends by an exception spoils the batch."""
+    try:
+        yield batch.db
+    except BaseException:
+        batch.spoiled = True
+        raise
 
 
 def audit_records(rows: Iterable[Any]) -> list[tuple[AuditEvent, str, str]]:

@@ -130,7 +130,7 @@ class SqliteStore(SqlStore, FleetQueries):
             self.audit_head.create(AuditHead(row[0], row[1]))
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _begin(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._moved = None
             try:
@@ -162,7 +162,7 @@ class SqliteStore(SqlStore, FleetQueries):
             return False
         return bool(rows) and rows[0][0] == head.hash
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+    def _fetch(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()

@@ -1,0 +1,168 @@
+"""The runner routes every job goes through (claim, heartbeat, log chunk, completion), served
+without the framework when the request is well formed: the same work as their routes in
+``api/runners.py`` (the same functions do it), minus FastAPI's routing, parameter solving and
+response validation, which cost more than the work itself at a fleet's rate of claims.
+
+The gate (``api/server.py``) authenticates the runner from the headers first, as for every
+route. A request this module does not take as it is (another method, a path or query it does
+not parse, a completion body that does not validate) goes on to FastAPI with its body, whose
+route answers it: the errors, the status codes and the OpenAPI schema are the framework's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fastapi import HTTPException
+from pydantic import ValidationError
+
+from stockade.api import runners
+from stockade.api.wire import CompletionIn
+
+if TYPE_CHECKING:
+    from stockade.api.common import ApiContext
+    from stockade.control.fleet import Caller
+
+_JOB_PATH = re.compile(r"/api/v1/runner/jobs/([A-Za-z0-9]{1,64})/([1-9][0-9]{0,3})/"
+                       r"(heartbeat|complete|log/(0|[1-9][0-9]{0,9}))")
+_WAIT = re.compile(rb"(?:wait=([0-9]{1,2}(?:\.[0-9]{1,6})?))?")
+_NEXT = re.compile(rb"(?:next=(true|false))?")
+_JSON = [(b"content-type", b"application/json")]
+
+Send = Any
+Receive = Any
+
+
+class FastPath:
+    """Serves the well-formed hot runner requests (see the module docstring)."""
+
+    def __init__(self, ctx: ApiContext, app: Any) -> None:
+        self.ctx, self.app = ctx, app
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        """Serve the request, or pass it on to FastAPI."""
+        caller: Caller = scope["state"]["runner"]
+        path, method, query = scope["path"], scope["method"], scope["query_string"]
+        try:
+            if path == "/api/v1/runner/claim" and method == "POST":
+                w = _WAIT.fullmatch(query)
+                if w is not None and float(w.group(1) or 0) <= runners.MAX_WAIT_S:
+                    await self._claim(caller, float(w.group(1) or 0), receive, send)
+                    return
+            elif (m := _JOB_PATH.fullmatch(path)) is not None and int(m.group(2)) <= 1000:
+                job_id, attempt, what = m.group(1), int(m.group(2)), m.group(3)
+                if what == "heartbeat" and method == "POST" and not query:
+                    await self._heartbeat(caller, job_id, attempt, send)
+                    return
+                if what == "complete" and method == "POST":
+                    n = _NEXT.fullmatch(query)
+                    if n is not None:
+                        await self._complete(caller, job_id, attempt, n.group(1) == b"true",
+                                             scope, receive, send)
+                        return
+                elif m.group(4) is not None and method == "PUT" and not query \
+                        and int(m.group(4)) <= 10**9:
+                    await self._log(caller, job_id, attempt, int(m.group(4)), receive, send)
+                    return
+        except HTTPException as e:  # the body's size or deadline (see server.Body)
+            await _answer(send, e.status_code, {"detail": e.detail}, e.headers)
+            return
+        await self.app(scope, receive, send)
+
+    async def _claim(self, caller: Caller, wait: float, receive: Receive, send: Send) -> None:
+        await _body(receive)
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                a = await self.ctx.store_calls(self.ctx.fleet.claim, caller)
+                if a is not None:
+                    self.ctx.metrics.claims.inc()
+                    await _raw(send, 200, runners.assignment_json(a))
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0 or gone.done():
+                    await _raw(send, 204, b"")
+                    return
+                await self.ctx.waker.wait(min(left, runners.POLL_S), gone)
+        finally:
+            gone.cancel()
+
+    async def _heartbeat(self, caller: Caller, job_id: str, attempt: int, send: Send) -> None:
+        status, out = await runners.heartbeat(self.ctx, caller, job_id, attempt)
+        await _answer(send, status, out)
+
+    async def _log(self, caller: Caller, job_id: str, attempt: int, seq: int,
+                   receive: Receive, send: Send) -> None:
+        data = await _body(receive)
+        status, out = await runners.log_chunk(self.ctx, caller, job_id, attempt, seq, data)
+        await _answer(send, status, out)
+
+    async def _complete(self, caller: Caller, job_id: str, attempt: int, take_next: bool,
+                        scope: Any, receive: Receive, send: Send) -> None:
+        data = await _body(receive)
+        try:
+            body = CompletionIn.model_validate_json(data)
+        except ValidationError:  # FastAPI's route says what is wrong, in its words
+            await self.app(scope, _replay(data, receive), send)
+            return
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            status, out = await runners.complete(self.ctx, caller, job_id, attempt, body,
+                                                 take_next, gone.done)
+        finally:
+            gone.cancel()
+        if isinstance(out, bytes):
+            await _raw(send, status, out)
+        else:
+            await _answer(send, status, out)
+
+
+async def _body(receive: Receive) -> bytes:
+    """The whole request body."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise HTTPException(400, "the client went away")
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client has gone (after the body, ``receive`` waits for that)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _replay(data: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``data`` as the whole body, then the server's."""
+    sent = False
+
+    async def again() -> Any:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    return again
+
+
+async def _answer(send: Send, status: int, out: Any,
+                  headers: Mapping[str, str] | None = None) -> None:
+    await _raw(send, status, json.dumps(out, separators=(",", ":")).encode(), headers)
+
+
+async def _raw(send: Send, status: int, body: bytes,
+               headers: Mapping[str, str] | None = None) -> None:
+    head = [*_JSON, (b"content-length", b"%d" % len(body))] if status != 204 else []
+    head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
