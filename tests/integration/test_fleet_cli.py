@@ -292,6 +292,8 @@ def test_jobs_show_logs_and_audit_print_the_same_here_and_there(fleet: Fleet,
     assert "hello from the workspace" in fleet.cli("logs", job_id).stdout
     viewer = fleet.cli("show", job_id, role="viewer")
     assert viewer.returncode == 0 and "admin tokens only" in viewer.stdout
+    again = run_cli(fleet.home, "run", str(tmp_path / "job.yaml"), "--workspace", str(ws))
+    assert again.returncode == 0, again.stderr  # so that "j" names two jobs, whatever ran before
     for args in (["show", "jzzzz"], ["logs", "j"], ["show", "bad id"]):
         here, there = run_cli(fleet.home, *args), fleet.cli(*args)
         assert here.returncode == there.returncode == 2, (args, there.stderr)

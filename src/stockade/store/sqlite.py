@@ -61,6 +61,7 @@ class SqliteStore(SqlStore, FleetQueries):
         self.audit_head = HeadFile(path.with_name("audit.head"))  # the copy outside the file
         self._lock_path = path.with_name(path.name + ".lock")
         self._moved: tuple[AuditHead, AuditHead] | None = None  # the audit head in this tx
+        self._writers: int | None = None  # the writers' lock file (see _turn)
         try:
             if not path.exists():  # private from its first byte
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -130,8 +131,30 @@ class SqliteStore(SqlStore, FleetQueries):
             self.audit_head.create(AuditHead(row[0], row[1]))
 
     @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This process's turn to write among the stockade processes on this file, in the
+        order they asked (SQLite's own wait sleeps 1, 2, 5 ... 100 ms between looks: replicas
+        on one file waited up to a second): a writer queues on byte 1 of the writers' lock
+        file, then takes byte 0 and leaves the queue, so that a writer that just finished
+        queues behind one already waiting. A writer stopped while it holds its turn (SIGSTOP, a
+        debugger) holds the others until it goes on or dies; readers never wait for it."""
+        fd = self._writers
+        if fd is None:
+            fd = self._writers = os.open(self.path.with_name(self.path.name + ".writers"),
+                                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, 1)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, 1)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+
+    @contextmanager
     def _begin(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._turn():
             self._moved = None
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -198,5 +221,8 @@ class SqliteStore(SqlStore, FleetQueries):
                              problem)
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (and the writers' lock file)."""
         self._db.close()
+        if self._writers is not None:
+            os.close(self._writers)
+            self._writers = None
