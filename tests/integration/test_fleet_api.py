@@ -432,3 +432,58 @@ def test_odd_paths_are_4xx_never_5xx(api: Api, path: str) -> None:
     for method in ("GET", "POST", "PUT", "DELETE"):
         answer = api.call(method, path, api.admin)
         assert 400 <= answer.status_code < 500, (method, path, answer.status_code)
+
+
+def test_the_fast_path_refuses_what_the_routes_refuse(api: Api) -> None:
+    """The well-formed hot requests are served without FastAPI (api/fastpath.py); what it
+    does not take as it is goes to the route, which refuses it the same way, before anything
+    is recorded; a completion that would break a table is refused, not a 500."""
+    runner = api.runner("picky")
+    job_id = api.submit()
+    while (a := runner.claim())["job_id"] != job_id:  # what earlier tests left queued
+        assert runner.complete(a) == 200
+    page = b"page"
+    digest = runner.artifact(a, page)
+    art = {"path": "dist/p", "sha256": digest, "size": len(page)}
+    body = json.dumps({"status": "succeeded", "duration_s": 0.1, "artifacts": [art, art]})
+    path = f"/api/v1/runner/jobs/{a['job_id']}/{a['attempt']}/complete"
+    auth = {"Authorization": runner.http.headers["Authorization"]}
+    for query in ("", "?next=true", "?next=1"):  # fast path, fast path, route
+        got = api.call("POST", path + query, None, content=body,
+                       headers={**auth, "content-type": "application/json"})
+        assert got.status_code == 422 and "same path" in got.text, got.text
+    nul = json.dumps({"status": "succeeded", "duration_s": 0.1,
+                      "steps": [{"name": "a\x00b", "status": "succeeded", "duration_s": 0.1}]})
+    got = api.call("POST", path, None, content=nul,
+                   headers={**auth, "content-type": "application/json"})
+    assert got.status_code == 422 and "NUL" in got.text, got.text
+    ok = json.dumps({"status": "succeeded", "duration_s": 0.1})
+    for headers in ({"content-type": "text/plain"}, {}):  # FastAPI reads JSON bodies only
+        got = api.call("POST", path, None, content=ok, headers={**auth, **headers})
+        assert got.status_code == 422, got.text
+    json_auth = {**auth, "content-type": "application/json"}
+    got = api.call("POST", path + "?next=maybe", None, content=ok, headers=json_auth)
+    assert got.status_code == 422, got.text
+    got = api.call("POST", path + "?other=1", None, content=ok, headers=json_auth)
+    assert got.status_code == 200, got.text  # the route ignores a query it does not know
+    assert api.call("GET", f"/api/v1/jobs/{job_id}", api.viewer).json()["status"] == \
+        "succeeded"
+    claim = "/api/v1/runner/claim"
+    for query in ("?wait=31", "?wait=-1", "?wait=x"):
+        assert api.call("POST", claim + query, None, headers=auth).status_code == 422
+    assert api.call("GET", claim, None, headers=auth).status_code == 405
+    assert api.call("PUT", f"{path.removesuffix('/complete')}/log/1000000001", None,
+                    content=b"x", headers=auth).status_code == 422
+    runner.close()
+
+
+def test_refusals_are_counted_once(api: Api) -> None:
+    def refused() -> float:
+        text = api.call("GET", "/metrics", api.viewer).text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("stockade_api_refusals_total"))
+
+    before = refused()
+    for _ in range(5):
+        assert api.call("POST", "/api/v1/runner/claim", "stks_nope_nope").status_code == 401
+    assert refused() - before == 5

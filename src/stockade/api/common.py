@@ -75,13 +75,13 @@ MAX_BATCH = 16  # store calls at most in one transaction
 
 
 class StoreCalls:
-    """How the async routes call the store: in threads of our own, as many as the store can
-    use at once (SQLite: one, its calls run one at a time anyway; PostgreSQL: a few of its
-    pool's connections), never the event loop's own thread, however short a call usually is
-    (a SQLite write waits for another process's, up to its busy timeout, and every other
-    request would wait with it). A thread takes every call queued when it comes free and runs
-    them in one transaction (``Store.batched``): under load, concurrent requests share one
-    commit; alone, a call is its own batch and waits for nothing."""
+    """How the async routes call the store: in threads of our own (SQLite: one, its calls run
+    one at a time anyway; PostgreSQL: two, whose batches take turns at the audit head), never
+    the event loop's own thread, however short a call usually is (a SQLite write waits for
+    another process's, up to its busy timeout, and every other request would wait with it).
+    A thread takes every call queued when it comes free and runs them in one transaction
+    (``Store.batched``): under load, concurrent requests share one commit; alone, a call is
+    its own batch and waits for nothing."""
 
     def __init__(self, store: Any, threads: int) -> None:
         self._store = store

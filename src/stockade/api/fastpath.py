@@ -61,7 +61,7 @@ class FastPath:
                     return
                 if what == "complete" and method == "POST":
                     n = _NEXT.fullmatch(query)
-                    if n is not None:
+                    if n is not None and _json_body(scope):
                         await self._complete(caller, job_id, attempt, n.group(1) == b"true",
                                              scope, receive, send)
                         return
@@ -121,6 +121,18 @@ class FastPath:
             await _raw(send, status, out)
         else:
             await _answer(send, status, out)
+
+
+def _json_body(scope: Any) -> bool:
+    """Whether the request's body is JSON as FastAPI sees it: its content type is
+    ``application/json`` or ``application/...+json`` (FastAPI refuses anything else, and no
+    content type: 422)."""
+    value = next((v for k, v in scope["headers"] if k == b"content-type"), None)
+    if value is None:
+        return False
+    media: bytes = value.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/")
+                                           and media.endswith(b"+json"))
 
 
 async def _body(receive: Receive) -> bytes:

@@ -55,13 +55,18 @@ class Refusals:
 
     def __call__(self, path: str, why: str, client: str, claimed: str | None) -> None:
         """Audit one refusal (or count it, past the minute's budget)."""
+        events = self.events(path, why, client, claimed)
+        if events:
+            self.control.store.record(events)
+
+    def events(self, path: str, why: str, client: str, claimed: str | None
+               ) -> list[AuditEvent]:
+        """Count one refusal: the audit events to record for it (none past the budget)."""
         self.count()
         detail = {"path": path[:200], "reason": why, "client": client}
         if claimed:  # what the request said, not who sent it
             detail["claimed_token"] = claimed
-        events = self._budget.admit(AuditEvent("api", "api.refused", time.time(), None, detail))
-        if events:
-            self.control.store.record(events)
+        return self._budget.admit(AuditEvent("api", "api.refused", time.time(), None, detail))
 
 
 class Gate:
@@ -104,8 +109,10 @@ class Gate:
             status, why = 413, f"the body is larger than {limit} bytes"
         if status:
             client = (scope.get("client") or ("?",))[0]
-            if status != 413:
-                await self.store_calls(self.refusals, path, why, str(client), claimed)
+            events = self.refusals.events(path, why, str(client), claimed) \
+                if status != 413 else []
+            if events:  # (counted here: a store call may run twice, see Store.batched)
+                await self.store_calls(self.control.store.record, events)
             extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             await JSONResponse({"detail": why}, status, headers=extra)(scope, receive, send)
             return
@@ -187,7 +194,7 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
     serialises them). While it runs, a task looks for expired leases (:func:`_sweeper`)."""
     from stockade.api import admin, joblogs, jobs, metrics, runners
 
-    store_calls = StoreCalls(control.store, control.store.concurrent_calls)
+    store_calls = StoreCalls(control.store, min(2, control.store.concurrent_calls))
     ctx = ApiContext(settings, control, fleet, Waker(), metrics.Metrics(control.store),
                      store_calls)
 

@@ -312,6 +312,11 @@ class FleetService:
         uploaded by this attempt (True), False if fenced, or why it is refused."""
         if completion.runner_id != caller.runner.id:
             return "a runner completes only its own attempts"
+        paths = [a.path for a in completion.artifacts]
+        if len(set(paths)) != len(paths):
+            return "two artifacts have the same path"
+        if any("\x00" in text for text in (*paths, *(s.name for s in completion.steps))):
+            return "a step name or an artifact path holds a NUL character"
         uploaded = self.store.uploaded(completion.job_id, completion.attempt) \
             if completion.artifacts else {}
         total = 0

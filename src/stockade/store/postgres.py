@@ -134,6 +134,12 @@ class PostgresStore(SqlStore, FleetQueries):
         if cur.rowcount != 1:  # the head row is gone: the base says so, visibly
             super()._append_audit(db, event)
 
+    def _batch_began(self, db: Db) -> None:
+        """A batch that writes takes the audit head first: nearly every one appends events, so
+        batches take turns anyway, and none then holds a row another batch waits for while it
+        waits for one (the rows of unrelated calls are locked in no set order)."""
+        db.execute(HEAD_SQL + " FOR UPDATE")
+
     @contextmanager
     def _begin(self) -> Iterator["_Db"]:
         try:

@@ -23,7 +23,7 @@ A backend (and a mixin such as ``fleet.FleetQueries``) builds on this contract:
 import json
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, Protocol
 
 from stockade.audit import GENESIS, AuditEvent, AuditHead, chain_hash
@@ -86,16 +86,22 @@ class Db(Protocol):
 
 
 class _Batch:
-    """The transaction the calls of one batch share (:meth:`SqlStore.batched`)."""
+    """The transaction the calls of one batch share (:meth:`SqlStore.batched`), begun by the
+    first call that writes."""
 
-    __slots__ = ("db", "spoiled")
+    __slots__ = ("db", "spoiled", "stack")
 
-    def __init__(self, db: Db) -> None:
-        self.db, self.spoiled = db, False
+    def __init__(self, stack: ExitStack) -> None:
+        self.db: Db | None = None
+        self.spoiled, self.stack = False, stack
 
 
 class _Redo(Exception):
-    """A batch cannot stand as one transaction: its calls run again, one transaction each."""
+    """The call at ``index`` failed, or spoiled the batch's transaction: undo the batch."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
 
 
 def _outcome(call: Callable[[], Any]) -> tuple[bool, Any]:
@@ -128,15 +134,24 @@ class SqlStore:
             local = self.__dict__.setdefault("_local_", threading.local())
         return local
 
+    def _batch_began(self, db: Db) -> None:
+        """Called when a batch's transaction begins (PostgreSQL takes the audit head)."""
+
     def _tx(self) -> AbstractContextManager[Db]:
-        """A transaction of one's own, or the batch's this thread runs."""
-        batch = getattr(self._local(), "batch", None)
-        return self._begin() if batch is None else _joined(batch)
+        """A transaction of one's own, or the batch's this thread runs (begun now if it has
+        not been yet)."""
+        batch: _Batch | None = getattr(self._local(), "batch", None)
+        if batch is None:
+            return self._begin()
+        if batch.db is None:
+            batch.db = batch.stack.enter_context(self._begin())
+            self._batch_began(batch.db)
+        return _joined(batch)
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        """One short read (in the batch's transaction while this thread runs one)."""
-        batch = getattr(self._local(), "batch", None)
-        if batch is None:
+        """One short read (in the batch's transaction once this thread's batch began one)."""
+        batch: _Batch | None = getattr(self._local(), "batch", None)
+        if batch is None or batch.db is None:
             return self._fetch(sql, args)
         return list(batch.db.execute(sql, args).fetchall())
 
@@ -144,30 +159,39 @@ class SqlStore:
         """Run ``calls`` (each a store call, or code making store calls) in one transaction
         and one commit, in order: ``(True, result)`` or ``(False, exception)`` for each (group
         commit: a server's concurrent requests share the cost of a transaction, and on
-        PostgreSQL of the wait for the audit head). No result is handed out before the commit.
-        If a call fails, or one of its transactions ended by an exception (which undoes only
-        that transaction's writes when it has its own), the batch is undone and every call
-        runs again in transactions of its own; a call must therefore keep no effect outside
+        PostgreSQL of the wait for the audit head). The transaction begins with the first call
+        that writes: a batch of reads takes no write lock. No result is handed out before the
+        commit. If a call fails, or one of its transactions ends by an exception (which undoes
+        only that transaction's writes when it has its own), the batch is undone, that call
+        runs alone and the others together again; a call must therefore keep no effect outside
         the database that running it twice would double (as a retry would)."""
-        if len(calls) > 1:
+        out: list[tuple[bool, Any] | None] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        while len(pending) > 1:
             try:
-                return self._together(calls)
-            except _Redo:
-                pass
-        return [_outcome(call) for call in calls]
+                for i, result in zip(pending, self._together([calls[i] for i in pending]),
+                                     strict=True):
+                    out[i] = result
+                return [o for o in out if o is not None]
+            except _Redo as redo:
+                alone = pending.pop(redo.index)
+                out[alone] = _outcome(calls[alone])
+        for i in pending:
+            out[i] = _outcome(calls[i])
+        return [o for o in out if o is not None]
 
     def _together(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         local, out = self._local(), []
-        with self._begin() as db:
-            local.batch = batch = _Batch(db)
+        with ExitStack() as stack:  # the transaction, once a call begins it
+            local.batch = batch = _Batch(stack)
             try:
-                for call in calls:
+                for i, call in enumerate(calls):
                     try:
                         out.append((True, call()))
                     except Exception:
-                        raise _Redo from None
+                        raise _Redo(i) from None
                     if batch.spoiled:
-                        raise _Redo
+                        raise _Redo(i)
             finally:
                 local.batch = None
         return out
@@ -383,6 +407,7 @@ class SqlStore:
 @contextmanager
 def _joined(batch: _Batch) -> Iterator[Db]:
     """A transaction within a batch's: one that ends by an exception spoils the batch."""
+    assert batch.db is not None
     try:
         yield batch.db
     except BaseException:

@@ -1,0 +1,178 @@
+"""Group commit (``Store.batched``) on both backends: the calls of a batch share one transaction,
+yet each gets exactly what it would have got alone; a failing or spoiling call is undone with
+the batch and runs alone; a batch of reads takes no write lock; on PostgreSQL, batches on two
+connections never deadlock however their calls' rows cross."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stockade.audit import verify_chain
+from stockade.errors import StoreError
+from stockade.store.interface import Store
+from stockade.store.open import open_store
+from tests.unit.store.test_fleet_queries import enrolled, ev, job
+
+
+def claim(store: Store, runner_id: str = "r1"):  # type: ignore[no-untyped-def]
+    return lambda: store.claim_attempt(runner_id, lambda j: 1e11,
+                                       lambda j: ev("job.claimed", j.id), lambda j: True,
+                                       agent=True)
+
+
+def test_a_batch_hands_each_call_its_own_result_after_one_commit(store_url: str) -> None:
+    store = open_store(store_url)
+    enrolled(store)
+    for n in range(4):
+        store.insert_job(job(f"j{n}", float(n)), ev("job.admitted", f"j{n}"))
+    out = store.batched([claim(store), claim(store), lambda: store.get_job("j0"),
+                         claim(store), claim(store), claim(store)])
+    assert all(ok for ok, _ in out)
+    taken = [v.id if v else None for (_, v) in out[:2] + out[3:]]
+    assert taken == ["j0", "j1", "j2", "j3", None]  # each job once, oldest first
+    assert out[2][1].status == "running"  # a read after a write sees it (same transaction)
+    assert [a.attempt for n in range(4) for a in store.attempts(f"j{n}")] == [1, 1, 1, 1]
+    assert verify_chain(store.audit_records()) is None
+    store.close()
+
+
+def test_a_failing_call_runs_alone_and_the_others_stand(store_url: str) -> None:
+    store = open_store(store_url)
+    enrolled(store)
+    for n in range(3):
+        store.insert_job(job(f"j{n}", float(n)), ev("job.admitted", f"j{n}"))
+    runs = {"bad": 0}
+
+    def bad() -> None:
+        runs["bad"] += 1
+        store.record([ev("written.then.failed")])
+        raise ValueError("boom")
+
+    out = store.batched([claim(store), bad, claim(store)])
+    assert out[0][0] and out[2][0] and [out[0][1].id, out[2][1].id] == ["j0", "j1"]
+    assert not out[1][0] and isinstance(out[1][1], ValueError)
+    assert runs["bad"] == 2  # in the batch (undone), then alone
+    actions = [e.action for e, _, _ in store.audit_records()]
+    # the batch's write undone; alone, its own transaction committed before it raised
+    assert actions.count("job.claimed") == 2 and actions.count("written.then.failed") == 1
+    assert [a.attempt for a in store.attempts("j0")] == [1]  # not claimed twice
+    store.close()
+
+
+def test_a_transaction_undone_inside_a_call_undoes_the_batch(store_url: str) -> None:
+    """A call whose own transaction ends by an exception it catches: alone, that transaction
+    is rolled back; in a batch there is no transaction of its own to roll back, so the batch
+    is undone and the call runs alone (what it wrote in the batch must not stay)."""
+    store = open_store(store_url)
+    enrolled(store)
+    store.insert_job(job("j0", 0.0), ev("job.admitted", "j0"))
+
+    def caught() -> str:
+        try:
+            with store._tx() as db:  # type: ignore[attr-defined]
+                store._append_audit(db, ev("must.not.stay"))  # type: ignore[attr-defined]
+                raise KeyError("undo")
+        except KeyError:
+            return "caught"
+
+    out = store.batched([claim(store), caught, lambda: store.get_job("j0")])
+    assert out == [(True, out[0][1]), (True, "caught"), (True, out[2][1])]
+    assert out[0][1].id == "j0" and out[2][1].status == "running"
+    assert "must.not.stay" not in [e.action for e, _, _ in store.audit_records()]
+    assert verify_chain(store.audit_records()) is None
+    store.close()
+
+
+def test_a_batch_of_reads_takes_no_write_lock(tmp_path: Path) -> None:
+    db = tmp_path / "stockade.db"
+    store = open_store(str(db))
+    enrolled(store)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writes, for a while
+    try:
+        t = time.monotonic()
+        out = store.batched([lambda: store.session("s1"), lambda: store.get_job("nope"),
+                             claim(store)])  # nothing queued: the claim only reads
+        assert time.monotonic() - t < 1.0
+        assert out[0][1] is not None and out[1][1] is None and out[2][1] is None
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.close()
+
+
+def test_replicas_batches_never_deadlock_on_postgresql(database_url: str) -> None:
+    """Two connections run batches whose calls update the same runners' and jobs' rows in
+    opposite orders (heartbeats of two runners with two jobs each): PostgreSQL detects no
+    deadlock, every heartbeat lands."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the SQLite store writes one transaction at a time")
+    stores = [open_store(database_url) for _ in range(2)]
+    store = stores[0]
+    enrolled(store)
+    for n in range(4):
+        store.insert_job(job(f"j{n}", float(n), runner_id="r1"), ev("job.admitted", f"j{n}"))
+    held = [store.claim_attempt("r1", lambda j: 1e11, lambda j: ev("c", j.id), lambda j: True)
+            for _ in range(4)]
+    assert all(held)
+
+    def beat(s: Store, job_id: str):  # type: ignore[no-untyped-def]
+        return lambda: s.extend_lease(job_id, 1, "r1", 2e11)
+
+    failures: list[BaseException] = []
+
+    def hammer(s: Store, order: list[str]) -> None:
+        try:
+            for _ in range(60):
+                out = s.batched([beat(s, j) for j in order] + [
+                    lambda: s.record([ev("runner.reported")])])
+                assert all(ok and v in ((True, False), None) for ok, v in out), out
+        except BaseException as e:
+            failures.append(e)
+
+    before = _deadlocks(database_url)
+    threads = [threading.Thread(target=hammer, args=(stores[0], ["j0", "j1", "j2", "j3"])),
+               threading.Thread(target=hammer, args=(stores[1], ["j3", "j2", "j1", "j0"]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    assert _deadlocks(database_url) == before
+    assert verify_chain(store.audit_records()) is None
+    for s in stores:
+        s.close()
+
+
+def _deadlocks(url: str) -> int:
+    import psycopg
+
+    time.sleep(0.6)  # the statistics collector's report interval (500 ms)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = "
+                           "current_database()").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_database_that_stays_locked_fails_every_call(tmp_path: Path) -> None:
+    db = tmp_path / "stockade.db"
+    store = open_store(str(db))
+    enrolled(store)
+    store.insert_job(job("j0", 0.0), ev("job.admitted", "j0"))
+    store._db.execute("PRAGMA busy_timeout = 100")  # type: ignore[attr-defined]
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        out = store.batched([claim(store), lambda: store.record([ev("x")])])
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert [ok for ok, _ in out] == [False, False]
+    assert all(isinstance(v, StoreError) for _, v in out)
+    store.close()
