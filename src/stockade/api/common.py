@@ -71,7 +71,7 @@ class Waker:
 T = TypeVar("T")
 
 
-MAX_BATCH = 16  # store calls at most in one transaction
+MAX_BATCH = 32  # store calls at most in one transaction
 
 
 class StoreCalls:

@@ -14,12 +14,14 @@ import io
 import re
 from typing import Any, Literal
 
+import anyio.from_thread
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
 from stockade.api.common import ApiContext, needs, refuse, token_of
+from stockade.audit import AuditEvent
 from stockade.config import Settings
 from stockade.errors import PolicyDenied, SpecError, UsageError
 from stockade.store.interface import JobRow
@@ -112,6 +114,11 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         key = signing_key(control.store)
         return {"keyid": key.keyid, "public_key": key.public_pem()}
 
+    def queued(job: JobRow, event: AuditEvent) -> None:
+        """Insert the job on the store threads, in turn with the runners' calls (this thread
+        would wait for the store's lock, which a busy store thread takes again and again)."""
+        anyio.from_thread.run(ctx.store_calls, control.store.insert_job, job, event)
+
     @app.post("/api/v1/jobs", status_code=201)
     def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
         from stockade.spec import ceilings
@@ -130,7 +137,7 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
             job = control.submit(spec, trust=auth.capped_trust(body.trust, caller.max_trust),
                                  ref=body.ref, actor=f"api:{caller.id}",
                                  max_attempts=fleet.policy.max_attempts,
-                                 workspace_sha256=body.workspace_sha256)
+                                 workspace_sha256=body.workspace_sha256, insert=queued)
         except SpecError as e:
             raise HTTPException(422, e.diagnostics()) from e
         except (UsageError, PolicyDenied) as e:

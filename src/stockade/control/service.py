@@ -194,7 +194,8 @@ class ControlService:
 
     def submit(self, spec: Job, trust: str = "trusted", ref: str = "local",
                runner_id: str | None = None, actor: str | None = None,
-               max_attempts: int = 1, workspace_sha256: str | None = None) -> JobRow:
+               max_attempts: int = 1, workspace_sha256: str | None = None,
+               insert: Callable[[JobRow, AuditEvent], None] | None = None) -> JobRow:
         """Admit ``spec`` (queued) or deny it (denied, with the reason); return the job.
 
         ``trust`` says how far the job's origin is trusted (``untrusted`` for fork pull
@@ -202,7 +203,9 @@ class ControlService:
         ``runner_id`` reserves the job for that runner (``stockade run``'s own): only it may
         claim the job, and if it dies before, the job is lost at once instead of queued.
         A job whose attempt is lost (its runner agent stopped heartbeating) is queued again
-        until ``max_attempts`` ran; ``workspace_sha256`` names its uploaded workspace."""
+        until ``max_attempts`` ran; ``workspace_sha256`` names its uploaded workspace.
+        ``insert`` stores the job (``store.insert_job`` unless given: a server queues it on
+        its store threads with the runners' calls)."""
         check_submission(trust, ref)
         now = self.clock()
         job_id = new_job_id()
@@ -223,7 +226,8 @@ class ControlService:
         action = "job.denied" if reason else "job.admitted"
         detail = {"name": spec.name, **({"reason": reason.value, "message": message}
                                         if reason else {})}
-        self.store.insert_job(job, self._event(action, job_id, actor=actor, **detail))
+        (insert or self.store.insert_job)(job, self._event(action, job_id, actor=actor,
+                                                            **detail))
         if self.broker is not None:
             for name, why in refusals:
                 self.broker.refuse(job_id, name, why)
