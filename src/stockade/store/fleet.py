@@ -58,19 +58,21 @@ class FleetQueries:
     # -- jobs and attempts ----------------------------------------------------------------
 
     def _candidates(self, db: Any, runner_id: str) -> Iterator[JobRow]:
-        after: tuple[float, str] = (-1.0, "")
+        args: tuple[Any, ...]
+        after, args = "", (runner_id,)  # the first query reads from the head of the queue
         for size in CLAIM_BATCHES:  # few rows first: the oldest queued job is usually taken
             rows = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
-                "(runner_id IS NULL OR runner_id = ?) AND "
-                "(created_at > ? OR (created_at = ? AND id > ?)) "
-                f"ORDER BY created_at, id LIMIT {size}{self._skip_locked}",
-                (runner_id, after[0], after[0], after[1])).fetchall()
+                f"(runner_id IS NULL OR runner_id = ?){after} ORDER BY created_at, id "
+                f"LIMIT {size}{self._skip_locked}", args).fetchall()
             for row in rows:
                 yield JobRow(*row)
             if len(rows) < size:
                 return
-            after = (rows[-1][JobRow._fields.index("created_at")], rows[-1][0])
+            # the position as one row comparison: an index range that stops after ``size``
+            # rows (an OR of two comparisons made PostgreSQL read and sort the whole queue)
+            after = " AND (created_at, id) > (?, ?)"
+            args = (runner_id, rows[-1][JobRow._fields.index("created_at")], rows[-1][0])
 
     def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
                       event_for: Callable[[JobRow], AuditEvent],
