@@ -137,7 +137,9 @@ class SqliteStore(SqlStore, FleetQueries):
         on one file waited up to a second): a writer queues on byte 1 of the writers' lock
         file, then takes byte 0 and leaves the queue, so that a writer that just finished
         queues behind one already waiting. A writer stopped while it holds its turn (SIGSTOP, a
-        debugger) holds the others until it goes on or dies; readers never wait for it."""
+        debugger) holds the others until it goes on or dies; readers never wait for it. The
+        turn only orders writers: SQLite's own lock still makes each write exclusive (POSIX
+        record locks belong to the process, so two stores of one process share a turn)."""
         fd = self._writers
         if fd is None:
             fd = self._writers = os.open(self.path.with_name(self.path.name + ".writers"),
