@@ -45,13 +45,18 @@ def _claiming(client: Registry, where: str, diff_ids: list[str]) -> str:
     return "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
+def _plain(registry: RunningRegistry) -> tuple[str, dict[str, str]]:
+    """The plain-HTTP loopback registry's host, and the settings that let jobs pull from it."""
+    host = registry.host
+    return host, {"STOCKADE_IMAGE_REGISTRIES": host, "STOCKADE_INSECURE_REGISTRIES": host}
+
+
 def test_a_config_naming_another_images_diff_ids_does_not_get_its_cached_tree(
         run_job, plain_registry: RunningRegistry, tmp_path: Path) -> None:
     """A cached tree is found by the chain of DiffIDs an image's config claims; an image whose
     config names the DiffIDs of an image it never had (a private one the runner pulled for
     another team) must not be run on that image's tree: its own layers are what count."""
-    host = plain_registry.host
-    env = {"STOCKADE_IMAGE_REGISTRIES": host, "STOCKADE_INSECURE_REGISTRIES": host}
+    host, env = _plain(plain_registry)
     private = busybox_image(tmp_path, extra={"opt/private/secret": b"PRIVATE-TEAM-SECRET\n"})
     client = Registry(RegistryConfig(insecure=frozenset({host})))
     try:
@@ -74,8 +79,7 @@ def test_an_image_pinned_by_its_index_runs_from_the_cache_while_the_registry_is_
     digest of its index must too, not be asked of the registry at every job."""
     from stockade.image.registry import OCI_INDEX
 
-    host = plain_registry.host
-    env = {"STOCKADE_IMAGE_REGISTRIES": host, "STOCKADE_INSECURE_REGISTRIES": host}
+    host, env = _plain(plain_registry)
     image = busybox_image(tmp_path, extra={"etc/greeting": b"FROM-THE-INDEX\n"})
     client = Registry(RegistryConfig(insecure=frozenset({host})))
     try:

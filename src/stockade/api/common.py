@@ -35,19 +35,15 @@ class Waker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    async def wait(self, timeout: float, gone: "asyncio.Future[Any] | None" = None) -> None:
+    async def wait(self, timeout: float, gone: "asyncio.Future[Any]") -> None:
         """Until a :meth:`notify` picks this poll, ``timeout`` seconds, or ``gone`` is done
         (the client went away)."""
         self._loop = loop = asyncio.get_running_loop()
         woken: asyncio.Future[None] = loop.create_future()
         self._waiting.append(woken)
         try:
-            if gone is not None:
-                await asyncio.wait((woken, gone), timeout=timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woken, timeout)
+            await asyncio.wait((woken, gone), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not woken.done():
                 woken.cancel()

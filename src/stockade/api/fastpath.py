@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -76,22 +75,8 @@ class FastPath:
 
     async def _claim(self, caller: Caller, wait: float, receive: Receive, send: Send) -> None:
         await _body(receive)
-        gone = asyncio.ensure_future(_disconnected(receive))
-        try:
-            deadline = time.monotonic() + wait
-            while True:
-                a = await self.ctx.store_calls(self.ctx.fleet.claim, caller)
-                if a is not None:
-                    self.ctx.metrics.claims.inc()
-                    await _raw(send, 200, runners.assignment_json(a))
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0 or gone.done():
-                    await _raw(send, 204, b"")
-                    return
-                await self.ctx.waker.wait(min(left, runners.POLL_S), gone)
-        finally:
-            gone.cancel()
+        out = await runners.claim(self.ctx, caller, wait, receive)
+        await _raw(send, 204, b"") if out is None else await _raw(send, 200, out)
 
     async def _heartbeat(self, caller: Caller, job_id: str, attempt: int, send: Send) -> None:
         status, out = await runners.heartbeat(self.ctx, caller, job_id, attempt)
@@ -111,7 +96,7 @@ class FastPath:
         except ValidationError:  # FastAPI's route says what is wrong, in its words
             await self.app(scope, _replay(data, receive), send)
             return
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(runners.disconnected(receive))
         try:
             status, out = await runners.complete(self.ctx, caller, job_id, attempt, body,
                                                  take_next, gone.done)
@@ -145,12 +130,6 @@ async def _body(receive: Receive) -> bytes:
         parts.append(message.get("body", b""))
         if not message.get("more_body"):
             return b"".join(parts)
-
-
-async def _disconnected(receive: Receive) -> None:
-    """Returns once the client has gone (after the body, ``receive`` waits for that)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _replay(data: bytes, receive: Receive) -> Receive:

@@ -6,6 +6,7 @@ attempt that no longer holds its job (409), so a runner that lost its lease chan
 (No postponed annotations here: FastAPI reads the endpoints' annotations at run time.)
 """
 
+import asyncio
 import base64
 import json
 import time
@@ -59,8 +60,35 @@ def assignment_json(a: Assignment) -> bytes:
     return AssignmentOut.of(a).model_dump_json().encode()
 
 
-# What the hot routes do, shared by their FastAPI routes here and by api/fastpath.py: each
-# answers ``(status, JSON object or serialised bytes)``, in one store call.
+# What the hot routes do, shared by their FastAPI routes here and by api/fastpath.py.
+
+async def claim(ctx: ApiContext, caller: Caller, wait: float, receive: Any) -> bytes | None:
+    """The runner's next job (an ``AssignmentOut``, serialised), waiting up to ``wait``
+    seconds for one, or None. The poll ends early when the client goes away (``receive``:
+    the request's, after its body, tells that)."""
+    gone = asyncio.ensure_future(disconnected(receive))
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            a = await ctx.store_calls(ctx.fleet.claim, caller)
+            if a is not None:
+                ctx.metrics.claims.inc()
+                return assignment_json(a)
+            left = deadline - time.monotonic()
+            if left <= 0 or gone.done():
+                return None
+            await ctx.waker.wait(min(left, POLL_S), gone)
+    finally:
+        gone.cancel()
+
+
+async def disconnected(receive: Any) -> None:
+    """Returns once the client has gone (after the body, ``receive`` waits for that)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# The others answer ``(status, JSON object or serialised bytes)``, each in one store call.
 
 async def heartbeat(ctx: ApiContext, caller: Caller, job_id: str, attempt: int
                     ) -> tuple[int, Any]:
@@ -112,7 +140,7 @@ async def complete(ctx: ApiContext, caller: Caller, job_id: str, attempt: int,
 
 def add_routes(app: FastAPI, ctx: ApiContext) -> None:
     """Add the runner routes to ``app``."""
-    fleet, control, waker, store_calls = ctx.fleet, ctx.control, ctx.waker, ctx.store_calls
+    fleet, control = ctx.fleet, ctx.control
     JobId = Path(pattern=_JOB)
     Attempt = Path(ge=1, le=1000)
 
@@ -147,19 +175,11 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.post("/api/v1/runner/claim", response_model=AssignmentOut,
               responses={204: {"description": "no job for now"}})
-    async def claim(request: Request, wait: float = Query(0.0, ge=0, le=MAX_WAIT_S)
-                    ) -> Response:
-        caller = runner_of(request)
-        deadline = time.monotonic() + wait
-        while True:
-            a = await store_calls(fleet.claim, caller)
-            if a is not None:
-                ctx.metrics.claims.inc()
-                return Response(assignment_json(a), media_type="application/json")
-            left = deadline - time.monotonic()
-            if left <= 0 or await request.is_disconnected():
-                return Response(status_code=204)
-            await waker.wait(min(left, POLL_S))
+    async def claim_route(request: Request, wait: float = Query(0.0, ge=0, le=MAX_WAIT_S)
+                          ) -> Response:
+        out = await claim(ctx, runner_of(request), wait, request.receive)
+        return Response(status_code=204) if out is None else \
+            Response(out, media_type="application/json")
 
     def held(caller: Caller, job_id: str, attempt: int) -> None:
         if not fleet.store.holds(job_id, attempt, caller.runner.id):
