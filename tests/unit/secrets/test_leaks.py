@@ -168,7 +168,8 @@ def test_an_encrypted_zip_is_unscannable(tmp_path: Path, masker: Masker) -> None
     (b"\x1f\x8b\x08\x00" + os.urandom(200), "corrupt"),
     (b"\x28\xb5\x2f\xfd" + os.urandom(100), "zstd"),
     (b"PK\x03\x04" + os.urandom(300), "corrupt zip"),
-])
+], ids=["one-member", "four-layers", "five-layers", "truncated", "corrupt", "zstd",
+        "corrupt-zip"])  # (the data holds gzip's clock: xdist workers must name them alike)
 def test_what_cannot_be_scanned_is_said(tmp_path: Path, masker: Masker, data: bytes,
                                         why: str | None) -> None:
     result = scan(tmp_path, data, masker)
