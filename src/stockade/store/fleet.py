@@ -55,6 +55,8 @@ class FleetQueries:
 
         def _append_audit(self, db: Any, event: AuditEvent) -> None: ...
 
+        def _writing(self) -> bool: ...
+
     # -- jobs and attempts ----------------------------------------------------------------
 
     def _candidates(self, db: Any, runner_id: str) -> Iterator[JobRow]:
@@ -83,17 +85,20 @@ class FleetQueries:
         while it is active (read in the same transaction: a runner drained or quarantined a
         moment ago gets nothing). ``after``: the attempt whose completion claims it (which
         remembers it, see :meth:`handed_next`)."""
-        if not self._read("SELECT 1 FROM jobs WHERE status = 'queued' AND (runner_id IS NULL "
-                          "OR runner_id = ?) LIMIT 1", (runner_id,)):
+        if not self._writing() and not self._read(
+                "SELECT 1 FROM jobs WHERE status = 'queued' AND (runner_id IS NULL OR "
+                "runner_id = ?) LIMIT 1", (runner_id,)):
             return None  # nothing to take: no write transaction (long polls look often)
         with self._tx() as db:
-            if agent and db.execute(f"SELECT status FROM runners WHERE id = ?{self._for_update}",
-                                    (runner_id,)).fetchone() != ("active",):
+            now = time.time()
+            # seen now, and still active (its row stays locked: a quarantine waits for this)
+            cur = db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?"
+                             + (" AND status = 'active'" if agent else ""), (now, runner_id))
+            if agent and cur.rowcount != 1:
                 return None
             job = next((j for j in self._candidates(db, runner_id) if eligible(j)), None)
             if job is None:
                 return None
-            now = time.time()
             changes: dict[str, Any] = {"status": "running", "runner_id": runner_id,
                                        "attempt": job.attempt + 1,
                                        "lease_expires_at": lease_until(job), "started_at": now}
@@ -102,7 +107,6 @@ class FleetQueries:
                        (*changes.values(), job.id))
             db.execute(f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (job.id, job.attempt + 1, runner_id, now, None, "running", 0))
-            db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?", (now, runner_id))
             if after is not None:
                 db.execute("UPDATE attempts SET next_job_id = ?, next_attempt = ? WHERE "
                            "job_id = ? AND attempt = ? AND runner_id = ?",

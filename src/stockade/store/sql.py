@@ -10,10 +10,11 @@ A backend (and a mixin such as ``fleet.FleetQueries``) builds on this contract:
   ``_begin()`` unless the thread runs a batch (:meth:`SqlStore.batched`): then the batch's.
 - ``_fetch(sql, args)``: the rows of one short read, outside any write transaction. Queries
   use ``_read()``, which reads in the batch's transaction while the thread runs one.
-- ``_append_audit(db, event)``: append one event to the hash chain in the transaction ``db``.
-  On PostgreSQL it first locks the one ``audit_head`` row, so every replica's appends take
-  turns; append events last in a transaction, after its other writes, so that no transaction
-  waits for a row while holding the head (no deadlocks).
+- ``_append_audit(db, event)``: append one event to the hash chain in the transaction ``db``
+  (in a batch's transaction: with the batch's other events, in one statement at its end, see
+  ``_append_events``). On PostgreSQL it first locks the one ``audit_head`` row, so every
+  replica's appends take turns; append events last in a transaction, after its other writes,
+  so that no transaction waits for a row while holding the head (no deadlocks).
 - ``_skip_locked``: ``""`` on SQLite, ``" FOR UPDATE SKIP LOCKED"`` on PostgreSQL, for claim
   queries (rows another transaction is taking are passed over, not waited for).
 - ``_for_update``: ``""`` on SQLite, ``" FOR UPDATE"`` on PostgreSQL, for rows read to be
@@ -44,6 +45,7 @@ _LEASE_COLUMNS = ", ".join(LeaseRow._fields)
 _TOKEN_COLUMNS = ", ".join(TokenRow._fields)
 HEAD_SQL = "SELECT count, hash FROM audit_head WHERE id = 1"  # the audit head record
 AUDIT_COLUMNS = "at, actor, action, job_id, detail_json, prev_hash, hash"
+_ROWS_PER_INSERT = 64  # audit events per INSERT statement (7 parameters each)
 
 
 # jobs held by a runner of this host (stockade run's own): runner agents' jobs are the lease
@@ -89,11 +91,12 @@ class _Batch:
     """The transaction the calls of one batch share (:meth:`SqlStore.batched`), begun by the
     first call that writes."""
 
-    __slots__ = ("db", "spoiled", "stack")
+    __slots__ = ("db", "events", "spoiled", "stack")
 
     def __init__(self, stack: ExitStack) -> None:
         self.db: Db | None = None
         self.spoiled, self.stack = False, stack
+        self.events: list[AuditEvent] = []  # appended at the batch's end, in this order
 
 
 class _Redo(Exception):
@@ -148,6 +151,12 @@ class SqlStore:
             self._batch_began(batch.db)
         return _joined(batch)
 
+    def _writing(self) -> bool:
+        """Whether this thread's batch has begun its transaction (a read to spare a write
+        transaction spares nothing then)."""
+        batch: _Batch | None = getattr(self._local(), "batch", None)
+        return batch is not None and batch.db is not None
+
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """One short read (in the batch's transaction once this thread's batch began one)."""
         batch: _Batch | None = getattr(self._local(), "batch", None)
@@ -192,6 +201,9 @@ class SqlStore:
                         raise _Redo(i) from None
                     if batch.spoiled:
                         raise _Redo(i)
+                if batch.events:
+                    assert batch.db is not None
+                    self._append_events(batch.db, batch.events)
             finally:
                 local.batch = None
         return out
@@ -200,20 +212,33 @@ class SqlStore:
         """Called in the transaction of each appended event (SQLite moves its head file)."""
 
     def _append_audit(self, db: Db, event: AuditEvent) -> None:
+        batch: _Batch | None = getattr(self._local(), "batch", None)
+        if batch is not None and batch.db is db:
+            batch.events.append(event)  # with the batch's others, at its end
+        else:
+            self._append_events(db, [event])
+
+    def _append_events(self, db: Db, events: list[AuditEvent]) -> None:
+        """Chain ``events`` onto the head (locked first) and insert them: one statement for
+        each :data:`_ROWS_PER_INSERT` events."""
         head = HEAD_SQL + self._for_update
         row = db.execute(head).fetchone()
         if row is None:  # removed behind stockade's back: chain on from the start, visibly
             db.execute("INSERT INTO audit_head (id, count, hash) VALUES (1, 0, ?) "
                        "ON CONFLICT (id) DO NOTHING", (GENESIS,))
             row = db.execute(head).fetchone()
-        before = AuditHead(*row)
-        digest = chain_hash(before.hash, event)
-        db.execute(  # a trigger moves audit_head in this statement (migration 0004)
-            f"INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (event.at, event.actor, event.action, event.job_id,
-             json.dumps(event.detail, sort_keys=True), before.hash, digest),
-        )
-        self._audit_moved(before, AuditHead(before.events + 1, digest))
+        before = after = AuditHead(*row)
+        for start in range(0, len(events), _ROWS_PER_INSERT):
+            values: list[Any] = []
+            for event in events[start:start + _ROWS_PER_INSERT]:
+                digest = chain_hash(after.hash, event)
+                values += (event.at, event.actor, event.action, event.job_id,
+                           json.dumps(event.detail, sort_keys=True), after.hash, digest)
+                after = AuditHead(after.events + 1, digest)
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * (len(values) // 7))
+            # a trigger moves audit_head for each row, in order (migration 0004)
+            db.execute(f"INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES {marks}", values)
+        self._audit_moved(before, after)
 
     def insert_job(self, job: JobRow, event: AuditEvent) -> None:
         """Add a new job and its audit event."""

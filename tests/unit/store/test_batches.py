@@ -88,6 +88,32 @@ def test_a_transaction_undone_inside_a_call_undoes_the_batch(store_url: str) -> 
     store.close()
 
 
+def test_a_batchs_events_are_chained_at_its_end_in_call_order(store_url: str) -> None:
+    """The events of a batch's calls are appended together when its calls are done (more of
+    them than one insert takes, too): in the order the calls made them, one chain, and the
+    head record moved to the last of them."""
+    store = open_store(store_url)
+    enrolled(store)
+    for n in range(3):
+        store.insert_job(job(f"j{n}", float(n)), ev("job.admitted", f"j{n}"))
+    before = len(store.audit_records())
+    calls = [claim(store)] + [
+        (lambda i=i: store.record([ev(f"e{i}.a"), ev(f"e{i}.b")])) for i in range(40)
+    ] + [claim(store)]
+    out = store.batched(calls)
+    assert all(ok for ok, _ in out)
+    records = store.audit_records()
+    actions = [e.action for e, _, _ in records[before:]]
+    assert actions == ["job.claimed"] + [f"e{i}.{x}" for i in range(40) for x in "ab"] \
+        + ["job.claimed"]
+    assert verify_chain(records) is None
+    snapshot = store.audit_snapshot()
+    assert snapshot.db_head == (len(records), records[-1][2])
+    if snapshot.file_head is not None:  # SQLite's copy outside the database too
+        assert snapshot.file_head == snapshot.db_head
+    store.close()
+
+
 def test_a_batch_of_reads_takes_no_write_lock(tmp_path: Path) -> None:
     db = tmp_path / "stockade.db"
     store = open_store(str(db))
