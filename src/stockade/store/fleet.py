@@ -35,7 +35,7 @@ from stockade.store.interface import (
 CLAIM_BATCHES = (2, 14, 48, 64, 128)
 _JOB_COLUMNS = ", ".join(JobRow._fields)
 _RUNNER_COLUMNS = ", ".join(RunnerRow._fields)
-_ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
+ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
 _ENROL_COLUMNS = ", ".join(EnrolTokenRow._fields)
 _SESSION_COLUMNS = ", ".join(SessionRow._fields)
 _RUNNING = "status = 'running' AND attempt = ? AND runner_id = ?"
@@ -49,7 +49,7 @@ class FleetQueries:
     _for_update: str
 
     if TYPE_CHECKING:  # the base store's (nothing here may shadow them)
-        def _tx(self) -> AbstractContextManager[Any]: ...
+        def _tx(self, head: bool = True) -> AbstractContextManager[Any]: ...
 
         def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]: ...
 
@@ -91,7 +91,7 @@ class FleetQueries:
             return None  # nothing to take: no write transaction (long polls look often)
         with self._tx() as db:
             now = time.time()
-            # seen now, and still active (its row stays locked: a quarantine waits for this)
+            # seen now, and still active (its row stays locked until the commit)
             cur = db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?"
                              + (" AND status = 'active'" if agent else ""), (now, runner_id))
             if agent and cur.rowcount != 1:
@@ -102,32 +102,33 @@ class FleetQueries:
             changes: dict[str, Any] = {"status": "running", "runner_id": runner_id,
                                        "attempt": job.attempt + 1,
                                        "lease_expires_at": lease_until(job), "started_at": now}
-            sets = ", ".join(f"{k} = ?" for k in changes)
-            db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status = 'queued'",
-                       (*changes.values(), job.id))
-            db.execute(f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (job.id, job.attempt + 1, runner_id, now, None, "running", 0))
-            if after is not None:
-                db.execute("UPDATE attempts SET next_job_id = ?, next_attempt = ? WHERE "
-                           "job_id = ? AND attempt = ? AND runner_id = ?",
-                           (job.id, job.attempt + 1, after[0], after[1], runner_id))
+            self._take(db, job.id, changes, after)
             claimed = job._replace(**changes)
             self._append_audit(db, event_for(claimed))
             return claimed
+
+    def _take(self, db: Any, job_id: str, changes: dict[str, Any],
+              after: tuple[str, int] | None) -> None:
+        """A claim's writes (the job locked and queued): the job running ``changes``, its new
+        attempt, and the attempt ``after`` remembering it (PostgreSQL: one statement)."""
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status = 'queued'",
+                   (*changes.values(), job_id))
+        db.execute(f"INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (job_id, changes["attempt"], changes["runner_id"], changes["started_at"],
+                    None, "running", 0))
+        if after is not None:
+            db.execute("UPDATE attempts SET next_job_id = ?, next_attempt = ? WHERE "
+                       "job_id = ? AND attempt = ? AND runner_id = ?",
+                       (job_id, changes["attempt"], *after, changes["runner_id"]))
 
     def finish_attempt(self, job_id: str, attempt: int, runner_id: str,
                        changes: dict[str, Any], steps: list[StepRow],
                        artifacts: list[ArtifactRow], events: list[AuditEvent]) -> bool:
         """Record the outcome, steps and artifacts if this attempt still holds the job."""
         with self._tx() as db:
-            sets = ", ".join(f"{k} = ?" for k in changes)
-            cur = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {_RUNNING}",
-                             (*changes.values(), job_id, attempt, runner_id))
-            if cur.rowcount != 1:
+            if not self._finish(db, job_id, attempt, runner_id, changes):
                 return False
-            db.execute("UPDATE attempts SET ended_at = ?, outcome = ? WHERE job_id = ? AND "
-                       "attempt = ?", (time.time(), changes.get("status", "finished"), job_id,
-                                       attempt))
             if attempt > 1:  # what a lost attempt may have left
                 db.execute("DELETE FROM steps WHERE job_id = ?", (job_id,))
                 db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
@@ -141,6 +142,20 @@ class FleetQueries:
             for event in events:
                 self._append_audit(db, event)
             return True
+
+    def _finish(self, db: Any, job_id: str, attempt: int, runner_id: str,
+                changes: dict[str, Any]) -> bool:
+        """An attempt's outcome on its job and its attempt row, if it still holds the job
+        (PostgreSQL: one statement)."""
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        cur = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {_RUNNING}",
+                         (*changes.values(), job_id, attempt, runner_id))
+        if cur.rowcount != 1:
+            return False
+        db.execute("UPDATE attempts SET ended_at = ?, outcome = ? WHERE job_id = ? AND "
+                   "attempt = ?", (time.time(), changes.get("status", "finished"), job_id,
+                                   attempt))
+        return True
 
     def extend_lease(self, job_id: str, attempt: int, runner_id: str,
                      until: float) -> tuple[bool, bool]:
@@ -215,7 +230,7 @@ class FleetQueries:
     def attempts(self, job_id: str) -> list[AttemptRow]:
         """The attempts of a job, in order."""
         return [AttemptRow(*r) for r in self._read(
-            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE job_id = ? ORDER BY attempt",
+            f"SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE job_id = ? ORDER BY attempt",
             (job_id,))]
 
     def request_cancel(self, job_id: str, now: float, event: AuditEvent) -> str | None:
@@ -414,7 +429,7 @@ class FleetQueries:
 
     def put_blob(self, sha256: str, data: bytes, now: float) -> None:
         """Keep ``data`` under its sha256 (the caller checked it); a second copy is a no-op."""
-        with self._tx() as db:
+        with self._tx(head=False) as db:
             db.execute("INSERT INTO blobs (sha256, size, data, created_at) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT DO NOTHING", (sha256, len(data), data, now))
 
@@ -422,7 +437,7 @@ class FleetQueries:
                    data: bytes, now: float) -> bool:
         """Keep bytes an attempt uploaded (the caller checked their sha256) and record that
         this attempt sent them; False (nothing kept) if it no longer holds the job."""
-        with self._tx() as db:
+        with self._tx(head=False) as db:
             if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
                           (job_id, attempt, runner_id)).fetchone() is None:
                 return False

@@ -12,6 +12,7 @@ Imported only when ``database_url`` names PostgreSQL: the embedded path never lo
 """
 
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
@@ -23,7 +24,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from stockade.audit import AuditEvent, AuditHead, AuditSnapshot
 from stockade.errors import StoreError
-from stockade.store.fleet import FleetQueries
+from stockade.store.fleet import ATTEMPT_COLUMNS, FleetQueries
 from stockade.store.sql import (
     AUDIT_COLUMNS,
     HEAD_REVISION,
@@ -112,6 +113,15 @@ class PostgresStore(SqlStore, FleetQueries):
                               hint=f"create it (createdb -h HOST -p PORT -U USER "
                                    f"{info.get('dbname', 'NAME')}; stockade sets up its "
                                    "tables) or correct STOCKADE_DATABASE_URL")
+        state = getattr(e, "sqlstate", None) or ""
+        if state.startswith("40"):  # transaction rollback: a deadlock, a serialization failure
+            return StoreError(f"the database {self._where} undid a change that conflicted "
+                              f"with a concurrent one: {reason}",
+                              hint="nothing of it was saved: repeat it")
+        if state == "57014":  # query canceled (statement_timeout, pg_cancel_backend)
+            return StoreError(f"the database {self._where} canceled a statement: {reason}",
+                              hint="nothing of it was saved; check the server's "
+                                   "statement_timeout and load, then repeat it")
         if isinstance(e, psycopg.OperationalError) and (
                 text.startswith(("connection failed", "connection is bad", "failed to resolve"))
                 or "connection refused" in text.lower() or "timeout expired" in text):
@@ -144,11 +154,35 @@ class PostgresStore(SqlStore, FleetQueries):
         if cur.rowcount != 1:  # the head row is gone: the base says so, visibly
             super()._append_events(db, events)
 
-    def _batch_began(self, db: Db) -> None:
-        """A batch that writes takes the audit head first: nearly every one appends events, so
-        batches take turns anyway, and none then holds a row another batch waits for while it
-        waits for one (the rows of unrelated calls are locked in no set order)."""
-        db.execute(HEAD_SQL + " FOR UPDATE")
+    def _take(self, db: Db, job_id: str, changes: dict[str, Any],
+              after: tuple[str, int] | None) -> None:
+        """The base's three writes of a claim in one statement (one round trip, not three)."""
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        args: list[Any] = [*changes.values(), job_id, job_id, changes["attempt"],
+                           changes["runner_id"], changes["started_at"]]
+        sql = (f"WITH j AS (UPDATE jobs SET {sets} WHERE id = ? AND status = 'queued' "
+               f"RETURNING id), a AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT ?, ?, "
+               "?, ?, NULL, 'running', 0 FROM j RETURNING 1) ")
+        if after is None:
+            sql += "SELECT count(*) FROM a"
+        else:  # the attempt whose completion claims the job remembers it
+            sql += ("UPDATE attempts SET next_job_id = ?, next_attempt = ? WHERE job_id = ? "
+                    "AND attempt = ? AND runner_id = ? AND EXISTS (SELECT 1 FROM a)")
+            args += [job_id, changes["attempt"], *after, changes["runner_id"]]
+        db.execute(sql, args)
+
+    def _finish(self, db: Db, job_id: str, attempt: int, runner_id: str,
+                changes: dict[str, Any]) -> bool:
+        """The base's two writes of an outcome in one statement: whether the job was held."""
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        row = db.execute(
+            f"WITH j AS (UPDATE jobs SET {sets} WHERE id = ? AND status = 'running' AND "
+            "attempt = ? AND runner_id = ? RETURNING 1), a AS (UPDATE attempts SET ended_at = ?, "
+            "outcome = ? WHERE job_id = ? AND attempt = ? AND EXISTS (SELECT 1 FROM j) "
+            "RETURNING 1) SELECT count(*) FROM j",
+            (*changes.values(), job_id, attempt, runner_id, time.time(),
+             changes.get("status", "finished"), job_id, attempt)).fetchone()
+        return bool(row[0] == 1)
 
     def batched(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         """The base's batch on one pooled connection for all of it: its reads before the
@@ -165,10 +199,17 @@ class PostgresStore(SqlStore, FleetQueries):
             raise self._error(e) from e
 
     @contextmanager
-    def _begin(self) -> Iterator["_Db"]:
+    def _begin(self, head: bool = True) -> Iterator["_Db"]:
+        """A transaction that first locks the audit head (unless ``head`` is False): nearly
+        every write appends events, so writers take turns there anyway, and none then holds
+        a row another waits for while it waits for one (batches and transactions lock the rows
+        of runners, jobs and attempts in no set order: they deadlocked)."""
         try:
             with self._connection() as conn, conn.transaction():
-                yield _Db(conn)
+                db = _Db(conn)
+                if head:
+                    db.execute(HEAD_SQL + " FOR UPDATE")
+                yield db
         except psycopg.Error as e:
             raise self._error(e) from e
 
@@ -180,9 +221,14 @@ class PostgresStore(SqlStore, FleetQueries):
             raise self._error(e) from e
 
     def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
-        """The connection of this thread's batch, or one borrowed from the pool."""
-        conn = getattr(self._local(), "conn", None)
-        return nullcontext(conn) if conn is not None else self._pool.connection()
+        """The connection of this thread's batch, or one borrowed from the pool (also when
+        the batch's was lost: the calls run again alone run on another)."""
+        local = self._local()
+        conn = getattr(local, "conn", None)
+        if conn is not None and not conn.closed:
+            return nullcontext(conn)
+        local.conn = None
+        return self._pool.connection()
 
     def audit_snapshot(self) -> AuditSnapshot:
         """The whole trail and its head record, read in one snapshot (no file: the head row

@@ -2,19 +2,21 @@
 
 A backend (and a mixin such as ``fleet.FleetQueries``) builds on this contract:
 
-- ``_begin()``: one transaction, as a context manager yielding a :class:`Db` whose ``execute``
-  and ``executemany`` take ``?`` placeholders and return a :class:`Cursor`. It commits at the
-  end and rolls back on an exception; a database error leaves it as a ``StoreError``. On SQLite
-  it is ``BEGIN IMMEDIATE`` (writers take turns), on PostgreSQL a pooled connection's
-  transaction (READ COMMITTED: writers of other rows go on). Queries use ``_tx()``, which is
+- ``_begin(head=True)``: one transaction, as a context manager yielding a :class:`Db` whose
+  ``execute`` and ``executemany`` take ``?`` placeholders and return a :class:`Cursor`. It
+  commits at the end and rolls back on an exception; a database error leaves it as a
+  ``StoreError``. On SQLite it is ``BEGIN IMMEDIATE`` (writers take turns), on PostgreSQL a
+  pooled connection's transaction (READ COMMITTED: writers of other rows go on) that locks the
+  audit head first unless ``head`` is False (see ``_append_audit``). Queries use ``_tx()``, which is
   ``_begin()`` unless the thread runs a batch (:meth:`SqlStore.batched`): then the batch's.
 - ``_fetch(sql, args)``: the rows of one short read, outside any write transaction. Queries
   use ``_read()``, which reads in the batch's transaction while the thread runs one.
 - ``_append_audit(db, event)``: append one event to the hash chain in the transaction ``db``
   (in a batch's transaction: with the batch's other events, in one statement at its end, see
-  ``_append_events``). On PostgreSQL it first locks the one ``audit_head`` row, so every
-  replica's appends take turns; append events last in a transaction, after its other writes,
-  so that no transaction waits for a row while holding the head (no deadlocks).
+  ``_append_events``). On PostgreSQL it locks the one ``audit_head`` row, so every replica's
+  appends take turns; and every write transaction there takes that lock first, before any
+  other row (``_begin``): no two of them can each hold a row the other waits for (no
+  deadlocks). Only uploads (no event, big rows: ``_tx(head=False)``) do without it.
 - ``_skip_locked``: ``""`` on SQLite, ``" FOR UPDATE SKIP LOCKED"`` on PostgreSQL, for claim
   queries (rows another transaction is taking are passed over, not waited for).
 - ``_for_update``: ``""`` on SQLite, ``" FOR UPDATE"`` on PostgreSQL, for rows read to be
@@ -125,7 +127,7 @@ class SqlStore:
     _damaged_hint = "restore the database from a backup"
     concurrent_calls = 1  # calls that can run at once in this process (its connections)
 
-    def _begin(self) -> AbstractContextManager[Db]:
+    def _begin(self, head: bool = True) -> AbstractContextManager[Db]:
         raise NotImplementedError
 
     def _fetch(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
@@ -137,18 +139,15 @@ class SqlStore:
             local = self.__dict__.setdefault("_local_", threading.local())
         return local
 
-    def _batch_began(self, db: Db) -> None:
-        """Called when a batch's transaction begins (PostgreSQL takes the audit head)."""
-
-    def _tx(self) -> AbstractContextManager[Db]:
+    def _tx(self, head: bool = True) -> AbstractContextManager[Db]:
         """A transaction of one's own, or the batch's this thread runs (begun now if it has
-        not been yet)."""
+        not been yet; a batch's always takes the audit head first). ``head=False``: one that
+        appends no event and may hold big rows (uploads) does not wait for the head."""
         batch: _Batch | None = getattr(self._local(), "batch", None)
         if batch is None:
-            return self._begin()
+            return self._begin(head)
         if batch.db is None:
             batch.db = batch.stack.enter_context(self._begin())
-            self._batch_began(batch.db)
         return _joined(batch)
 
     def _writing(self) -> bool:
@@ -191,21 +190,29 @@ class SqlStore:
 
     def _together(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         local, out = self._local(), []
-        with ExitStack() as stack:  # the transaction, once a call begins it
-            local.batch = batch = _Batch(stack)
-            try:
-                for i, call in enumerate(calls):
-                    try:
-                        out.append((True, call()))
-                    except Exception:
-                        raise _Redo(i) from None
-                    if batch.spoiled:
-                        raise _Redo(i)
-                if batch.events:
-                    assert batch.db is not None
-                    self._append_events(batch.db, batch.events)
-            finally:
-                local.batch = None
+        redo: _Redo | None = None
+        try:
+            with ExitStack() as stack:  # the transaction, once a call begins it
+                local.batch = batch = _Batch(stack)
+                try:
+                    for i, call in enumerate(calls):
+                        try:
+                            out.append((True, call()))
+                        except Exception:
+                            redo = _Redo(i)
+                            raise redo from None
+                        if batch.spoiled:
+                            redo = _Redo(i)
+                            raise redo
+                    if batch.events:
+                        assert batch.db is not None
+                        self._append_events(batch.db, batch.events)
+                finally:
+                    local.batch = None
+        except Exception:
+            if redo is not None:  # even if undoing failed too (the connection was lost)
+                raise redo from None
+            raise
         return out
 
     def _audit_moved(self, before: AuditHead, after: AuditHead) -> None:
@@ -324,7 +331,12 @@ class SqlStore:
         return [ArtifactRow(*r) for r in rows]
 
     def audit_records(self, job_id: str | None = None) -> list[tuple[AuditEvent, str, str]]:
-        """Audit records in order, with their chain hashes."""
+        """Audit records in order, with their chain hashes (in a batch, with the events its
+        calls appended so far: they are written out first)."""
+        batch: _Batch | None = getattr(self._local(), "batch", None)
+        if batch is not None and batch.db is not None and batch.events:
+            events, batch.events = batch.events, []
+            self._append_events(batch.db, events)
         sql = f"SELECT {AUDIT_COLUMNS} FROM audit_events"
         args: tuple[Any, ...] = ()
         if job_id is not None:

@@ -155,7 +155,7 @@ class SqliteStore(SqlStore, FleetQueries):
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
 
     @contextmanager
-    def _begin(self) -> Iterator[sqlite3.Connection]:
+    def _begin(self, head: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock, self._turn():
             self._moved = None
             try:

@@ -14,7 +14,7 @@ import pytest
 
 from stockade.audit import verify_chain
 from stockade.errors import StoreError
-from stockade.store.interface import Store
+from stockade.store.interface import EnrolTokenRow, RunnerRow, SessionRow, Store
 from stockade.store.open import open_store
 from tests.unit.store.test_fleet_queries import enrolled, ev, job
 
@@ -114,6 +114,25 @@ def test_a_batchs_events_are_chained_at_its_end_in_call_order(store_url: str) ->
     store.close()
 
 
+def test_a_call_in_a_batch_reads_the_events_it_appended(store_url: str) -> None:
+    """Events wait for the batch's end, except when a call reads the trail: it sees what it
+    (and the calls before it) appended, as it would alone."""
+    store = open_store(store_url)
+    enrolled(store)
+    store.insert_job(job("j0", 0.0), ev("job.admitted", "j0"))
+
+    def record_then_read() -> list[str]:
+        store.record([ev("mine")])
+        return [e.action for e, _, _ in store.audit_records()][-3:]
+
+    out = store.batched([claim(store), record_then_read, lambda: store.record([ev("later")])])
+    assert out[1][0] and out[1][1][-2:] == ["job.claimed", "mine"]
+    actions = [e.action for e, _, _ in store.audit_records()]
+    assert actions[-3:] == ["job.claimed", "mine", "later"]
+    assert verify_chain(store.audit_records()) is None
+    store.close()
+
+
 def test_a_batch_of_reads_takes_no_write_lock(tmp_path: Path) -> None:
     db = tmp_path / "stockade.db"
     store = open_store(str(db))
@@ -173,6 +192,88 @@ def test_replicas_batches_never_deadlock_on_postgresql(database_url: str) -> Non
     assert verify_chain(store.audit_records()) is None
     for s in stores:
         s.close()
+
+
+def test_a_quarantine_beside_a_batch_never_deadlocks_on_postgresql(database_url: str) -> None:
+    """A batch that writes (a heartbeat) then marks an idle runner seen (its claim) holds the
+    audit head and then that runner's row; a quarantine of the runner on another connection,
+    in its own transaction, takes the head before the runner's row too: it waits, then wins,
+    and no deadlock is detected."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the SQLite store writes one transaction at a time")
+    import psycopg
+
+    a, b = open_store(database_url), open_store(database_url)
+    enrolled(a, "r1")
+    token = EnrolTokenRow("t2", "default", "ab" * 32, 1.0, 1e12, None, None)
+    a.insert_enrol_token(token, ev("enrol_token.created"))
+    assert a.enrol("t2", lambda row: None, RunnerRow("r2", "box", "default", "[]", 2, "k" * 44,
+                                                     "active", "{}", None, 2.0, None),
+                   SessionRow("s2", "r2", "cd" * 32, 2.0, 1e12), [ev("runner.enrolled")]) is None
+    a.insert_job(job("j1", 1.0), ev("job.admitted", "j1"))
+    assert claim(a, "r1")() is not None  # the queue is empty now
+    outcome: dict[str, object] = {}
+
+    def quarantine() -> None:
+        outcome["b"] = b.set_runner_status("r2", "quarantined", ("active",),
+                                           ev("runner.quarantined"))
+
+    def start_quarantine() -> str:  # inside the batch, after its heartbeat: B must wait
+        t = threading.Thread(target=quarantine)
+        t.start()
+        outcome["thread"] = t
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for _ in range(250):
+                if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                                "'Lock' AND datname = current_database()").fetchone()[0]:
+                    return "waiting"
+                time.sleep(0.02)
+        return "never waited"
+
+    before = _deadlocks(database_url)
+    out = a.batched([lambda: a.extend_lease("j1", 1, "r1", 2e11), start_quarantine,
+                     claim(a, "r2")])
+    thread = outcome["thread"]
+    assert isinstance(thread, threading.Thread)
+    thread.join(30)
+    assert out == [(True, (True, False)), (True, "waiting"), (True, None)]
+    assert outcome["b"] is True and a.get_runner("r2").status == "quarantined"  # type: ignore[union-attr]
+    assert _deadlocks(database_url) == before
+    assert verify_chain(a.audit_records()) is None
+    a.close()
+    b.close()
+
+
+def test_a_batch_whose_connection_is_lost_runs_its_other_calls_on_another(database_url: str
+                                                                          ) -> None:
+    """A batch's connection killed under it (a failover, an administrator): the calls run
+    again alone, on a connection from the pool; each job is claimed once."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL connection")
+    import psycopg
+
+    store = open_store(database_url)
+    enrolled(store)
+    for n in range(4):
+        store.insert_job(job(f"j{n}", float(n)), ev("job.admitted", f"j{n}"))
+
+    kills = []
+
+    def kill_own_connection_once() -> str:
+        if not kills:
+            with store._tx() as db:  # type: ignore[attr-defined]
+                kills.append(db.execute("SELECT pg_backend_pid()").fetchone()[0])
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s, 10000)", (kills[0],))
+        return "done"
+
+    out = store.batched([claim(store), kill_own_connection_once, claim(store), claim(store)])
+    assert kills and all(ok for ok, _ in out), out
+    taken = sorted(v.id for ok, v in out if hasattr(v, "id"))
+    assert taken == ["j0", "j1", "j2"]  # each once: the undone batch claimed nothing
+    assert sorted(a.job_id for n in range(4) for a in store.attempts(f"j{n}")) == taken
+    assert verify_chain(store.audit_records()) is None
+    store.close()
 
 
 def _deadlocks(url: str) -> int:

@@ -188,6 +188,23 @@ def test_wrong_credentials_and_a_missing_database_say_so(postgres_server: Postgr
     assert "createdb" in e.hint
 
 
+@pytest.mark.parametrize(("sqlstate", "says"), [
+    ("40P01", "undid a change that conflicted with a concurrent one"),  # a deadlock
+    ("40001", "undid a change that conflicted with a concurrent one"),  # serialization
+    ("57014", "canceled a statement"),  # statement_timeout
+])
+def test_a_conflict_or_a_timeout_is_not_called_a_lost_connection(database_url: str,
+                                                                  sqlstate: str,
+                                                                  says: str) -> None:
+    store = open_store(database_url)
+    with pytest.raises(StoreError) as caught:
+        store._fetch(  # type: ignore[attr-defined]
+            f"DO $$ BEGIN RAISE EXCEPTION 'stand-in' USING ERRCODE = '{sqlstate}'; END $$")
+    assert says in caught.value.message and "lost the connection" not in caught.value.message
+    assert "repeat it" in caught.value.hint
+    store.close()
+
+
 @pytest.mark.parametrize("url", ["postgresql://u:p%zz@127.0.0.1/x", "postgresql://[::1/x",
                                  "postgresql://127.0.0.1/x?nonsense=1",
                                  "postgresql://127.0.0.1/x?connect_timeout=soon"])
