@@ -382,6 +382,34 @@ def test_readyz_says_when_the_schema_is_not_the_servers(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_a_stopping_server_answers_long_polls_at_once(tmp_path: Path) -> None:
+    """SIGTERM while a runner long-polls (30 s): the poll is answered (no job) and the server
+    is gone within seconds, not when the poll would have ended."""
+    import threading
+
+    from tests.support.fake_runner import ANY_CODE, FakeRunner
+
+    home = tmp_path / "server"
+    assert run_cli(home, "jobs").returncode == 0
+    server = Server(home, **ANY_CODE)
+    try:
+        runner = FakeRunner(server.url, enrol_token(home), "poller")
+        answers: list[int] = []
+        poll = threading.Thread(target=lambda: answers.append(runner.http.post(
+            "/api/v1/runner/claim", params={"wait": 30}).status_code))
+        poll.start()
+        time.sleep(1.0)  # in its long poll by now
+        asked = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=20) == -signal.SIGTERM
+        took = time.monotonic() - asked
+        poll.join(10)
+        assert answers == [204]
+        assert took < 5, f"the server took {took:.1f} s to stop"
+    finally:
+        server.stop()
+
+
 def test_a_runner_cut_off_from_the_server_stops_its_job_before_the_lease_runs_out(
         fleet: Fleet) -> None:
     fleet.agent("cut-off")

@@ -34,6 +34,7 @@ class Waker:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.closing = False  # the server is stopping: polls answer now, not at their end
 
     async def wait(self, timeout: float, gone: "asyncio.Future[Any]") -> None:
         """Until a :meth:`notify` picks this poll, ``timeout`` seconds, or ``gone`` is done
@@ -55,6 +56,19 @@ class Waker:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._wake_one)
+
+    def close(self) -> None:
+        """The server is stopping: wake every poll, and polls wait no more (thread-safe)."""
+        self.closing = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        while self._waiting:
+            woken = self._waiting.popleft()
+            if not woken.done():
+                woken.set_result(None)
 
     def _wake_one(self) -> None:
         while self._waiting:

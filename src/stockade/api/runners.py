@@ -65,7 +65,7 @@ def assignment_json(a: Assignment) -> bytes:
 async def claim(ctx: ApiContext, caller: Caller, wait: float, receive: Any) -> bytes | None:
     """The runner's next job (an ``AssignmentOut``, serialised), waiting up to ``wait``
     seconds for one, or None. The poll ends early when the client goes away (``receive``:
-    the request's, after its body, tells that)."""
+    the request's, after its body, tells that), and when the server is stopping."""
     gone = asyncio.ensure_future(disconnected(receive))
     try:
         deadline = time.monotonic() + wait
@@ -75,7 +75,7 @@ async def claim(ctx: ApiContext, caller: Caller, wait: float, receive: Any) -> b
                 ctx.metrics.claims.inc()
                 return assignment_json(a)
             left = deadline - time.monotonic()
-            if left <= 0 or gone.done():
+            if left <= 0 or gone.done() or ctx.waker.closing:
                 return None
             await ctx.waker.wait(min(left, POLL_S), gone)
     finally:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
+GRACE_S = 5  # seconds requests under way get to finish once the server is told to stop
 HELP = "serve the HTTP API (jobs, runners, admin) on a loopback address by default"
 DESCRIPTION = """\
 stockade server [--listen HOST:PORT] [--database-url URL] [--tls-cert PEM --tls-key PEM]
@@ -16,8 +18,9 @@ artifacts, cancel; runners, enrolment tokens, the audit trail and secrets for ad
 routes of runner agents (stockade runner start, docs/fleet.md). Requests need an API token
 (stockade token create); runner agents enrol with a token from stockade runner enrol-token.
 Listens on 127.0.0.1:8377 by default; a port of 0 picks a free one. The address it listens on
-is printed on stderr once it accepts connections. SIGINT or SIGTERM stops it gracefully (the
-process then ends by that signal).
+is printed on stderr once it accepts connections. SIGINT or SIGTERM stops it gracefully:
+runners' long polls are answered at once (no job), requests under way get 5 s to finish (live
+log streams are cut then), and the process ends by that signal.
 
 --database-url (or STOCKADE_DATABASE_URL) puts the state on PostgreSQL
 (postgresql://user:password@host/db); any number of servers on one database serve the same
@@ -92,19 +95,28 @@ def main(args: argparse.Namespace) -> int:
     bound = sock.getsockname()
     where = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
     # bounded as the module docstring says; idle keep-alive connections closed after 5 s
-    config = uvicorn.Config(Busy(create_app(settings, control, fleet), MAX_REQUESTS),
+    app = create_app(settings, control, fleet)
+    waker = app.state.ctx.waker
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            waker.close()  # long polls answer now: shutting down waits for no poll's end
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(Busy(app, MAX_REQUESTS),
                             http=guarded_h11(connection_room()), loop="uvloop",
                             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                             log_level="error",  # (a warning per odd request: log spam)
                             access_log=False, server_header=False, limit_concurrency=None,
                             timeout_keep_alive=KEEP_ALIVE_S,
+                            timeout_graceful_shutdown=GRACE_S,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
     try:
         config.load()  # the TLS files: a bad one is the user's mistake, said plainly
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot use --tls-cert/--tls-key: {e}",
                          hint="pass a PEM certificate and its unencrypted private key") from e
-    server = uvicorn.Server(config)
+    server = Server(config)
     scheme = "https" if args.tls_cert else "http"
     sys.stderr.write(f"stockade server listening on {scheme}://{where}:{bound[1]}\n")
     sys.stderr.flush()
