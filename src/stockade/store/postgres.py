@@ -1,10 +1,11 @@
 """The PostgreSQL store, for a fleet: several ``stockade server`` replicas on one database.
 
 psycopg 3 over a connection pool: the server runs requests in many threads, and each one
-borrows a connection for one transaction or read. Transactions are READ COMMITTED; claims lock
-their candidates ``FOR UPDATE SKIP LOCKED``, so replicas never take the same job and never
-wait for each other, and every audit append locks the one ``audit_head`` row first, so that
-the chain stays one chain (see :mod:`stockade.store.sql`). The head row is the trail's only
+borrows a connection for one transaction or read (a batch, one for all of it). Transactions
+are READ COMMITTED; claims lock their candidates ``FOR UPDATE SKIP LOCKED``, so replicas never
+take the same job, and every write transaction (uploads excepted) locks the one ``audit_head``
+row before any other, so that the chain stays one chain and no two transactions deadlock (see
+:mod:`stockade.store.sql`). The head row is the trail's only
 anchor here: ``audit.head``, the copy outside the database, belongs to the embedded SQLite
 store of one host.
 

@@ -216,7 +216,8 @@ class SqlStore:
         return out
 
     def _audit_moved(self, before: AuditHead, after: AuditHead) -> None:
-        """Called in the transaction of each appended event (SQLite moves its head file)."""
+        """Called in the transaction that appended events: the head before them and after
+        (SQLite moves its head file once the transaction commits)."""
 
     def _append_audit(self, db: Db, event: AuditEvent) -> None:
         batch: _Batch | None = getattr(self._local(), "batch", None)
