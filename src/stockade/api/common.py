@@ -53,29 +53,25 @@ class Waker:
 
     def notify(self) -> None:
         """Wake the longest-waiting poll (thread-safe)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake_one)
+        self._call(self._wake, False)
 
     def close(self) -> None:
         """The server is stopping: wake every poll, and polls wait no more (thread-safe)."""
         self.closing = True
+        self._call(self._wake, True)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake_all)
+            loop.call_soon_threadsafe(fn, *args)
 
-    def _wake_all(self) -> None:
+    def _wake(self, every: bool) -> None:
         while self._waiting:
             woken = self._waiting.popleft()
             if not woken.done():
                 woken.set_result(None)
-
-    def _wake_one(self) -> None:
-        while self._waiting:
-            woken = self._waiting.popleft()
-            if not woken.done():
-                woken.set_result(None)
-                return
+                if not every:
+                    return
 
 
 T = TypeVar("T")

@@ -76,7 +76,7 @@ class FastPath:
     async def _claim(self, caller: Caller, wait: float, receive: Receive, send: Send) -> None:
         await _body(receive)
         out = await runners.claim(self.ctx, caller, wait, receive)
-        await _raw(send, 204, b"") if out is None else await _raw(send, 200, out)
+        await _raw(send, 204 if out is None else 200, out or b"")
 
     async def _heartbeat(self, caller: Caller, job_id: str, attempt: int, send: Send) -> None:
         status, out = await runners.heartbeat(self.ctx, caller, job_id, attempt)
