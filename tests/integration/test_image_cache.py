@@ -14,7 +14,8 @@ import pytest
 
 from stockade.image.cache import ImageCache, chain_id
 from stockade.image.reference import parse_reference
-from stockade.image.registry import ImageUnavailable, Registry, RegistryConfig
+from stockade.image.errors import ImageUnavailable
+from stockade.image.registry import Registry, RegistryConfig
 from tests.conftest import run_cli
 from tests.support.images import Image
 from tests.support.registry import RunningRegistry

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from stockade.image.cache import ImageCache
     from stockade.sandbox.interface import Backend
     from stockade.secrets.oidc import KeyRing
+    from stockade.secrets.vault import Vault
 
 
 _OPEN: list[Store] = []
@@ -95,8 +96,9 @@ _RESOLVING = threading.BoundedSemaphore(4)  # at once per process: submits never
 def resolve_image(settings: Settings, text: str) -> str:
     """``text`` (an image reference with a tag) pinned to the digest the registry names now,
     within ``RESOLVE_S``; at most four at once (a slow registry cannot tie up a server)."""
+    from stockade.image.errors import ImageUnavailable
     from stockade.image.reference import parse_reference
-    from stockade.image.registry import ImageUnavailable, Registry
+    from stockade.image.registry import Registry
     from stockade.image.settings import registry_config
 
     ref = parse_reference(text)
@@ -133,9 +135,10 @@ def open_keyring(settings: Settings) -> KeyRing:
 
 def open_broker(settings: Settings, store: Store) -> Broker:
     """The secrets broker; the master key is read (or created) only when a value is needed."""
-    from stockade.secrets.vault import Vault
 
     def vault() -> Vault:
+        from stockade.secrets.vault import Vault
+
         return Vault.open(settings.master_key_path, create=not settings.master_key_file)
 
     return Broker(store, vault, actor=f"cli:{getpass.getuser()}")

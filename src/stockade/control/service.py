@@ -238,7 +238,7 @@ class ControlService:
         attempt runs that digest), or why it cannot be (image_unavailable/_unverified)."""
         if spec.image == "host" or "@sha256:" in spec.image:
             return spec, None, ""
-        from stockade.image.registry import ImageRefused
+        from stockade.image.errors import ImageRefused
 
         if self._resolve_image is None:
             return spec, FailureReason.IMAGE_UNAVAILABLE, "no registry is reachable from here"

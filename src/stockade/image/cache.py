@@ -19,15 +19,17 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from stockade.image.errors import ImageRefused
 from stockade.image.reference import ImageRef
-from stockade.image.registry import ImageRefused, Registry
 from stockade.liveness import lock_is_free
+
+if TYPE_CHECKING:
+    from stockade.image.registry import Registry
 
 MAX_TOP_LEVEL = 512  # entries at an image's root (each is one bind of the job's root)
 CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
@@ -78,15 +80,30 @@ class ImageCache:
             return None
         return image if image.rootfs.is_dir() else None
 
+    def cached(self, ref: ImageRef) -> CachedImage | None:
+        """The image ``ref`` (pinned) pins if the cache has it from the same repository
+        (marked used now), else None: what :meth:`pull` returns without pulling."""
+        if not ref.digest:
+            raise ValueError("look up a pinned reference")
+        with self._lock(ref.digest):
+            return self._cached(ref)
+
+    def _cached(self, ref: ImageRef) -> CachedImage | None:
+        assert ref.digest
+        found = self.get(ref.digest)
+        if found is None or _repository(found.reference) != _repository(str(ref)):
+            return None
+        return self._touch(found)
+
     def pull(self, registry: Registry, ref: ImageRef) -> tuple[CachedImage, bool]:
         """The image ``ref`` (pinned) pins, from the cache or pulled, checked and unpacked;
         and whether it was pulled now."""
         if not ref.digest:
             raise ValueError("pull a pinned reference")
         with self._lock(ref.digest):
-            found = self.get(ref.digest)
-            if found is not None and _repository(found.reference) == _repository(str(ref)):
-                return self._touch(found), False
+            found = self._cached(ref)
+            if found is not None:
+                return found, False
             image = self._pull(registry, ref)  # (the same content pulled from elsewhere: the
             # job's own registry must have it too, layers and all; its tree is used again)
             if image.digest != ref.digest:  # pinned by its index: found by it next time
@@ -95,6 +112,8 @@ class ImageCache:
         return image, True
 
     def _pull(self, registry: Registry, ref: ImageRef) -> CachedImage:
+        import tempfile
+
         from stockade.image.layers import unpack_image
 
         manifest = registry.manifest(ref)

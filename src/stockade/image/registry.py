@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-from stockade.errors import InfrastructureError, StockadeError
+from stockade.image.errors import ImageRefused, ImageUnavailable
 from stockade.image.reference import ImageRef
 
 if TYPE_CHECKING:
@@ -40,15 +40,6 @@ INDEXES = (OCI_INDEX, DOCKER_LIST)
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 CHUNK = 1024 * 1024
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-class ImageUnavailable(InfrastructureError):
-    """No source had the image (or none answered): the job fails ``image_unavailable``."""
-
-
-class ImageRefused(StockadeError):
-    """A registry sent content that does not match what was asked for (a changed manifest or
-    blob, a size over a bound): the job fails ``image_unverified``."""
 
 
 class RegistryConfig(NamedTuple):

@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple
 
-from stockade.image.registry import ImageRefused
+from stockade.image.errors import ImageRefused
 from stockade.text import escape_controls
 
 BLOCK = 512

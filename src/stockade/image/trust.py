@@ -75,7 +75,7 @@ def signature_verdict(policy: TrustPolicy, registry: Registry, ref: ImageRef) ->
     repository, or refused (``image.unverified``, with the problem); not checked when no key
     covers it and signatures are not required (ImageUnavailable if the registry and its
     mirrors cannot tell)."""
-    from stockade.image.registry import ImageRefused
+    from stockade.image.errors import ImageRefused
     from stockade.image.signing import verify_image
 
     rule = policy.rule_for(ref)

@@ -41,7 +41,8 @@ from stockade.spec import Job
 from stockade.spec.units import format_size
 
 if TYPE_CHECKING:
-    from stockade.image.cache import CachedImage
+    from stockade.image.cache import CachedImage, ImageCache
+    from stockade.image.reference import ImageRef
     from stockade.image.trust import Verdict
     from stockade.runner.egress import EgressSession
     from stockade.runner.identity import TokenRefresher
@@ -201,43 +202,55 @@ class Attempt:
             raise ImageProblem(FailureReason.IMAGE_UNVERIFIED, verdict.refusal)
 
     def _image(self) -> Path:
-        """The job's image, pulled by digest into the cache (or found there): its tree."""
+        """The job's image, from the cache or pulled by digest into it: its tree."""
         from stockade.image.cache import ImageCache
         from stockade.image.reference import parse_reference
-        from stockade.image.registry import ImageRefused, Registry
-        from stockade.image.settings import registry_config
 
         ref = parse_reference(self.spec.image)
         if not ref.digest:  # admission pins every image: a tag here was not admitted by us
             raise ImageProblem(FailureReason.IMAGE_UNVERIFIED,
                                f"image {self.spec.image} is not pinned to a digest")
+        started = time.monotonic()
+        cache = ImageCache(self.settings.home / "images", self.settings.image_cache_bytes)
+        checked = self.settings.image_trusted_keys or self.settings.require_signed_images
+        # a required signature is checked at every use: then the registry is asked anyway
+        image, pulled = None if checked else cache.cached(ref), False
+        if image is None:
+            image, pulled = self._pull(cache, ref)
+        self._image_use = cache.use(image.digest)  # until teardown: not evicted meanwhile
+        self.details["image"] = image.reference
+        self.log.note(f"image {image.reference} ({'pulled' if pulled else 'cached'} in "
+                      f"{time.monotonic() - started:.1f} s)")
+        self._vulnerabilities(cache.root, image)
+        return image.rootfs
+
+    def _pull(self, cache: ImageCache, ref: ImageRef) -> tuple[CachedImage, bool]:
+        """The image, its signature checked when the runner's settings ask for it, from the
+        cache or pulled, and whether it was pulled (the registry client is imported only
+        here)."""
+        from stockade.image.errors import ImageRefused
+        from stockade.image.registry import Registry
+        from stockade.image.settings import registry_config
+
         s = self.settings
         policy = None
         if s.image_trusted_keys or s.require_signed_images:  # (else: no import to pay for)
             from stockade.image.trust import signature_verdict, trust_policy
 
             policy = trust_policy(s)  # (a bad setting is the operator's: system_error)
-        started = time.monotonic()
-        cache = ImageCache(self.settings.home / "images", self.settings.image_cache_bytes)
         # the pull counts against the job's own timeout
         left = self.started + self.spec.timeout - time.monotonic()
-        registry = Registry(registry_config(self.settings)).within(max(1.0, left))
+        registry = Registry(registry_config(s)).within(max(1.0, left))
         try:
             if policy is not None:
                 self._signature(signature_verdict(policy, registry, ref))  # (its deadline too)
-            image, pulled = cache.pull(registry, ref)
-            self._image_use = cache.use(image.digest)  # until teardown: not evicted meanwhile
+            return cache.pull(registry, ref)
         except ImageRefused as e:
             raise ImageProblem(FailureReason.IMAGE_UNVERIFIED, e.message) from None
         except StockadeError as e:
             raise ImageProblem(FailureReason.IMAGE_UNAVAILABLE, e.message) from None
         finally:
             registry.close()
-        self.details["image"] = image.reference
-        self.log.note(f"image {image.reference} ({'pulled' if pulled else 'cached'} in "
-                      f"{time.monotonic() - started:.1f} s)")
-        self._vulnerabilities(cache.root, image)
-        return image.rootfs
 
     def _vulnerabilities(self, cache_root: Path, image: CachedImage) -> None:
         """The image's findings per severity on the job (with vulnerability_data set), and

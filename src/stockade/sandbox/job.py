@@ -27,11 +27,12 @@ from stockade.errors import SandboxError
 from stockade.sandbox import image_root, mounts, orphans, reaper, rootfs, uids
 from stockade.sandbox.cgroups import JobCgroup, Limits
 from stockade.sandbox.interface import OutputSink, SandboxRequest, WorkspaceCopy
-from stockade.sandbox.netns import JobNetwork
 from stockade.sandbox.plumbing import PROXY_PORT, PROXY_URL, readable
 
 if TYPE_CHECKING:
     import socket
+
+    from stockade.sandbox.netns import JobNetwork
 
 SCRIPT_PATH = "/run/stockade/step.sh"
 SECRETS_DIR = "/run/secrets"
@@ -208,6 +209,8 @@ class PreparedJob:
 
     def job_network(self) -> JobNetwork:
         """The job's network namespace with the proxy's listener (a new one by default)."""
+        from stockade.sandbox.netns import JobNetwork  # (socket and threads: jobs with egress)
+
         return JobNetwork(PROXY_PORT)
 
     def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:

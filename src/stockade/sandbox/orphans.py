@@ -15,6 +15,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,12 +72,22 @@ def _is_orphan(job_dir: Path) -> bool:
     return lock_is_free(job_dir / LOCK_NAME) is not False  # free, or never locked
 
 
-def _cgroup_names(parent: str) -> set[str]:
-    """Children of ``parent`` in any hierarchy (an OCI runtime makes them in all of them)."""
+def _cgroup_names(parent: str, prefix: str) -> set[str]:
+    """Children of ``parent`` named ``prefix...`` in any hierarchy (an OCI runtime makes them
+    in all of them). Read with ``scandir`` (no stat of each of the parent's control files)."""
     names: set[str] = set()
-    for base in (*ROOT.glob(f"*/{parent}"), ROOT / parent):
-        if base.is_dir() and not base.is_symlink():
-            names.update(p.name for p in base.iterdir() if p.is_dir())
+    with os.scandir(ROOT) as hierarchies:
+        bases = [os.path.join(h.path, parent) for h in hierarchies
+                 if h.is_dir(follow_symlinks=False)]
+    for base in (*bases, os.path.join(ROOT, parent)):
+        try:
+            if not stat.S_ISDIR(os.lstat(base).st_mode):
+                continue
+            with os.scandir(base) as children:
+                names.update(c.name for c in children
+                             if c.name.startswith(prefix) and c.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
     return names
 
 
@@ -84,13 +95,13 @@ def reap_orphans(jobs_dir: Path, cgroup_parent: str, prefix: str,
                  ours: Callable[[str], bool]) -> list[str]:
     """Tear down every orphaned job of this installation (its runtime directory ``jobs_dir``,
     its cgroups named ``prefix + job``) that ``ours`` confirms; return their ids."""
-    for staging in jobs_dir.glob(_STAGING + "*"):  # its creator died before the rename
-        if staging.is_dir() and not staging.is_symlink() and _is_orphan(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-    candidates = {p.name for p in jobs_dir.iterdir()
-                  if p.is_dir() and _JOB_DIR.match(p.name) and not p.name.startswith("etc-")}
-    candidates |= {name.removeprefix(prefix) for name in _cgroup_names(cgroup_parent)
-                   if name.startswith(prefix)}
+    with os.scandir(jobs_dir) as entries:
+        dirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    for name in dirs:
+        if name.startswith(_STAGING) and _is_orphan(jobs_dir / name):  # its creator died
+            shutil.rmtree(jobs_dir / name, ignore_errors=True)  # before the rename
+    candidates = {name for name in dirs if _JOB_DIR.match(name) and not name.startswith("etc-")}
+    candidates |= {name.removeprefix(prefix) for name in _cgroup_names(cgroup_parent, prefix)}
     reaped = []
     for name in sorted(candidates):
         job_dir = jobs_dir / name

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from stockade.errors import SandboxError
-from stockade.sandbox import seccomp_profile as profile
 
 SUPPORTED_ARCHES = ("x86_64", "aarch64")
+_PROFILE_SOURCE = Path(__file__).with_name("seccomp_profile.py")
 
 
 def machine() -> str:
@@ -25,6 +25,8 @@ def machine() -> str:
 
 def compile_bpf() -> bytes:
     """Compile the profile for this machine and return the BPF program."""
+    from stockade.sandbox import seccomp_profile as profile
+
     arch = machine()
     if arch not in SUPPORTED_ARCHES:
         raise SandboxError(
@@ -60,6 +62,8 @@ def compile_bpf() -> bytes:
 
 
 def _add_conditional(sc: Any, f: Any) -> None:
+    from stockade.sandbox import seccomp_profile as profile
+
     for rule in profile.CONDITIONAL:
         action = sc.ALLOW if rule.errno is None else sc.ERRNO(rule.errno)
         if rule.condition is None:
@@ -72,9 +76,17 @@ def _add_conditional(sc: Any, f: Any) -> None:
 
 
 def _cache_key() -> str:
-    text = repr((machine(), profile.ALLOW, profile.REFUSED, profile.CONDITIONAL,
-                 profile.REFUSED_ERRNO))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The machine, the profile's source and this compiler's, read rather than imported (a
+    job whose filter is cached imports no profile); the profile's values if its source is
+    not installed."""
+    try:
+        source = _PROFILE_SOURCE.read_bytes() + b"\0" + Path(__file__).read_bytes()
+    except OSError:
+        from stockade.sandbox import seccomp_profile as profile
+
+        source = repr((profile.ALLOW, profile.REFUSED, profile.CONDITIONAL,
+                       profile.REFUSED_ERRNO)).encode()
+    return hashlib.sha256(machine().encode() + b"\0" + source).hexdigest()[:16]
 
 
 def load_bpf(cache_dir: Path) -> bytes:

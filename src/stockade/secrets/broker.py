@@ -19,13 +19,15 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from stockade.api.protocol import TRUST_LEVELS, LeaseGrant
 from stockade.audit import AuditEvent
 from stockade.errors import PolicyDenied, UsageError
-from stockade.secrets.vault import Sealed, Vault
 from stockade.store.interface import LeaseRow, SecretRow, Store
+
+if TYPE_CHECKING:
+    from stockade.secrets.vault import Vault
 
 MIN_LENGTH = 4
 MAX_LENGTH = 64 * 1024
@@ -68,7 +70,7 @@ def check_value(name: str, value: bytes) -> None:
 class Broker:
     """Secrets over a :class:`~stockade.store.interface.Store` and a :class:`Vault`."""
 
-    def __init__(self, store: Store, vault: Callable[[], Vault], actor: str,
+    def __init__(self, store: Store, vault: Callable[[], "Vault"], actor: str,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self._vault_factory = vault
@@ -77,7 +79,7 @@ class Broker:
         self.clock = clock
 
     @property
-    def vault(self) -> Vault:
+    def vault(self) -> "Vault":
         """The master-key vault (opened on first use)."""
         if self._vault is None:
             self._vault = self._vault_factory()
@@ -196,6 +198,8 @@ class Broker:
             if row is None or row.version != lease.secret_version:
                 problem = "the secret was removed or rotated since the lease was issued"
             else:
+                from stockade.secrets.vault import Sealed
+
                 return self.vault.unseal(row.name, row.version,
                                          Sealed(row.key_id, row.nonce, row.ciphertext))
         secret = lease.secret_name if lease else None

@@ -9,7 +9,6 @@ listed. However large or strange the input, the error text stays a few kilobytes
 from __future__ import annotations
 
 import reprlib
-import unicodedata
 from typing import Any
 
 from stockade.errors import SpecError
@@ -43,6 +42,8 @@ def printable(text: str) -> str:
 
 
 def _escape(c: str) -> str:
+    import unicodedata  # (only for text that is not printable: not at start-up)
+
     if unicodedata.category(c) == "Zs":
         return " "
     code = ord(c)
