@@ -75,6 +75,25 @@ def test_a_job_runs_on_its_image_with_our_etc(run_job, image_env: dict[str, str]
     assert again.rc == 0 and "ID=stockade-test" in again.log, again.stderr + again.log
 
 
+def test_a_job_in_a_cached_image_imports_only_what_it_uses(
+        run_job, image_env: dict[str, str]) -> None:
+    """Start-up is part of every job's start: once the image, the spec and the seccomp filter
+    are cached, a job imports no registry client, no network-namespace plumbing (no egress),
+    no seccomp profile, no vault, no YAML or pydantic."""
+    host, digest = image_env.pop("HOST"), image_env.pop("DIGEST")
+    spec = _spec(f"{host}/test/busybox@{digest}", "true")
+    assert run_job(spec, **image_env).rc == 0  # pulls; compiles the filter; caches the spec
+    job = run_job(spec, PYTHONPROFILEIMPORTTIME="1", **image_env)
+    assert job.rc == 0, job.stderr
+    imported = {line.rpartition("|")[2].strip() for line in job.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert {"stockade.image.cache", "stockade.runner.attempt"} <= imported  # (the report)
+    for heavy in ("stockade.image.registry", "tempfile", "stockade.sandbox.netns", "socket",
+                  "stockade.sandbox.seccomp_profile", "stockade.secrets.vault", "yaml",
+                  "pydantic", "httpx", "ssl"):
+        assert heavy not in imported, heavy
+
+
 def test_images_the_operator_did_not_allow_or_that_are_missing(
         run_job, image_env: dict[str, str]) -> None:
     host = image_env.pop("HOST")
