@@ -7,11 +7,9 @@ This module only computes them (:func:`variants`, :func:`patterns`) and decodes
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import re
-import shlex
 from urllib.parse import quote, quote_plus
 
 MIN_VARIANT = 4
@@ -50,6 +48,8 @@ def decode_add_mask(raw: bytes) -> bytes:
 
 def _b64_forms(value: bytes) -> dict[bytes, int]:
     """Base64 of ``value``: padded, wrapped, and at each byte offset within a longer stream."""
+    import base64  # (with shlex below: imported once a secret is registered, not at start-up)
+
     out: dict[bytes, int] = {}
     for k in range(3):
         text = base64.b64encode(b"\0" * k + value)
@@ -104,6 +104,8 @@ def _xml_forms(text: str) -> set[str]:
 
 def _text_forms(value: bytes) -> set[bytes]:
     """The escaped and quoted spellings of ``value`` (URL, JSON, XML, SQL, shell)."""
+    import shlex
+
     text = value.decode("utf-8", "surrogateescape")
     forms: set[str] = set()
     for safe in ("", "/"):

@@ -50,9 +50,7 @@ import heapq
 import itertools
 import threading
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
-
-from ahocorasick_rs import BytesAhoCorasick, Implementation, MatchKind
+from typing import TYPE_CHECKING, NamedTuple
 
 from stockade.secrets.encodings import (
     B64_CHARS,
@@ -64,6 +62,9 @@ from stockade.secrets.encodings import (
     patterns,
     variants,
 )
+
+if TYPE_CHECKING:
+    from ahocorasick_rs import BytesAhoCorasick
 
 __all__ = [
     "ADD_MASK",
@@ -173,6 +174,8 @@ class _Segment:
 
 
 def _automaton(patterns: tuple[bytes, ...], dfa: bool) -> BytesAhoCorasick:
+    from ahocorasick_rs import BytesAhoCorasick, Implementation, MatchKind  # (first secret)
+
     return BytesAhoCorasick(patterns, matchkind=MatchKind.LeftmostLongest,
                             implementation=Implementation.DFA if dfa else
                             Implementation.ContiguousNFA)
