@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from stockade.image.cache import ImageCache, chain_id
-from stockade.image.reference import parse_reference
 from stockade.image.errors import ImageUnavailable
+from stockade.image.reference import parse_reference
 from stockade.image.registry import Registry, RegistryConfig
 from tests.conftest import run_cli
 from tests.support.images import Image

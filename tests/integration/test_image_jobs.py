@@ -79,7 +79,8 @@ def test_a_job_in_a_cached_image_imports_only_what_it_uses(
         run_job, image_env: dict[str, str]) -> None:
     """Start-up is part of every job's start: once the image, the spec and the seccomp filter
     are cached, a job imports no registry client, no network-namespace plumbing (no egress),
-    no seccomp profile, no vault, no YAML or pydantic, nothing masking needs (no secrets)."""
+    no seccomp profile, no vault, no YAML or pydantic, nothing masking needs (no secrets), no
+    OpenSSL (hashlib)."""
     host, digest = image_env.pop("HOST"), image_env.pop("DIGEST")
     spec = _spec(f"{host}/test/busybox@{digest}", "true")
     assert run_job(spec, **image_env).rc == 0  # pulls; compiles the filter; caches the spec
@@ -90,7 +91,7 @@ def test_a_job_in_a_cached_image_imports_only_what_it_uses(
     assert {"stockade.image.cache", "stockade.runner.attempt"} <= imported  # (the report)
     for heavy in ("stockade.image.registry", "tempfile", "stockade.sandbox.netns", "socket",
                   "stockade.sandbox.seccomp_profile", "stockade.secrets.vault", "yaml",
-                  "pydantic", "httpx", "ssl", "ahocorasick_rs", "base64", "shlex"):
+                  "pydantic", "httpx", "ssl", "ahocorasick_rs", "base64", "shlex", "hashlib"):
         assert heavy not in imported, heavy
 
 

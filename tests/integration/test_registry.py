@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 
+from stockade.image.errors import ImageRefused, ImageUnavailable
 from stockade.image.reference import parse_reference
 from stockade.image.registry import (
     OCI_INDEX,
     OCI_MANIFEST,
-    ImageRefused,
-    ImageUnavailable,
     Registry,
     RegistryConfig,
 )

@@ -1,9 +1,10 @@
 """Audit event values and the hash chain over them."""
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
+
+from stockade.hashing import sha256
 
 GENESIS = "0" * 64
 
@@ -28,7 +29,7 @@ class AuditEvent(NamedTuple):
 
 def chain_hash(prev_hash: str, event: AuditEvent) -> str:
     """The hash of ``event`` chained after the record whose hash is ``prev_hash``."""
-    return hashlib.sha256(f"{prev_hash}\n{event.canonical()}".encode()).hexdigest()
+    return sha256(f"{prev_hash}\n{event.canonical()}".encode()).hexdigest()
 
 
 def verify_chain(records: Iterable[tuple[AuditEvent, str, str]]) -> int | None:

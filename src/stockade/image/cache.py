@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from stockade.hashing import sha256
 from stockade.image.errors import ImageRefused
 from stockade.image.reference import ImageRef
 from stockade.liveness import lock_is_free
@@ -52,7 +52,7 @@ def chain_id(diff_ids: Sequence[str]) -> str:
     """The OCI chain ID of layers with these DiffIDs."""
     chain = diff_ids[0]
     for diff_id in diff_ids[1:]:
-        chain = "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+        chain = "sha256:" + sha256(f"{chain} {diff_id}".encode()).hexdigest()
     return chain
 
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from stockade.image.cosign_keys import PublicKey, public_key
+from stockade.image.errors import ImageRefused
 from stockade.image.reference import BadReference, ImageRef, parse_reference
 from stockade.image.registry import (
     DOCKER_MANIFEST,
@@ -40,7 +41,6 @@ from stockade.image.registry import (
     MAX_MANIFEST_BYTES,
     OCI_MANIFEST,
     Descriptor,
-    ImageRefused,
     Registry,
 )
 

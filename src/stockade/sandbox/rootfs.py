@@ -16,7 +16,6 @@ new copy at the next job, and checking for one costs a few ``stat`` calls, not a
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from stockade.errors import SandboxError
+from stockade.hashing import sha256
 
 JOB_UID = 1000
 JOB_GID = 1000
@@ -70,7 +70,7 @@ def synthetic_etc(runtime_dir: Path, host_etc: Path = Path("/etc"),
     if known is not None and known[0] == stamp and os.path.isdir(known[1]) \
             and time.monotonic() - known[2] < TOUCH_EVERY_S:
         return known[1]
-    digest = hashlib.sha256(repr((_LAYOUT, sorted(_FILES.items()), str(host_etc),
+    digest = sha256(repr((_LAYOUT, sorted(_FILES.items()), str(host_etc),
                                   tls_extra_ca_file, stamp)).encode()).hexdigest()[:16]
     target = runtime_dir / f"etc-{digest}"
     if target.is_dir():

@@ -7,12 +7,12 @@ on any other architecture stockade refuses to run jobs rather than run them unfi
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from stockade.errors import SandboxError
+from stockade.hashing import sha256
 
 SUPPORTED_ARCHES = ("x86_64", "aarch64")
 _PROFILE_SOURCE = Path(__file__).with_name("seccomp_profile.py")
@@ -86,7 +86,7 @@ def _cache_key() -> str:
 
         source = repr((profile.ALLOW, profile.REFUSED, profile.CONDITIONAL,
                        profile.REFUSED_ERRNO)).encode()
-    return hashlib.sha256(machine().encode() + b"\0" + source).hexdigest()[:16]
+    return sha256(machine().encode() + b"\0" + source).hexdigest()[:16]
 
 
 def load_bpf(cache_dir: Path) -> bytes:

@@ -12,12 +12,12 @@ spec or to stockade's validation rules misses the cache.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
 
 from stockade import __version__
+from stockade.hashing import sha256
 from stockade.spec.job import Job
 from stockade.spec.problems import spec_error
 
@@ -81,7 +81,7 @@ def _check_regular(path: Path, st: os.stat_result) -> None:
 
 
 def _cache_key(data: bytes) -> str:
-    h = hashlib.sha256(__version__.encode())
+    h = sha256(__version__.encode())
     here = Path(__file__).parent
     for name in _VALIDATOR_SOURCES:
         h.update((here / name).read_bytes())

@@ -68,8 +68,8 @@ def _sign(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from stockade.config import load_settings
-    from stockade.image.reference import parse_reference
     from stockade.image.errors import ImageRefused
+    from stockade.image.reference import parse_reference
     from stockade.image.signing import signature_tag, verify_image
 
     ref, settings = parse_reference(args.reference), load_settings()
