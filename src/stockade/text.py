@@ -24,6 +24,7 @@ present); anything else, and ``str``, with one regular-expression pass over a ch
 
 from __future__ import annotations
 
+import functools
 import re
 
 _RANGES = ((0x00, 0x08), (0x0A, 0x1F), (0x7F, 0x9F),  # C0 but tab, DEL, C1
@@ -62,7 +63,13 @@ def _runs(ranges: tuple[tuple[int, int], ...]) -> re.Pattern[str]:
 
 
 _RUNS = _runs(_RANGES)
-_RUNS_BUT_NEWLINE = _runs(((0x00, 0x08), (0x0B, 0x1F), *_RANGES[2:]))
+
+
+@functools.cache
+def _runs_but_newline() -> re.Pattern[str]:  # (text that is not UTF-8: compiled when seen)
+    return _runs(((0x00, 0x08), (0x0B, 0x1F), *_RANGES[2:]))
+
+
 # printable ASCII and tab: nothing to do (the common case, checked on bytes without decoding:
 # deleting these bytes leaves nothing)
 _PLAIN = b"\t" + bytes(range(0x20, 0x7F))
@@ -71,13 +78,18 @@ _PLAIN = b"\t" + bytes(range(0x20, 0x7F))
 _UTF8 = {chr(code).encode(): _TABLE[code].encode() for low, high in _RANGES[:-1]
          for code in range(low, high + 1)}
 _NOT_C0 = bytes(b for b in range(256) if b == 0x09 or 0x20 <= b < 0x7F or b >= 0x80)
-# the multi-byte ones, one pattern per leading bytes (a literal prefix keeps a search fast)
-_LEADS: dict[bytes, list[int]] = {}
-for _seq in _UTF8:
-    if len(_seq) > 1:
-        _LEADS.setdefault(_seq[:-1], []).append(_seq[-1])
-_MULTI = tuple(re.compile(re.escape(lead) + b"[" + b"".join(b"\\x%02x" % b for b in last) + b"]")
-               for lead, last in _LEADS.items())
+
+
+@functools.cache
+def _multi() -> tuple[re.Pattern[bytes], ...]:
+    """The multi-byte unsafe characters, one pattern per leading bytes (a literal prefix
+    keeps a search fast); compiled when the first non-ASCII text is seen."""
+    leads: dict[bytes, list[int]] = {}
+    for seq in _UTF8:
+        if len(seq) > 1:
+            leads.setdefault(seq[:-1], []).append(seq[-1])
+    return tuple(re.compile(re.escape(lead) + b"[" + b"".join(b"\\x%02x" % b for b in last)
+                            + b"]") for lead, last in leads.items())
 
 
 def escape_controls(text: str) -> str:
@@ -111,7 +123,7 @@ def escape_lines(data: bytes) -> bytes:
     escaped = _escape_utf8(data, b"\n")
     if escaped is not None:
         return escaped
-    return _escape(data.decode("utf-8", "surrogateescape"), _RUNS_BUT_NEWLINE).encode()
+    return _escape(data.decode("utf-8", "surrogateescape"), _runs_but_newline()).encode()
 
 
 def _escape_utf8(data: bytes, keep: bytes) -> bytes | None:
@@ -122,7 +134,7 @@ def _escape_utf8(data: bytes, keep: bytes) -> bytes | None:
             data.decode()
         except UnicodeDecodeError:
             return None
-        for pattern in _MULTI:
+        for pattern in _multi():
             if pattern.search(data):
                 for seq in set(pattern.findall(data)):
                     data = data.replace(seq, _UTF8[seq])
