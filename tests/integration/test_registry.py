@@ -155,9 +155,26 @@ def test_mirrors_are_tried_in_order_and_the_registry_last(
 def test_a_registry_that_is_down_fails_fast(tmp_path: Path) -> None:
     client = Registry(RegistryConfig(insecure=frozenset({"127.0.0.1:9"})))
     started = time.monotonic()
-    with pytest.raises(ImageUnavailable, match=re.escape("127.0.0.1:9")):
+    with pytest.raises(ImageUnavailable, match=re.escape("127.0.0.1:9")) as down:
         client.resolve(parse_reference("127.0.0.1:9/team/app:1"))
     assert time.monotonic() - started < 5
+    assert "is the registry running" in down.value.hint
+    client.close()
+
+
+def test_unavailable_images_say_what_to_check(plain_registry: RunningRegistry) -> None:
+    """A plain-HTTP registry spoken to over HTTPS, a tag it does not have: the error names
+    the setting or the tag to check."""
+    ref = parse_reference(f"{plain_registry.host}/team/app:nope")
+    tls = Registry(RegistryConfig())
+    with pytest.raises(ImageUnavailable) as plain:
+        tls.resolve(ref)
+    assert "insecure_registries" in plain.value.hint, plain.value.diagnostics()
+    tls.close()
+    client = _client(plain_registry)
+    with pytest.raises(ImageUnavailable, match="has no tag nope") as missing:
+        client.resolve(ref)
+    assert "tag or digest" in missing.value.hint
     client.close()
 
 

@@ -76,10 +76,10 @@ class AdmissionPolicy(NamedTuple):
         registry = image.split("/", 1)[0]
         if registry in self.image_registries:
             return None
-        return (f"image {image[:200]!r}: jobs may use images from "
-                f"{', '.join(map(repr, self.image_registries)) or 'no registry'} only; the "
-                f"operator can allow {registry[:100]!r} with the setting image_registries "
-                "(STOCKADE_IMAGE_REGISTRIES)")
+        allowed = (f"jobs may use images from {', '.join(map(repr, self.image_registries))} "
+                   "only" if self.image_registries else "no registry is allowed (only image: host)")
+        return (f"image {image[:200]!r}: {allowed}; the operator can allow {registry[:100]!r} "
+                "with the setting image_registries (STOCKADE_IMAGE_REGISTRIES)")
 
     def audiences(self, trust: str) -> tuple[str, ...]:
         """The audiences a job of ``trust`` may ask for."""

@@ -195,7 +195,8 @@ class Registry:
                 with self._request(source, "GET", f"/v2/{ref.repository}/manifests/{reference}",
                                    ref.repository, headers={"Accept": accept}) as response:
                     if response.status_code == 404:
-                        problems.append(f"{source}: no manifest {reference}")
+                        what = "manifest" if _DIGEST.match(reference) else "tag"
+                        problems.append(f"{source}: has no {what} {reference}")
                         if absent_ok and source == ref.registry:
                             return None
                         continue
@@ -213,8 +214,9 @@ class Registry:
             doc = _json(raw, got)
             return str(doc.get("mediaType") or media_type), raw, got
         at = "@" if _DIGEST.match(reference) else ":"  # (a digest is not a tag)
+        said = "; ".join(problems)
         raise ImageUnavailable(f"{ref.registry}/{ref.repository}{at}{reference} is not "
-                               "available: " + "; ".join(problems))
+                               f"available: {said}", hint=_hint(said))
 
     # -- pushing --------------------------------------------------------------------------
 
@@ -436,6 +438,25 @@ class Registry:
 
 class _SourceFailed(ImageUnavailable):
     """A source did not answer usefully (unreachable, 5xx, refused credentials, too slow)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem, hint=_hint(problem))
+
+
+def _hint(problems: str) -> str:
+    """What to check, for what sources said (or did not)."""
+    if "WRONG_VERSION_NUMBER" in problems or "record layer failure" in problems:
+        return ("the registry seems to speak plain HTTP: if it should (a registry on loopback "
+                "for tests), list it in insecure_registries (STOCKADE_INSECURE_REGISTRIES)")
+    if "CERTIFICATE_VERIFY_FAILED" in problems:
+        return "give the CA of the registry's certificate in registry_ca_file"
+    if "401" in problems:
+        return "check the registry's credentials in registry_auth_file"
+    if "ConnectError" in problems or "ConnectTimeout" in problems or "out of time" in problems:
+        return "is the registry running and reachable from this host? (check REGISTRY:PORT)"
+    if "has no tag" in problems or "has no manifest" in problems:
+        return "check the repository and the tag or digest (stockade image push prints them)"
+    return ""
 
 
 class _Answer:

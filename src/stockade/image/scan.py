@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from stockade.config import Settings
     from stockade.image.cache import CachedImage
 
-SCANNER = 2  # the matching's version: stored reports of another are made again
+SCANNER = 3  # the matching's version: stored reports of another are made again
 THRESHOLDS = ("critical", "high", "medium", "low", "any", "none")
 MAX_REPORT_BYTES = 64 * 1024 * 1024
 _LOADED: dict[str, VulnerabilityData] = {}  # signature -> data (the last one)
@@ -95,7 +95,8 @@ def summary(report: ScanReport) -> str:
     """``0 critical, 2 high, ... in N packages (Debian:12)``."""
     counts = ", ".join(f"{n} {s}" for s, n in report.counts.items())
     where = report.ecosystem or "distribution unknown: no advisories apply"
-    bad = f"; {report.malformed} advisories malformed, ignored" if report.malformed else ""
+    bad = f"; {report.malformed} malformed records or versions ignored" if report.malformed \
+        else ""
     return f"{counts} in {report.packages} packages ({where}{bad})"
 
 

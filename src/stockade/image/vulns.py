@@ -65,7 +65,8 @@ class ScanReport(NamedTuple):
     counts: dict[str, int]  # every severity, zeros included
     packages: int  # installed binary packages
     ecosystem: str  # the OSV ecosystem matched (empty: the distribution is unknown)
-    malformed: int  # advisories of these packages whose versions do not parse
+    malformed: int  # records of the data without OSV's shape, and advisories of these
+    # packages whose versions do not parse
 
     def at_least(self, threshold: Severity) -> int:
         """How many findings are at ``threshold`` or above."""
@@ -84,7 +85,7 @@ def scan(contents: ImageContents, data: VulnerabilityData) -> ScanReport:
                                  f"{work} advisories to evaluate, more than the "
                                  f"{MAX_EVALUATIONS} a scan evaluates")
     findings: list[Finding] = []
-    malformed = 0
+    malformed = data.malformed
     for (source, version), binaries in sources.items():
         found, bad = _match_source(source, version, binaries, ecosystems, data)
         findings += found

@@ -122,7 +122,8 @@ class Attempt:
             status = JobStatus.FAILED if e.reason in (
                 FailureReason.IMAGE_UNVERIFIED, FailureReason.IMAGE_VULNERABLE) \
                 else JobStatus.ERROR
-            self._fail(status, e.reason, f"image: {e.message}", e.message)
+            note = e.message if e.message.startswith("image") else f"image: {e.message}"
+            self._fail(status, e.reason, note, e.message)
         except StockadeError as e:
             self._stopped("error")
             self._fail(JobStatus.ERROR, FailureReason.SYSTEM_ERROR, f"error: {e.diagnostics()}",

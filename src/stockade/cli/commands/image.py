@@ -51,8 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     listing = sub.add_parser("list", help="the cached images, most recently used first")
     listing.add_argument("--json", action="store_true")
     inspect = sub.add_parser("inspect", help="one cached image")
-    inspect.add_argument("image", metavar="DIGEST|REFERENCE")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("image", metavar="DIGEST|REFERENCE",
+                         help="sha256:DIGEST or REGISTRY/REPO@sha256:DIGEST (a tag is not "
+                              "looked up: pull prints the pinned reference)")
+    inspect.add_argument("--json", action="store_true", help="one line of JSON (default: "
+                                                              "indented)")
     prune = sub.add_parser("prune", help="evict images to fit the cache limit")
     prune.add_argument("--all", action="store_true", help="evict every image")
     for name in MORE:

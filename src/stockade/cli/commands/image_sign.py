@@ -30,7 +30,11 @@ def add_actions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     verify.add_argument("--key", metavar="PUB",
                         help="the public key (cosign.pub); default: the keys "
                              "image_trusted_keys trusts for the image's repository")
-    generate = sub.add_parser("generate-key-pair", help="make a cosign key pair")
+    generate = sub.add_parser(
+        "generate-key-pair", help="make a cosign key pair",
+        description=f"Write PREFIX.key (cosign's encrypted format, 0600) and PREFIX.pub; the "
+                    f"password comes from ${PASSWORD_VARIABLE} (as it is, even empty) or is "
+                    "asked twice on the terminal. An existing file is never overwritten.")
     generate.add_argument("--output-key-prefix", default="cosign", metavar="PREFIX",
                           help="write PREFIX.key (0600, encrypted) and PREFIX.pub "
                                "(default: cosign)")

@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
 
     if bool(args.job) == bool(args.public_key):
         raise UsageError("name a JOB, or pass --public-key",
-                         hint="e.g. stockade provenance j0123abcd > build.intoto.jsonl")
+                         hint="e.g. stockade provenance j0123abcd > release.intoto.json")
     remote = connect(args)
     if remote is not None:
         if args.public_key:

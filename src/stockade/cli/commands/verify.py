@@ -48,8 +48,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         found = check(raw, public, artifact)
     except EnvelopeError as e:
-        whose = "" if args.key else (" (the key is this host's control plane's; pass --key "
-                                     "with the public key of the one that made it)")
+        whose = "" if args.key or "no signature" not in str(e) else (
+            " (the key is this host's control plane's; pass --key with the public key of the "
+            "one that made it)")
         sys.stderr.write(f"stockade verify: {args.artifact}: NOT verified: {e}{whose}\n")
         return 1
     print(f"verified: {escape_controls(found.subject)} sha256:{artifact}\n"
