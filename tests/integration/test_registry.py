@@ -100,13 +100,15 @@ def test_wrong_or_missing_credentials_are_refused(registry: RunningRegistry,
     ref = parse_reference(f"{registry.host}/team/base:1.0")
     for creds in ({registry.host: ("ci", "wrong")}, {}):
         client = Registry(RegistryConfig(credentials=creds, ca_file=registry.ca_file))
-        with pytest.raises(ImageUnavailable, match="401"):
+        with pytest.raises(ImageUnavailable, match="401") as refused:
             client.resolve(ref)
+        assert "registry_auth_file" in refused.value.hint
         client.close()
     # and the registry's certificate is checked: without its CA, nothing is pulled
     client = Registry(RegistryConfig(credentials={registry.host: registry.credentials}))
-    with pytest.raises(ImageUnavailable, match=r"(?i)certificate"):
+    with pytest.raises(ImageUnavailable, match=r"(?i)certificate") as untrusted:
         client.resolve(ref)
+    assert "registry_ca_file" in untrusted.value.hint
     client.close()
 
 

@@ -450,7 +450,7 @@ def _hint(problems: str) -> str:
                 "for tests), list it in insecure_registries (STOCKADE_INSECURE_REGISTRIES)")
     if "CERTIFICATE_VERIFY_FAILED" in problems:
         return "give the CA of the registry's certificate in registry_ca_file"
-    if "401" in problems:
+    if re.search(r": 401\b", problems):  # (the status, not a port: "host:4011")
         return "check the registry's credentials in registry_auth_file"
     if "ConnectError" in problems or "ConnectTimeout" in problems or "out of time" in problems:
         return "is the registry running and reachable from this host? (check REGISTRY:PORT)"

@@ -213,11 +213,11 @@ class Attempt:
                                f"image {self.spec.image} is not pinned to a digest")
         started = time.monotonic()
         cache = ImageCache(self.settings.home / "images", self.settings.image_cache_bytes)
-        checked = self.settings.image_trusted_keys or self.settings.require_signed_images
-        # a required signature is checked at every use: then the registry is asked anyway
-        image, pulled = None if checked else cache.cached(ref), False
+        signed = bool(self.settings.image_trusted_keys or self.settings.require_signed_images)
+        # a signature to check is checked at every use: then the registry is asked anyway
+        image, pulled = None if signed else cache.cached(ref), False
         if image is None:
-            image, pulled = self._pull(cache, ref)
+            image, pulled = self._pull(cache, ref, signed)
         self._image_use = cache.use(image.digest)  # until teardown: not evicted meanwhile
         self.details["image"] = image.reference
         self.log.note(f"image {image.reference} ({'pulled' if pulled else 'cached'} in "
@@ -225,17 +225,17 @@ class Attempt:
         self._vulnerabilities(cache.root, image)
         return image.rootfs
 
-    def _pull(self, cache: ImageCache, ref: ImageRef) -> tuple[CachedImage, bool]:
-        """The image, its signature checked when the runner's settings ask for it, from the
-        cache or pulled, and whether it was pulled (the registry client is imported only
-        here)."""
+    def _pull(self, cache: ImageCache, ref: ImageRef, signed: bool
+              ) -> tuple[CachedImage, bool]:
+        """The image, its signature checked first if ``signed``, from the cache or pulled,
+        and whether it was pulled (the registry client is imported only here)."""
         from stockade.image.errors import ImageRefused
         from stockade.image.registry import Registry
         from stockade.image.settings import registry_config
 
         s = self.settings
         policy = None
-        if s.image_trusted_keys or s.require_signed_images:  # (else: no import to pay for)
+        if signed:  # (else: no import to pay for)
             from stockade.image.trust import signature_verdict, trust_policy
 
             policy = trust_policy(s)  # (a bad setting is the operator's: system_error)

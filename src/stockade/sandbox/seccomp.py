@@ -24,7 +24,7 @@ _PROFILE_MODULE = "stockade.sandbox.seccomp_profile"
 def _source_digest(path: Path) -> bytes:
     try:
         return sha256(path.read_bytes()).digest()
-    except OSError:  # installed without sources: the profile's values make the key
+    except OSError:  # installed without sources
         return b""
 
 

@@ -37,7 +37,7 @@ _RUNNER_COLUMNS = ", ".join(RunnerRow._fields)
 ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
 _ENROL_COLUMNS = ", ".join(EnrolTokenRow._fields)
 _SESSION_COLUMNS = ", ".join(SessionRow._fields)
-_RUNNING = "status = 'running' AND attempt = ? AND runner_id = ?"
+RUNNING = "status = 'running' AND attempt = ? AND runner_id = ?"
 _CHUNK_SHA = "SELECT sha256 FROM log_chunks WHERE job_id = ? AND attempt = ? AND seq = ?"
 
 
@@ -147,7 +147,7 @@ class FleetQueries:
         """An attempt's outcome on its job and its attempt row, if it still holds the job
         (PostgreSQL: one statement)."""
         sets = ", ".join(f"{k} = ?" for k in changes)
-        cur = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {_RUNNING}",
+        cur = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {RUNNING}",
                          (*changes.values(), job_id, attempt, runner_id))
         if cur.rowcount != 1:
             return False
@@ -160,7 +160,7 @@ class FleetQueries:
                      until: float) -> tuple[bool, bool]:
         """A heartbeat: ``(held, cancel_requested)``; the lease moves only while held."""
         with self._tx() as db:
-            cur = db.execute(f"UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND {_RUNNING}",
+            cur = db.execute(f"UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND {RUNNING}",
                              (until, job_id, attempt, runner_id))
             if cur.rowcount != 1:
                 return False, False
@@ -181,7 +181,7 @@ class FleetQueries:
 
     def holds(self, job_id: str, attempt: int, runner_id: str) -> bool:
         """Whether this attempt of ``runner_id`` is the job's current, running one."""
-        return bool(self._read(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
+        return bool(self._read(f"SELECT 1 FROM jobs WHERE id = ? AND {RUNNING}",
                                (job_id, attempt, runner_id)))
 
     def expire_leases(self, now: float, event_for: Callable[[JobRow, bool], AuditEvent]
@@ -400,7 +400,7 @@ class FleetQueries:
             row = db.execute(_CHUNK_SHA, key).fetchone()
             return "duplicate" if row is not None and row[0] == digest else "conflict"
 
-        if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
+        if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {RUNNING}",
                       (job_id, attempt, runner_id)).fetchone() is None:
             row = db.execute(_CHUNK_SHA, key).fetchone()  # a retry after the attempt ended
             return "fenced" if row is None else "duplicate" if row[0] == digest else "conflict"
@@ -439,7 +439,7 @@ class FleetQueries:
         """Keep bytes an attempt uploaded (the caller checked their sha256) and record that
         this attempt sent them; False (nothing kept) if it no longer holds the job."""
         with self._tx(head=False) as db:
-            if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {_RUNNING}",
+            if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {RUNNING}",
                           (job_id, attempt, runner_id)).fetchone() is None:
                 return False
             db.execute("INSERT INTO blobs (sha256, size, data, created_at) VALUES (?, ?, ?, ?) "

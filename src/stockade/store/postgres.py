@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from stockade.audit import AuditEvent, AuditHead, AuditSnapshot
 from stockade.errors import StoreError
-from stockade.store.fleet import ATTEMPT_COLUMNS, FleetQueries
+from stockade.store.fleet import ATTEMPT_COLUMNS, RUNNING, FleetQueries
 from stockade.store.sql import (
     AUDIT_COLUMNS,
     HEAD_REVISION,
@@ -177,8 +177,8 @@ class PostgresStore(SqlStore, FleetQueries):
         """The base's two writes of an outcome in one statement: whether the job was held."""
         sets = ", ".join(f"{k} = ?" for k in changes)
         row = db.execute(
-            f"WITH j AS (UPDATE jobs SET {sets} WHERE id = ? AND status = 'running' AND "
-            "attempt = ? AND runner_id = ? RETURNING 1), a AS (UPDATE attempts SET ended_at = ?, "
+            f"WITH j AS (UPDATE jobs SET {sets} WHERE id = ? AND {RUNNING} RETURNING 1), "
+            "a AS (UPDATE attempts SET ended_at = ?, "
             "outcome = ? WHERE job_id = ? AND attempt = ? AND EXISTS (SELECT 1 FROM j) "
             "RETURNING 1) SELECT count(*) FROM j",
             (*changes.values(), job_id, attempt, runner_id, time.time(),

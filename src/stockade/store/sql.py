@@ -139,11 +139,16 @@ class SqlStore:
             local = self.__dict__.setdefault("_local_", threading.local())
         return local
 
+    def _batch(self) -> _Batch | None:
+        """The batch this thread runs, if any."""
+        batch: _Batch | None = getattr(self._local(), "batch", None)
+        return batch
+
     def _tx(self, head: bool = True) -> AbstractContextManager[Db]:
         """A transaction of one's own, or the batch's this thread runs (begun now if it has
         not been yet; a batch's always takes the audit head first). ``head=False``: one that
         appends no event and may hold big rows (uploads) does not wait for the head."""
-        batch: _Batch | None = getattr(self._local(), "batch", None)
+        batch = self._batch()
         if batch is None:
             return self._begin(head)
         if batch.db is None:
@@ -153,12 +158,12 @@ class SqlStore:
     def _writing(self) -> bool:
         """Whether this thread's batch has begun its transaction (a read to spare a write
         transaction spares nothing then)."""
-        batch: _Batch | None = getattr(self._local(), "batch", None)
+        batch = self._batch()
         return batch is not None and batch.db is not None
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """One short read (in the batch's transaction once this thread's batch began one)."""
-        batch: _Batch | None = getattr(self._local(), "batch", None)
+        batch = self._batch()
         if batch is None or batch.db is None:
             return self._fetch(sql, args)
         return list(batch.db.execute(sql, args).fetchall())
@@ -220,7 +225,7 @@ class SqlStore:
         (SQLite moves its head file once the transaction commits)."""
 
     def _append_audit(self, db: Db, event: AuditEvent) -> None:
-        batch: _Batch | None = getattr(self._local(), "batch", None)
+        batch = self._batch()
         if batch is not None and batch.db is db:
             batch.events.append(event)  # with the batch's others, at its end
         else:
@@ -334,7 +339,7 @@ class SqlStore:
     def audit_records(self, job_id: str | None = None) -> list[tuple[AuditEvent, str, str]]:
         """Audit records in order, with their chain hashes (in a batch, with the events its
         calls appended so far: they are written out first)."""
-        batch: _Batch | None = getattr(self._local(), "batch", None)
+        batch = self._batch()
         if batch is not None and batch.db is not None and batch.events:
             events, batch.events = batch.events, []
             self._append_events(batch.db, events)
