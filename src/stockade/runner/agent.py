@@ -229,6 +229,7 @@ class Agent:
     def _run(self, a: Assignment) -> Assignment | None:
         """Run one attempt; the next job, if the completion brought one."""
         settings = self.settings
+        self.backend.warm()
         log = JobLog(settings.logs_dir / f"{a.job_id}.log", settings.log_cap_bytes, None)
         attempt = Attempt(settings, self.backend, self.control, self.session.runner_id or "",
                           a, log)

@@ -15,6 +15,7 @@ hierarchy, so that nothing a runtime made survives the job.
 import contextlib
 import errno
 import os
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -86,6 +87,73 @@ def _rmdir(path: Path, deadline: float) -> None:
             if e.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
             time.sleep(0.005)
+
+
+class MigrationWarmer:
+    """Keeps the kernel ready for a quick move into a cgroup while a job is set up.
+
+    A process's first move between cgroups after a quiet while waits for an RCU grace period
+    (the kernel's lock on every process's cgroup membership switches to its writer mode: 6-9 ms
+    here), and a step's launcher makes that move just before it executes the sandbox. The lock
+    stays in writer mode for about one grace period after a move: this thread moves the runner
+    into the cgroup it is already in (no change) at once and then every few milliseconds until
+    :meth:`stop` (after the first step started) or ``budget_s``, so that the wait passes while
+    the job's sandbox is prepared instead of in the launcher. Only an optimisation: any error
+    ends it quietly, and a launcher that comes too late waits as it would have."""
+
+    INTERVAL_S = 0.002
+
+    def __init__(self, root: Path = ROOT, budget_s: float = 0.1) -> None:
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.moves = 0  # no-op moves made so far
+        path = _own_procs(root)
+        if path is None:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        self.thread = threading.Thread(target=self._run, name="cgroup-warmer", daemon=True,
+                                       args=(fd, time.monotonic() + budget_s))
+        self.thread.start()
+
+    def _run(self, fd: int, deadline: float) -> None:
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                os.write(fd, b"0")
+                self.moves += 1
+                self._stop.wait(self.INTERVAL_S)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        """No more moves (the thread ends within one interval)."""
+        self._stop.set()
+
+
+def _own_procs(root: Path) -> Path | None:
+    """The ``cgroup.procs`` file of the cgroup this process is in: in the ``pids``
+    hierarchy on v1, the unified one on v2 (None if neither is found)."""
+    kind = layout(root)
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if kind == "v1" and "pids" in controllers.split(","):
+            base = root / "pids"
+        elif kind == "v2" and controllers == "":
+            base = root
+        else:
+            continue
+        if not path.startswith("/") or ".." in path.split("/"):
+            return None
+        return base / path.lstrip("/") / "cgroup.procs"
+    return None
 
 
 class JobCgroup:

@@ -148,6 +148,11 @@ class Backend(Protocol):
         confirms; return their job ids."""
         ...
 
+    def warm(self) -> None:
+        """A job is about to be prepared: start what makes its first step start sooner (the
+        next sandbox prepared takes it over)."""
+        ...
+
     def prepare(self, request: SandboxRequest) -> Sandbox:
         """Create the job's sandbox (filesystems, cgroup); raise SandboxError if it cannot."""
         ...

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from stockade.config import Settings, installation_id
 from stockade.errors import SandboxError
 from stockade.sandbox import image_root, mounts, orphans, reaper, rootfs, uids
-from stockade.sandbox.cgroups import JobCgroup, Limits
+from stockade.sandbox.cgroups import JobCgroup, Limits, MigrationWarmer
 from stockade.sandbox.interface import OutputSink, SandboxRequest, WorkspaceCopy
 from stockade.sandbox.plumbing import PROXY_PORT, PROXY_URL, readable
 
@@ -58,6 +58,18 @@ class JobBackend:
         self.jobs_dir = self.runtime_dir / self.installation
         self.cgroup_prefix = f"{self.installation}-"
         self._etc: Path | None = None
+        self._warmer: MigrationWarmer | None = None  # started by warm(), for the next job
+
+    def warm(self) -> None:
+        """Start the cgroup migration warmer (cgroups.MigrationWarmer) for the next job set
+        up: its first step's move into its cgroup then waits for nothing."""
+        if self._warmer is None:
+            self._warmer = MigrationWarmer()
+
+    def take_warmer(self) -> MigrationWarmer:
+        """The warmer :meth:`warm` started, or a new one: the caller stops it."""
+        warmer, self._warmer = self._warmer, None
+        return warmer if warmer is not None else MigrationWarmer()
 
     def uid_pool(self) -> range:
         """The operator's range of host uids for jobs (one per running job)."""
@@ -124,6 +136,7 @@ class PreparedJob:
         self._killed = False
         self._etc: Path | None = None  # an image's /etc (image host: the backend's)
         self.workspace_copy: WorkspaceCopy | None = None
+        self._warmer: MigrationWarmer | None = None  # until the first step started
         bash = _bash(request.rootfs)
         self._bash = bash is not None
         self._shell = [bash, "-e", "-o", "pipefail"] if bash else ["/bin/sh", "-e"]
@@ -170,6 +183,7 @@ class PreparedJob:
         from stockade.sandbox.workspace import copy_workspace
 
         r = self.request
+        self._warmer = self.backend.take_warmer()
         self.backend.etc_dir()
         if r.rootfs is not None:
             self._etc = image_root.image_etc(r.rootfs, self.backend.jobs_dir)
@@ -194,6 +208,7 @@ class PreparedJob:
                                hint="run stockade as root; see stockade doctor") from e
         self.workspace_copy = None if r.workspace_src is None else copy_workspace(
             r.workspace_src, self.workspace, self.host_uid, self.host_uid, r.workspace_bytes)
+        # last: it waits for the kernel's cgroup lock, which the warmer may hold meanwhile
         self.cgroup.create(Limits(memory_bytes=r.memory_bytes, pids=r.pids, cpus=r.cpus))
 
     def mount_dir(self, name: str, mount: Callable[[Path], None]) -> Path:
@@ -224,7 +239,14 @@ class PreparedJob:
                                start_new_session=True, **kwargs)
         except (OSError, subprocess.SubprocessError) as e:
             raise SandboxError(f"cannot start {os.path.basename(argv[0])}: {e}") from e
+        finally:
+            self._stop_warmer()
         return self._proc
+
+    def _stop_warmer(self) -> None:
+        if self._warmer is not None:
+            self._warmer.stop()
+            self._warmer = None
 
     def supervise(self, deadline: float, sink: OutputSink) -> tuple[bool, int]:
         """Stream the started process's output to ``sink`` until EOF, then wait for it, killing
@@ -280,6 +302,7 @@ class PreparedJob:
 
     def teardown(self) -> list[str]:
         """Kill, unmount, remove; verify nothing of the job is left and report what is."""
+        self._stop_warmer()
         leftovers = self.cgroup.remove()
         if self._network is not None:
             self._network.close()

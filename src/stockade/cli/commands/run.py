@@ -64,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
     workspace = WorkspaceSource(workspace, tuple(args.exclude))
     check_workspace(workspace, spec.resources.workspace, settings.max_workspace_bytes)
     backend = get_backend(settings.sandbox_backend, settings)
+    backend.warm()
     recover_lost(settings, control, backend)
     runner_id = new_runner_id(f"local-{os.uname().nodename}")
     # held from before the job exists until its result is committed: if this process dies
