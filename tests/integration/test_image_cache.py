@@ -66,11 +66,44 @@ def test_the_least_recently_used_images_are_evicted(registry: RunningRegistry,
     assert images[0].digest not in left and left == {images[1].digest, images[2].digest}
     assert not pulled[0].rootfs.exists() and pulled[2].rootfs.is_dir()
     held = cache.use(images[1].digest)  # a job stands on it: never evicted meanwhile
+    assert held is not None
     assert [i.digest for i in cache.prune(everything=True)] == [images[2].digest]
     assert pulled[1].rootfs.is_dir()
     os.close(held)
     assert [i.digest for i in cache.prune(everything=True)] == [images[1].digest]
     assert cache.images() == [] and not list((tmp_path / "images" / "trees").iterdir())
+    # looked up, then evicted before the job marked it used: use() says so, nothing is bound
+    assert cache.use(images[1].digest) is None
+    client.close()
+
+
+def test_a_prune_checks_for_users_under_the_image_lock(registry: RunningRegistry,
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that marks the image used after prune's first look (which found no user) and
+    before prune takes the image's lock keeps its image."""
+    from stockade.image import cache as cache_module
+
+    client = _client(registry)
+    image = Image(tmp_path, "raced")
+    image.push(client, f"{registry.host}/cache/race:1")
+    cache = ImageCache(tmp_path / "images", 1 << 30)
+    pulled, _ = cache.pull(client, parse_reference(f"{registry.host}/cache/race@{image.digest}"))
+    real, held = cache_module.lock_is_free, []
+
+    def first_look_then_a_job_starts(path: Path) -> bool | None:
+        if not held:  # prune's first look: free; then the job takes its use lock
+            free = real(path)
+            fd = cache.use(image.digest)
+            assert fd is not None
+            held.append(fd)
+            return free
+        return real(path)
+
+    monkeypatch.setattr(cache_module, "lock_is_free", first_look_then_a_job_starts)
+    assert cache.prune(everything=True) == []
+    assert pulled.rootfs.is_dir() and [i.digest for i in cache.images()] == [image.digest]
+    os.close(held[0])
     client.close()
 
 

@@ -159,12 +159,17 @@ class ImageCache:
         """The manifest digest the index ``digest`` led to (OSError if none is recorded)."""
         return self._alias_path(digest).read_text(encoding="ascii").strip()
 
-    def use(self, digest: str) -> int:
+    def use(self, digest: str) -> int | None:
         """Mark the image in use by a job until the returned descriptor is closed (a shared
-        lock): :meth:`prune` never evicts a tree a running job stands on."""
-        fd = os.open(self._use_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        return fd
+        lock): :meth:`prune` never evicts a tree a running job stands on. None if the image
+        was evicted since it was looked up (taken under the image's lock, which a prune of it
+        holds while it checks for users: no prune slips in between)."""
+        with self._lock(digest):
+            if self.get(digest) is None:
+                return None
+            fd = os.open(self._use_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return fd
 
     def _use_path(self, digest: str) -> Path:
         return self.root / "locks" / f"{_hex(digest)}.use"
@@ -196,7 +201,8 @@ class ImageCache:
             if image.digest in keep or lock_is_free(self._use_path(image.digest)) is False:
                 continue
             with self._lock(image.digest, wait=False) as locked:
-                if not locked:
+                # (users are checked again under the lock: use() takes theirs under it)
+                if not locked or lock_is_free(self._use_path(image.digest)) is False:
                     continue
                 (self.root / "images" / f"{_hex(image.digest)}.json").unlink(missing_ok=True)
                 images.remove(image)

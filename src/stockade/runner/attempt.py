@@ -218,7 +218,15 @@ class Attempt:
         image, pulled = None if signed else cache.cached(ref), False
         if image is None:
             image, pulled = self._pull(cache, ref, signed)
-        self._image_use = cache.use(image.digest)  # until teardown: not evicted meanwhile
+        # until teardown: not evicted meanwhile (if it was just now: pulled again, once)
+        self._image_use = cache.use(image.digest)
+        if self._image_use is None:
+            image, pulled = self._pull(cache, ref, signed)
+            self._image_use = cache.use(image.digest)
+        if self._image_use is None:
+            raise ImageProblem(FailureReason.IMAGE_UNAVAILABLE,
+                               f"image {image.reference} was evicted from the cache while "
+                               "the job started (stockade image prune)")
         self.details["image"] = image.reference
         self.log.note(f"image {image.reference} ({'pulled' if pulled else 'cached'} in "
                       f"{time.monotonic() - started:.1f} s)")

@@ -87,6 +87,9 @@ def _image_probe(settings: Settings, text: str) -> Finding:
         pinned = ref.with_digest(registry.resolve(ref)) if not ref.digest else ref
         image, _ = cache.pull(registry, pinned)
         held = cache.use(image.digest)
+        if held is None:
+            raise StockadeError(f"{image.reference} was evicted from the cache meanwhile",
+                                hint="run stockade doctor again (and image prune later)")
     except StockadeError as e:
         return finding(f"end-to-end probe on {text}", False, f"cannot pull it: {e.message}",
                        e.hint or "check the reference and the registry settings")
