@@ -125,6 +125,11 @@ def test_the_image_command(registry: RunningRegistry, tmp_path: Path) -> None:
     assert [i["digest"] for i in json.loads(listed.stdout)] == [image.digest]
     shown = run_cli(stockade_home, "image", "inspect", image.digest, "--json")
     assert json.loads(shown.stdout)["chain_id"] == image.diff_id
+    by_tag = run_cli(stockade_home, "image", "inspect", f"{registry.host}/cli/app:v1", **env)
+    assert by_tag.returncode == 0, by_tag.stderr
+    assert json.loads(by_tag.stdout)["digest"] == image.digest
+    no_tag = run_cli(stockade_home, "image", "inspect", f"{registry.host}/cli/app:v9", **env)
+    assert no_tag.returncode == 4 and "by its digest" in no_tag.stderr, no_tag.stderr
     bad = run_cli(stockade_home, "image", "pull", "debian:12", **env)
     assert bad.returncode == 2 and "name the registry" in bad.stderr
     missing = run_cli(stockade_home, "image", "pull", f"{registry.host}/cli/app:v2", **env)

@@ -212,8 +212,9 @@ def _probe(backend: Backend, rootfs: Path | None = None,
             leftovers = box.teardown()
     except StockadeError as e:
         said = out.decode(errors="replace").strip().splitlines()
-        return finding(control, False, e.message + (f": {said[-1][:300]}" if said else ""),
-                       e.hint or "see the checks above")
+        message = e.message.removesuffix("; see the log above")  # (the probe has no log:
+        return finding(control, False, message + (f": {said[-1][:300]}" if said else ""),
+                       e.hint or "see the checks above")  # its last line is quoted here)
     text = out.decode(errors="replace").strip()
     ok = exit.exit_code == 0 and "PROBE-OK" in text and not leftovers
     detail = ("a probe job saw uid 1000, no capabilities, no_new_privs, seccomp, fresh "

@@ -9,10 +9,12 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from stockade.config import Settings
     from stockade.image.cache import CachedImage, ImageCache
 
 HELP = "pull, list, inspect or prune the image cache"
 PULL_S = 3600.0  # one pull, all of it
+RESOLVE_S = 30.0  # a tag's digest, asked of the registry
 # actions kept in modules of their own: each has add_actions(sub) and main(args), and
 # ACTIONS, the names it adds
 MORE: tuple[str, ...] = ("stockade.cli.commands.image_build", "stockade.cli.commands.image_sign",
@@ -52,8 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     listing.add_argument("--json", action="store_true")
     inspect = sub.add_parser("inspect", help="one cached image")
     inspect.add_argument("image", metavar="DIGEST|REFERENCE",
-                         help="sha256:DIGEST or REGISTRY/REPO@sha256:DIGEST (a tag is not "
-                              "looked up: pull prints the pinned reference)")
+                         help="sha256:DIGEST, REGISTRY/REPO@sha256:DIGEST, or "
+                              "REGISTRY/REPO:TAG (the registry is asked for the tag's "
+                              "digest)")
     inspect.add_argument("--json", action="store_true", help="one line of JSON (default: "
                                                               "indented)")
     prune = sub.add_parser("prune", help="evict images to fit the cache limit")
@@ -99,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
             print("no images cached (pull one with: stockade image pull REFERENCE)")
         return 0
     if args.action == "inspect":
-        image = _find(cache, args.image)
+        image = _find(cache, _pinned(settings, args.image))
         print(json.dumps(_doc(image), indent=None if args.json else 2))
         return 0
     evicted = cache.prune(everything=args.all)
@@ -107,6 +110,28 @@ def main(args: argparse.Namespace) -> int:
         print(f"evicted {image.reference}")
     print(f"{len(evicted)} image(s) evicted")
     return 0
+
+
+def _pinned(settings: Settings, text: str) -> str:
+    """``text``, a tagged reference resolved to its digest by the registry (the cache keeps
+    digests only), or as it is."""
+    if "@" in text or text.startswith("sha256:"):
+        return text
+    from stockade.errors import StockadeError
+    from stockade.image.reference import parse_reference
+    from stockade.image.registry import Registry
+    from stockade.image.settings import registry_config
+
+    ref = parse_reference(text)
+    registry = Registry(registry_config(settings)).within(RESOLVE_S)
+    try:
+        return str(ref.with_digest(registry.resolve(ref)))
+    except StockadeError as e:
+        e.hint = (f"{e.hint}; or name the image by its digest (stockade image list shows "
+                  "them)").lstrip("; ")
+        raise
+    finally:
+        registry.close()
 
 
 def _find(cache: ImageCache, text: str) -> CachedImage:
