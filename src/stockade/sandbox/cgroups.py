@@ -90,59 +90,100 @@ def _rmdir(path: Path, deadline: float) -> None:
 
 
 class MigrationWarmer:
-    """Keeps the kernel ready for a quick move into a cgroup while a job is set up.
+    """Keeps the kernel ready for a quick move into a cgroup while jobs are set up.
 
     A process's first move between cgroups after a quiet while waits for an RCU grace period
-    (the kernel's lock on every process's cgroup membership switches to its writer mode: 6-9 ms
-    here), and a step's launcher makes that move just before it executes the sandbox. The lock
-    stays in writer mode for about one grace period after a move: this thread moves the runner
-    into the cgroup it is already in (no change) at once and then every few milliseconds until
-    :meth:`stop` (after the first step started) or ``budget_s``, so that the wait passes while
-    the job's sandbox is prepared instead of in the launcher. Only an optimisation: any error
-    ends it quietly, and a launcher that comes too late waits as it would have."""
+    (the kernel's lock on every process's cgroup membership switches to its writer mode: 6-11
+    ms on a cgroup-v1 host), and a step's launcher makes that move just before it executes the
+    sandbox. The lock stays in writer mode for about one more grace period after a move: while
+    a job is coming (:meth:`hint`) or being set up (:meth:`hold` until :meth:`release`), one
+    thread moves the runner into the cgroup it is already in (no change) every few
+    milliseconds, so that the wait passes while the sandbox is prepared instead of in the
+    launcher. Each hint or hold lasts at most ``budget_s``; the last release ends it.
 
-    INTERVAL_S = 0.002
+    Only an optimisation, and careful about it: it runs only if the runner is listed in the
+    ``cgroup.procs`` file it would write (in a cgroup namespace the path in /proc/self/cgroup
+    may name another cgroup of the mounted tree), it ends as soon as the runner's cgroups
+    change (an operator moved it), and any error ends it for good, quietly: a launcher then
+    waits as it would have. One per backend (process)."""
+
+    INTERVAL_S = 0.004  # the lock stays in writer mode for ~10 ms after a move
 
     def __init__(self, root: Path = ROOT, budget_s: float = 0.1) -> None:
-        self._stop = threading.Event()
-        self.thread: threading.Thread | None = None
+        self._root, self._budget = root, budget_s
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._holds, self._until = 0, 0.0
+        self._thread: threading.Thread | None = None
+        self.broken = False  # an error ended it: never again in this process
         self.moves = 0  # no-op moves made so far
-        path = _own_procs(root)
-        if path is None:
-            return
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        self.thread = threading.Thread(target=self._run, name="cgroup-warmer", daemon=True,
-                                       args=(fd, time.monotonic() + budget_s))
-        self.thread.start()
 
-    def _run(self, fd: int, deadline: float) -> None:
+    def hint(self) -> None:
+        """A job is coming: warm for up to ``budget_s``."""
+        with self._lock:
+            self._start()
+
+    def hold(self) -> None:
+        """A job is being set up: warm until :meth:`release` (at most ``budget_s``)."""
+        with self._lock:
+            self._holds += 1
+            self._start()
+
+    def release(self) -> None:
+        """A job held since :meth:`hold` started its first step; the last one stops it."""
+        with self._lock:
+            self._holds = max(0, self._holds - 1)
+            if self._holds == 0:
+                self._until = 0.0
+                self._wake.set()
+
+    def _start(self) -> None:
+        if self.broken:
+            return
+        self._until = time.monotonic() + self._budget
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cgroup-warmer",
+                                            daemon=True)
+            self._thread.start()
+
+    def running(self) -> bool:
+        """Whether its thread is warming now."""
+        with self._lock:
+            return self._thread is not None
+
+    def _run(self) -> None:
+        fd = None
         try:
-            while not self._stop.is_set() and time.monotonic() < deadline:
+            mine = Path("/proc/self/cgroup").read_text()
+            path = _own_procs(self._root, mine)
+            if path is None or os.getpid() not in _read_procs(path):
+                raise OSError("not the runner's own cgroup")
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            while True:
+                with self._lock:
+                    if time.monotonic() >= self._until:
+                        self._thread = None
+                        return
+                    self._wake.clear()
+                if Path("/proc/self/cgroup").read_text() != mine:
+                    raise OSError("the runner was moved")
                 os.write(fd, b"0")
                 self.moves += 1
-                self._stop.wait(self.INTERVAL_S)
-        except OSError:
-            pass
+                self._wake.wait(self.INTERVAL_S)
+        except (OSError, ValueError):
+            with self._lock:
+                self.broken, self._thread = True, None
         finally:
-            os.close(fd)
-
-    def stop(self) -> None:
-        """No more moves (the thread ends within one interval)."""
-        self._stop.set()
+            if fd is not None:
+                os.close(fd)
 
 
-def _own_procs(root: Path) -> Path | None:
-    """The ``cgroup.procs`` file of the cgroup this process is in: in the ``pids``
-    hierarchy on v1, the unified one on v2 (None if neither is found)."""
+def _own_procs(root: Path, cgroups: str) -> Path | None:
+    """The ``cgroup.procs`` file of the cgroup this process is in according to ``cgroups``
+    (/proc/self/cgroup): in the ``pids`` hierarchy on v1, the unified one on v2 (None if
+    neither is found)."""
     kind = layout(root)
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
+    for line in cgroups.splitlines():
         _, controllers, path = line.split(":", 2)
         if kind == "v1" and "pids" in controllers.split(","):
             base = root / "pids"

@@ -58,18 +58,12 @@ class JobBackend:
         self.jobs_dir = self.runtime_dir / self.installation
         self.cgroup_prefix = f"{self.installation}-"
         self._etc: Path | None = None
-        self._warmer: MigrationWarmer | None = None  # started by warm(), for the next job
+        self.warmer = MigrationWarmer()  # one for all the jobs of this runner
 
     def warm(self) -> None:
-        """Start the cgroup migration warmer (cgroups.MigrationWarmer) for the next job set
-        up: its first step's move into its cgroup then waits for nothing."""
-        if self._warmer is None:
-            self._warmer = MigrationWarmer()
-
-    def take_warmer(self) -> MigrationWarmer:
-        """The warmer :meth:`warm` started, or a new one: the caller stops it."""
-        warmer, self._warmer = self._warmer, None
-        return warmer if warmer is not None else MigrationWarmer()
+        """A job is coming: make its first step's move into its cgroup wait for nothing
+        (cgroups.MigrationWarmer)."""
+        self.warmer.hint()
 
     def uid_pool(self) -> range:
         """The operator's range of host uids for jobs (one per running job)."""
@@ -136,7 +130,7 @@ class PreparedJob:
         self._killed = False
         self._etc: Path | None = None  # an image's /etc (image host: the backend's)
         self.workspace_copy: WorkspaceCopy | None = None
-        self._warmer: MigrationWarmer | None = None  # until the first step started
+        self._warming = False  # holds the backend's warmer until its first step started
         bash = _bash(request.rootfs)
         self._bash = bash is not None
         self._shell = [bash, "-e", "-o", "pipefail"] if bash else ["/bin/sh", "-e"]
@@ -183,7 +177,8 @@ class PreparedJob:
         from stockade.sandbox.workspace import copy_workspace
 
         r = self.request
-        self._warmer = self.backend.take_warmer()
+        self.backend.warmer.hold()
+        self._warming = True
         self.backend.etc_dir()
         if r.rootfs is not None:
             self._etc = image_root.image_etc(r.rootfs, self.backend.jobs_dir)
@@ -240,13 +235,17 @@ class PreparedJob:
         except (OSError, subprocess.SubprocessError) as e:
             raise SandboxError(f"cannot start {os.path.basename(argv[0])}: {e}") from e
         finally:
-            self._stop_warmer()
+            if self.warm_until_spawned:
+                self.cool()
         return self._proc
 
-    def _stop_warmer(self) -> None:
-        if self._warmer is not None:
-            self._warmer.stop()
-            self._warmer = None
+    warm_until_spawned = True  # (else the backend calls cool() once its step started)
+
+    def cool(self) -> None:
+        """Let the backend's warmer go: the first step started (or never will)."""
+        if self._warming:
+            self._warming = False
+            self.backend.warmer.release()
 
     def supervise(self, deadline: float, sink: OutputSink) -> tuple[bool, int]:
         """Stream the started process's output to ``sink`` until EOF, then wait for it, killing
@@ -302,7 +301,7 @@ class PreparedJob:
 
     def teardown(self) -> list[str]:
         """Kill, unmount, remove; verify nothing of the job is left and report what is."""
-        self._stop_warmer()
+        self.cool()
         leftovers = self.cgroup.remove()
         if self._network is not None:
             self._network.close()

@@ -116,6 +116,7 @@ class OciSandbox(PreparedJob):
     """One job's containers, one per step."""
 
     backend: OciBackend
+    warm_until_spawned = False  # runc moves its container later: cooled once it started
 
     def __init__(self, backend: OciBackend, request: SandboxRequest, runtime: str) -> None:
         super().__init__(backend, request)
@@ -231,6 +232,7 @@ class OciSandbox(PreparedJob):
                         "--pid-file", "pid", "--bundle", ".", container], cwd=self.bundle)
             started = self._started(deadline)
         finally:
+            self.cool()  # (the runtime moved the container into its cgroup by now)
             for path in (self.bundle / "config.json", *secrets):
                 path.unlink(missing_ok=True)
         timed_out, returncode = self.supervise(deadline, sink)
