@@ -38,6 +38,7 @@ ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
 _ENROL_COLUMNS = ", ".join(EnrolTokenRow._fields)
 _SESSION_COLUMNS = ", ".join(SessionRow._fields)
 RUNNING = "status = 'running' AND attempt = ? AND runner_id = ?"
+ACTIVE = " AND status = 'active'"
 _CHUNK_SHA = "SELECT sha256 FROM log_chunks WHERE job_id = ? AND attempt = ? AND seq = ?"
 
 
@@ -58,14 +59,19 @@ class FleetQueries:
 
     # -- jobs and attempts ----------------------------------------------------------------
 
-    def _candidates(self, db: Any, runner_id: str) -> Iterator[JobRow]:
+    def _candidates(self, db: Any, runner_id: str, seen: str = "", seen_args: tuple[Any, ...]
+                    = (), gate: str = "") -> Iterator[JobRow]:
+        """The queued jobs ``runner_id`` may take, oldest first (locked, skipping those being
+        taken, on PostgreSQL). ``seen`` (with ``seen_args``): a ``WITH`` clause the first
+        query begins with; ``gate``: a condition only that query adds."""
         args: tuple[Any, ...]
         after, args = "", (runner_id,)  # the first query reads from the head of the queue
         for size in CLAIM_BATCHES:  # few rows first: the oldest queued job is usually taken
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
-                f"(runner_id IS NULL OR runner_id = ?){after} ORDER BY created_at, id "
-                f"LIMIT {size}{self._skip_locked}", args).fetchall()
+                f"{seen}SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
+                f"(runner_id IS NULL OR runner_id = ?){gate}{after} ORDER BY created_at, id "
+                f"LIMIT {size}{self._skip_locked}", (*seen_args, *args)).fetchall()
+            seen, seen_args, gate = "", (), ""
             for row in rows:
                 yield JobRow(*row)
             if len(rows) < size:
@@ -74,6 +80,16 @@ class FleetQueries:
             # rows (an OR of two comparisons made PostgreSQL read and sort the whole queue)
             after = " AND (created_at, id) > (?, ?)"
             args = (runner_id, rows[-1][JobRow._fields.index("created_at")], rows[-1][0])
+
+    def _seen_candidates(self, db: Any, runner_id: str, now: float, agent: bool
+                         ) -> Iterator[JobRow]:
+        """The runner seen ``now`` (its row locked until the commit), then its candidates;
+        none for an ``agent`` that is not active (PostgreSQL: both in one statement)."""
+        cur = db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?"
+                         + (ACTIVE if agent else ""), (now, runner_id))
+        if agent and cur.rowcount != 1:
+            return iter(())
+        return self._candidates(db, runner_id)
 
     def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
                       event_for: Callable[[JobRow], AuditEvent],
@@ -91,11 +107,8 @@ class FleetQueries:
         with self._tx() as db:
             now = time.time()
             # seen now, and still active (its row stays locked until the commit)
-            cur = db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?"
-                             + (" AND status = 'active'" if agent else ""), (now, runner_id))
-            if agent and cur.rowcount != 1:
-                return None
-            job = next((j for j in self._candidates(db, runner_id) if eligible(j)), None)
+            job = next((j for j in self._seen_candidates(db, runner_id, now, agent)
+                        if eligible(j)), None)
             if job is None:
                 return None
             changes: dict[str, Any] = {"status": "running", "runner_id": runner_id,

@@ -25,7 +25,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from stockade.audit import AuditEvent, AuditHead, AuditSnapshot
 from stockade.errors import StoreError
-from stockade.store.fleet import ATTEMPT_COLUMNS, RUNNING, FleetQueries
+from stockade.store.fleet import ACTIVE, ATTEMPT_COLUMNS, RUNNING, FleetQueries
+from stockade.store.interface import JobRow
 from stockade.store.sql import (
     AUDIT_COLUMNS,
     HEAD_REVISION,
@@ -154,6 +155,16 @@ class PostgresStore(SqlStore, FleetQueries):
                                    json.dumps(event.detail, sort_keys=True), event.canonical()))
         if cur.rowcount != 1:  # the head row is gone: the base says so, visibly
             super()._append_events(db, events)
+
+    def _seen_candidates(self, db: Db, runner_id: str, now: float, agent: bool
+                         ) -> Iterator[JobRow]:
+        """The base's two statements in one: the runner's row updated in the first
+        candidates query (none if an agent is not active)."""
+        return self._candidates(
+            db, runner_id,
+            seen=("WITH seen AS (UPDATE runners SET last_seen_at = ? WHERE id = ?"
+                  + (f"{ACTIVE} RETURNING 1) " if agent else " RETURNING 1) ")),
+            seen_args=(now, runner_id), gate=" AND EXISTS (SELECT 1 FROM seen)" if agent else "")
 
     def _take(self, db: Db, job_id: str, changes: dict[str, Any],
               after: tuple[str, int] | None) -> None:

@@ -169,3 +169,30 @@ def test_uploads_no_job_refers_to_are_pruned_after_their_grace(store_url: str) -
     assert store.prune_blobs(before=10.0) == 2  # the orphan, and the finished job's workspace
     assert store.get_blob(digest[artifact]) == artifact and store.get_blob(digest[kept]) is None
     store.close()
+
+
+def test_a_claim_marks_the_runner_seen_and_only_an_active_agent_claims(store_url: str) -> None:
+    """The runner's row is updated in the claim's transaction (on PostgreSQL in the same
+    statement as the first candidates): an agent not active takes nothing; a runner of this
+    host (no runner row) takes its job all the same."""
+    store = open_store(store_url)
+    enrolled(store)
+    store.insert_job(job("j1", 1.0), ev("job.admitted", "j1"))
+    store.insert_job(job("j2", 2.0, runner_id="local-1"), ev("job.admitted", "j2"))
+
+    def claim(runner_id: str, agent: bool) -> JobRow | None:
+        return store.claim_attempt(runner_id, lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                                   lambda j: True, agent=agent)
+
+    assert store.set_runner_status("r1", "draining", ("active",), ev("runner.draining"))
+    assert claim("r1", agent=True) is None
+    assert store.get_runner("r1").last_seen_at is None  # type: ignore[union-attr]
+    assert store.set_runner_status("r1", "active", ("draining",), ev("runner.active"))
+    claimed = claim("r1", agent=True)
+    assert claimed is not None and claimed.id == "j1"
+    seen = store.get_runner("r1").last_seen_at  # type: ignore[union-attr]
+    assert seen is not None and seen > 2.0
+    mine = claim("local-1", agent=False)
+    assert mine is not None and mine.id == "j2" and mine.runner_id == "local-1"
+    assert claim("r1", agent=True) is None  # the queue is empty
+    store.close()
