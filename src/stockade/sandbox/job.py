@@ -196,13 +196,18 @@ class PreparedJob:
                 (self.job_dir / "identity").mkdir(mode=0o500)
                 os.chown(self.job_dir / "identity", self.host_uid, self.host_uid)
             self.setup_runtime(pool)
-            if r.egress:
-                self._network = self.job_network()
         except OSError as e:
             raise SandboxError(f"cannot prepare {self.job_dir}: {e}",
                                hint="run stockade as root; see stockade doctor") from e
         self.workspace_copy = None if r.workspace_src is None else copy_workspace(
             r.workspace_src, self.workspace, self.host_uid, self.host_uid, r.workspace_bytes)
+        try:
+            self.finish_runtime()
+            if r.egress:
+                self._network = self.job_network()
+        except OSError as e:
+            raise SandboxError(f"cannot prepare {self.job_dir}: {e}",
+                               hint="run stockade as root; see stockade doctor") from e
         # last: it waits for the kernel's cgroup lock, which the warmer may hold meanwhile
         self.cgroup.create(Limits(memory_bytes=r.memory_bytes, pids=r.pids, cpus=r.cpus))
 
@@ -215,7 +220,11 @@ class PreparedJob:
         return point
 
     def setup_runtime(self, pool: range) -> None:
-        """What the backend itself needs per job (nothing by default)."""
+        """What the backend itself needs per job (nothing by default); what takes a while
+        may go on while the workspace is copied, until :meth:`finish_runtime`."""
+
+    def finish_runtime(self) -> None:
+        """The rest of :meth:`setup_runtime`, once the workspace is copied."""
 
     def job_network(self) -> JobNetwork:
         """The job's network namespace with the proxy's listener (a new one by default)."""

@@ -32,9 +32,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from stockade.config import Settings
 from stockade.errors import SandboxError
@@ -51,7 +52,6 @@ from stockade.sandbox.job import (
     JobBackend,
     PreparedJob,
 )
-from stockade.sandbox.netns import JobNetwork
 from stockade.sandbox.plumbing import (
     ERR_TRAP,
     FAILED_FILE,
@@ -60,6 +60,9 @@ from stockade.sandbox.plumbing import (
     read_failed_at,
     readable,
 )
+
+if TYPE_CHECKING:
+    from stockade.sandbox.netns import JobNetwork
 
 BUNDLE_BYTES = 64 * 1024 * 1024  # config.json (the env), the script, secret files, state
 SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin"
@@ -124,6 +127,7 @@ class OciSandbox(PreparedJob):
         self.bundle = self.job_dir / "oci"
         self._setup_uid: uids.UidLease | None = None
         self._namespaces: userns.JobNamespaces | None = None
+        self._helper: subprocess.Popen[bytes] | None = None  # making the user namespace
         self._skeleton: Path | None = None
         self._root_binds: list[tuple[str, str]] = []
         self._steps = 0
@@ -132,10 +136,8 @@ class OciSandbox(PreparedJob):
         """The set-up uid, the job's user namespace (runc), the bundle's tmpfs, the root's
         skeleton and binds."""
         self._setup_uid = uids.allocate(pool)
-        if self.backend.runtime.joins_userns:
-            self._namespaces = userns.make(
-                self.host_uid, oci_config.id_map(self.host_uid, self._setup_uid.uid),
-                network=self.request.egress, env=HOST_ENV)
+        if self.backend.runtime.joins_userns:  # (it works while the rest is prepared)
+            self._helper = userns.start(self.host_uid, self.request.egress, HOST_ENV)
         self.mount_dir("oci", lambda point: mounts.mount_tmpfs(point, BUNDLE_BYTES, 0, 0))
         tree = self.request.rootfs
         if tree is None:
@@ -149,14 +151,28 @@ class OciSandbox(PreparedJob):
                                 for e in image_root.top_entries(tree) if e.link is None]
             self._root_binds.append((str(self._etc), "/etc"))
 
+    def finish_runtime(self) -> None:
+        """The job's user namespace from the helper :meth:`setup_runtime` started."""
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            assert self._setup_uid is not None
+            self._namespaces = userns.finish(
+                helper, oci_config.id_map(self.host_uid, self._setup_uid.uid),
+                network=self.request.egress)
+
     def job_network(self) -> JobNetwork:
         """The job's network namespace: with runc, the one in the job's user namespace."""
+        from stockade.sandbox.netns import JobNetwork  # (socket and threads: jobs with egress)
+
         if self._namespaces is None or self._namespaces.net is None:
             return super().job_network()
         return JobNetwork(PROXY_PORT, join=self._namespaces.net)
 
     def teardown(self) -> list[str]:
         """Drop the runner's hold on the job's namespaces, then tear down as every backend."""
+        if self._helper is not None:  # (set-up failed before it was finished)
+            userns.end(self._helper)
+            self._helper = None
         if self._namespaces is not None:
             self._namespaces.close()
             self._namespaces = None

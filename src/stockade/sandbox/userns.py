@@ -52,19 +52,24 @@ class JobNamespaces:
             os.close(self._open.pop())
 
 
-def make(owner: int, mappings: list[tuple[int, int]], network: bool,
-         env: dict[str, str]) -> JobNamespaces:
-    """A user namespace owned by host uid ``owner`` with ``mappings`` ((inside, host) pairs,
-    uid and gid alike), and with ``network`` a network namespace in it."""
+def start(owner: int, network: bool, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start the helper that makes a user namespace owned by host uid ``owner`` (and with
+    ``network`` a network namespace in it); :func:`finish` it, or :func:`end` it."""
     argv = [SETPRIV, f"--reuid={owner}", f"--regid={owner}", "--clear-groups", "--",
             UNSHARE, "--user", *(["--net"] if network else []), "--", CAT]
     try:
-        helper = subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  start_new_session=True)
+        return subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
     except (OSError, subprocess.SubprocessError) as e:
         raise SandboxError(f"cannot start {SETPRIV}: {e}",
                            hint="apt-get install util-linux") from e
+
+
+def finish(helper: subprocess.Popen[bytes], mappings: list[tuple[int, int]],
+           network: bool) -> JobNamespaces:
+    """The namespaces of a :func:`start`-ed helper, with ``mappings`` ((inside, host)
+    pairs, uid and gid alike); the helper is ended either way."""
     opened: list[int] = []
     try:
         _await(helper)
@@ -80,7 +85,7 @@ def make(owner: int, mappings: list[tuple[int, int]], network: bool,
             os.close(fd)
         raise
     finally:
-        _end(helper)
+        end(helper)
     return JobNamespaces(opened[0], opened[1] if network else None)
 
 
@@ -116,7 +121,7 @@ def _open_ns(path: Path, kind: str) -> int:
     return fd
 
 
-def _end(helper: subprocess.Popen[bytes]) -> None:
+def end(helper: subprocess.Popen[bytes]) -> None:
     """Close the helper's input (it exits) and reap it; killed if it does not."""
     for pipe in (helper.stdin, helper.stdout, helper.stderr):
         if pipe is not None:
