@@ -380,11 +380,10 @@ class ControlService:
         events = [self._event(f"job.{c.status.value}", c.job_id, actor=f"runner:{c.runner_id}",
                               attempt=c.attempt, failure_reason=changes["failure_reason"],
                               exit_code=c.exit_code)]
-        finished = self.store.finish_attempt(c.job_id, c.attempt, c.runner_id, changes, steps,
-                                             artifacts, events)
-        if finished and self.broker is not None:  # (a refused one revokes nobody's leases)
-            self.broker.revoke(c.job_id, c.attempt)
-        return finished
+        # its secret leases revoked with it (a refused one revokes nobody's)
+        revoke = None if self.broker is None else self.broker.revocation(c.job_id, c.attempt)
+        return self.store.finish_attempt(c.job_id, c.attempt, c.runner_id, changes, steps,
+                                         artifacts, events, revoke)
 
     def job(self, job_id: str) -> JobRow | None:
         """A job by its exact id (None if unknown)."""

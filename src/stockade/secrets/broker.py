@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from stockade.api.protocol import TRUST_LEVELS, LeaseGrant
 from stockade.audit import AuditEvent
 from stockade.errors import PolicyDenied, UsageError
-from stockade.store.interface import LeaseRow, SecretRow, Store
+from stockade.store.interface import LeaseRow, Revocation, SecretRow, Store
 
 if TYPE_CHECKING:
     from stockade.secrets.vault import Vault
@@ -211,11 +211,17 @@ class Broker:
 
     def revoke(self, job_id: str, attempt: int) -> int:
         """Revoke the attempt's leases (when the job ends); return how many."""
+        at, event_for = self.revocation(job_id, attempt)
+        return len(self.store.revoke_leases(job_id, attempt, at, event_for))
+
+    def revocation(self, job_id: str, attempt: int) -> Revocation:
+        """What revoking the attempt's leases now records: the time, an event per lease (for
+        a store call that revokes them with other writes, such as the attempt's end)."""
         def event(lease: LeaseRow) -> AuditEvent:
             return self._event("secret.revoked", job_id, secret=lease.secret_name,
                                lease=lease.id, attempt=attempt)
 
-        return len(self.store.revoke_leases(job_id, attempt, self.clock(), event))
+        return Revocation(self.clock(), event)
 
 
 def check_refs(refs: str) -> str:

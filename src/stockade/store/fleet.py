@@ -25,6 +25,8 @@ from stockade.store.interface import (
     AttemptRow,
     EnrolTokenRow,
     JobRow,
+    LeaseRow,
+    Revocation,
     RunnerRow,
     SessionRow,
     StepRow,
@@ -37,6 +39,7 @@ _RUNNER_COLUMNS = ", ".join(RunnerRow._fields)
 ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
 _ENROL_COLUMNS = ", ".join(EnrolTokenRow._fields)
 _SESSION_COLUMNS = ", ".join(SessionRow._fields)
+LEASE_COLUMNS = ", ".join(LeaseRow._fields)
 RUNNING = "status = 'running' AND attempt = ? AND runner_id = ?"
 ACTIVE = " AND status = 'active'"
 _CHUNK_SHA = "SELECT sha256 FROM log_chunks WHERE job_id = ? AND attempt = ? AND seq = ?"
@@ -136,10 +139,14 @@ class FleetQueries:
 
     def finish_attempt(self, job_id: str, attempt: int, runner_id: str,
                        changes: dict[str, Any], steps: list[StepRow],
-                       artifacts: list[ArtifactRow], events: list[AuditEvent]) -> bool:
-        """Record the outcome, steps and artifacts if this attempt still holds the job."""
+                       artifacts: list[ArtifactRow], events: list[AuditEvent],
+                       revoke: Revocation | None = None) -> bool:
+        """Record the outcome, steps and artifacts if this attempt still holds the job; with
+        ``revoke``, the attempt's live secret leases are revoked in the same transaction."""
         with self._tx() as db:
-            if not self._finish(db, job_id, attempt, runner_id, changes):
+            revoked = self._finish(db, job_id, attempt, runner_id, changes,
+                                   None if revoke is None else revoke.at)
+            if revoked is None:
                 return False
             if attempt > 1:  # what a lost attempt may have left
                 db.execute("DELETE FROM steps WHERE job_id = ?", (job_id,))
@@ -153,21 +160,33 @@ class FleetQueries:
                                "VALUES (?, ?, ?, ?)", [(job_id, *a) for a in artifacts])
             for event in events:
                 self._append_audit(db, event)
+            for lease in revoked:
+                assert revoke is not None
+                self._append_audit(db, revoke.event_for(lease))
             return True
 
     def _finish(self, db: Any, job_id: str, attempt: int, runner_id: str,
-                changes: dict[str, Any]) -> bool:
-        """An attempt's outcome on its job and its attempt row, if it still holds the job
-        (PostgreSQL: one statement)."""
+                changes: dict[str, Any], revoke_at: float | None) -> list[LeaseRow] | None:
+        """An attempt's outcome on its job and its attempt row if it still holds the job, and
+        with ``revoke_at`` its live leases revoked: those leases (None: not held; PostgreSQL:
+        one statement)."""
         sets = ", ".join(f"{k} = ?" for k in changes)
         cur = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {RUNNING}",
                          (*changes.values(), job_id, attempt, runner_id))
         if cur.rowcount != 1:
-            return False
+            return None
         db.execute("UPDATE attempts SET ended_at = ?, outcome = ? WHERE job_id = ? AND "
                    "attempt = ?", (time.time(), changes.get("status", "finished"), job_id,
                                    attempt))
-        return True
+        if revoke_at is None:
+            return []
+        live = [LeaseRow(*r) for r in db.execute(
+            f"SELECT {LEASE_COLUMNS} FROM leases WHERE job_id = ? AND attempt = ? AND "
+            f"revoked_at IS NULL ORDER BY id{self._for_update}", (job_id, attempt)).fetchall()]
+        if live:
+            db.execute("UPDATE leases SET revoked_at = ? WHERE job_id = ? AND attempt = ? AND "
+                       "revoked_at IS NULL", (revoke_at, job_id, attempt))
+        return [lease._replace(revoked_at=revoke_at) for lease in live]
 
     def extend_lease(self, job_id: str, attempt: int, runner_id: str,
                      until: float) -> tuple[bool, bool]:

@@ -79,6 +79,13 @@ class LeaseRow(NamedTuple):
     revoked_at: float | None
 
 
+class Revocation(NamedTuple):
+    """An attempt's secret leases revoked as it ends: when, and each one's audit event."""
+
+    at: float
+    event_for: Callable[[LeaseRow], AuditEvent]
+
+
 class TokenRow(NamedTuple):
     """An API token of ``stockade server``: only the sha256 of its secret part is kept."""
 
@@ -171,9 +178,11 @@ class Store(Protocol):
 
     def finish_attempt(self, job_id: str, attempt: int, runner_id: str,
                        changes: dict[str, Any], steps: list[StepRow],
-                       artifacts: list[ArtifactRow], events: list[AuditEvent]) -> bool:
+                       artifacts: list[ArtifactRow], events: list[AuditEvent],
+                       revoke: Revocation | None = None) -> bool:
         """Record an attempt's outcome, steps, artifacts and audit events, if that attempt of
-        ``runner_id`` still holds the job (fencing)."""
+        ``runner_id`` still holds the job (fencing); with ``revoke``, its live secret leases
+        are revoked in the same transaction (an event each)."""
         ...
 
     def extend_lease(self, job_id: str, attempt: int, runner_id: str,

@@ -25,8 +25,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from stockade.audit import AuditEvent, AuditHead, AuditSnapshot
 from stockade.errors import StoreError
-from stockade.store.fleet import ACTIVE, ATTEMPT_COLUMNS, RUNNING, FleetQueries
-from stockade.store.interface import JobRow
+from stockade.store.fleet import ACTIVE, ATTEMPT_COLUMNS, LEASE_COLUMNS, RUNNING, FleetQueries
+from stockade.store.interface import JobRow, LeaseRow
 from stockade.store.sql import (
     AUDIT_COLUMNS,
     HEAD_REVISION,
@@ -184,17 +184,27 @@ class PostgresStore(SqlStore, FleetQueries):
         db.execute(sql, args)
 
     def _finish(self, db: Db, job_id: str, attempt: int, runner_id: str,
-                changes: dict[str, Any]) -> bool:
-        """The base's two writes of an outcome in one statement: whether the job was held."""
+                changes: dict[str, Any], revoke_at: float | None) -> list[LeaseRow] | None:
+        """The base's writes of an outcome in one statement: the job, its attempt, and (with
+        ``revoke_at``) its live leases revoked; the leases revoked (None: not held)."""
         sets = ", ".join(f"{k} = ?" for k in changes)
-        row = db.execute(
-            f"WITH j AS (UPDATE jobs SET {sets} WHERE id = ? AND {RUNNING} RETURNING 1), "
-            "a AS (UPDATE attempts SET ended_at = ?, "
-            "outcome = ? WHERE job_id = ? AND attempt = ? AND EXISTS (SELECT 1 FROM j) "
-            "RETURNING 1) SELECT count(*) FROM j",
-            (*changes.values(), job_id, attempt, runner_id, time.time(),
-             changes.get("status", "finished"), job_id, attempt)).fetchone()
-        return bool(row[0] == 1)
+        args: list[Any] = [*changes.values(), job_id, attempt, runner_id, time.time(),
+                           changes.get("status", "finished"), job_id, attempt]
+        sql = (f"WITH j AS (UPDATE jobs SET {sets} WHERE id = ? AND {RUNNING} RETURNING 1), "
+               "a AS (UPDATE attempts SET ended_at = ?, outcome = ? WHERE job_id = ? AND "
+               "attempt = ? AND EXISTS (SELECT 1 FROM j) RETURNING 1)")
+        if revoke_at is None:
+            rows = db.execute(sql + " SELECT count(*) FROM j", args).fetchall()
+            return [] if rows[0][0] == 1 else None
+        # one row with the count alone when no lease was live, else one per lease
+        rows = db.execute(
+            sql + ", l AS (UPDATE leases SET revoked_at = ? WHERE job_id = ? AND attempt = ? "
+            f"AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM j) RETURNING {LEASE_COLUMNS}) "
+            "SELECT (SELECT count(*) FROM j), l.* FROM (VALUES (1)) AS one (x) LEFT JOIN l "
+            "ON true ORDER BY l.id", [*args, revoke_at, job_id, attempt]).fetchall()
+        if rows[0][0] != 1:
+            return None
+        return [LeaseRow(*r[1:]) for r in rows if r[1] is not None]
 
     def batched(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         """The base's batch on one pooled connection for all of it: its reads before the

@@ -196,3 +196,37 @@ def test_a_claim_marks_the_runner_seen_and_only_an_active_agent_claims(store_url
     assert mine is not None and mine.id == "j2" and mine.runner_id == "local-1"
     assert claim("r1", agent=True) is None  # the queue is empty
     store.close()
+
+
+def test_an_attempt_ends_with_its_secret_leases_revoked_in_its_transaction(
+        store_url: str) -> None:
+    """finish_attempt with a Revocation revokes the attempt's live leases (an event each, after
+    the completion's), leaves other attempts' and revoked ones alone, and revokes nothing when
+    the attempt no longer holds the job (on PostgreSQL all of it is one statement)."""
+    from stockade.store.interface import LeaseRow, Revocation
+
+    store = open_store(store_url)
+    enrolled(store)
+    store.insert_job(job("j1", 1.0), ev("job.admitted", "j1"))
+    store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                        lambda j: True, agent=True)
+
+    def lease(lease_id: str, attempt: int = 1, revoked: float | None = None) -> LeaseRow:
+        return LeaseRow(lease_id, "j1", attempt, "r1", "token", 1, "env", 3.0, 1e12, revoked)
+
+    store.insert_leases([lease("l2"), lease("l1"), lease("l3", revoked=4.0),
+                         lease("l4", attempt=2)], [ev("secret.issued", "j1")])
+    revoke = Revocation(9.0, lambda row: ev(f"secret.revoked:{row.id}", "j1"))
+    assert not store.finish_attempt("j1", 1, "r2", {"status": "succeeded"}, [], [], [],
+                                    revoke)  # another runner's: fenced, nothing revoked
+    assert {row.id for row in store.live_leases("j1", 1)} == {"l1", "l2"}
+    assert store.finish_attempt("j1", 1, "r1", {"status": "succeeded"}, [], [],
+                                [ev("job.succeeded", "j1")], revoke)
+    assert store.live_leases("j1", 1) == []
+    assert store.get_lease("l1").revoked_at == 9.0  # type: ignore[union-attr]
+    assert store.get_lease("l3").revoked_at == 4.0  # type: ignore[union-attr]
+    assert [row.id for row in store.live_leases("j1", 2)] == ["l4"]
+    actions = [e.action for e, _, _ in store.audit_records()]
+    assert actions[-3:] == ["job.succeeded", "secret.revoked:l1", "secret.revoked:l2"]
+    assert verify_chain(store.audit_records()) is None
+    store.close()
