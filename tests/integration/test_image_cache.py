@@ -107,6 +107,39 @@ def test_a_prune_checks_for_users_under_the_image_lock(registry: RunningRegistry
     client.close()
 
 
+def test_a_prune_keeps_a_tree_another_image_recorded_meanwhile_stands_on(
+        registry: RunningRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images A and B share their one layer (one tree). A prune that listed only A evicts A
+    while a job pulls B and marks it used: the tree stays, B's job stands on it."""
+    from stockade.image import cache as cache_module
+
+    client = _client(registry)
+    a = Image(tmp_path, "shared")
+    b = Image(tmp_path, "shared", config={"Env": ["WHICH=b"]})
+    assert a.diff_id == b.diff_id and a.digest != b.digest
+    a.push(client, f"{registry.host}/cache/shared:a")
+    b.push(client, f"{registry.host}/cache/shared:b")
+    cache = ImageCache(tmp_path / "images", 1 << 30)
+    pulled_a, _ = cache.pull(client, parse_reference(f"{registry.host}/cache/shared@{a.digest}"))
+    real, held = cache_module.lock_is_free, []
+
+    def a_job_pulls_b_meanwhile(path: Path) -> bool | None:
+        if not held:  # prune's first look at A (its list has A only); then B is pulled
+            pulled_b, _ = cache.pull(client, parse_reference(
+                f"{registry.host}/cache/shared@{b.digest}"))
+            fd = cache.use(pulled_b.digest)
+            assert fd is not None and pulled_b.rootfs == pulled_a.rootfs
+            held.append(fd)
+        return real(path)
+
+    monkeypatch.setattr(cache_module, "lock_is_free", a_job_pulls_b_meanwhile)
+    assert [i.digest for i in cache.prune(everything=True)] == [a.digest]
+    assert pulled_a.rootfs.is_dir(), "the tree B's job stands on was removed"
+    assert [i.digest for i in cache.images()] == [b.digest]
+    os.close(held[0])
+    client.close()
+
+
 def test_the_image_command(registry: RunningRegistry, tmp_path: Path) -> None:
     stockade_home = tmp_path / "home"
     image = Image(tmp_path, "from the cli")

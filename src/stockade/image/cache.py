@@ -137,19 +137,23 @@ class ImageCache:
                 with path.open("wb") as f:
                     registry.blob(ref, layer, f)
                 layers.append((path, layer.media_type, diff_ids[n]))
-            if tree.is_dir():  # (the DiffIDs a config claims are not proof: its layers are)
-                _check_diff_ids(ref, layers)
-            else:
-                unpack_image(layers, tree)
-        top = sum(1 for _ in os.scandir(tree))
-        if top > MAX_TOP_LEVEL:
-            if not any(i.chain_id == chain for i in self.images()):
-                self._remove_tree(tree)
-            raise ImageRefused(f"image {ref} has {top} entries at its root, more than the "
-                               f"{MAX_TOP_LEVEL} a job's root may have")
-        image = CachedImage(manifest.digest, str(ref.with_digest(manifest.digest)), chain, tree,
-                            dict(config.get("config") or {}), _tree_size(tree), time.time())
-        self._record(image)
+            # the tree is found or made, and the image recorded, under the tree's lock: a
+            # prune removes a tree only under it, once no image record names the tree
+            with self._tree_lock(chain):
+                if tree.is_dir():  # (the DiffIDs a config claims are not proof: its layers)
+                    _check_diff_ids(ref, layers)
+                else:
+                    unpack_image(layers, tree)
+                top = sum(1 for _ in os.scandir(tree))
+                if top > MAX_TOP_LEVEL:
+                    if not any(i.chain_id == chain for i in self.images()):
+                        self._remove_tree(tree)
+                    raise ImageRefused(f"image {ref} has {top} entries at its root, more than "
+                                       f"the {MAX_TOP_LEVEL} a job's root may have")
+                image = CachedImage(manifest.digest, str(ref.with_digest(manifest.digest)),
+                                    chain, tree, dict(config.get("config") or {}),
+                                    _tree_size(tree), time.time())
+                self._record(image)
         return image
 
     def _alias_path(self, digest: str) -> Path:
@@ -168,7 +172,11 @@ class ImageCache:
             if self.get(digest) is None:
                 return None
             fd = os.open(self._use_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except BaseException:
+                os.close(fd)
+                raise
             return fd
 
     def _use_path(self, digest: str) -> Path:
@@ -205,11 +213,14 @@ class ImageCache:
                 if not locked or lock_is_free(self._use_path(image.digest)) is False:
                     continue
                 (self.root / "images" / f"{_hex(image.digest)}.json").unlink(missing_ok=True)
-                images.remove(image)
-                if not any(i.chain_id == image.chain_id for i in images):
+            images.remove(image)
+            evicted.append(image)
+            # its tree, unless another image names it: read again under the tree's lock, which
+            # a pull holds from finding or making a tree until it has recorded its image
+            with self._tree_lock(image.chain_id):
+                if not any(i.chain_id == image.chain_id for i in self.images()):
                     self._remove_tree(image.rootfs)
                     used -= image.size
-                evicted.append(image)
         for alias in (self.root / "images").glob("*.index") if evicted else ():
             with contextlib.suppress(OSError, ValueError):  # (those that lead nowhere now)
                 if not (self.root / "images" / f"{_hex(alias.read_text().strip())}.json"
@@ -238,6 +249,18 @@ class ImageCache:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def _tree_lock(self, chain: str) -> Iterator[None]:
+        """The lock of the tree of ``chain`` (exclusive; taken after an image's lock, never
+        before: see :meth:`_pull` and :meth:`prune`)."""
+        fd = os.open(self.root / "locks" / f"{_hex(chain)}.tree",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _lock(self, digest: str, wait: bool = True) -> Iterator[bool]:
