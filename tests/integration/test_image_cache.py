@@ -115,7 +115,7 @@ def test_a_prune_keeps_a_tree_another_image_recorded_meanwhile_stands_on(
 
     client = _client(registry)
     a = Image(tmp_path, "shared")
-    b = Image(tmp_path, "shared", config={"Env": ["WHICH=b"]})
+    b = Image(tmp_path, "shared", settings={"Env": ["WHICH=b"]})
     assert a.diff_id == b.diff_id and a.digest != b.digest
     a.push(client, f"{registry.host}/cache/shared:a")
     b.push(client, f"{registry.host}/cache/shared:b")

@@ -19,10 +19,10 @@ class Image:
 
     def __init__(self, tmp: Path, text: str, size: int = 0,
                  files: dict[str, bytes | str] | None = None,
-                 config: dict[str, object] | None = None) -> None:
+                 settings: dict[str, object] | None = None) -> None:
         """``files``: path -> bytes (a file, 0755) or ``"-> TARGET"`` (a symbolic link);
-        by default a greeting, a filler of ``size`` bytes and ``bin -> usr/bin``. ``config``:
-        the image config's ``config`` (another one: another image of the same layer)."""
+        by default a greeting, a filler of ``size`` bytes and ``bin -> usr/bin``. ``settings``:
+        the image config's ``config`` (others: another image of the same layer)."""
         if files is None:
             files = {"etc/greeting": text.encode(), "usr/share/filler": b"x" * size,
                      "bin": "-> usr/bin"}
@@ -41,7 +41,7 @@ class Image:
         layer = gzip.compress(raw.getvalue(), mtime=0)
         config = json.dumps({"architecture": "amd64", "os": "linux",
                              "rootfs": {"type": "layers", "diff_ids": [self.diff_id]},
-                             "config": config or {}}, sort_keys=True).encode()
+                             "config": settings or {}}, sort_keys=True).encode()
         self.blobs: dict[str, Path] = {}
         self.layer = self._blob(tmp, layer)
         self.config = self._blob(tmp, config)
