@@ -271,10 +271,17 @@ class Registry:
         if host not in self._clients:
             scheme = "http" if host in self.config.insecure else "https"
             self._clients[host] = httpx.Client(
-                base_url=f"{scheme}://{host}", verify=self._verify(),
+                base_url=f"{scheme}://{host}", transport=self._transport(),
                 timeout=self.config.timeout_s, follow_redirects=False, trust_env=False,
                 headers={"User-Agent": "stockade"})
         return self._clients[host]
+
+    def _transport(self) -> httpx.HTTPTransport:
+        """Connections with the system's CAs (and the operator's), that keep to the deadline
+        even when the registry answers a byte at a time (image/deadline.py)."""
+        from stockade.image.deadline import transport
+
+        return transport(self._verify(), lambda: self.deadline)
 
     def _verify(self) -> ssl.SSLContext:
         """The TLS context: the system's CAs, and the operator's extra bundle if any."""
@@ -290,9 +297,16 @@ class Registry:
         return _Answer(self, host, method, url, repository, push, kwargs)
 
     def _timed(self, host: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            self._left(host)
-            yield chunk
+        """``chunks`` of a body while there is time; a read that fails (too slow, the
+        connection lost) fails this source."""
+        import httpx
+
+        try:
+            for chunk in chunks:
+                self._left(host)
+                yield chunk
+        except httpx.HTTPError as e:
+            raise _SourceFailed(f"{host}: {type(e).__name__}: {str(e)[:200]}") from None
 
     def _send(self, host: str, method: str, url: str, repository: str, push: bool,
               kwargs: dict[str, Any]) -> httpx.Response:
@@ -352,7 +366,7 @@ class Registry:
                 raise _SourceFailed(f"{host}: redirected to a host that is neither it nor one "
                                     "of registry_auxiliary_hosts: refused")
             if self._plain is None:
-                self._plain = httpx.Client(verify=self._verify(),
+                self._plain = httpx.Client(transport=self._transport(),
                                            timeout=self.config.timeout_s, trust_env=False,
                                            follow_redirects=False)
             response = self._plain.send(self._plain.build_request(
@@ -417,10 +431,11 @@ class Registry:
         params = {"scope": scope, **({"service": fields["service"]} if "service" in fields
                                      else {})}
         try:
-            with httpx.stream("GET", realm, params=params, headers={"Authorization": basic}
-                              if basic else {}, verify=self._verify(),
-                              timeout=min(self.config.timeout_s, self._left(host)),
-                              follow_redirects=False, trust_env=False) as answer:
+            with httpx.Client(transport=self._transport(), trust_env=False,
+                              follow_redirects=False) as client, client.stream(
+                    "GET", realm, params=params, headers={"Authorization": basic}
+                    if basic else {}, timeout=min(self.config.timeout_s, self._left(host))
+                    ) as answer:
                 if answer.status_code != 200:
                     return None
                 body = bytearray()

@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inspect.add_argument("--json", action="store_true", help="one line of JSON (default: "
                                                               "indented)")
     prune = sub.add_parser("prune", help="evict images to fit the cache limit")
-    prune.add_argument("--all", action="store_true", help="evict every image")
+    prune.add_argument("--all", action="store_true",
+                       help="evict every image no running job uses")
     for name in MORE:
         importlib.import_module(name).add_actions(sub)
 
@@ -108,7 +109,9 @@ def main(args: argparse.Namespace) -> int:
     evicted = cache.prune(everything=args.all)
     for image in evicted:
         print(f"evicted {image.reference}")
-    print(f"{len(evicted)} image(s) evicted")
+    left = len(cache.images())
+    kept = f"; {left} kept (in use by a running job, or within the cache limit)" if left else ""
+    print(f"{len(evicted)} image(s) evicted{kept}")
     return 0
 
 
@@ -127,8 +130,8 @@ def _pinned(settings: Settings, text: str) -> str:
     try:
         return str(ref.with_digest(registry.resolve(ref)))
     except StockadeError as e:
-        e.hint = (f"{e.hint}; or name the image by its digest (stockade image list shows "
-                  "them)").lstrip("; ")
+        also = "name the image by its digest (stockade image list shows them)"
+        e.hint = f"{e.hint}; or {also}" if e.hint else also[0].upper() + also[1:]
         raise
     finally:
         registry.close()
@@ -143,7 +146,8 @@ def _find(cache: ImageCache, text: str) -> CachedImage:
     found = cache.get(digest) if well_formed else None
     if found is None:
         raise UsageError(f"no cached image {text[:200]!r}",
-                         hint="list them with: stockade image list")
+                         hint="pull it with: stockade image pull REFERENCE (stockade image "
+                              "list shows the cached ones)")
     return found
 
 
