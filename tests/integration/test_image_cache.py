@@ -170,3 +170,25 @@ def test_the_image_command(registry: RunningRegistry, tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr + bad.stderr
     gone = run_cli(stockade_home, "image", "prune", "--all")
     assert gone.returncode == 0 and "1 image(s) evicted" in gone.stdout
+
+
+def test_a_pull_waits_for_another_pull_of_the_image_only_within_its_own_time(
+        registry: RunningRegistry, tmp_path: Path) -> None:
+    """Another pull of the same image (one a slow registry holds) keeps its lock: a pull or a
+    job's lookup with less time gives up at its own deadline, image unavailable, instead of
+    waiting for it."""
+    from stockade.image.cache import LOCK_POLL_S
+
+    client = _client(registry).within(0.5)
+    cache = ImageCache(tmp_path / "images", 1 << 30)
+    ref = parse_reference(f"{registry.host}/cache/busy@sha256:{'2' * 64}")
+    with cache._lock(ref.digest):  # the other pull, under way
+        started = time.monotonic()
+        with pytest.raises(ImageUnavailable, match="being pulled by another"):
+            cache.pull(client, ref)
+        with pytest.raises(ImageUnavailable, match="being pulled by another"):
+            cache.cached(ref, until=time.monotonic() + 0.2)
+        assert time.monotonic() - started < 5 + 4 * LOCK_POLL_S
+    with pytest.raises(ImageUnavailable):  # free again: the registry's own answer now
+        cache.pull(client, ref)
+    client.close()

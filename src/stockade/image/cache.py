@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stockade.hashing import sha256
-from stockade.image.errors import ImageRefused
+from stockade.image.errors import ImageRefused, ImageUnavailable
 from stockade.image.reference import ImageRef
 from stockade.liveness import lock_is_free
 
@@ -80,12 +81,13 @@ class ImageCache:
             return None
         return image if image.rootfs.is_dir() else None
 
-    def cached(self, ref: ImageRef) -> CachedImage | None:
+    def cached(self, ref: ImageRef, until: float = math.inf) -> CachedImage | None:
         """The image ``ref`` (pinned) pins if the cache has it from the same repository
-        (marked used now), else None: what :meth:`pull` returns without pulling."""
+        (marked used now), else None: what :meth:`pull` returns without pulling. A pull of
+        it under way is waited for until ``until`` (time.monotonic(); ImageUnavailable)."""
         if not ref.digest:
             raise ValueError("look up a pinned reference")
-        with self._lock(ref.digest):
+        with self._lock(ref.digest, until=until):
             return self._cached(ref)
 
     def _cached(self, ref: ImageRef) -> CachedImage | None:
@@ -100,7 +102,7 @@ class ImageCache:
         and whether it was pulled now."""
         if not ref.digest:
             raise ValueError("pull a pinned reference")
-        with self._lock(ref.digest):
+        with self._lock(ref.digest, until=registry.deadline):  # (another pull's: its time)
             found = self._cached(ref)
             if found is not None:
                 return found, False
@@ -163,12 +165,13 @@ class ImageCache:
         """The manifest digest the index ``digest`` led to (OSError if none is recorded)."""
         return self._alias_path(digest).read_text(encoding="ascii").strip()
 
-    def use(self, digest: str) -> int | None:
+    def use(self, digest: str, until: float = math.inf) -> int | None:
         """Mark the image in use by a job until the returned descriptor is closed (a shared
         lock): :meth:`prune` never evicts a tree a running job stands on. None if the image
         was evicted since it was looked up (taken under the image's lock, which a prune of it
-        holds while it checks for users: no prune slips in between)."""
-        with self._lock(digest):
+        holds while it checks for users: no prune slips in between; waited for as in
+        :meth:`cached`)."""
+        with self._lock(digest, until=until):
             if self.get(digest) is None:
                 return None
             fd = os.open(self._use_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -263,18 +266,36 @@ class ImageCache:
             os.close(fd)
 
     @contextlib.contextmanager
-    def _lock(self, digest: str, wait: bool = True) -> Iterator[bool]:
+    def _lock(self, digest: str, wait: bool = True, until: float = math.inf
+              ) -> Iterator[bool]:
+        """The image's lock: False at once if it is taken and not ``wait``; waited for until
+        ``until`` (time.monotonic()), then ImageUnavailable: a pull of the image holds it,
+        and a registry that answers slowly must not hold every job that wants the image."""
         fd = os.open(self.root / "locks" / f"{_hex(digest)}.lock",
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (
+                        0 if wait and math.isinf(until) else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:
+                    if not wait:
+                        yield False
+                        return
+                    if time.monotonic() >= until:
+                        raise ImageUnavailable(
+                            f"image {digest} is being pulled by another job or command, "
+                            "which did not finish in the time this one had",
+                            hint="run it again once that pull is over (a registry that "
+                                 "answers slowly holds it: check the registry)") from None
+                    time.sleep(LOCK_POLL_S)
             yield True
         finally:
             os.close(fd)
+
+
+LOCK_POLL_S = 0.05  # how often a pull that waits with a deadline tries the image's lock again
 
 
 def _check_diff_ids(ref: ImageRef, layers: Sequence[tuple[Path, str, str]]) -> None:

@@ -446,6 +446,7 @@ class Registry:
                     self._left(host)
             doc = json.loads(bytes(body))
         except (httpx.HTTPError, httpx.InvalidURL, ValueError, RecursionError, _SourceFailed):
+            self._left(host)  # out of time: that, not "no credentials it accepts"
             return None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         return token if isinstance(token, str) and 0 < len(token) < 16384 else None

@@ -205,6 +205,7 @@ class Attempt:
     def _image(self) -> Path:
         """The job's image, from the cache or pulled by digest into it: its tree."""
         from stockade.image.cache import ImageCache
+        from stockade.image.errors import ImageUnavailable
         from stockade.image.reference import parse_reference
 
         ref = parse_reference(self.spec.image)
@@ -215,14 +216,18 @@ class Attempt:
         cache = ImageCache(self.settings.home / "images", self.settings.image_cache_bytes)
         signed = bool(self.settings.image_trusted_keys or self.settings.require_signed_images)
         # a signature to check is checked at every use: then the registry is asked anyway
-        image, pulled = None if signed else cache.cached(ref), False
-        if image is None:
-            image, pulled = self._pull(cache, ref, signed)
-        # until teardown: not evicted meanwhile (if it was just now: pulled again, once)
-        self._image_use = cache.use(image.digest)
-        if self._image_use is None:
-            image, pulled = self._pull(cache, ref, signed)
-            self._image_use = cache.use(image.digest)
+        until = self.started + self.spec.timeout  # (another pull of it: waited for so long)
+        try:
+            image, pulled = None if signed else cache.cached(ref, until), False
+            if image is None:
+                image, pulled = self._pull(cache, ref, signed)
+            # until teardown: not evicted meanwhile (if it was just now: pulled again, once)
+            self._image_use = cache.use(image.digest, until)
+            if self._image_use is None:
+                image, pulled = self._pull(cache, ref, signed)
+                self._image_use = cache.use(image.digest, until)
+        except ImageUnavailable as e:
+            raise ImageProblem(FailureReason.IMAGE_UNAVAILABLE, e.message) from None
         if self._image_use is None:
             raise ImageProblem(FailureReason.IMAGE_UNAVAILABLE,
                                f"image {image.reference} was evicted from the cache while "
