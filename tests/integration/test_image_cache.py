@@ -192,3 +192,26 @@ def test_a_pull_waits_for_another_pull_of_the_image_only_within_its_own_time(
     with pytest.raises(ImageUnavailable):  # free again: the registry's own answer now
         cache.pull(client, ref)
     client.close()
+
+
+def test_a_prune_removes_what_killed_pulls_and_prunes_left(registry: RunningRegistry,
+                                                           tmp_path: Path) -> None:
+    """A tree no image record names (a process killed between a prune's two steps, or after
+    unpacking and before recording) and an unfinished unpack are removed; a tree an image
+    names, and an unpack whose pull still holds the tree's lock, are not."""
+    client = _client(registry)
+    image = Image(tmp_path, "kept")
+    image.push(client, f"{registry.host}/cache/kept:1")
+    cache = ImageCache(tmp_path / "images", 1 << 30)
+    kept, _ = cache.pull(client, parse_reference(f"{registry.host}/cache/kept@{image.digest}"))
+    trees = tmp_path / "images" / "trees"
+    orphan, stale, busy = "a" * 64, "b" * 64, "c" * 64
+    (trees / orphan / "etc").mkdir(parents=True)
+    (trees / f".{stale}.x1.partial" / "usr").mkdir(parents=True)
+    (trees / f".{busy}.x2.partial").mkdir()
+    with cache._tree_lock(f"sha256:{busy}"):  # an unpack under way (its pull holds it)
+        assert cache.prune() == []
+    assert sorted(p.name for p in trees.iterdir()) == [f".{busy}.x2.partial",
+                                                       kept.rootfs.name]
+    assert kept.rootfs.is_dir() and [i.digest for i in cache.images()] == [image.digest]
+    client.close()

@@ -229,7 +229,25 @@ class ImageCache:
                 if not (self.root / "images" / f"{_hex(alias.read_text().strip())}.json"
                         ).exists():
                     alias.unlink()
+        self._remove_leftovers()
         return evicted
+
+    def _remove_leftovers(self) -> None:
+        """Trees no image record names and unpacks nobody finishes: what a process killed
+        between a prune's two steps, or during an unpack, left (each under its tree's lock,
+        which the pull or prune at work on it holds)."""
+        named = {_hex(i.chain_id) for i in self.images()}
+        for entry in os.scandir(self.root / "trees"):
+            name = entry.name
+            partial = name.startswith(".") and name.endswith(".partial")
+            chain = name[1:].split(".", 1)[0] if partial else name
+            if (not partial and chain in named) or not entry.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(ValueError), self._tree_lock(f"sha256:{chain}",
+                                                                  wait=False) as locked:
+                if locked and (partial or not any(
+                        _hex(i.chain_id) == chain for i in self.images())):
+                    self._remove_tree(Path(entry.path))
 
     def _remove_tree(self, tree: Path) -> None:
         gone = self.root / "tmp" / f"gone-{tree.name}-{os.getpid()}"
@@ -254,14 +272,19 @@ class ImageCache:
         os.replace(tmp, path)
 
     @contextlib.contextmanager
-    def _tree_lock(self, chain: str) -> Iterator[None]:
+    def _tree_lock(self, chain: str, wait: bool = True) -> Iterator[bool]:
         """The lock of the tree of ``chain`` (exclusive; taken after an image's lock, never
-        before: see :meth:`_pull` and :meth:`prune`)."""
+        before: see :meth:`_pull` and :meth:`prune`); False at once if it is taken and not
+        ``wait``."""
         fd = os.open(self.root / "locks" / f"{_hex(chain)}.tree",
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
 
