@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from stockade.image.registry import Registry
 
 MAX_TOP_LEVEL = 512  # entries at an image's root (each is one bind of the job's root)
+LOCK_POLL_S = 0.05  # how often a pull that waits with a deadline tries the image's lock again
 CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
                 "application/vnd.docker.container.image.v1+json")
 
@@ -316,9 +317,6 @@ class ImageCache:
             yield True
         finally:
             os.close(fd)
-
-
-LOCK_POLL_S = 0.05  # how often a pull that waits with a deadline tries the image's lock again
 
 
 def _check_diff_ids(ref: ImageRef, layers: Sequence[tuple[Path, str, str]]) -> None:
