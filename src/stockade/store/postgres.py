@@ -37,6 +37,7 @@ from stockade.store.sql import (
 )
 
 SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
+_TUPLES = psycopg.pq.ExecStatus.TUPLES_OK  # a statement's result that has rows
 POOL_MAX = 16  # connections per store (a replica); the server's max_connections bounds them all
 # no bitmap scans: with a queue that grew faster than the statistics (a burst of submissions),
 # the planner read and sorted every queued job for each claim (2-3 ms of the database's CPU
@@ -286,7 +287,9 @@ class _Db:
         """Run one statement."""
         cur = self._cur
         cur.execute(_pg(sql), args)
-        return _Result(cur.rowcount, cur.fetchall() if cur.description is not None else [])
+        result = cur.pgresult  # (its status, not cur.description: that builds a Column each)
+        rows = cur.fetchall() if result is not None and result.status == _TUPLES else []
+        return _Result(cur.rowcount, rows)
 
     def executemany(self, sql: str, seq: Iterable[Any], /) -> "_Result":
         """Run one statement for each argument tuple."""
