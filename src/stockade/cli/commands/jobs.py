@@ -52,6 +52,7 @@ def local_rows(limit: int) -> list[dict[str, Any]]:
 
 
 _FIELDS = ("job_id", "name", "status", "failure_reason", "created_at", "duration_s")
+NAME_WIDTH = 40  # the table's name column at most (a longer name is cut, "…")
 
 
 def print_jobs(rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -64,10 +65,14 @@ def print_jobs(rows: list[dict[str, Any]], as_json: bool) -> None:
     if not rows:
         print("no jobs yet; run one with: stockade run job.yaml")
         return
-    print(f"{'JOB':<19} {'NAME':<24} {'STATUS':<10} {'REASON':<18} {'CREATED':<19} DURATION")
-    for j in rows:
+    names = [_e(j["name"]) for j in rows]
+    wide = min(max(len("NAME"), *(len(n) for n in names)), NAME_WIDTH)  # (the longest name)
+    print(f"{'JOB':<19} {'NAME':<{wide}} {'STATUS':<10} {'REASON':<18} {'CREATED':<19} "
+          "DURATION")
+    for j, name in zip(rows, names, strict=True):
         started, finished = j.get("started_at"), j.get("finished_at")
         took = f"{finished - started:.1f}s" if finished and started else "-"
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created_at"]))
-        print(f"{_e(j['job_id']):<19} {_e(j['name']):<24} {_e(j['status']):<10} "
+        name = name if len(name) <= wide else name[:wide - 1] + "…"
+        print(f"{_e(j['job_id']):<19} {name:<{wide}} {_e(j['status']):<10} "
               f"{_e(j['failure_reason'] or '-'):<18} {created:<19} {took}")
