@@ -210,8 +210,11 @@ class _Hostile:
                     self.send_header(k, v.replace("INTERNAL", outer.internal))
                 self.end_headers()
                 for byte in body:
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
+                    try:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    except OSError:  # the client gave up (its deadline): as it should
+                        return
                     time.sleep(drip)
 
             def log_message(self, *args: object) -> None:
