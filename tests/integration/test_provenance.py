@@ -40,6 +40,10 @@ def test_a_jobs_artifacts_verify_against_its_provenance(run_job, tmp_path: Path)
     elsewhere = run_cli(tmp_path / "other-home", "verify", str(copy), "--provenance",
                         str(tmp_path / "release.intoto.json"), "--key", str(tmp_path / "key.pub"))
     assert elsewhere.returncode == 0, elsewhere.stderr
+    # without --key another host checks with its own control plane's key: it says so
+    foreign = run_cli(tmp_path / "other-home", "verify", str(copy), "--provenance",
+                      str(tmp_path / "release.intoto.json"))
+    assert foreign.returncode == 1 and "pass --key" in foreign.stderr, foreign.stderr
     # a changed artifact, another key, a changed envelope: not verified (exit 1), said why
     copy.write_bytes(b"app\x00")
     changed = run_cli(home, "verify", str(copy), "--provenance",
@@ -75,6 +79,7 @@ def test_no_provenance_without_artifacts_and_plain_errors(run_job, tmp_path: Pat
     junk = run_cli(job.home, "verify", str(tmp_path / "a"), "--provenance",
                    str(tmp_path / "junk.json"))
     assert junk.returncode == 1 and "not JSON" in junk.stderr and "Traceback" not in junk.stderr
+    assert "pass --key" not in junk.stderr  # (not a key problem: no key advice)
     (tmp_path / "bad.pub").write_text("not a key")
     bad_key = run_cli(job.home, "verify", str(tmp_path / "a"), "--provenance",
                       str(tmp_path / "junk.json"), "--key", str(tmp_path / "bad.pub"))

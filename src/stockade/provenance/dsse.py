@@ -21,6 +21,10 @@ class EnvelopeError(ValueError):
     """An envelope that is malformed or whose signature does not verify."""
 
 
+class NotSignedBy(EnvelopeError):
+    """A well-formed envelope none of whose signatures the key made."""
+
+
 def pae(payload_type: str, payload: bytes) -> bytes:
     """The pre-authentication encoding of DSSE v1."""
     kind = payload_type.encode()
@@ -60,7 +64,7 @@ def open_envelope(raw: bytes, public_key: PublicKey) -> tuple[str, bytes]:
             continue
         if _verifies(public_key, sig, message):
             return doc["payloadType"], payload
-    raise EnvelopeError("no signature of the envelope verifies under the key")
+    raise NotSignedBy("no signature of the envelope verifies under the key")
 
 
 def _verifies(key: PublicKey, sig: bytes, message: bytes) -> bool:

@@ -29,6 +29,7 @@ from stockade.sandbox.job import (
     SHM_BYTES,
     JobBackend,
     PreparedJob,
+    not_started,
 )
 from stockade.sandbox.plumbing import (
     ERR_TRAP,
@@ -189,8 +190,7 @@ class BwrapSandbox(PreparedJob):
         if "child-pid" in status:  # bwrap's own init can outlive bwrap by a moment: reap it
             reaper.reap([status["child-pid"]], time.monotonic() + 5)
         if "child-pid" not in status and not (timed_out or self._killed):
-            raise SandboxError(f"bwrap could not start the step (exit {returncode}); "
-                               "see the log above", hint="run stockade doctor")
+            raise not_started("bwrap", returncode)
         oom = self.cgroup.oom_kills() > ooms_before
         code = status.get("exit-code")
         failed_at = read_failed_at(self.job_dir / "tmp" / FAILED_FILE)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from stockade.errors import StockadeError
 from stockade.sandbox import cgroups, rootfs, seccomp
 from stockade.sandbox.interface import Finding, SandboxRequest, StepRun
+from stockade.sandbox.plumbing import SEE_LOG
 from stockade.sandbox.sysctls import check_sysctls
 
 if TYPE_CHECKING:
@@ -212,9 +213,9 @@ def _probe(backend: Backend, rootfs: Path | None = None,
             leftovers = box.teardown()
     except StockadeError as e:
         said = out.decode(errors="replace").strip().splitlines()
-        message = e.message.removesuffix("; see the log above")  # (the probe has no log:
+        message = e.message.removesuffix(SEE_LOG)  # (no log here: its last line is quoted)
         return finding(control, False, message + (f": {said[-1][:300]}" if said else ""),
-                       e.hint or "see the checks above")  # its last line is quoted here)
+                       e.hint or "see the checks above")
     text = out.decode(errors="replace").strip()
     ok = exit.exit_code == 0 and "PROBE-OK" in text and not leftovers
     detail = ("a probe job saw uid 1000, no capabilities, no_new_privs, seccomp, fresh "

@@ -27,7 +27,7 @@ from stockade.errors import SandboxError
 from stockade.sandbox import image_root, mounts, orphans, reaper, rootfs, uids
 from stockade.sandbox.cgroups import JobCgroup, Limits, MigrationWarmer
 from stockade.sandbox.interface import OutputSink, SandboxRequest, WorkspaceCopy
-from stockade.sandbox.plumbing import PROXY_PORT, PROXY_URL, readable
+from stockade.sandbox.plumbing import PROXY_PORT, PROXY_URL, SEE_LOG, readable
 
 if TYPE_CHECKING:
     import socket
@@ -339,6 +339,12 @@ class PreparedJob:
         """Give the job's host uid back to the pool."""
         if self._uid is not None:
             self._uid.release()
+
+
+def not_started(runtime: str, returncode: int) -> SandboxError:
+    """A step's runtime (bwrap, runc) that exited without starting the step."""
+    return SandboxError(f"{runtime} could not start the step (exit {returncode}){SEE_LOG}",
+                        hint="run stockade doctor")
 
 
 def _tmpfs(point: Path, size: int, uid: int) -> None:

@@ -51,6 +51,7 @@ from stockade.sandbox.job import (
     SIGNAL_POLL_S,
     JobBackend,
     PreparedJob,
+    not_started,
 )
 from stockade.sandbox.plumbing import (
     ERR_TRAP,
@@ -256,9 +257,7 @@ class OciSandbox(PreparedJob):
         if started is not None and not (timed_out or self._killed):
             code, timed_out = self._wait(started, deadline)
         if returncode != 0 and not (timed_out or self._killed):
-            raise SandboxError(f"{self.backend.runtime.binary} could not start the step "
-                               f"(exit {returncode}); see the log above",
-                               hint="run stockade doctor")
+            raise not_started(self.backend.runtime.binary, returncode)
         oom = self.cgroup.oom_kills() > ooms_before
         failed_at = read_failed_at(self.job_dir / "tmp" / FAILED_FILE)
         shutil.rmtree(self.bundle / "state" / container, ignore_errors=True)

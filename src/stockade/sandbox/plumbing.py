@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 PROXY_PORT = 3128
+SEE_LOG = "; see the log above"  # (a job's log: the runtime's own words precede the note)
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
 # /proc files that tell a job about the host (boot arguments, kernel addresses, keys, timers),
 # covered with /dev/null as Docker's masked paths are

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 
 HELP = "pull, list, inspect or prune the image cache"
 PULL_S = 3600.0  # one pull, all of it
-RESOLVE_S = 30.0  # a tag's digest, asked of the registry
 # actions kept in modules of their own: each has add_actions(sub) and main(args), and
 # ACTIONS, the names it adds
 MORE: tuple[str, ...] = ("stockade.cli.commands.image_build", "stockade.cli.commands.image_sign",
@@ -116,25 +115,19 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _pinned(settings: Settings, text: str) -> str:
-    """``text``, a tagged reference resolved to its digest by the registry (the cache keeps
-    digests only), or as it is."""
+    """``text``, a tagged reference resolved to its digest by the registry as at admission
+    (the cache keeps digests only), or as it is."""
     if "@" in text or text.startswith("sha256:"):
         return text
+    from stockade.cli.context import resolve_image
     from stockade.errors import StockadeError
-    from stockade.image.reference import parse_reference
-    from stockade.image.registry import Registry
-    from stockade.image.settings import registry_config
 
-    ref = parse_reference(text)
-    registry = Registry(registry_config(settings)).within(RESOLVE_S)
     try:
-        return str(ref.with_digest(registry.resolve(ref)))
+        return resolve_image(settings, text)
     except StockadeError as e:
         also = "name the image by its digest (stockade image list shows them)"
         e.hint = f"{e.hint}; or {also}" if e.hint else also[0].upper() + also[1:]
         raise
-    finally:
-        registry.close()
 
 
 def _find(cache: ImageCache, text: str) -> CachedImage:

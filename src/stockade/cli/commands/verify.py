@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
     """Verify, and say what was found."""
     import sys
 
-    from stockade.provenance.dsse import MAX_ENVELOPE_BYTES, EnvelopeError
+    from stockade.provenance.dsse import MAX_ENVELOPE_BYTES, EnvelopeError, NotSignedBy
     from stockade.provenance.issue import check
     from stockade.provenance.keys import load_public_key, signing_key
     from stockade.text import escape_controls
@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         found = check(raw, public, artifact)
     except EnvelopeError as e:
-        whose = "" if args.key or "no signature" not in str(e) else (
+        whose = "" if args.key or not isinstance(e, NotSignedBy) else (
             " (the key is this host's control plane's; pass --key with the public key of the "
             "one that made it)")
         sys.stderr.write(f"stockade verify: {args.artifact}: NOT verified: {e}{whose}\n")
