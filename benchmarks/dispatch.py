@@ -513,18 +513,22 @@ finally:
 
 
 # The control-plane core without HTTP: one thread claims and completes the backlog through
-# FleetService, as the routes do (authenticated once, by a real session token)
+# FleetService, as the routes do (authenticated once, by a real session token), each
+# completion claiming the next job
 _CORE = r"""
 import json, sys, time
 from stockade.api.protocol import Completion, JobStatus
 from stockade.cli.context import fleet_service, open_control
+from stockade.control.fleet import ClaimWork, CompleteWork
 settings, control = open_control()
 fleet = fleet_service(settings, control)
 caller = fleet.authenticate(sys.argv[1])
 n, cpu, wall = 0, time.process_time(), time.perf_counter()
-while (a := fleet.claim(caller)) is not None:
-    fleet.complete(caller, Completion(a.job_id, a.attempt, a.runner_id, JobStatus.SUCCEEDED,
-                                      None, 0, (), (), 0.0))
+a = fleet.serve([ClaimWork(caller)])[0]
+while a is not None:
+    done = Completion(a.job_id, a.attempt, a.runner_id, JobStatus.SUCCEEDED, None, 0, (), (),
+                      0.0)
+    a = fleet.serve([CompleteWork(caller, done, True, lambda: False)])[0].next
     n += 1
 print(json.dumps({"claims": n, "cpu_s": time.process_time() - cpu,
                   "wall_s": time.perf_counter() - wall}))
@@ -587,11 +591,13 @@ def print_profile(files: list[Path], claims: int) -> dict[str, float]:
     counted = {("_asyncio.py", "_report_result"): "thread-pool hops (anyio jobs done)",
                ("h11_impl.py", "handle_events"): "h11 event batches (uvicorn)",
                ("fleet.py", "authenticate"): "runner session checks (gate, a hop each)",
-               ("fleet.py", "claim"): "claim attempts (FleetService.claim, a hop each)",
-               ("fleet.py", "claim_attempt"): "claim write transactions (store)",
-               ("fleet.py", "finish_attempt"): "completion write transactions (store)",
+               ("fleet.py", "serve"): "claims and completions served (FleetService.serve)",
+               ("pgsets.py", "claim_attempts"): "claim sets (PostgreSQL)",
+               ("pgsets.py", "finish_attempts"): "completion sets (PostgreSQL)",
+               ("fleet.py", "claim_attempt"): "claim write transactions (SQLite)",
+               ("fleet.py", "finish_attempt"): "completion write transactions (SQLite)",
                ("sql.py", "revoke_leases"): "lease revocation write transactions (store)",
-               ("sql.py", "_append_audit"): "audit events appended",
+               ("sql.py", "_append_events"): "audit appends (batches)",
                ("sql.py", "get_job"): "job reads (store.get_job)",
                ("v2.py", "validate"): "pydantic validations (FastAPI ModelField.validate)"}
     print("  calls per cycle (synchronous functions only: cProfile counts a coroutine once per "

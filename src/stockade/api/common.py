@@ -104,6 +104,16 @@ class StoreCalls:
         self._queue.put((functools.partial(fn, *args), done, loop))
         return await done
 
+    async def joined(self, serve: Callable[[list[Any]], list[T]], work: Any) -> T:
+        """``serve([work])[0]`` in a store thread, served with the other works for ``serve``
+        of its batch: ``serve(works)`` once for all of them (claims and completions as sets,
+        see ``FleetService.serve``); if that fails, alone too, each work runs alone (so a
+        work may run twice, as a retried request would: fencing makes that safe)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._queue.put((_Joined(serve, work), done, loop))
+        return await done
+
     def _work(self) -> None:
         while True:
             items = [self._queue.get()]
@@ -116,7 +126,7 @@ class StoreCalls:
             items = [i for i in items if i is not None and not i[1].cancelled()]
             if items:
                 try:
-                    outcomes = self._store.batched([call for call, _, _ in items])
+                    outcomes = self._run([call for call, _, _ in items])
                 except Exception as e:  # the commit failed: every call's error
                     outcomes = [(False, e)] * len(items)
                 by_loop: dict[Any, list[Any]] = {}
@@ -128,10 +138,45 @@ class StoreCalls:
             if stop:
                 return
 
+    def _run(self, calls: list[Any]) -> list[tuple[bool, Any]]:
+        """The outcome of each call (a callable or a :class:`_Joined`), all in one batch."""
+        plain = [n for n, call in enumerate(calls) if not isinstance(call, _Joined)]
+        groups: dict[Any, list[int]] = {}
+        for n, call in enumerate(calls):
+            if isinstance(call, _Joined):
+                groups.setdefault(call.serve, []).append(n)
+        outcomes = self._store.batched(
+            [calls[n] for n in plain]
+            + [functools.partial(serve, [calls[n].work for n in ns])
+               for serve, ns in groups.items()])
+        out: list[tuple[bool, Any]] = [(False, None)] * len(calls)
+        for n, outcome in zip(plain, outcomes, strict=False):
+            out[n] = outcome
+        for (serve, ns), (ok, value) in zip(groups.items(), outcomes[len(plain):],
+                                            strict=True):
+            if ok:
+                for n, result in zip(ns, value, strict=True):
+                    out[n] = (True, result)
+            elif len(ns) == 1:
+                out[ns[0]] = (False, value)
+            else:  # together they failed: each alone (the store isolates the one that fails)
+                alone = self._store.batched([functools.partial(serve, [calls[n].work])
+                                             for n in ns])
+                for n, (ok, value) in zip(ns, alone, strict=True):
+                    out[n] = (True, value[0]) if ok else (False, value)
+        return out
+
     def close(self) -> None:
         """Let the threads go (after the server stopped)."""
         for _ in self._threads:
             self._queue.put(None)
+
+
+class _Joined(NamedTuple):
+    """A work queued for ``serve`` with the others of its batch (``StoreCalls.joined``)."""
+
+    serve: Callable[[list[Any]], list[Any]]
+    work: Any
 
 
 def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:

@@ -31,7 +31,7 @@ from stockade.api.wire import (
     ReportIn,
     SessionOut,
 )
-from stockade.control.fleet import Caller, Session
+from stockade.control.fleet import Caller, ClaimWork, Completed, CompleteWork, Session
 from stockade.errors import PolicyDenied
 
 LOG_CHUNK_MAX = 1024 * 1024
@@ -70,7 +70,7 @@ async def claim(ctx: ApiContext, caller: Caller, wait: float, receive: Any) -> b
     try:
         deadline = time.monotonic() + wait
         while True:
-            a = await ctx.store_calls(ctx.fleet.claim, caller)
+            a = await ctx.store_calls.joined(ctx.fleet.serve, ClaimWork(caller))
             if a is not None:
                 ctx.metrics.claims.inc()
                 return assignment_json(a)
@@ -115,25 +115,16 @@ async def complete(ctx: ApiContext, caller: Caller, job_id: str, attempt: int,
                    ) -> tuple[int, Any]:
     """Record the attempt's outcome and, with ``take_next`` (unless the client is ``gone``),
     claim the runner's next job, in one store call (a transaction, or a batch's)."""
-    fleet = ctx.fleet
-
-    def work() -> tuple[int, Any, bool]:
-        result = fleet.complete(caller, body.completion(job_id, attempt, caller.runner.id))
-        if isinstance(result, str):
-            return 422, {"detail": result}, False
-        if not result:  # fenced, unless it is this completion again (its answer was lost)
-            replayed, a = fleet.replayed(caller, job_id, attempt, body.status)
-            if not replayed:
-                return 409, {"detail": "this attempt no longer holds the job"}, False
-            return 200, a, False
-        a = fleet.claim(caller, (job_id, attempt)) if take_next and not gone() else None
-        return 200, a, a is not None
-
-    status, out, claimed = await ctx.store_calls(work)
-    if status != 200:
-        return status, out
-    if claimed:
+    work = CompleteWork(caller, body.completion(job_id, attempt, caller.runner.id), take_next,
+                        gone)
+    done: Completed = await ctx.store_calls.joined(ctx.fleet.serve, work)
+    if done.refusal is not None:
+        return 422, {"detail": done.refusal}
+    if not done.held and not done.replayed:
+        return 409, {"detail": "this attempt no longer holds the job"}
+    if done.held and done.next is not None:
         ctx.metrics.claims.inc()
+    out = done.next
     nxt = b"null" if out is None else assignment_json(out)
     return 200, b'{"recorded":true,"next":' + nxt + b"}"
 

@@ -11,6 +11,7 @@ import hmac
 import json
 import os
 import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from stockade.api import auth
@@ -35,7 +36,13 @@ from stockade.audit import AuditEvent
 from stockade.control.service import ControlService
 from stockade.errors import PolicyDenied, UsageError
 from stockade.ids import new_runner_id
-from stockade.store.interface import EnrolTokenRow, JobRow, RunnerRow, SessionRow
+from stockade.store.interface import (
+    ClaimRequest,
+    EnrolTokenRow,
+    JobRow,
+    RunnerRow,
+    SessionRow,
+)
 
 ENROL_PREFIX = "stke_"
 SESSION_PREFIX = "stks_"
@@ -72,6 +79,34 @@ class Caller(NamedTuple):
 
     runner: RunnerRow
     session: SessionRow
+
+
+class ClaimWork(NamedTuple):
+    """A runner's claim: its next job or None (see :meth:`FleetService.serve`)."""
+
+    caller: Caller
+
+
+class CompleteWork(NamedTuple):
+    """A runner's completion of an attempt and, with ``take_next`` (unless the client is
+    ``gone`` by then), the claim of its next job: a :class:`Completed`."""
+
+    caller: Caller
+    completion: Completion
+    take_next: bool
+    gone: Callable[[], bool]
+
+
+class Completed(NamedTuple):
+    """What became of a completion: refused (why), recorded (``held``), or not recorded
+    because it is this attempt's recorded completion sent again (``replayed``: its answer
+    was lost) or because the attempt no longer holds the job (neither); ``next``: the job it
+    claimed, or (replayed) the one its first sending claimed, if the runner still holds it."""
+
+    refusal: str | None = None
+    held: bool = False
+    replayed: bool = False
+    next: Assignment | None = None
 
 
 def _digest(secret: str) -> str:
@@ -259,10 +294,49 @@ class FleetService:
               ) -> Assignment | None:
         """The next job for this runner (None if none, or if it may not take work now);
         ``after``: the attempt whose completion asks for it (which remembers it)."""
+        job = self.store.claim_attempt(*self._claim_request(caller, after))
+        return None if job is None else self.control.assignment(job)
+
+    def _claim_request(self, caller: Caller, after: tuple[str, int] | None) -> ClaimRequest:
         runner = caller.runner  # its status is read again in the claim's transaction
-        return self.control.claim(runner.id, runner_labels(runner),
-                                  lease_s=self.policy.lease_s, max_trust=runner.max_trust,
-                                  after=after)
+        return self.control.claim_request(runner.id, runner_labels(runner),
+                                          lease_s=self.policy.lease_s,
+                                          max_trust=runner.max_trust, after=after)
+
+    def serve(self, works: list[ClaimWork | CompleteWork]) -> list[Any]:
+        """Serve runners' claims and completions together, in one transaction when the
+        caller runs a batch: every completion in one ``finish_attempts``, then every claim
+        (the completions' next jobs first) in one ``claim_attempts``. Each work's result in
+        order: an :class:`~stockade.api.protocol.Assignment` or None for a
+        :class:`ClaimWork`, a :class:`Completed` for a :class:`CompleteWork`."""
+        out: list[Any] = [None] * len(works)
+        finishing: list[tuple[int, CompleteWork]] = []
+        for i, work in enumerate(works):
+            if isinstance(work, CompleteWork):
+                why = self._refusal(work.caller, work.completion)
+                if why is not None:
+                    out[i] = Completed(refusal=why)
+                else:
+                    finishing.append((i, work))
+        held = self.store.finish_attempts([self.control.finish_request(w.completion)
+                                           for _, w in finishing])
+        claims: list[tuple[int, ClaimRequest]] = []
+        for (i, work), ok in zip(finishing, held, strict=True):
+            c = work.completion
+            if not ok:  # fenced, unless it is this completion again (its answer was lost)
+                replayed, a = self.replayed(work.caller, c.job_id, c.attempt, c.status.value)
+                out[i] = Completed(replayed=replayed, next=a)
+            elif work.take_next and not work.gone():
+                claims.append((i, self._claim_request(work.caller, (c.job_id, c.attempt))))
+            else:
+                out[i] = Completed(held=True)
+        claims += [(i, self._claim_request(w.caller, None)) for i, w in enumerate(works)
+                   if isinstance(w, ClaimWork)]
+        jobs = self.store.claim_attempts([request for _, request in claims])
+        for (i, _), job in zip(claims, jobs, strict=True):
+            a = None if job is None else self.control.assignment(job)
+            out[i] = Completed(held=True, next=a) if isinstance(works[i], CompleteWork) else a
+        return out
 
     def replayed(self, caller: Caller, job_id: str, attempt: int, status: str
                  ) -> tuple[bool, Assignment | None]:
@@ -307,9 +381,9 @@ class FleetService:
             return "fenced"
         return None
 
-    def complete(self, caller: Caller, completion: Completion) -> bool | str:
-        """Record the attempt if it still holds the job and every artifact it lists was
-        uploaded by this attempt (True), False if fenced, or why it is refused."""
+    def _refusal(self, caller: Caller, completion: Completion) -> str | None:
+        """Why this completion is refused: another runner's attempt, artifacts this attempt
+        did not upload, or over the server's limits (None: it may be recorded)."""
         if completion.runner_id != caller.runner.id:
             return "a runner completes only its own attempts"
         paths = [a.path for a in completion.artifacts]
@@ -326,7 +400,7 @@ class FleetService:
             total += a.size
         if total > self.policy.artifact_max_total_bytes:
             return "the artifacts are larger than the server accepts"
-        return self.control.complete(completion)
+        return None
 
     def sweep(self) -> list[tuple[JobRow, bool]]:
         """Expired leases: their attempts are lost; jobs requeued or failed runner_lost; the

@@ -25,7 +25,14 @@ from stockade.control.egress import egress_summary
 from stockade.errors import PolicyDenied, StockadeError, UsageError
 from stockade.ids import new_job_id
 from stockade.spec import Job
-from stockade.store.interface import ArtifactRow, JobRow, StepRow, Store
+from stockade.store.interface import (
+    ArtifactRow,
+    ClaimRequest,
+    FinishRequest,
+    JobRow,
+    StepRow,
+    Store,
+)
 
 if TYPE_CHECKING:
     from stockade.secrets.broker import Broker
@@ -299,7 +306,17 @@ class ControlService:
         """Lease the oldest queued job whose labels this runner has (or exactly ``job_id``),
         until its timeout and a grace period, or for ``lease_s`` (a runner agent's lease,
         extended by its heartbeats). A runner takes jobs of trust up to ``max_trust`` only."""
+        request = self.claim_request(runner_id, labels, job_id, lease_s, max_trust, after)
+        job = self.store.claim_attempt(*request)
+        return None if job is None else self.assignment(job)
+
+    def claim_request(self, runner_id: str, labels: tuple[str, ...],
+                      job_id: str | None = None, lease_s: float | None = None,
+                      max_trust: str = "protected",
+                      after: tuple[str, int] | None = None) -> ClaimRequest:
+        """What :meth:`claim` asks of the store (several go in one ``claim_attempts``)."""
         ceiling = TRUST_LEVELS.index(max_trust)
+        offered = set(labels)
 
         def eligible(job: JobRow) -> bool:
             if job.runner_id not in (None, runner_id):  # reserved for another runner
@@ -308,7 +325,7 @@ class ControlService:
                 return False
             if job_id is not None:
                 return job.id == job_id
-            return set(json.loads(job.labels_json)) <= set(labels)
+            return set(json.loads(job.labels_json)) <= offered
 
         def event(job: JobRow) -> AuditEvent:
             return self._event("job.claimed", job.id, actor=f"runner:{runner_id}",
@@ -319,17 +336,19 @@ class ControlService:
                 return self.clock() + lease_s
             return self.clock() + Job.from_json(job.spec_json).timeout + LEASE_GRACE_S
 
-        job = self.store.claim_attempt(runner_id, lease_until, event, eligible,
-                                       agent=lease_s is not None, after=after)
-        if job is None:
-            return None
+        return ClaimRequest(runner_id, lease_until, event, eligible, lease_s is not None, after)
+
+    def assignment(self, job: JobRow) -> Assignment:
+        """A claimed job as its runner gets it, with the leases of the secrets it asks for
+        issued (in the claim's transaction when it runs in a batch)."""
+        assert job.runner_id is not None
         spec = Job.from_json(job.spec_json)
         grants: tuple[LeaseGrant, ...] = ()
         if spec.secrets and self.broker is not None:
-            grants = self.broker.issue(job.id, job.attempt, runner_id,
+            grants = self.broker.issue(job.id, job.attempt, job.runner_id,
                                        [(s.name, s.delivery) for s in spec.secrets],
                                        ttl=spec.timeout)
-        return Assignment(job.id, job.attempt, runner_id, job.spec_json,
+        return Assignment(job.id, job.attempt, job.runner_id, job.spec_json,
                           job.lease_expires_at or 0.0, grants, job.trust, job.ref,
                           job.workspace_sha256)
 
@@ -366,6 +385,10 @@ class ControlService:
 
     def complete(self, c: Completion) -> bool:
         """Record a runner's outcome of an attempt it still holds, with its egress decisions."""
+        return self.store.finish_attempt(*self.finish_request(c))
+
+    def finish_request(self, c: Completion) -> FinishRequest:
+        """What :meth:`complete` asks of the store (several go in one ``finish_attempts``)."""
         details = {"duration_s": round(c.duration_s, 3), **c.details,
                    "egress": egress_summary(c.egress)}
         changes = {
@@ -382,8 +405,8 @@ class ControlService:
                               exit_code=c.exit_code)]
         # its secret leases revoked with it (a refused one revokes nobody's)
         revoke = None if self.broker is None else self.broker.revocation(c.job_id, c.attempt)
-        return self.store.finish_attempt(c.job_id, c.attempt, c.runner_id, changes, steps,
-                                         artifacts, events, revoke)
+        return FinishRequest(c.job_id, c.attempt, c.runner_id, changes, steps, artifacts,
+                             events, revoke)
 
     def job(self, job_id: str) -> JobRow | None:
         """A job by its exact id (None if unknown)."""

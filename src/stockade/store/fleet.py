@@ -23,7 +23,9 @@ from stockade.audit import AuditEvent
 from stockade.store.interface import (
     ArtifactRow,
     AttemptRow,
+    ClaimRequest,
     EnrolTokenRow,
+    FinishRequest,
     JobRow,
     LeaseRow,
     Revocation,
@@ -62,19 +64,16 @@ class FleetQueries:
 
     # -- jobs and attempts ----------------------------------------------------------------
 
-    def _candidates(self, db: Any, runner_id: str, seen: str = "", seen_args: tuple[Any, ...]
-                    = (), gate: str = "") -> Iterator[JobRow]:
+    def _candidates(self, db: Any, runner_id: str) -> Iterator[JobRow]:
         """The queued jobs ``runner_id`` may take, oldest first (locked, skipping those being
-        taken, on PostgreSQL). ``seen`` (with ``seen_args``): a ``WITH`` clause the first
-        query begins with; ``gate``: a condition only that query adds."""
+        taken, on PostgreSQL)."""
         args: tuple[Any, ...]
         after, args = "", (runner_id,)  # the first query reads from the head of the queue
         for size in CLAIM_BATCHES:  # few rows first: the oldest queued job is usually taken
             rows = db.execute(
-                f"{seen}SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
-                f"(runner_id IS NULL OR runner_id = ?){gate}{after} ORDER BY created_at, id "
-                f"LIMIT {size}{self._skip_locked}", (*seen_args, *args)).fetchall()
-            seen, seen_args, gate = "", (), ""
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
+                f"(runner_id IS NULL OR runner_id = ?){after} ORDER BY created_at, id "
+                f"LIMIT {size}{self._skip_locked}", args).fetchall()
             for row in rows:
                 yield JobRow(*row)
             if len(rows) < size:
@@ -83,16 +82,6 @@ class FleetQueries:
             # rows (an OR of two comparisons made PostgreSQL read and sort the whole queue)
             after = " AND (created_at, id) > (?, ?)"
             args = (runner_id, rows[-1][JobRow._fields.index("created_at")], rows[-1][0])
-
-    def _seen_candidates(self, db: Any, runner_id: str, now: float, agent: bool
-                         ) -> Iterator[JobRow]:
-        """The runner seen ``now`` (its row locked until the commit), then its candidates;
-        none for an ``agent`` that is not active (PostgreSQL: both in one statement)."""
-        cur = db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?"
-                         + (ACTIVE if agent else ""), (now, runner_id))
-        if agent and cur.rowcount != 1:
-            return iter(())
-        return self._candidates(db, runner_id)
 
     def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
                       event_for: Callable[[JobRow], AuditEvent],
@@ -110,8 +99,11 @@ class FleetQueries:
         with self._tx() as db:
             now = time.time()
             # seen now, and still active (its row stays locked until the commit)
-            job = next((j for j in self._seen_candidates(db, runner_id, now, agent)
-                        if eligible(j)), None)
+            cur = db.execute("UPDATE runners SET last_seen_at = ? WHERE id = ?"
+                             + (ACTIVE if agent else ""), (now, runner_id))
+            if agent and cur.rowcount != 1:
+                return None
+            job = next((j for j in self._candidates(db, runner_id) if eligible(j)), None)
             if job is None:
                 return None
             changes: dict[str, Any] = {"status": "running", "runner_id": runner_id,
@@ -122,10 +114,20 @@ class FleetQueries:
             self._append_audit(db, event_for(claimed))
             return claimed
 
-    def _take(self, db: Any, job_id: str, changes: dict[str, Any],
+    def claim_attempts(self, requests: list[ClaimRequest]) -> list[JobRow | None]:
+        """Several claims, in order (here one after the other: each is one statement or
+        two on SQLite, whose writers take turns anyway)."""
+        return [self.claim_attempt(*r) for r in requests]
+
+    def finish_attempts(self, requests: list[FinishRequest]) -> list[bool]:
+        """Several attempts' ends, in order."""
+        return [self.finish_attempt(*r) for r in requests]
+
+    @staticmethod
+    def _take(db: Any, job_id: str, changes: dict[str, Any],
               after: tuple[str, int] | None) -> None:
         """A claim's writes (the job locked and queued): the job running ``changes``, its new
-        attempt, and the attempt ``after`` remembering it (PostgreSQL: one statement)."""
+        attempt, and the attempt ``after`` remembering it."""
         sets = ", ".join(f"{k} = ?" for k in changes)
         db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status = 'queued'",
                    (*changes.values(), job_id))
@@ -168,8 +170,7 @@ class FleetQueries:
     def _finish(self, db: Any, job_id: str, attempt: int, runner_id: str,
                 changes: dict[str, Any], revoke_at: float | None) -> list[LeaseRow] | None:
         """An attempt's outcome on its job and its attempt row if it still holds the job, and
-        with ``revoke_at`` its live leases revoked: those leases (None: not held; PostgreSQL:
-        one statement)."""
+        with ``revoke_at`` its live leases revoked: those leases (None: not held)."""
         sets = ", ".join(f"{k} = ?" for k in changes)
         cur = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {RUNNING}",
                          (*changes.values(), job_id, attempt, runner_id))

@@ -86,6 +86,31 @@ class Revocation(NamedTuple):
     event_for: Callable[[LeaseRow], AuditEvent]
 
 
+class ClaimRequest(NamedTuple):
+    """A claim of the oldest eligible queued job for ``runner_id`` (see
+    ``Store.claim_attempt``, whose arguments these are)."""
+
+    runner_id: str
+    lease_until: Callable[[JobRow], float]
+    event_for: Callable[[JobRow], AuditEvent]
+    eligible: Callable[[JobRow], bool]
+    agent: bool = False
+    after: tuple[str, int] | None = None
+
+
+class FinishRequest(NamedTuple):
+    """The end of an attempt (see ``Store.finish_attempt``, whose arguments these are)."""
+
+    job_id: str
+    attempt: int
+    runner_id: str
+    changes: dict[str, Any]
+    steps: list[StepRow]
+    artifacts: list[ArtifactRow]
+    events: list[AuditEvent]
+    revoke: Revocation | None = None
+
+
 class TokenRow(NamedTuple):
     """An API token of ``stockade server``: only the sha256 of its secret part is kept."""
 
@@ -183,6 +208,14 @@ class Store(Protocol):
         """Record an attempt's outcome, steps, artifacts and audit events, if that attempt of
         ``runner_id`` still holds the job (fencing); with ``revoke``, its live secret leases
         are revoked in the same transaction (an event each)."""
+        ...
+
+    def claim_attempts(self, requests: list[ClaimRequest]) -> list[JobRow | None]:
+        """Several claims in one go, in order (the earlier ones take the older jobs)."""
+        ...
+
+    def finish_attempts(self, requests: list[FinishRequest]) -> list[bool]:
+        """Several attempts' ends in one go: whether each was recorded."""
         ...
 
     def extend_lease(self, job_id: str, attempt: int, runner_id: str,

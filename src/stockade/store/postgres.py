@@ -13,7 +13,6 @@ Imported only when ``database_url`` names PostgreSQL: the embedded path never lo
 """
 
 import json
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
@@ -23,10 +22,10 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from stockade.audit import AuditEvent, AuditHead, AuditSnapshot
+from stockade.audit import AuditEvent, AuditHead, AuditSnapshot, chain_hash
 from stockade.errors import StoreError
-from stockade.store.fleet import ACTIVE, ATTEMPT_COLUMNS, LEASE_COLUMNS, RUNNING, FleetQueries
-from stockade.store.interface import JobRow, LeaseRow
+from stockade.store.fleet import FleetQueries
+from stockade.store.pgsets import SetQueries
 from stockade.store.sql import (
     AUDIT_COLUMNS,
     HEAD_REVISION,
@@ -48,7 +47,7 @@ _URL_HINT = ("write it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE (see the
              "table in README)")
 
 
-class PostgresStore(SqlStore, FleetQueries):
+class PostgresStore(SqlStore, SetQueries, FleetQueries):
     """A :class:`~stockade.store.interface.Store` in a PostgreSQL database; safe to share
     between threads."""
 
@@ -148,64 +147,29 @@ class PostgresStore(SqlStore, FleetQueries):
         """One event alone is one statement: lock the head row, chain the event onto it (the
         same sha256 as ``chain_hash``, computed by the server) and insert it; the trigger
         moves the head. One round trip less while every replica's appends wait for that row.
-        A batch's events: the base's (the head, then one insert of them all)."""
-        if len(events) != 1:
+        Several (a batch's): the head locked and read, then one insert of them all as
+        arrays (one prepared statement whatever their number)."""
+        if len(events) == 1:
+            event = events[0]
+            cur = db.execute(_APPEND, (event.at, event.actor, event.action, event.job_id,
+                                       json.dumps(event.detail, sort_keys=True),
+                                       event.canonical()))
+            if cur.rowcount == 1:
+                return
+        row = db.execute(HEAD_SQL + " FOR UPDATE").fetchone()
+        if row is None:  # the head row is gone: the base says so, visibly
             return super()._append_events(db, events)
-        event = events[0]
-        cur = db.execute(_APPEND, (event.at, event.actor, event.action, event.job_id,
-                                   json.dumps(event.detail, sort_keys=True), event.canonical()))
-        if cur.rowcount != 1:  # the head row is gone: the base says so, visibly
-            super()._append_events(db, events)
-
-    def _seen_candidates(self, db: Db, runner_id: str, now: float, agent: bool
-                         ) -> Iterator[JobRow]:
-        """The base's two statements in one: the runner's row updated in the first
-        candidates query (none if an agent is not active)."""
-        return self._candidates(
-            db, runner_id,
-            seen=("WITH seen AS (UPDATE runners SET last_seen_at = ? WHERE id = ?"
-                  + (f"{ACTIVE} RETURNING 1) " if agent else " RETURNING 1) ")),
-            seen_args=(now, runner_id), gate=" AND EXISTS (SELECT 1 FROM seen)" if agent else "")
-
-    def _take(self, db: Db, job_id: str, changes: dict[str, Any],
-              after: tuple[str, int] | None) -> None:
-        """The base's three writes of a claim in one statement (one round trip, not three)."""
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        args: list[Any] = [*changes.values(), job_id, job_id, changes["attempt"],
-                           changes["runner_id"], changes["started_at"]]
-        sql = (f"WITH j AS (UPDATE jobs SET {sets} WHERE id = ? AND status = 'queued' "
-               f"RETURNING id), a AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT ?, ?, "
-               "?, ?, NULL, 'running', 0 FROM j RETURNING 1) ")
-        if after is None:
-            sql += "SELECT count(*) FROM a"
-        else:  # the attempt whose completion claims the job remembers it
-            sql += ("UPDATE attempts SET next_job_id = ?, next_attempt = ? WHERE job_id = ? "
-                    "AND attempt = ? AND runner_id = ? AND EXISTS (SELECT 1 FROM a)")
-            args += [job_id, changes["attempt"], *after, changes["runner_id"]]
-        db.execute(sql, args)
-
-    def _finish(self, db: Db, job_id: str, attempt: int, runner_id: str,
-                changes: dict[str, Any], revoke_at: float | None) -> list[LeaseRow] | None:
-        """The base's writes of an outcome in one statement: the job, its attempt, and (with
-        ``revoke_at``) its live leases revoked; the leases revoked (None: not held)."""
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        args: list[Any] = [*changes.values(), job_id, attempt, runner_id, time.time(),
-                           changes.get("status", "finished"), job_id, attempt]
-        sql = (f"WITH j AS (UPDATE jobs SET {sets} WHERE id = ? AND {RUNNING} RETURNING 1), "
-               "a AS (UPDATE attempts SET ended_at = ?, outcome = ? WHERE job_id = ? AND "
-               "attempt = ? AND EXISTS (SELECT 1 FROM j) RETURNING 1)")
-        if revoke_at is None:
-            rows = db.execute(sql + " SELECT count(*) FROM j", args).fetchall()
-            return [] if rows[0][0] == 1 else None
-        # one row with the count alone when no lease was live, else one per lease
-        rows = db.execute(
-            sql + ", l AS (UPDATE leases SET revoked_at = ? WHERE job_id = ? AND attempt = ? "
-            f"AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM j) RETURNING {LEASE_COLUMNS}) "
-            "SELECT (SELECT count(*) FROM j), l.* FROM (VALUES (1)) AS one (x) LEFT JOIN l "
-            "ON true ORDER BY l.id", [*args, revoke_at, job_id, attempt]).fetchall()
-        if rows[0][0] != 1:
-            return None
-        return [LeaseRow(*r[1:]) for r in rows if r[1] is not None]
+        columns: list[list[Any]] = [[] for _ in range(7)]
+        head = str(row[1])
+        for event in events:
+            digest = chain_hash(head, event)
+            for column, value in zip(columns, (event.at, event.actor, event.action,
+                                               event.job_id,
+                                               json.dumps(event.detail, sort_keys=True),
+                                               head, digest), strict=True):
+                column.append(value)
+            head = digest
+        db.execute(_INSERT_EVENTS, columns)
 
     def batched(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         """The base's batch on one pooled connection for all of it: its reads before the
@@ -322,6 +286,10 @@ class _Result:
         return iter(self.fetchall())
 
 
+# in the arrays' order (a trigger moves audit_head for each row, in order: migration 0004)
+_INSERT_EVENTS = (f"INSERT INTO audit_events ({AUDIT_COLUMNS}) SELECT {AUDIT_COLUMNS} FROM "
+                  "unnest(?::float8[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], "
+                  f"?::text[]) WITH ORDINALITY AS e ({AUDIT_COLUMNS}, n) ORDER BY n")
 # chain_hash(prev, event) in SQL: sha256 of "<prev hash>\n<canonical event>" in hex
 _APPEND = (f"WITH head AS ({HEAD_SQL} FOR UPDATE) INSERT INTO audit_events ({AUDIT_COLUMNS}) "
            "SELECT ?, ?, ?, ?, ?, head.hash, encode(sha256(convert_to(head.hash || chr(10) || "

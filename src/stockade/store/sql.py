@@ -231,6 +231,15 @@ class SqlStore:
         else:
             self._append_events(db, [event])
 
+    def _append_all(self, db: Db, events: list[AuditEvent]) -> None:
+        """Append ``events`` in the transaction ``db``: with the batch's others at its end,
+        or at once in one go."""
+        batch = self._batch()
+        if batch is not None and batch.db is db:
+            batch.events += events
+        elif events:
+            self._append_events(db, events)
+
     def _append_events(self, db: Db, events: list[AuditEvent]) -> None:
         """Chain ``events`` onto the head (locked first) and insert them: one statement for
         each :data:`_ROWS_PER_INSERT` events."""

@@ -230,3 +230,120 @@ def test_an_attempt_ends_with_its_secret_leases_revoked_in_its_transaction(
     assert actions[-3:] == ["job.succeeded", "secret.revoked:l1", "secret.revoked:l2"]
     assert verify_chain(store.audit_records()) is None
     store.close()
+
+
+def test_claims_in_one_go_take_the_oldest_eligible_jobs_in_request_order(
+        store_url: str) -> None:
+    """claim_attempts (on PostgreSQL one statement for all the claims): each request gets the
+    oldest queued job it may take that an earlier request did not, paging past a queue head
+    none of them may take; an agent that is not active gets nothing; the completion a claim
+    follows remembers it; the claims' events are in the requests' order."""
+    from stockade.store.interface import ClaimRequest
+
+    store = open_store(store_url)
+    enrolled(store, "r1")
+    runner = RunnerRow("r2", "box2", "default", "[]", 1, "k" * 44, "draining", "{}", None, 2.0,
+                       None)
+    store.insert_enrol_token(EnrolTokenRow("t2", "default", "ab" * 32, 1.0, 1e12, None, None),
+                             ev("enrol_token.created"))
+    assert store.enrol("t2", lambda row: None, runner,
+                       SessionRow("s2", "r2", "cd" * 32, 2.0, 1e12), []) is None
+    for n in range(40):  # a queue head only a GPU runner may take
+        store.insert_job(job(f"gpu{n:02}", float(n))._replace(labels_json='["gpu"]'),
+                         ev("job.admitted"))
+    store.insert_job(job("mine", 50.0, runner_id="local-1"), ev("job.admitted"))
+    for n in range(4):
+        store.insert_job(job(f"j{n}", 60.0 + n), ev("job.admitted"))
+    store.insert_job(job("prev", 0.5), ev("job.admitted"))
+    prev = store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                               lambda j: j.id == "prev", agent=True)
+    assert prev is not None
+    assert store.finish_attempt("prev", 1, "r1", {"status": "succeeded"}, [], [], [])
+
+    def request(runner_id: str, agent: bool = True, after: tuple[str, int] | None = None
+                ) -> ClaimRequest:
+        return ClaimRequest(runner_id, lambda j: 200.0,
+                            lambda j: ev(f"job.claimed:{runner_id}", j.id),
+                            lambda j: j.runner_id in (None, runner_id) and "gpu" not in
+                            j.labels_json, agent, after)
+
+    got = store.claim_attempts([request("r1", after=("prev", 1)), request("r2"),
+                                request("local-1", agent=False), request("r1"),
+                                request("r1")])
+    assert [None if j is None else j.id for j in got] == ["j0", None, "mine", "j1", "j2"]
+    first = got[0]
+    assert first is not None and (first.status, first.runner_id, first.attempt,
+                                  first.lease_expires_at) == ("running", "r1", 1, 200.0)
+    assert store.ended_attempt("prev", 1, "r1") == ("succeeded", "j0", 1)
+    assert [a.runner_id for a in store.attempts("j1")] == ["r1"]
+    assert store.get_job("j3").status == "queued"  # type: ignore[union-attr]
+    assert store.get_job("gpu00").status == "queued"  # type: ignore[union-attr]
+    assert store.get_runner("r2").last_seen_at is None  # type: ignore[union-attr]
+    actions = [(e.action, e.job_id) for e, _, _ in store.audit_records()][-4:]
+    assert actions == [("job.claimed:r1", "j0"), ("job.claimed:local-1", "mine"),
+                       ("job.claimed:r1", "j1"), ("job.claimed:r1", "j2")]
+    assert store.claim_attempts([]) == []
+    assert verify_chain(store.audit_records()) is None
+    store.close()
+
+
+def test_completions_in_one_go_are_fenced_each_and_keep_their_order(store_url: str) -> None:
+    """finish_attempts (on PostgreSQL one statement for the jobs, attempts and leases of all
+    the completions of a kind, one for their steps, one for their artifacts): a fenced one
+    changes nothing, the same job named twice is recorded once, a second attempt's steps
+    replace the lost attempt's, and the events come in the requests' order, each request's
+    lease revocations after its own events."""
+    from stockade.store.interface import FinishRequest, LeaseRow, Revocation, StepRow
+
+    store = open_store(store_url)
+    enrolled(store)
+    for n in range(4):
+        store.insert_job(job(f"j{n}", float(n)), ev("job.admitted", f"j{n}"))
+    def claim() -> JobRow | None:
+        return store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                                   lambda j: True, agent=True)
+    assert claim() is not None  # j0: lost, then claimed again
+    assert [j.id for j, again in store.expire_leases(
+        1000.0, lambda j, again: ev("job.lost", j.id)) if again] == ["j0"]
+    for _ in range(4):
+        assert claim() is not None  # j0 (its second attempt), j1, j2, j3
+    store.insert_leases([LeaseRow("l1", "j2", 1, "r1", "token", 1, "env", 3.0, 1e12, None)],
+                        [ev("secret.issued", "j2")])
+
+    def done(job_id: str, runner_id: str = "r1", status: str = "succeeded",
+             steps: list[StepRow] | None = None, revoke: bool = False, attempt: int = 1,
+             **changes: object) -> FinishRequest:
+        return FinishRequest(job_id, attempt, runner_id, {"status": status, **changes},
+                             steps or [], [], [ev(f"job.{status}", job_id)],
+                             Revocation(9.0, lambda row: ev(f"secret.revoked:{row.id}",
+                                                            row.job_id)) if revoke else None)
+
+    results = store.finish_attempts([
+        done("j1", steps=[StepRow(0, "build", "succeeded", 0, 0.5),
+                          StepRow(1, "test", "succeeded", 0, 0.25)]),
+        done("j3", runner_id="r2"),  # another runner's: fenced
+        done("j2", revoke=True, status="failed", failure_reason="step_failed", exit_code=3),
+        done("j1", status="failed"),  # the same job again: already ended
+        done("j0"),  # its lost first attempt: fenced
+        done("j0", attempt=2, steps=[StepRow(0, "again", "succeeded", 0, 0.1)]),
+    ])
+    assert results == [True, False, True, False, False, True]
+    assert [s.name for s in store.job_steps("j0")] == ["again"]
+    assert [(a.attempt, a.outcome) for a in store.attempts("j0")] == [(1, "lost"),
+                                                                     (2, "succeeded")]
+    assert [(s.name, s.duration_s) for s in store.job_steps("j1")] == [("build", 0.5),
+                                                                       ("test", 0.25)]
+    j2 = store.get_job("j2")
+    assert j2 is not None and (j2.status, j2.failure_reason, j2.exit_code) == (
+        "failed", "step_failed", 3)
+    assert store.get_job("j3").status == "running"  # type: ignore[union-attr]
+    assert store.get_job("j1").status == "succeeded"  # type: ignore[union-attr]
+    assert store.get_lease("l1").revoked_at == 9.0  # type: ignore[union-attr]
+    assert [(a.outcome, a.ended_at is not None) for a in store.attempts("j2")] == [
+        ("failed", True)]
+    actions = [(e.action, e.job_id) for e, _, _ in store.audit_records()][-4:]
+    assert actions == [("job.succeeded", "j1"), ("job.failed", "j2"),
+                       ("secret.revoked:l1", "j2"), ("job.succeeded", "j0")]
+    assert store.finish_attempts([]) == []
+    assert verify_chain(store.audit_records()) is None
+    store.close()

@@ -1,0 +1,265 @@
+"""Claims and completions on PostgreSQL as sets: all the claims of a batch (a server's
+concurrent requests, see ``SqlStore.batched``) take their jobs in one statement, all its
+completions end their attempts in one. Each statement passes its rows as arrays (``unnest``),
+so that its text and its number of parameters stay the same whatever the batch's size and
+psycopg keeps it prepared; one claim or one completion alone is a set of one.
+
+A mixin of :class:`~stockade.store.postgres.PostgresStore`, before ``FleetQueries`` (whose
+one-by-one versions these replace); the batch's transaction has locked the audit head first,
+as every write transaction does, so the rows of runners and jobs these lock in no set order
+cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from functools import lru_cache
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+from stockade.errors import StoreError
+from stockade.store.fleet import ATTEMPT_COLUMNS, CLAIM_BATCHES
+from stockade.store.interface import (
+    ArtifactRow,
+    ClaimRequest,
+    FinishRequest,
+    JobRow,
+    LeaseRow,
+    Revocation,
+    StepRow,
+)
+
+if TYPE_CHECKING:
+    from stockade.audit import AuditEvent
+
+_JOB_COLUMNS = ", ".join(JobRow._fields)
+_CREATED = JobRow._fields.index("created_at")
+# the columns a completion may change, with their types in arrays
+_CHANGED = {"status": "text", "failure_reason": "text", "exit_code": "int",
+            "finished_at": "float8", "lease_expires_at": "float8", "result_json": "text"}
+_ANY_QUEUED = ("SELECT 1 FROM jobs WHERE status = 'queued' AND (runner_id IS NULL OR "
+               "runner_id = ANY(?)) LIMIT 1")
+# the runners seen (agents only while active, the control plane's own, which have no row,
+# in any case), in the statement of the first page of candidates (one round trip less)
+_SEEN = ("WITH seen AS (UPDATE runners SET last_seen_at = ? WHERE (id = ANY(?) AND status = "
+         "'active') OR id = ANY(?) RETURNING id) ")
+_TAKE = (
+    "WITH v AS (SELECT * FROM unnest(?::text[], ?::int[], ?::text[], ?::float8[], ?::float8[], "
+    "?::text[], ?::int[]) AS v (id, attempt, runner_id, lease, started, after_job, "
+    "after_attempt)), "
+    "j AS (UPDATE jobs SET status = 'running', runner_id = v.runner_id, attempt = v.attempt, "
+    "lease_expires_at = v.lease, started_at = v.started FROM v WHERE jobs.id = v.id AND "
+    "jobs.status = 'queued' RETURNING jobs.id), "
+    f"a AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT v.id, v.attempt, v.runner_id, "
+    "v.started, NULL, 'running', 0 FROM v JOIN j ON j.id = v.id RETURNING 1), "
+    # the attempt whose completion claims the job remembers it
+    "n AS (UPDATE attempts SET next_job_id = v.id, next_attempt = v.attempt FROM v JOIN j ON "
+    "j.id = v.id WHERE attempts.job_id = v.after_job AND attempts.attempt = v.after_attempt "
+    "AND attempts.runner_id = v.runner_id RETURNING 1) "
+    "SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM a)")
+_STEPS = ("INSERT INTO steps (job_id, idx, name, status, exit_code, duration_s) SELECT * FROM "
+          "unnest(?::text[], ?::int[], ?::text[], ?::text[], ?::int[], ?::float8[])")
+_ARTIFACTS = ("INSERT INTO artifacts (job_id, path, sha256, size) SELECT * FROM "
+              "unnest(?::text[], ?::text[], ?::text[], ?::int8[])")
+
+
+class SetQueries:
+    """Claims and completions as sets (see the module docstring)."""
+
+    if TYPE_CHECKING:  # the base store's
+        def _tx(self, head: bool = True) -> AbstractContextManager[Any]: ...
+
+        def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]: ...
+
+        def _writing(self) -> bool: ...
+
+        def _append_all(self, db: Any, events: list[AuditEvent]) -> None: ...
+
+    def claim_attempt(self, runner_id: str, lease_until: Any, event_for: Any, eligible: Any,
+                      agent: bool = False, after: tuple[str, int] | None = None
+                      ) -> JobRow | None:
+        """One claim (``FleetQueries.claim_attempt``): a set of one."""
+        return self.claim_attempts([ClaimRequest(runner_id, lease_until, event_for, eligible,
+                                                 agent, after)])[0]
+
+    def claim_attempts(self, requests: list[ClaimRequest]) -> list[JobRow | None]:
+        """Each request's oldest eligible queued job, in order (an earlier request takes the
+        older job), all in one transaction: the runners marked seen (an agent that is not
+        active takes nothing), the queue's head locked page by page, skipping jobs another
+        transaction is taking, then every job taken in one statement."""
+        out: list[JobRow | None] = [None] * len(requests)
+        ids = sorted({r.runner_id for r in requests})
+        if not requests or (not self._writing() and not self._read(_ANY_QUEUED, (ids,))):
+            return out  # nothing to take: no write transaction (long polls look often)
+        with self._tx() as db:
+            now = time.time()
+            seen_args = (now, sorted({r.runner_id for r in requests if r.agent}),
+                         sorted({r.runner_id for r in requests if not r.agent}))
+            pages = _pages(db, ids, len(requests), seen_args)
+            seen, first = next(pages)
+            waiting = [i for i, r in enumerate(requests) if not r.agent or r.runner_id in seen]
+            pool: list[JobRow] = []
+            taken: set[str] = set()
+            looked = dict.fromkeys(waiting, 0)  # candidates each request has looked at
+            for page in chain([first], (rows for _, rows in pages)) if waiting else ():
+                pool += page
+                for i in waiting:
+                    job = None
+                    while looked[i] < len(pool) and job is None:
+                        j = pool[looked[i]]
+                        looked[i] += 1
+                        if j.id not in taken and requests[i].eligible(j):
+                            job = j
+                    if job is not None:
+                        taken.add(job.id)
+                        out[i] = job
+                waiting = [i for i in waiting if out[i] is None]
+                if not waiting:
+                    break
+            claimed = [(i, self._claimed(requests[i], job, now))
+                       for i, job in enumerate(out) if job is not None]
+            if not claimed:
+                return out
+            columns: list[list[Any]] = [[] for _ in range(7)]
+            for i, job in claimed:
+                after = requests[i].after or (None, None)
+                for column, value in zip(columns, (job.id, job.attempt, job.runner_id,
+                                                   job.lease_expires_at, job.started_at,
+                                                   *after), strict=True):
+                    column.append(value)
+            took = db.execute(_TAKE, columns).fetchone()
+            if tuple(took) != (len(claimed), len(claimed)):  # locked by us: cannot happen
+                raise StoreError(f"a claim took {took[0]} of the {len(claimed)} jobs it "
+                                 "had locked", hint="repeat it")
+            for i, job in claimed:
+                out[i] = job
+            self._append_all(db, [requests[i].event_for(job) for i, job in claimed])
+            return out
+
+    @staticmethod
+    def _claimed(request: ClaimRequest, job: JobRow, now: float) -> JobRow:
+        return job._replace(status="running", runner_id=request.runner_id,
+                            attempt=job.attempt + 1, lease_expires_at=request.lease_until(job),
+                            started_at=now)
+
+    def finish_attempt(self, job_id: str, attempt: int, runner_id: str,
+                       changes: dict[str, Any], steps: list[StepRow],
+                       artifacts: list[ArtifactRow], events: list[AuditEvent],
+                       revoke: Revocation | None = None) -> bool:
+        """One attempt's end (``FleetQueries.finish_attempt``): a set of one."""
+        return self.finish_attempts([FinishRequest(job_id, attempt, runner_id, changes, steps,
+                                                   artifacts, events, revoke)])[0]
+
+    def finish_attempts(self, requests: list[FinishRequest]) -> list[bool]:
+        """Record each attempt's outcome, steps and artifacts if it still holds its job, and
+        revoke its live leases when it asks: one statement for all the jobs, their attempts
+        and their leases (one for each kind of ``changes``, and another round for a job
+        named twice), one for all the steps, one for all the artifacts; the audit events in
+        the requests' order, each request's own then its leases' revocations."""
+        held: list[list[LeaseRow] | None] = [None] * len(requests)
+        if not requests:
+            return []
+        with self._tx() as db:
+            for group in _rounds(requests):
+                keys = tuple(requests[group[0]].changes)
+                rows = db.execute(_finish_sql(keys), _finish_columns(
+                    [requests[i] for i in group], keys)).fetchall()
+                revoked = {job_id: [_lease(x) for x in (leases or ())]
+                           for job_id, leases in rows}
+                for i in group:
+                    held[i] = revoked.get(requests[i].job_id)
+            done = [(r, leases) for r, leases in zip(requests, held, strict=True)
+                    if leases is not None]
+            again = [r.job_id for r, _ in done if r.attempt > 1]
+            if again:  # what a lost attempt may have left
+                db.execute("DELETE FROM steps WHERE job_id = ANY(?)", (again,))
+                db.execute("DELETE FROM artifacts WHERE job_id = ANY(?)", (again,))
+            steps = [(r.job_id, *s) for r, _ in done for s in r.steps]
+            if steps:
+                db.execute(_STEPS, [list(c) for c in zip(*steps, strict=True)])
+            artifacts = [(r.job_id, *a) for r, _ in done for a in r.artifacts]
+            if artifacts:
+                db.execute(_ARTIFACTS, [list(c) for c in zip(*artifacts, strict=True)])
+            events: list[AuditEvent] = []
+            for r, leases in done:
+                events += r.events
+                if r.revoke is not None:
+                    events += [r.revoke.event_for(lease) for lease in leases]
+            self._append_all(db, events)
+        return [leases is not None for leases in held]
+
+
+def _pages(db: Any, runner_ids: list[str], wanted: int, seen_args: tuple[Any, ...]
+           ) -> Iterator[tuple[set[str], list[JobRow]]]:
+    """Pages of the queued jobs these runners may take, oldest first, locked (skipping those
+    another transaction is taking): twice as many as ``wanted`` first, then as a claim's
+    (``CLAIM_BATCHES``), until the queue ends; with the first, the runners marked seen
+    (:data:`_SEEN` with ``seen_args``; none known if the queue is empty)."""
+    seen, after = _SEEN, ""
+    before: tuple[Any, ...] = seen_args
+    position: tuple[Any, ...] = ()
+    for size in (max(2, 2 * wanted), *CLAIM_BATCHES[1:]):
+        rows = db.execute(
+            f"{seen}SELECT {'(SELECT array_agg(id) FROM seen)' if seen else 'NULL'}, "
+            f"{_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND (runner_id IS NULL OR "
+            f"runner_id = ANY(?)){after} ORDER BY created_at, id LIMIT {size} FOR UPDATE OF "
+            "jobs SKIP LOCKED", (*before, runner_ids, *position)).fetchall()
+        yield set(rows[0][0] or ()) if rows else set(), [JobRow(*r[1:]) for r in rows]
+        if len(rows) < size:
+            return
+        # the position as one row comparison: an index range that stops after ``size`` rows
+        seen, before, after = "", (), " AND (created_at, id) > (?, ?)"
+        position = (rows[-1][1 + _CREATED], rows[-1][1])
+
+
+def _rounds(requests: list[FinishRequest]) -> list[list[int]]:
+    """The requests' indexes in groups of one statement each: the same kind of ``changes``,
+    and no job twice (an UPDATE ... FROM changes a row once, whichever of its matches)."""
+    rounds: list[tuple[tuple[str, ...], set[str], list[int]]] = []
+    for i, r in enumerate(requests):
+        keys = tuple(r.changes)
+        target = next((g for g in rounds if g[0] == keys and r.job_id not in g[1]), None)
+        if target is None:
+            target = (keys, set(), [])
+            rounds.append(target)
+        target[1].add(r.job_id)
+        target[2].append(i)
+    return [g[2] for g in rounds]
+
+
+@lru_cache(maxsize=64)
+def _finish_sql(keys: tuple[str, ...]) -> str:
+    """The statement that ends a set of attempts whose ``changes`` have these keys."""
+    unknown = [k for k in keys if k not in _CHANGED]
+    if unknown:
+        raise ValueError(f"a completion does not change {unknown}")
+    names = ("id", "attempt", "runner_id", "outcome", "revoke_at", *keys)
+    types = ("text", "int", "text", "text", "float8", *(_CHANGED[k] for k in keys))
+    sets = ", ".join(f"{k} = v.{k}" for k in keys)
+    return (
+        f"WITH v AS (SELECT * FROM unnest({', '.join(f'?::{t}[]' for t in types)}) AS v "
+        f"({', '.join(names)})), "
+        f"j AS (UPDATE jobs SET {sets} FROM v WHERE jobs.id = v.id AND jobs.status = 'running' "
+        "AND jobs.attempt = v.attempt AND jobs.runner_id = v.runner_id RETURNING jobs.id), "
+        "a AS (UPDATE attempts SET ended_at = ?, outcome = v.outcome FROM v JOIN j ON "
+        "j.id = v.id WHERE attempts.job_id = v.id AND attempts.attempt = v.attempt "
+        "RETURNING 1), "
+        "l AS (UPDATE leases SET revoked_at = v.revoke_at FROM v JOIN j ON j.id = v.id WHERE "
+        "v.revoke_at IS NOT NULL AND leases.job_id = v.id AND leases.attempt = v.attempt AND "
+        "leases.revoked_at IS NULL RETURNING leases.*) "
+        "SELECT j.id, (SELECT json_agg(row_to_json(l) ORDER BY l.id) FROM l WHERE "
+        "l.job_id = j.id) FROM j")
+
+
+def _finish_columns(requests: list[FinishRequest], keys: tuple[str, ...]) -> list[Any]:
+    """The arrays of :func:`_finish_sql`'s statement, then the attempts' end time."""
+    rows = [(r.job_id, r.attempt, r.runner_id, r.changes.get("status", "finished"),
+             None if r.revoke is None else r.revoke.at, *(r.changes[k] for k in keys))
+            for r in requests]
+    return [*(list(c) for c in zip(*rows, strict=True)), time.time()]
+
+
+def _lease(row: dict[str, Any]) -> LeaseRow:
+    return LeaseRow(*(row[f] for f in LeaseRow._fields))
