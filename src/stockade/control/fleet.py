@@ -321,11 +321,11 @@ class FleetService:
         held = self.store.finish_attempts([self.control.finish_request(w.completion)
                                            for _, w in finishing])
         claims: list[tuple[int, ClaimRequest]] = []
+        fenced: list[tuple[int, CompleteWork]] = []
         for (i, work), ok in zip(finishing, held, strict=True):
             c = work.completion
-            if not ok:  # fenced, unless it is this completion again (its answer was lost)
-                replayed, a = self.replayed(work.caller, c.job_id, c.attempt, c.status.value)
-                out[i] = Completed(replayed=replayed, next=a)
+            if not ok:
+                fenced.append((i, work))
             elif work.take_next and not work.gone():
                 claims.append((i, self._claim_request(work.caller, (c.job_id, c.attempt))))
             else:
@@ -336,6 +336,13 @@ class FleetService:
         for (i, _), job in zip(claims, jobs, strict=True):
             a = None if job is None else self.control.assignment(job)
             out[i] = Completed(held=True, next=a) if isinstance(works[i], CompleteWork) else a
+        # fenced, unless it is a completion recorded before, sent again (its answer was lost):
+        # looked at after the claims, so that a copy sent again while the first was in this
+        # very batch gets the job the first claimed
+        for i, work in fenced:
+            c = work.completion
+            replayed, a = self.replayed(work.caller, c.job_id, c.attempt, c.status.value)
+            out[i] = Completed(replayed=replayed, next=a)
         return out
 
     def replayed(self, caller: Caller, job_id: str, attempt: int, status: str

@@ -44,7 +44,8 @@ _ANY_QUEUED = ("SELECT 1 FROM jobs WHERE status = 'queued' AND (runner_id IS NUL
 # the runners seen (agents only while active, the control plane's own, which have no row,
 # in any case), in the statement of the first page of candidates (one round trip less)
 _SEEN = ("WITH seen AS (UPDATE runners SET last_seen_at = ? WHERE (id = ANY(?) AND status = "
-         "'active') OR id = ANY(?) RETURNING id) ")
+         "'active') OR id = ANY(?) RETURNING id, status) ")
+_ACTIVE = "(SELECT array_agg(id) FROM seen WHERE status = 'active')"  # agents that may claim
 _TAKE = (
     "WITH v AS (SELECT * FROM unnest(?::text[], ?::int[], ?::text[], ?::float8[], ?::float8[], "
     "?::text[], ?::int[]) AS v (id, attempt, runner_id, lease, started, after_job, "
@@ -126,8 +127,9 @@ class SetQueries:
             for i, job in claimed:
                 after = requests[i].after or (None, None)
                 for column, value in zip(columns, (job.id, job.attempt, job.runner_id,
-                                                   job.lease_expires_at, job.started_at,
-                                                   *after), strict=True):
+                                                   _float(job.lease_expires_at),
+                                                   _float(job.started_at), *after),
+                                         strict=True):
                     column.append(value)
             took = db.execute(_TAKE, columns).fetchone()
             if tuple(took) != (len(claimed), len(claimed)):  # locked by us: cannot happen
@@ -195,14 +197,16 @@ def _pages(db: Any, runner_ids: list[str], wanted: int, seen_args: tuple[Any, ..
            ) -> Iterator[tuple[set[str], list[JobRow]]]:
     """Pages of the queued jobs these runners may take, oldest first, locked (skipping those
     another transaction is taking): twice as many as ``wanted`` first, then as a claim's
-    (``CLAIM_BATCHES``), until the queue ends; with the first, the runners marked seen
-    (:data:`_SEEN` with ``seen_args``; none known if the queue is empty)."""
+    (``CLAIM_BATCHES``), until the queue ends; with the first, the active runners marked
+    seen (:data:`_SEEN` with ``seen_args``; none known if the queue is empty). Its ``LIMIT``
+    is written out (a planner that knows it reads the head of the queue index): a statement
+    for each size of the first page (one per batch size)."""
     seen, after = _SEEN, ""
     before: tuple[Any, ...] = seen_args
     position: tuple[Any, ...] = ()
     for size in (max(2, 2 * wanted), *CLAIM_BATCHES[1:]):
         rows = db.execute(
-            f"{seen}SELECT {'(SELECT array_agg(id) FROM seen)' if seen else 'NULL'}, "
+            f"{seen}SELECT {_ACTIVE if seen else 'NULL'}, "
             f"{_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND (runner_id IS NULL OR "
             f"runner_id = ANY(?)){after} ORDER BY created_at, id LIMIT {size} FOR UPDATE OF "
             "jobs SKIP LOCKED", (*before, runner_ids, *position)).fetchall()
@@ -255,11 +259,22 @@ def _finish_sql(keys: tuple[str, ...]) -> str:
 
 def _finish_columns(requests: list[FinishRequest], keys: tuple[str, ...]) -> list[Any]:
     """The arrays of :func:`_finish_sql`'s statement, then the attempts' end time."""
+    floats = [_CHANGED[k] == "float8" for k in keys]
     rows = [(r.job_id, r.attempt, r.runner_id, r.changes.get("status", "finished"),
-             None if r.revoke is None else r.revoke.at, *(r.changes[k] for k in keys))
+             None if r.revoke is None else _float(r.revoke.at),
+             *(_float(r.changes[k]) if f else r.changes[k] for k, f in zip(keys, floats,
+                                                                           strict=True)))
             for r in requests]
     return [*(list(c) for c in zip(*rows, strict=True)), time.time()]
 
 
 def _lease(row: dict[str, Any]) -> LeaseRow:
-    return LeaseRow(*(row[f] for f in LeaseRow._fields))
+    """A lease row from its JSON (a whole number of seconds comes back an int)."""
+    lease = LeaseRow(*(row[f] for f in LeaseRow._fields))
+    return lease._replace(issued_at=float(lease.issued_at), expires_at=float(lease.expires_at),
+                          revoked_at=_float(lease.revoked_at))
+
+
+def _float(value: Any) -> Any:
+    """``value`` as a float (psycopg refuses a list of ints and floats), None as it is."""
+    return None if value is None else float(value)

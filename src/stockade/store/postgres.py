@@ -163,7 +163,7 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         head = str(row[1])
         for event in events:
             digest = chain_hash(head, event)
-            for column, value in zip(columns, (event.at, event.actor, event.action,
+            for column, value in zip(columns, (float(event.at), event.actor, event.action,
                                                event.job_id,
                                                json.dumps(event.detail, sort_keys=True),
                                                head, digest), strict=True):

@@ -102,11 +102,12 @@ class _Batch:
 
 
 class _Redo(Exception):
-    """The call at ``index`` failed, or spoiled the batch's transaction: undo the batch."""
+    """The call at ``index`` failed (``error``), or spoiled the batch's transaction (a store
+    call in it failed and the call went on): undo the batch."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, error: Exception | None = None) -> None:
         super().__init__(index)
-        self.index = index
+        self.index, self.error = index, error
 
 
 def _outcome(call: Callable[[], Any]) -> tuple[bool, Any]:
@@ -177,7 +178,9 @@ class SqlStore:
         commit. If a call fails, or one of its transactions ends by an exception (which undoes
         only that transaction's writes when it has its own), the batch is undone, that call
         runs alone and the others together again; a call must therefore keep no effect outside
-        the database that running it twice would double (as a retry would)."""
+        the database that running it twice would double (as a retry would). A call alone runs
+        in one transaction too: it fails whole, without running again (unless it spoiled the
+        transaction: see :meth:`_alone`)."""
         out: list[tuple[bool, Any] | None] = [None] * len(calls)
         pending = list(range(len(calls)))
         while len(pending) > 1:
@@ -188,10 +191,24 @@ class SqlStore:
                 return [o for o in out if o is not None]
             except _Redo as redo:
                 alone = pending.pop(redo.index)
-                out[alone] = _outcome(calls[alone])
+                out[alone] = self._alone(calls[alone])
         for i in pending:
-            out[i] = _outcome(calls[i])
+            out[i] = self._alone(calls[i])
         return [o for o in out if o is not None]
+
+    def _alone(self, call: Callable[[], Any]) -> tuple[bool, Any]:
+        """One call's outcome in a transaction of its own (begun at its first write, undone
+        if it fails). A call that went on after a store call of it failed (it caught the
+        error) spoiled that transaction: it runs once more with each of its store calls a
+        transaction of its own, as outside a batch."""
+        try:
+            return self._together([call])[0]
+        except _Redo as redo:
+            if redo.error is not None:
+                return False, redo.error
+            return _outcome(call)
+        except Exception as e:  # the commit failed
+            return False, e
 
     def _together(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         local, out = self._local(), []
@@ -203,8 +220,8 @@ class SqlStore:
                     for i, call in enumerate(calls):
                         try:
                             out.append((True, call()))
-                        except Exception:
-                            redo = _Redo(i)
+                        except Exception as e:
+                            redo = _Redo(i, e)
                             raise redo from None
                         if batch.spoiled:
                             redo = _Redo(i)
