@@ -87,7 +87,8 @@ class StoreCalls:
     another process's, up to its busy timeout, and every other request would wait with it).
     A thread takes every call queued when it comes free and runs them in one transaction
     (``Store.batched``): under load, concurrent requests share one commit; alone, a call is
-    its own batch and waits for nothing."""
+    its own batch and waits for nothing. Runners' claims and completions (:meth:`joined`) are
+    served together within their batch, as sets."""
 
     def __init__(self, store: Any, threads: int) -> None:
         self._store = store

@@ -290,14 +290,9 @@ class FleetService:
 
     # -- work -----------------------------------------------------------------------------
 
-    def claim(self, caller: Caller, after: tuple[str, int] | None = None
-              ) -> Assignment | None:
-        """The next job for this runner (None if none, or if it may not take work now);
-        ``after``: the attempt whose completion asks for it (which remembers it)."""
-        job = self.store.claim_attempt(*self._claim_request(caller, after))
-        return None if job is None else self.control.assignment(job)
-
     def _claim_request(self, caller: Caller, after: tuple[str, int] | None) -> ClaimRequest:
+        """The claim of this runner's next job (none if it may not take work now); ``after``:
+        the attempt whose completion asks for it (which remembers it)."""
         runner = caller.runner  # its status is read again in the claim's transaction
         return self.control.claim_request(runner.id, runner_labels(runner),
                                           lease_s=self.policy.lease_s,

@@ -13,7 +13,7 @@ cannot deadlock.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from functools import lru_cache
 from itertools import chain
@@ -78,9 +78,10 @@ class SetQueries:
 
         def _append_all(self, db: Any, events: list[AuditEvent]) -> None: ...
 
-    def claim_attempt(self, runner_id: str, lease_until: Any, event_for: Any, eligible: Any,
-                      agent: bool = False, after: tuple[str, int] | None = None
-                      ) -> JobRow | None:
+    def claim_attempt(self, runner_id: str, lease_until: Callable[[JobRow], float],
+                      event_for: Callable[[JobRow], AuditEvent],
+                      eligible: Callable[[JobRow], bool], agent: bool = False,
+                      after: tuple[str, int] | None = None) -> JobRow | None:
         """One claim (``FleetQueries.claim_attempt``): a set of one."""
         return self.claim_attempts([ClaimRequest(runner_id, lease_until, event_for, eligible,
                                                  agent, after)])[0]
@@ -90,48 +91,26 @@ class SetQueries:
         older job), all in one transaction: the runners marked seen (an agent that is not
         active takes nothing), the queue's head locked page by page, skipping jobs another
         transaction is taking, then every job taken in one statement."""
-        out: list[JobRow | None] = [None] * len(requests)
         ids = sorted({r.runner_id for r in requests})
         if not requests or (not self._writing() and not self._read(_ANY_QUEUED, (ids,))):
-            return out  # nothing to take: no write transaction (long polls look often)
+            return [None] * len(requests)  # nothing to take: no write transaction
         with self._tx() as db:
             now = time.time()
-            seen_args = (now, sorted({r.runner_id for r in requests if r.agent}),
-                         sorted({r.runner_id for r in requests if not r.agent}))
-            pages = _pages(db, ids, len(requests), seen_args)
+            pages = _pages(db, ids, len(requests), (
+                now, sorted({r.runner_id for r in requests if r.agent}),
+                sorted({r.runner_id for r in requests if not r.agent})))
             seen, first = next(pages)
-            waiting = [i for i, r in enumerate(requests) if not r.agent or r.runner_id in seen]
-            pool: list[JobRow] = []
-            taken: set[str] = set()
-            looked = dict.fromkeys(waiting, 0)  # candidates each request has looked at
-            for page in chain([first], (rows for _, rows in pages)) if waiting else ():
-                pool += page
-                for i in waiting:
-                    job = None
-                    while looked[i] < len(pool) and job is None:
-                        j = pool[looked[i]]
-                        looked[i] += 1
-                        if j.id not in taken and requests[i].eligible(j):
-                            job = j
-                    if job is not None:
-                        taken.add(job.id)
-                        out[i] = job
-                waiting = [i for i in waiting if out[i] is None]
-                if not waiting:
-                    break
+            out = _assign(requests, [i for i, r in enumerate(requests)
+                                     if not r.agent or r.runner_id in seen],
+                          chain([first], (rows for _, rows in pages)))
             claimed = [(i, self._claimed(requests[i], job, now))
                        for i, job in enumerate(out) if job is not None]
             if not claimed:
                 return out
-            columns: list[list[Any]] = [[] for _ in range(7)]
-            for i, job in claimed:
-                after = requests[i].after or (None, None)
-                for column, value in zip(columns, (job.id, job.attempt, job.runner_id,
-                                                   _float(job.lease_expires_at),
-                                                   _float(job.started_at), *after),
-                                         strict=True):
-                    column.append(value)
-            took = db.execute(_TAKE, columns).fetchone()
+            rows = [(job.id, job.attempt, job.runner_id, _float(job.lease_expires_at),
+                     _float(job.started_at), *(requests[i].after or (None, None)))
+                    for i, job in claimed]
+            took = db.execute(_TAKE, [list(c) for c in zip(*rows, strict=True)]).fetchone()
             if tuple(took) != (len(claimed), len(claimed)):  # locked by us: cannot happen
                 raise StoreError(f"a claim took {took[0]} of the {len(claimed)} jobs it "
                                  "had locked", hint="repeat it")
@@ -191,6 +170,29 @@ class SetQueries:
                     events += [r.revoke.event_for(lease) for lease in leases]
             self._append_all(db, events)
         return [leases is not None for leases in held]
+
+
+def _assign(requests: list[ClaimRequest], waiting: list[int], pages: Iterable[list[JobRow]]
+            ) -> list[JobRow | None]:
+    """The job of each ``waiting`` request: the first of the candidates, read page by page
+    while some request has none, that it may take and an earlier request did not take."""
+    out: list[JobRow | None] = [None] * len(requests)
+    pool: list[JobRow] = []
+    taken: set[str] = set()
+    looked = dict.fromkeys(waiting, 0)  # the candidates each request has looked at
+    for page in pages if waiting else ():
+        pool += page
+        for i in waiting:
+            while out[i] is None and looked[i] < len(pool):
+                job = pool[looked[i]]
+                looked[i] += 1
+                if job.id not in taken and requests[i].eligible(job):
+                    taken.add(job.id)
+                    out[i] = job
+        waiting = [i for i in waiting if out[i] is None]
+        if not waiting:
+            break
+    return out
 
 
 def _pages(db: Any, runner_ids: list[str], wanted: int, seen_args: tuple[Any, ...]
