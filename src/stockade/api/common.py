@@ -105,14 +105,17 @@ class StoreCalls:
         self._queue.put((functools.partial(fn, *args), done, loop))
         return await done
 
-    async def joined(self, serve: Callable[[list[Any]], list[T]], work: Any) -> T:
+    async def joined(self, serve: Callable[[list[Any]], list[T]], work: Any,
+                     reads: bool = False) -> T:
         """``serve([work])[0]`` in a store thread, served with the other works for ``serve``
         of its batch: ``serve(works)`` once for all of them (claims and completions as sets,
         see ``FleetService.serve``); if that fails, alone too, each work runs alone (so a
-        work may run twice, as a retried request would: fencing makes that safe)."""
+        work may run twice, as a retried request would: fencing makes that safe). ``reads``:
+        ``serve`` only reads, and runs before the batch's other calls (outside its write
+        transaction)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
-        self._queue.put((_Joined(serve, work), done, loop))
+        self._queue.put((_Joined(serve, work, reads), done, loop))
         return await done
 
     def _work(self) -> None:
@@ -140,26 +143,26 @@ class StoreCalls:
                 return
 
     def _run(self, calls: list[Any]) -> list[tuple[bool, Any]]:
-        """The outcome of each call (a callable or a :class:`_Joined`), all in one batch."""
-        plain = [n for n, call in enumerate(calls) if not isinstance(call, _Joined)]
+        """The outcome of each call (a callable or a :class:`_Joined`), all in one batch:
+        the groups that read, the plain calls, the other groups."""
         groups: dict[Any, list[int]] = {}
         for n, call in enumerate(calls):
             if isinstance(call, _Joined):
                 groups.setdefault(call.serve, []).append(n)
+        units: list[tuple[Any, list[int]]] = [  # (serve or None, its calls' indexes)
+            *((serve, ns) for serve, ns in groups.items() if calls[ns[0]].reads),
+            *((None, [n]) for n, call in enumerate(calls) if not isinstance(call, _Joined)),
+            *((serve, ns) for serve, ns in groups.items() if not calls[ns[0]].reads)]
         outcomes = self._store.batched(
-            [calls[n] for n in plain]
-            + [functools.partial(serve, [calls[n].work for n in ns])
-               for serve, ns in groups.items()])
+            [calls[ns[0]] if serve is None else
+             functools.partial(serve, [calls[n].work for n in ns]) for serve, ns in units])
         out: list[tuple[bool, Any]] = [(False, None)] * len(calls)
-        for n, outcome in zip(plain, outcomes, strict=False):
-            out[n] = outcome
-        for (serve, ns), (ok, value) in zip(groups.items(), outcomes[len(plain):],
-                                            strict=True):
-            if ok:
+        for (serve, ns), (ok, value) in zip(units, outcomes, strict=True):
+            if serve is None or (not ok and len(ns) == 1):  # a plain call, a lone work's error
+                out[ns[0]] = (ok, value)
+            elif ok:
                 for n, result in zip(ns, value, strict=True):
                     out[n] = (True, result)
-            elif len(ns) == 1:
-                out[ns[0]] = (False, value)
             else:  # together they failed: each alone (the store isolates the one that fails)
                 alone = self._store.batched([functools.partial(serve, [calls[n].work])
                                              for n in ns])
@@ -178,6 +181,7 @@ class _Joined(NamedTuple):
 
     serve: Callable[[list[Any]], list[Any]]
     work: Any
+    reads: bool
 
 
 def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:

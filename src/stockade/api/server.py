@@ -151,7 +151,7 @@ class Gate:
         return 0, "", None
 
     async def _runner(self, bearer: str, state: dict[str, Any]) -> tuple[int, str, str | None]:
-        found = await self.store_calls(self.fleet.authenticate, bearer)
+        found = await self.store_calls.joined(self.fleet.authenticate_all, bearer, reads=True)
         claimed = bearer.removeprefix(SESSION_PREFIX).split("_")[0][:40] or None
         if isinstance(found, str):
             return 401, found, claimed

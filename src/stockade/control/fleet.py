@@ -274,15 +274,25 @@ class FleetService:
 
     def authenticate(self, bearer: str) -> Caller | str:
         """The runner behind a session token, or why there is none."""
-        parts = auth.split(bearer, SESSION_PREFIX)
+        return self.authenticate_all([bearer])[0]
+
+    def authenticate_all(self, bearers: list[str]) -> list[Caller | str]:
+        """:meth:`authenticate` for each of ``bearers``, with one read of their sessions."""
+        parts = [auth.split(bearer, SESSION_PREFIX) for bearer in bearers]
+        found = self.store.sessions(sorted({p[0] for p in parts if p is not None}))
+        now = self.control.clock()
+        return [self._authenticated(p, found.get(p[0]) if p else None, now) for p in parts]
+
+    @staticmethod
+    def _authenticated(parts: tuple[str, str] | None,
+                       found: tuple[SessionRow, RunnerRow] | None, now: float) -> Caller | str:
         if parts is None:
             return "no valid runner session token"
-        found = self.store.session(parts[0])
         if found is None or not hmac.compare_digest(found[0].secret_sha256,
                                                     _digest(parts[1])):
             return "unknown runner session"
         session, runner = found
-        if session.expires_at <= self.control.clock():
+        if session.expires_at <= now:
             return "the runner session expired: attest again"
         if runner.status == "quarantined":
             return "this runner is quarantined"

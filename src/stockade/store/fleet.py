@@ -333,15 +333,21 @@ class FleetQueries:
             f"SELECT {_RUNNER_COLUMNS} FROM runners ORDER BY created_at DESC")]
 
     def session(self, session_id: str) -> tuple[SessionRow, RunnerRow] | None:
-        """A session and its runner (one query: it authenticates every runner request)."""
+        """A session and its runner."""
+        return self.sessions([session_id]).get(session_id)
+
+    def sessions(self, session_ids: list[str]) -> dict[str, tuple[SessionRow, RunnerRow]]:
+        """Sessions and their runners, by id (one query: it authenticates every runner
+        request of a server's batch)."""
+        if not session_ids:
+            return {}
         cols = ", ".join(f"s.{c}" for c in SessionRow._fields) + ", " + \
             ", ".join(f"r.{c}" for c in RunnerRow._fields)
+        marks = ", ".join("?" for _ in session_ids)
         rows = self._read(f"SELECT {cols} FROM runner_sessions s JOIN runners r ON "
-                          "r.id = s.runner_id WHERE s.id = ?", (session_id,))
-        if not rows:
-            return None
+                          f"r.id = s.runner_id WHERE s.id IN ({marks})", tuple(session_ids))
         n = len(SessionRow._fields)
-        return SessionRow(*rows[0][:n]), RunnerRow(*rows[0][n:])
+        return {str(row[0]): (SessionRow(*row[:n]), RunnerRow(*row[n:])) for row in rows}
 
     def attest(self, runner_id: str, status: str, measurements_json: str, now: float,
                session: SessionRow | None, event: AuditEvent) -> bool:

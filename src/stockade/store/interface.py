@@ -269,6 +269,10 @@ class Store(Protocol):
         """A runner session and its runner."""
         ...
 
+    def sessions(self, session_ids: list[str]) -> dict[str, tuple[SessionRow, RunnerRow]]:
+        """The sessions of these ids that exist, each with its runner, in one read."""
+        ...
+
     def attest(self, runner_id: str, status: str, measurements_json: str, now: float,
                session: SessionRow | None, event: AuditEvent) -> bool:
         """Record a runner's attestation (and its new session if it passed)."""

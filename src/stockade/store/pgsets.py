@@ -19,7 +19,6 @@ from functools import lru_cache
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
-from stockade.errors import StoreError
 from stockade.store.fleet import ATTEMPT_COLUMNS, CLAIM_BATCHES
 from stockade.store.interface import (
     ArtifactRow,
@@ -39,27 +38,36 @@ _CREATED = JobRow._fields.index("created_at")
 # the columns a completion may change, with their types in arrays
 _CHANGED = {"status": "text", "failure_reason": "text", "exit_code": "int",
             "finished_at": "float8", "lease_expires_at": "float8", "result_json": "text"}
+# in the queue's order: the queue index, whatever the planner thinks of the queue's length
+# (a queue that drained looked long: a scan of the whole table for each claim)
 _ANY_QUEUED = ("SELECT 1 FROM jobs WHERE status = 'queued' AND (runner_id IS NULL OR "
-               "runner_id = ANY(?)) LIMIT 1")
-# the runners seen (agents only while active, the control plane's own, which have no row,
-# in any case), in the statement of the first page of candidates (one round trip less)
-_SEEN = ("WITH seen AS (UPDATE runners SET last_seen_at = ? WHERE (id = ANY(?) AND status = "
-         "'active') OR id = ANY(?) RETURNING id, status) ")
-_ACTIVE = "(SELECT array_agg(id) FROM seen WHERE status = 'active')"  # agents that may claim
+               "runner_id = ANY(?)) ORDER BY created_at, id LIMIT 1")
+# the runners that may claim (agents while active; the control plane's own, which have no
+# row, in any case), in the statement of the first page of candidates (one round trip less):
+# read, not locked (every write transaction holds the audit head first, so none changes them
+# while a claim runs), and marked seen once a second at most (each mark is a row version: at
+# a fleet's rate of claims, a table of dead rows that every claim scanned)
+_SEEN = ("WITH seen AS (SELECT id FROM runners WHERE id = ANY(?) AND status = 'active'), "
+         "touch AS (UPDATE runners SET last_seen_at = ? WHERE ((id = ANY(?) AND status = "
+         "'active') OR id = ANY(?)) AND (last_seen_at IS NULL OR last_seen_at < ?) RETURNING 1) ")
+_ACTIVE = "(SELECT array_agg(id) FROM seen)"  # agents that may claim
+SEEN_EVERY_S = 1.0  # how often a runner's last_seen_at moves at most
 _TAKE = (
     "WITH v AS (SELECT * FROM unnest(?::text[], ?::int[], ?::text[], ?::float8[], ?::float8[], "
     "?::text[], ?::int[]) AS v (id, attempt, runner_id, lease, started, after_job, "
     "after_attempt)), "
+    # by id: the jobs are queued and locked by this transaction since its page (the queue
+    # index's estimate of queued jobs lags a burst of submissions: a plan that read them all)
     "j AS (UPDATE jobs SET status = 'running', runner_id = v.runner_id, attempt = v.attempt, "
     "lease_expires_at = v.lease, started_at = v.started FROM v WHERE jobs.id = v.id AND "
-    "jobs.status = 'queued' RETURNING jobs.id), "
+    "jobs.id = ANY(?::text[]) RETURNING jobs.id), "
     f"a AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT v.id, v.attempt, v.runner_id, "
     "v.started, NULL, 'running', 0 FROM v JOIN j ON j.id = v.id RETURNING 1), "
     # the attempt whose completion claims the job remembers it
     "n AS (UPDATE attempts SET next_job_id = v.id, next_attempt = v.attempt FROM v JOIN j ON "
     "j.id = v.id WHERE attempts.job_id = v.after_job AND attempts.attempt = v.after_attempt "
     "AND attempts.runner_id = v.runner_id RETURNING 1) "
-    "SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM a)")
+    "SELECT count(*) FROM a")
 _STEPS = ("INSERT INTO steps (job_id, idx, name, status, exit_code, duration_s) SELECT * FROM "
           "unnest(?::text[], ?::int[], ?::text[], ?::text[], ?::int[], ?::float8[])")
 _ARTIFACTS = ("INSERT INTO artifacts (job_id, path, sha256, size) SELECT * FROM "
@@ -96,9 +104,10 @@ class SetQueries:
             return [None] * len(requests)  # nothing to take: no write transaction
         with self._tx() as db:
             now = time.time()
+            agents = sorted({r.runner_id for r in requests if r.agent})
             pages = _pages(db, ids, len(requests), (
-                now, sorted({r.runner_id for r in requests if r.agent}),
-                sorted({r.runner_id for r in requests if not r.agent})))
+                agents, now, agents, sorted({r.runner_id for r in requests if not r.agent}),
+                now - SEEN_EVERY_S))
             seen, first = next(pages)
             out = _assign(requests, [i for i, r in enumerate(requests)
                                      if not r.agent or r.runner_id in seen],
@@ -110,10 +119,10 @@ class SetQueries:
             rows = [(job.id, job.attempt, job.runner_id, _float(job.lease_expires_at),
                      _float(job.started_at), *(requests[i].after or (None, None)))
                     for i, job in claimed]
-            took = db.execute(_TAKE, [list(c) for c in zip(*rows, strict=True)]).fetchone()
-            if tuple(took) != (len(claimed), len(claimed)):  # locked by us: cannot happen
-                raise StoreError(f"a claim took {took[0]} of the {len(claimed)} jobs it "
-                                 "had locked", hint="repeat it")
+            # not read (sent with the commit): it takes them all, locked since the page (or
+            # an attempt already there is a key violation, and the transaction is undone)
+            columns = [list(c) for c in zip(*rows, strict=True)]
+            db.execute(_TAKE, [*columns, columns[0]])
             for i, job in claimed:
                 out[i] = job
             self._append_all(db, [requests[i].event_for(job) for i, job in claimed])
@@ -247,8 +256,11 @@ def _finish_sql(keys: tuple[str, ...]) -> str:
     return (
         f"WITH v AS (SELECT * FROM unnest({', '.join(f'?::{t}[]' for t in types)}) AS v "
         f"({', '.join(names)})), "
-        f"j AS (UPDATE jobs SET {sets} FROM v WHERE jobs.id = v.id AND jobs.status = 'running' "
-        "AND jobs.attempt = v.attempt AND jobs.runner_id = v.runner_id RETURNING jobs.id), "
+        # by id: the status compared as an expression, which no index has (the queue index's
+        # estimate of running jobs lags: a plan that read them all, for each request)
+        f"j AS (UPDATE jobs SET {sets} FROM v WHERE jobs.id = ANY(?::text[]) AND jobs.id = v.id "
+        "AND (jobs.status || '') = 'running' AND jobs.attempt = v.attempt AND jobs.runner_id = "
+        "v.runner_id RETURNING jobs.id), "
         "a AS (UPDATE attempts SET ended_at = ?, outcome = v.outcome FROM v JOIN j ON "
         "j.id = v.id WHERE attempts.job_id = v.id AND attempts.attempt = v.attempt "
         "RETURNING 1), "
@@ -260,14 +272,16 @@ def _finish_sql(keys: tuple[str, ...]) -> str:
 
 
 def _finish_columns(requests: list[FinishRequest], keys: tuple[str, ...]) -> list[Any]:
-    """The arrays of :func:`_finish_sql`'s statement, then the attempts' end time."""
+    """The arrays of :func:`_finish_sql`'s statement, the jobs' ids again, then the attempts'
+    end time."""
     floats = [_CHANGED[k] == "float8" for k in keys]
     rows = [(r.job_id, r.attempt, r.runner_id, r.changes.get("status", "finished"),
              None if r.revoke is None else _float(r.revoke.at),
              *(_float(r.changes[k]) if f else r.changes[k] for k, f in zip(keys, floats,
                                                                            strict=True)))
             for r in requests]
-    return [*(list(c) for c in zip(*rows, strict=True)), time.time()]
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    return [*columns, columns[0], time.time()]
 
 
 def _lease(row: dict[str, Any]) -> LeaseRow:

@@ -14,7 +14,7 @@ Imported only when ``database_url`` names PostgreSQL: the embedded path never lo
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from functools import lru_cache
 from typing import Any
 
@@ -32,11 +32,13 @@ from stockade.store.sql import (
     HEAD_SQL,
     Db,
     SqlStore,
+    Undone,
     audit_records,
 )
 
 SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
 _TUPLES = psycopg.pq.ExecStatus.TUPLES_OK  # a statement's result that has rows
+_FAILED = (psycopg.pq.TransactionStatus.INERROR, psycopg.pq.TransactionStatus.UNKNOWN)
 POOL_MAX = 16  # connections per store (a replica); the server's max_connections bounds them all
 # no bitmap scans: with a queue that grew faster than the statistics (a burst of submissions),
 # the planner read and sorted every queued job for each claim (2-3 ms of the database's CPU
@@ -143,33 +145,31 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         return StoreError(f"state database error in {self._where}: {text}",
                           hint="check the PostgreSQL server's log")
 
+    def _translated(self, e: Exception) -> Exception:
+        return self._error(e) if isinstance(e, psycopg.Error) else e
+
     def _append_events(self, db: Db, events: list[AuditEvent]) -> None:
-        """One event alone is one statement: lock the head row, chain the event onto it (the
-        same sha256 as ``chain_hash``, computed by the server) and insert it; the trigger
-        moves the head. One round trip less while every replica's appends wait for that row.
-        Several (a batch's): the head locked and read, then one insert of them all as
-        arrays (one prepared statement whatever their number)."""
-        if len(events) == 1:
-            event = events[0]
-            cur = db.execute(_APPEND, (event.at, event.actor, event.action, event.job_id,
-                                       json.dumps(event.detail, sort_keys=True),
-                                       event.canonical()))
-            if cur.rowcount == 1:
-                return
-        row = db.execute(HEAD_SQL + " FOR UPDATE").fetchone()
-        if row is None:  # the head row is gone: the base says so, visibly
-            return super()._append_events(db, events)
+        """Chain ``events`` onto the head this transaction locked (read with the statement
+        that locked it: no round trip of its own) and insert them in one statement, as arrays
+        (one prepared statement whatever their number); sent with the next statement whose
+        result is read, or with the commit."""
+        assert isinstance(db, _Db)
+        head = db.head()
+        if head is None:  # the head row is gone: the base says so, visibly
+            super()._append_events(db, events)
+            db.forget_head()
+            return
         columns: list[list[Any]] = [[] for _ in range(7)]
-        head = str(row[1])
+        count, digest = head
         for event in events:
-            digest = chain_hash(head, event)
+            prev, digest = digest, chain_hash(digest, event)
             for column, value in zip(columns, (float(event.at), event.actor, event.action,
                                                event.job_id,
                                                json.dumps(event.detail, sort_keys=True),
-                                               head, digest), strict=True):
+                                               prev, digest), strict=True):
                 column.append(value)
-            head = digest
         db.execute(_INSERT_EVENTS, columns)
+        db.moved((count + len(events), digest))
 
     def batched(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         """The base's batch on one pooled connection for all of it: its reads before the
@@ -190,12 +190,13 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         """A transaction that first locks the audit head (unless ``head`` is False): nearly
         every write appends events, so writers take turns there anyway, and none then holds
         a row another waits for while it waits for one (batches and transactions lock the rows
-        of runners, jobs and attempts in no set order: they deadlocked)."""
+        of runners, jobs and attempts in no set order: they deadlocked). Its statements travel
+        in pipeline mode (see :class:`_Db`): while a writer holds the head, its round trips
+        are every other writer's wait."""
         try:
-            with self._connection() as conn, conn.transaction():
-                db = _Db(conn)
+            with self._connection() as conn, _transaction(conn, self._error) as db:
                 if head:
-                    db.execute(HEAD_SQL + " FOR UPDATE")
+                    db.lock_head()
                 yield db
         except psycopg.Error as e:
             raise self._error(e) from e
@@ -209,10 +210,11 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
 
     def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
         """The connection of this thread's batch, or one borrowed from the pool (also when
-        the batch's was lost: the calls run again alone run on another)."""
+        the batch's was lost, or left in a failed transaction: the calls run again alone run
+        on another)."""
         local = self._local()
         conn = getattr(local, "conn", None)
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and conn.info.transaction_status not in _FAILED:
             return nullcontext(conn)
         local.conn = None
         return self._pool.connection()
@@ -237,49 +239,180 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         self._pool.close()
 
 
+@contextmanager
+def _transaction(conn: psycopg.Connection[Any], error: Callable[[Exception], StoreError]
+                 ) -> Iterator["_Db"]:
+    """One transaction on ``conn`` (in autocommit mode) in pipeline mode: BEGIN goes with the
+    first statement whose result is read, COMMIT with the statements still unread at the end,
+    in one round trip (the pipeline's last sync). Undone if the block raises. A statement
+    that fails there fails the commit: :class:`~stockade.store.sql.Undone` when the server
+    said why (nothing of the transaction stands), also when the block caught a statement's
+    error and went on (the server then answers COMMIT by undoing it all); a lost connection
+    stays a plain error (the commit may have happened). The connection is left outside any
+    transaction whenever it is still up."""
+    committing = False
+    try:
+        with conn.pipeline() as pipeline:
+            db = _Db(conn, pipeline, error)
+            try:
+                yield db
+            except BaseException:
+                with suppress(psycopg.Error):  # out of an aborted pipeline (its error is known)
+                    pipeline.sync()
+                with suppress(psycopg.Error):  # sent at the pipeline's end (a lost connection)
+                    conn.execute("ROLLBACK")
+                raise
+            committing = True
+            commit = db.commit()
+    except psycopg.Error as e:
+        if not committing:
+            raise
+        _leave(conn)  # what the failed statement left: COMMIT did not run
+        if conn.broken or not getattr(e, "sqlstate", None):
+            raise
+        failed = error(e)
+        raise Undone(failed.message, hint=failed.hint) from e
+    if commit.statusmessage != "COMMIT":
+        raise Undone(f"the database undid a transaction ({commit.statusmessage}): one of its "
+                     "statements failed, and the code that ran it went on",
+                     hint="nothing of it was saved: repeat it")
+
+
+def _leave(conn: psycopg.Connection[Any]) -> None:
+    """End the transaction ``conn`` may still be in (unless the connection is gone)."""
+    if not conn.broken and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        with suppress(psycopg.Error):
+            conn.execute("ROLLBACK")
+
+
 class _Db:
-    """A pooled connection in a transaction, taking ``?`` placeholders (see ``sql.Db``): one
-    cursor for all its statements (a cursor each costs a third of a statement's client CPU),
-    so that each statement's rows are read at once, before the next one runs."""
+    """A pooled connection in a transaction in pipeline mode, taking ``?`` placeholders (see
+    ``sql.Db``). A statement is sent at once, but its result is waited for only when read
+    (rows, or the count of rows changed): statements nobody reads (inserts, the head's lock)
+    travel with the next read, or with the commit. Statements share a cursor while their
+    results are read in turn (a cursor each costs a third of a statement's client CPU); one
+    sent while the last result is unread gets a new one. An error of a statement not read is
+    raised by a later read or by the commit: the transaction fails whole either way."""
 
-    __slots__ = ("_cur",)
+    __slots__ = ("_conn", "_cur", "_head", "_last", "error", "pipeline")
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline,
+                 error: Callable[[Exception], StoreError]) -> None:
+        self._conn, self.pipeline, self.error = conn, pipeline, error
         self._cur = conn.cursor()
+        self._cur.execute("BEGIN")  # its result, nobody's, goes when the cursor's next comes
+        self._last: _Result | None = None
+        self._head: Any = _UNLOCKED  # the head row: a _Result until read, a tuple, or None
 
     def execute(self, sql: str, args: Any = (), /) -> "_Result":
-        """Run one statement."""
-        cur = self._cur
-        cur.execute(_pg(sql), args)
-        result = cur.pgresult  # (its status, not cur.description: that builds a Column each)
-        rows = cur.fetchall() if result is not None and result.status == _TUPLES else []
-        return _Result(cur.rowcount, rows)
+        """Send one statement."""
+        cur = self._cursor()
+        try:
+            cur.execute(_pg(sql), args)
+        except psycopg.Error as e:
+            raise self.error(e) from e
+        self._last = _Result(self, cur)
+        return self._last
 
     def executemany(self, sql: str, seq: Iterable[Any], /) -> "_Result":
-        """Run one statement for each argument tuple."""
-        self._cur.executemany(_pg(sql), seq)
-        return _Result(self._cur.rowcount, [])
+        """Send one statement for each argument tuple."""
+        cur = self._cursor()
+        try:
+            cur.executemany(_pg(sql), seq)
+        except psycopg.Error as e:
+            raise self.error(e) from e
+        self._last = _Result(self, cur, many=True)
+        return self._last
+
+    def _cursor(self) -> psycopg.Cursor[Any]:
+        """The cursor of the next statement: the last one's, unless its result was not read
+        yet (it may be: the result keeps that cursor, the next statement gets a new one)."""
+        if self._last is not None and not self._last.settled:
+            self._cur = self._conn.cursor()
+        return self._cur
+
+    def commit(self) -> psycopg.Cursor[Any]:
+        """Send COMMIT, on the cursor returned (what it raises is the driver's, for
+        :func:`_transaction` to judge)."""
+        cur = self._cursor()
+        cur.execute("COMMIT")
+        return cur
+
+    def lock_head(self) -> None:
+        """Lock the audit head row (its result read when events are appended)."""
+        self._head = self.execute(HEAD_SQL + " FOR UPDATE")
+
+    def head(self) -> tuple[int, str] | None:
+        """The audit head as this transaction left it, locked (None if the row is gone)."""
+        if self._head is _UNLOCKED:
+            self.lock_head()
+        if isinstance(self._head, _Result):
+            row = self._head.fetchone()
+            self._head = (int(row[0]), str(row[1])) if row is not None else None
+        head: tuple[int, str] | None = self._head
+        return head
+
+    def moved(self, head: tuple[int, str]) -> None:
+        """This transaction appended events: the head is now ``head``."""
+        self._head = head
+
+    def forget_head(self) -> None:
+        """The head moved in a way not known here: read it again when it is needed."""
+        self._head = _UNLOCKED
+
+
+_UNLOCKED = object()  # a transaction that has not locked the audit head (yet)
 
 
 class _Result:
-    """A statement's outcome (``sql.Cursor``): the rows it changed, the rows it returned."""
+    """A statement's outcome (``sql.Cursor``): the rows it changed, the rows it returned,
+    waited for when first read (the statements sent before it come back with it)."""
 
-    __slots__ = ("_next", "_rows", "rowcount")
+    __slots__ = ("_cur", "_db", "_many", "_next", "_rowcount", "_rows")
 
-    def __init__(self, rowcount: int, rows: list[Any]) -> None:
-        self.rowcount, self._rows, self._next = rowcount, rows, 0
+    def __init__(self, db: _Db, cur: psycopg.Cursor[Any], many: bool = False) -> None:
+        self._db, self._cur, self._many = db, cur, many
+        self._rows: list[Any] | None = None
+        self._rowcount, self._next = -1, 0
+
+    @property
+    def settled(self) -> bool:
+        """Whether the result was read (its cursor is free for another statement)."""
+        return self._rows is not None
+
+    def _settled(self) -> list[Any]:
+        if self._rows is None:
+            cur = self._cur
+            try:
+                if self._many or cur.pgresult is None:  # not back yet
+                    self._db.pipeline.sync()
+                result = cur.pgresult
+                self._rows = cur.fetchall() if result is not None and \
+                    result.status == _TUPLES else []
+            except psycopg.Error as e:
+                raise self._db.error(e) from e
+            self._rowcount = cur.rowcount
+        return self._rows
+
+    @property
+    def rowcount(self) -> int:
+        """The rows the statement changed."""
+        self._settled()
+        return self._rowcount
 
     def fetchone(self) -> Any:
         """The next row, or None."""
-        if self._next >= len(self._rows):
+        rows = self._settled()
+        if self._next >= len(rows):
             return None
         self._next += 1
-        return self._rows[self._next - 1]
+        return rows[self._next - 1]
 
     def fetchall(self) -> list[Any]:
         """The remaining rows."""
-        rows, self._next = self._rows[self._next:], len(self._rows)
-        return rows
+        rows = self._settled()
+        rest, self._next = rows[self._next:], len(rows)
+        return rest
 
     def __iter__(self) -> Iterator[Any]:
         """The remaining rows, one by one."""
@@ -290,12 +423,6 @@ class _Result:
 _INSERT_EVENTS = (f"INSERT INTO audit_events ({AUDIT_COLUMNS}) SELECT {AUDIT_COLUMNS} FROM "
                   "unnest(?::float8[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], "
                   f"?::text[]) WITH ORDINALITY AS e ({AUDIT_COLUMNS}, n) ORDER BY n")
-# chain_hash(prev, event) in SQL: sha256 of "<prev hash>\n<canonical event>" in hex
-_APPEND = (f"WITH head AS ({HEAD_SQL} FOR UPDATE) INSERT INTO audit_events ({AUDIT_COLUMNS}) "
-           "SELECT ?, ?, ?, ?, ?, head.hash, encode(sha256(convert_to(head.hash || chr(10) || "
-           "?, 'UTF8')), 'hex') FROM head")
-
-
 @lru_cache(maxsize=1024)
 def _pg(sql: str) -> str:
     """``sql`` with psycopg's placeholders: ``?`` outside string literals becomes ``%s``, and

@@ -101,11 +101,18 @@ class _Batch:
         self.events: list[AuditEvent] = []  # appended at the batch's end, in this order
 
 
+class Undone(StoreError):
+    """A transaction failed at its commit and nothing of it stands: the database refused one
+    of its statements, sent without waiting for its result (PostgreSQL's pipeline), so which
+    call of a batch it was is not known."""
+
+
 class _Redo(Exception):
     """The call at ``index`` failed (``error``), or spoiled the batch's transaction (a store
-    call in it failed and the call went on): undo the batch."""
+    call in it failed and the call went on): undo the batch. ``index`` None: the batch failed
+    after its calls ran (its events, its commit: :class:`Undone`), none of it stands."""
 
-    def __init__(self, index: int, error: Exception | None = None) -> None:
+    def __init__(self, index: int | None, error: Exception | None = None) -> None:
         super().__init__(index)
         self.index, self.error = index, error
 
@@ -133,6 +140,11 @@ class SqlStore:
 
     def _fetch(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         raise NotImplementedError
+
+    def _translated(self, e: Exception) -> Exception:
+        """``e`` as a ``StoreError`` if it is the database driver's (a call's statement raised
+        it in a batch's transaction, not through ``_begin``), else ``e``."""
+        return e
 
     def _local(self) -> threading.local:
         local: threading.local | None = self.__dict__.get("_local_")
@@ -167,7 +179,11 @@ class SqlStore:
         batch = self._batch()
         if batch is None or batch.db is None:
             return self._fetch(sql, args)
-        return list(batch.db.execute(sql, args).fetchall())
+        try:
+            return list(batch.db.execute(sql, args).fetchall())
+        except BaseException:  # (on PostgreSQL, maybe an earlier statement's error)
+            batch.spoiled = True
+            raise
 
     def batched(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         """Run ``calls`` (each a store call, or code making store calls) in one transaction
@@ -178,9 +194,11 @@ class SqlStore:
         commit. If a call fails, or one of its transactions ends by an exception (which undoes
         only that transaction's writes when it has its own), the batch is undone, that call
         runs alone and the others together again; a call must therefore keep no effect outside
-        the database that running it twice would double (as a retry would). A call alone runs
-        in one transaction too: it fails whole, without running again (unless it spoiled the
-        transaction: see :meth:`_alone`)."""
+        the database that running it twice would double (as a retry would). If the batch
+        fails after its calls (appending its events, or :class:`Undone` at the commit: a
+        statement that failed without saying so at once), every call runs alone. A call alone
+        runs in one transaction too: it fails whole, without running again (unless it spoiled
+        the transaction: see :meth:`_alone`)."""
         out: list[tuple[bool, Any] | None] = [None] * len(calls)
         pending = list(range(len(calls)))
         while len(pending) > 1:
@@ -190,6 +208,8 @@ class SqlStore:
                     out[i] = result
                 return [o for o in out if o is not None]
             except _Redo as redo:
+                if redo.index is None:  # which call's statement failed is not known
+                    break  # each alone
                 alone = pending.pop(redo.index)
                 out[alone] = self._alone(calls[alone])
         for i in pending:
@@ -221,16 +241,22 @@ class SqlStore:
                         try:
                             out.append((True, call()))
                         except Exception as e:
-                            redo = _Redo(i, e)
+                            redo = _Redo(i, self._translated(e))
                             raise redo from None
                         if batch.spoiled:
                             redo = _Redo(i)
                             raise redo
                     if batch.events:
                         assert batch.db is not None
-                        self._append_events(batch.db, batch.events)
+                        try:
+                            self._append_events(batch.db, batch.events)
+                        except Exception as e:  # or a call's statement, failing only now
+                            redo = _Redo(None, self._translated(e))
+                            raise redo from None
                 finally:
                     local.batch = None
+        except Undone as e:  # at the commit: some call's statement, not known which
+            raise _Redo(None, e) from None
         except Exception:
             if redo is not None:  # even if undoing failed too (the connection was lost)
                 raise redo from None

@@ -172,6 +172,9 @@ class SqliteStore(SqlStore, FleetQueries):
                 with suppress(OSError):  # the commit stands; the file lags, which verify allows
                     self.audit_head.advance(*self._moved, on_chain=self._on_chain)
 
+    def _translated(self, e: Exception) -> Exception:
+        return self._error(e) if isinstance(e, sqlite3.Error) else e
+
     def _audit_moved(self, before: AuditHead, after: AuditHead) -> None:
         self._moved = (self._moved[0] if self._moved else before, after)
 

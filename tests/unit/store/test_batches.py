@@ -89,6 +89,46 @@ def test_a_transaction_undone_inside_a_call_undoes_the_batch(store_url: str) -> 
     store.close()
 
 
+def test_a_statement_refused_by_the_database_fails_its_call_alone(store_url: str) -> None:
+    """A write the database refuses (a job id that exists) whose result nobody reads: on
+    PostgreSQL its error comes back only with a later statement or the commit (pipeline
+    mode), yet it is its call that fails, with the database's reason, and the calls beside it
+    stand; nothing of a failed transaction stays, and the store goes on."""
+    store = open_store(store_url)
+    enrolled(store)
+    for n in range(2):
+        store.insert_job(job(f"j{n}", float(n)), ev("job.admitted", f"j{n}"))
+    before = len(store.audit_records())
+    again = job("j1", 5.0)
+    out = store.batched([claim(store), lambda: store.insert_job(again, ev("job.admitted")),
+                         claim(store), lambda: store.record([ev("after")])])
+    assert [ok for ok, _ in out] == [True, False, True, True]
+    # (on PostgreSQL the claim that read next ran alone first: the error came back to it)
+    assert sorted([out[0][1].id, out[2][1].id]) == ["j0", "j1"]
+    assert isinstance(out[1][1], StoreError) and "unique" in str(out[1][1]).lower()
+    actions = [e.action for e, _, _ in store.audit_records()[before:]]
+    assert sorted(actions) == ["after", "job.claimed", "job.claimed"]
+    # alone too (no batch): a later statement says so, nothing of it stands
+    with pytest.raises(StoreError, match=r"(?i)unique"):
+        store.insert_job(again, ev("job.admitted.twice"))
+    assert "job.admitted.twice" not in [e.action for e, _, _ in store.audit_records()]
+
+    def no_event() -> None:  # nothing sent after the refused insert: the commit says it
+        with store._tx() as db:  # type: ignore[attr-defined]
+            db.execute("UPDATE runners SET name = 'changed'")
+            db.execute(f"INSERT INTO runner_sessions ({', '.join(SessionRow._fields)}) "
+                       "VALUES ('s1', 'r1', 'x', 1.0, 2.0)")
+
+    out = store.batched([no_event, no_event])
+    assert all(not ok and isinstance(e, StoreError) for ok, e in out)
+    with pytest.raises(StoreError, match=r"(?i)unique|duplicate"):
+        no_event()
+    assert store.get_runner("r1").name == "box"  # type: ignore[union-attr]
+    store.record([ev("still.working")])
+    assert verify_chain(store.audit_records()) is None
+    store.close()
+
+
 def test_a_batchs_events_are_chained_at_its_end_in_call_order(store_url: str) -> None:
     """The events of a batch's calls are appended together when its calls are done (more of
     them than one insert takes, too): in the order the calls made them, one chain, and the
