@@ -119,14 +119,22 @@ def test_host_side_processes_see_no_job_variable_or_secret(run_job, stockade_hom
                     except OSError:
                         continue
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        run = run_job(f"name: env-probe\nenv: {{MARKER: {marker}}}\nsecrets: [BOUNDARY_TOKEN]\n"
-                      "steps:\n  - {name: a, run: 'sleep 2; echo [$MARKER]'}\n")
-    finally:
-        stop.set()
-        sampler.join()
+    # on oci the host side is runc, alive for a few tens of milliseconds of the job's start:
+    # a loaded machine can starve the sampler through all of it, so the job runs again
+    # (three times at most) until a host-side process was sampled
+    for _ in range(3):
+        stop.clear()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            run = run_job(f"name: env-probe\nenv: {{MARKER: {marker}}}\n"
+                          "secrets: [BOUNDARY_TOKEN]\n"
+                          "steps:\n  - {name: a, run: 'sleep 2; echo [$MARKER]'}\n")
+        finally:
+            stop.set()
+            sampler.join()
+        if seen:
+            break
     assert run.rc == 0, run.result
     assert f"[{marker}]" in run.log  # the variable reached the step
     assert seen, "no host-side process of the job was sampled"
