@@ -42,7 +42,10 @@ ATTEMPT_COLUMNS = ", ".join(AttemptRow._fields)
 _ENROL_COLUMNS = ", ".join(EnrolTokenRow._fields)
 _SESSION_COLUMNS = ", ".join(SessionRow._fields)
 LEASE_COLUMNS = ", ".join(LeaseRow._fields)
-RUNNING = "status = 'running' AND attempt = ? AND runner_id = ?"
+# the attempt is the job's current, running one, and its runner not quarantined: from the
+# quarantine's commit on, nothing of that runner lands, before its jobs are failed too
+RUNNING = ("status = 'running' AND attempt = ? AND runner_id = ? AND runner_id NOT IN "
+           "(SELECT id FROM runners WHERE status = 'quarantined')")
 ACTIVE = " AND status = 'active'"
 _CHUNK_SHA = "SELECT sha256 FROM log_chunks WHERE job_id = ? AND attempt = ? AND seq = ?"
 

@@ -260,7 +260,8 @@ def _finish_sql(keys: tuple[str, ...]) -> str:
         # estimate of running jobs lags: a plan that read them all, for each request)
         f"j AS (UPDATE jobs SET {sets} FROM v WHERE jobs.id = ANY(?::text[]) AND jobs.id = v.id "
         "AND (jobs.status || '') = 'running' AND jobs.attempt = v.attempt AND jobs.runner_id = "
-        "v.runner_id RETURNING jobs.id), "
+        "v.runner_id AND v.runner_id NOT IN (SELECT id FROM runners WHERE status = "
+        "'quarantined') RETURNING jobs.id), "
         "a AS (UPDATE attempts SET ended_at = ?, outcome = v.outcome FROM v JOIN j ON "
         "j.id = v.id WHERE attempts.job_id = v.id AND attempts.attempt = v.attempt "
         "RETURNING 1), "

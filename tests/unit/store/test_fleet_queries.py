@@ -83,6 +83,33 @@ def test_attempts_are_fenced_logged_and_lost(store_url: str) -> None:
     store.close()
 
 
+def test_a_quarantined_runners_writes_are_fenced_before_its_jobs_are_failed(
+        store_url: str) -> None:
+    """Quarantine is two transactions (the runner's status, then its jobs failed): in
+    between, its attempt still runs, but nothing of that runner lands on it."""
+    from stockade.store.interface import FinishRequest
+
+    store = open_store(store_url)
+    enrolled(store)
+    store.insert_job(job("j1", 1.0), ev("job.admitted", "j1"))
+    assert store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                               lambda j: True, agent=True) is not None
+    assert store.set_runner_status("r1", "quarantined", ("active",), ev("runner.quarantined"))
+    assert not store.holds("j1", 1, "r1")
+    assert store.extend_lease("j1", 1, "r1", 150.0) == (False, False)
+    assert store.put_log_chunk("j1", 1, "r1", 0, b"late\n", cap=20) == "fenced"
+    assert not store.put_upload("j1", 1, "r1", "ab" * 32, b"x", 2.0)
+    done = {"status": "succeeded", "finished_at": 3.0}
+    assert store.finish_attempts([FinishRequest("j1", 1, "r1", done, [], [], [], None)]) \
+        == [False]
+    assert not store.finish_attempt("j1", 1, "r1", done, [], [], [])
+    assert store.get_job("j1").status == "running"  # type: ignore[union-attr]
+    assert [j.id for j in store.fail_runner_jobs("r1", 4.0, lambda j: ev("lost", j.id))] \
+        == ["j1"]
+    assert store.get_job("j1").failure_reason == "runner_lost"  # type: ignore[union-attr]
+    store.close()
+
+
 def test_a_completion_remembers_the_job_it_claimed_next(store_url: str) -> None:
     store = open_store(store_url)
     enrolled(store)
