@@ -31,7 +31,7 @@ event-loop threads), PostgreSQL and the load generator is reported, and the core
 processes of this shared machine used meanwhile, since CPU bounds what two cores can do.
 
 ``--profile sqlite|postgresql`` (repeatable): the HTTP floor of a server (``GET /healthz``), the
-control-plane core without HTTP (FleetService claim + complete in one thread), and a run with
+control-plane core without HTTP (FleetService.serve in batches, one thread), and a run with
 the server under cProfile (CPU time, every thread) summarised by layer.
 ``--profile first-step``: the runner agent's phases stamped (wrapped in the benchmark, not in
 stockade) to show where submit -> first step goes. ``--server-env PYTHONPATH=DIR`` runs the
@@ -513,23 +513,34 @@ finally:
 
 
 # The control-plane core without HTTP: one thread claims and completes the backlog through
-# FleetService, as the routes do (authenticated once, by a real session token), each
-# completion claiming the next job
+# FleetService in batches of CORE_BATCH works (about what a replica's store thread takes at
+# once under load), each batch in one store transaction as the server runs it, authenticated
+# once by a real session token, each completion claiming the next job
+CORE_BATCH = 9
 _CORE = r"""
-import json, sys, time
+import functools, json, sys, time
 from stockade.api.protocol import Completion, JobStatus
 from stockade.cli.context import fleet_service, open_control
 from stockade.control.fleet import ClaimWork, CompleteWork
 settings, control = open_control()
 fleet = fleet_service(settings, control)
 caller = fleet.authenticate(sys.argv[1])
+batch = int(sys.argv[2])
+
+def serve(works):
+    ok, out = control.store.batched([functools.partial(fleet.serve, works)])[0]
+    if not ok:
+        raise out
+    return out
+
 n, cpu, wall = 0, time.process_time(), time.perf_counter()
-a = fleet.serve([ClaimWork(caller)])[0]
-while a is not None:
-    done = Completion(a.job_id, a.attempt, a.runner_id, JobStatus.SUCCEEDED, None, 0, (), (),
-                      0.0)
-    a = fleet.serve([CompleteWork(caller, done, True, lambda: False)])[0].next
-    n += 1
+held = [a for a in serve([ClaimWork(caller)] * batch) if a is not None]
+while held:
+    works = [CompleteWork(caller, Completion(a.job_id, a.attempt, a.runner_id,
+                                             JobStatus.SUCCEEDED, None, 0, (), (), 0.0),
+                          True, lambda: False) for a in held]
+    held = [c.next for c in serve(works) if c.next is not None]
+    n += len(works)
 print(json.dumps({"claims": n, "cpu_s": time.process_time() - cpu,
                   "wall_s": time.perf_counter() - wall}))
 """
@@ -649,14 +660,15 @@ def profile(db: str, opts: Options, work: Path, procs: sf.Processes,
     out.update(healthz_per_s=round(rate), healthz_cpu_ms=round(cpu, 3))
     runner = sf.enrol_all([url], state["enrol"], opts.measurements)[0]
     procs.stop(server)
-    done = subprocess.run([sf.PYTHON, "-c", _CORE, runner.token], env=env, cwd=sf.ROOT,
-                             capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sf.PYTHON, "-c", _CORE, runner.token, str(CORE_BATCH)], env=env,
+                          cwd=sf.ROOT, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"core loop failed: {done.stderr[-1500:]}")
     core = json.loads(done.stdout.strip().splitlines()[-1])
     per = core["cpu_s"] * 1000 / max(core["claims"], 1)
-    print(f"  control-plane core without HTTP (FleetService.claim + complete, one thread): "
-          f"{core['claims'] / core['wall_s']:.0f} cycles/s, CPU {per:.2f} ms/cycle")
+    print(f"  control-plane core without HTTP (FleetService.serve, batches of {CORE_BATCH}, "
+          f"one thread): {core['claims'] / core['wall_s']:.0f} cycles/s, CPU {per:.2f} "
+          "ms/cycle")
     out.update(core_cycles_per_s=round(core["claims"] / core["wall_s"]),
                core_cpu_ms_per_cycle=round(per, 3))
     r = fleet_config(Config(db, 1), opts, work, procs, pg,
