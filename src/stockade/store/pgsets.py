@@ -67,7 +67,7 @@ _TAKE = (
     "n AS (UPDATE attempts SET next_job_id = v.id, next_attempt = v.attempt FROM v JOIN j ON "
     "j.id = v.id WHERE attempts.job_id = v.after_job AND attempts.attempt = v.after_attempt "
     "AND attempts.runner_id = v.runner_id RETURNING 1) "
-    "SELECT count(*) FROM a")
+    "SELECT 1")  # (a statement's CTEs that change rows run whether it reads them or not)
 _STEPS = ("INSERT INTO steps (job_id, idx, name, status, exit_code, duration_s) SELECT * FROM "
           "unnest(?::text[], ?::int[], ?::text[], ?::text[], ?::int[], ?::float8[])")
 _ARTIFACTS = ("INSERT INTO artifacts (job_id, path, sha256, size) SELECT * FROM "
@@ -96,18 +96,17 @@ class SetQueries:
 
     def claim_attempts(self, requests: list[ClaimRequest]) -> list[JobRow | None]:
         """Each request's oldest eligible queued job, in order (an earlier request takes the
-        older job), all in one transaction: the runners marked seen (an agent that is not
-        active takes nothing), the queue's head locked page by page, skipping jobs another
+        older job), all in one transaction: the runners seen (an agent that is not active
+        takes nothing), the queue's head locked page by page, skipping jobs another
         transaction is taking, then every job taken in one statement."""
         ids = sorted({r.runner_id for r in requests})
         if not requests or (not self._writing() and not self._read(_ANY_QUEUED, (ids,))):
             return [None] * len(requests)  # nothing to take: no write transaction
         with self._tx() as db:
             now = time.time()
-            agents = sorted({r.runner_id for r in requests if r.agent})
-            pages = _pages(db, ids, len(requests), (
-                agents, now, agents, sorted({r.runner_id for r in requests if not r.agent}),
-                now - SEEN_EVERY_S))
+            pages = _pages(db, ids, len(requests), now,
+                           sorted({r.runner_id for r in requests if r.agent}),
+                           sorted({r.runner_id for r in requests if not r.agent}))
             seen, first = next(pages)
             out = _assign(requests, [i for i, r in enumerate(requests)
                                      if not r.agent or r.runner_id in seen],
@@ -204,16 +203,16 @@ def _assign(requests: list[ClaimRequest], waiting: list[int], pages: Iterable[li
     return out
 
 
-def _pages(db: Any, runner_ids: list[str], wanted: int, seen_args: tuple[Any, ...]
-           ) -> Iterator[tuple[set[str], list[JobRow]]]:
+def _pages(db: Any, runner_ids: list[str], wanted: int, now: float, agents: list[str],
+           others: list[str]) -> Iterator[tuple[set[str], list[JobRow]]]:
     """Pages of the queued jobs these runners may take, oldest first, locked (skipping those
     another transaction is taking): twice as many as ``wanted`` first, then as a claim's
-    (``CLAIM_BATCHES``), until the queue ends; with the first, the active runners marked
-    seen (:data:`_SEEN` with ``seen_args``; none known if the queue is empty). Its ``LIMIT``
-    is written out (a planner that knows it reads the head of the queue index): a statement
-    for each size of the first page (one per batch size)."""
+    (``CLAIM_BATCHES``), until the queue ends; with the first, those of the ``agents`` that
+    are active, and every runner seen ``now`` (:data:`_SEEN`; none known if the queue is
+    empty). Its ``LIMIT`` is written out (a planner that knows it reads the head of the queue
+    index): a statement for each size of the first page (one per batch size)."""
     seen, after = _SEEN, ""
-    before: tuple[Any, ...] = seen_args
+    before: tuple[Any, ...] = (agents, now, agents, others, now - SEEN_EVERY_S)
     position: tuple[Any, ...] = ()
     for size in (max(2, 2 * wanted), *CLAIM_BATCHES[1:]):
         rows = db.execute(

@@ -300,7 +300,7 @@ class _Db:
                  error: Callable[[Exception], StoreError]) -> None:
         self._conn, self.pipeline, self.error = conn, pipeline, error
         self._cur = conn.cursor()
-        self._cur.execute("BEGIN")  # its result, nobody's, goes when the cursor's next comes
+        self._cur.execute("BEGIN")  # (nobody reads its result: the next statement replaces it)
         self._last: _Result | None = None
         self._head: Any = _UNLOCKED  # the head row: a _Result until read, a tuple, or None
 

@@ -268,11 +268,7 @@ class SqlStore:
         (SQLite moves its head file once the transaction commits)."""
 
     def _append_audit(self, db: Db, event: AuditEvent) -> None:
-        batch = self._batch()
-        if batch is not None and batch.db is db:
-            batch.events.append(event)  # with the batch's others, at its end
-        else:
-            self._append_events(db, [event])
+        self._append_all(db, [event])
 
     def _append_all(self, db: Db, events: list[AuditEvent]) -> None:
         """Append ``events`` in the transaction ``db``: with the batch's others at its end,
