@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import select
 import socket
 import threading
@@ -186,19 +187,29 @@ def test_a_request_head_must_come_within_ten_seconds_however_it_trickles(
         assert (b" 408 " in said) == (name != "silent"), (name, said)  # it heard something
 
 
-def test_a_request_head_is_bounded_in_size(fleet: Fleet) -> None:
-    endless = _connect(fleet.server.port, "127.0.0.5", b"GET /healthz HTTP/1.1\r\n")
+ENDLESS_HEADS = {  # how a head starts, and what it goes on with
+    "header lines": (b"GET /healthz HTTP/1.1\r\n", b"X-Filler: " + b"a" * 1000 + b"\r\n"),
+    "one header value": (b"GET /healthz HTTP/1.1\r\nX-Filler: ", b"a" * 1012),
+    "one header name": (b"GET /healthz HTTP/1.1\r\nX-", b"a" * 1012),
+    "the path": (b"GET /healthz", b"a" * 1012),
+}
+
+
+@pytest.mark.parametrize("shape", list(ENDLESS_HEADS))
+def test_a_request_head_is_bounded_in_size(fleet: Fleet, shape: str) -> None:
+    start, more = ENDLESS_HEADS[shape]
+    endless = _connect(fleet.server.port, "127.0.0.5", start)
     started, sent = time.monotonic(), 0
     try:
         with pytest.raises(OSError):  # the server closes the connection: the send fails
             while sent < 64 * 1024 * 1024:  # (without a bound: all sent well within 10 s)
-                endless.sendall(b"X-Filler: " + b"a" * 1000 + b"\r\n")
-                sent += 1012
+                endless.sendall(more)
+                sent += len(more)
         after, said = _closed_after(endless, started, 5)
     finally:
         endless.close()
     assert sent < 16 * 1024 * 1024 and after < 5, (sent, after)  # socket buffers: a few MB
-    assert said == b"" or b" 400 " in said, said  # (a reset may swallow the answer)
+    assert said == b"" or b" 431 " in said, said  # (a reset may swallow the answer)
     big_but_fine = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 30_000 + b"\r\n\r\n"
     ok = _connect(fleet.server.port, "127.0.0.5", big_but_fine)
     try:
@@ -206,6 +217,60 @@ def test_a_request_head_is_bounded_in_size(fleet: Fleet) -> None:
         assert b" 200 " in ok.recv(65536)
     finally:
         ok.close()
+
+
+def _answers(sock: socket.socket, wait: float = 10) -> list[bytes]:
+    """The status lines of what the server said until it closed ``sock`` (or ``wait``)."""
+    said = _closed_after(sock, time.monotonic(), wait)[1]
+    return re.findall(rb"HTTP/1\.1 [0-9]{3} [A-Za-z ]*", said)
+
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_pipelined_requests_are_answered_in_order_but_bounded(fleet: Fleet) -> None:
+    """A few requests sent ahead are answered in turn; a flood of them in one write ends the
+    connection (each would be held while the first is served), and nothing else suffers."""
+    few = _connect(fleet.server.port, "127.0.0.8", HEALTHZ * 3 + HEALTHZ.replace(
+        b"Host: x", b"Host: x\r\nConnection: close"))
+    flood = _connect(fleet.server.port, "127.0.0.8", HEALTHZ * 5000)
+    try:
+        assert _answers(few) == [b"HTTP/1.1 200 OK"] * 4
+        assert len(_answers(flood)) <= 5  # the connection closed, at most those queued answered
+    finally:
+        _close_all([few, flood])
+    assert _served_under_attack(fleet) < 3
+
+
+@pytest.mark.parametrize(("framing", "status"), [
+    (b"Transfer-Encoding: chunked\r\n", b"411 Length Required"),
+    (b"Transfer-Encoding: gzip, chunked\r\n", b"411 Length Required"),
+    (b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n", b"400 Bad Request")])  # (smuggling)
+def test_request_bodies_need_a_content_length(fleet: Fleet, framing: bytes, status: bytes
+                                              ) -> None:
+    """A body framed by Transfer-Encoding is refused and the connection closes before anything
+    reads it (a chunked body's trailers would be held whole); nothing was enrolled."""
+    sock = _connect(fleet.server.port, "127.0.0.9", b"POST /api/v1/enrol HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\n" + framing + b"\r\n1\r\n{\r\n0\r\n"
+                    + b"X-Trailer: " + b"a" * 1000 + b"\r\n\r\n" + HEALTHZ)
+    try:
+        assert _answers(sock) == [b"HTTP/1.1 " + status]
+    finally:
+        sock.close()
+    listed = run_cli(fleet.home, "runner", "list", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout
+
+
+def test_an_upgrade_request_is_served_as_a_plain_one(fleet: Fleet) -> None:
+    """``curl --http2`` over plain HTTP asks to upgrade to h2c: it is answered over HTTP/1.1."""
+    sock = _connect(fleet.server.port, "127.0.0.9", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                    b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
+    try:
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        sock.close()
 
 
 def _stream(port: int, source: str, job: str, token: str) -> tuple[socket.socket, bytes]:
@@ -261,7 +326,7 @@ def _trickling_body(port: int, source: str, head: bytes) -> tuple[socket.socket,
 
 
 def test_slow_bodies_neither_block_uploads_nor_last(fleet: Fleet, tmp_path: Path) -> None:
-    """Four unauthenticated chunked enrolments that trickle take no upload's turn; four
+    """Four unauthenticated enrolments whose bodies trickle take no upload's turn; four
     trickled uploads take all four turns for 30 s at most (then 408), and meanwhile another
     upload gets 503 with Retry-After after waiting 10 s for a turn."""
     data = _workspace(tmp_path, 2 << 20)
@@ -269,9 +334,9 @@ def test_slow_bodies_neither_block_uploads_nor_last(fleet: Fleet, tmp_path: Path
     uploads: list[tuple[socket.socket, float]] = []
     enrols = [_trickling_body(port, "127.0.0.5", b"POST /api/v1/enrol HTTP/1.1\r\nHost: x\r\n"
                               b"Content-Type: application/json\r\n"
-                              b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+                              b"Content-Length: 100000\r\n\r\n{")
               for _ in range(4)]
-    threads = [threading.Thread(target=_trickle, args=(s, 1.0, stop, b"1\r\n \r\n"))
+    threads = [threading.Thread(target=_trickle, args=(s, 1.0, stop, b" "))
                for s, _ in enrols]
     try:
         for t in threads:

@@ -1,7 +1,7 @@
 """The connections ``stockade server`` takes, bounded so that no client can hold the slots
-others need (:func:`guarded_h11`): a request's head (request line and headers) must arrive
-within :data:`HEAD_TIMEOUT_S` of the connection (or of the previous response), however it
-trickles, and be at most :data:`MAX_HEAD_BYTES` (h11 refuses more); one client address (an
+others need (:func:`guarded_protocol`): a request's head (request line and headers) must
+arrive within :data:`HEAD_TIMEOUT_S` of the connection (or of the previous response), however
+it trickles, and be at most :data:`MAX_HEAD_BYTES` (431); one client address (an
 IPv6 /64) holds at most :data:`PER_CLIENT` connections and all clients :data:`MAX_CONNECTIONS`,
 and a new connection beyond either bound takes the place of the one that has waited longest for
 its next request head (idle or trickling), or is refused (503) if every one is serving a
@@ -16,7 +16,8 @@ import ipaddress
 from typing import Any
 
 HEAD_TIMEOUT_S = 10.0  # from a connection (or a response) to the next request's whole head
-MAX_HEAD_BYTES = 64 * 1024  # a request line and headers (h11's max_incomplete_event_size)
+MAX_HEAD_BYTES = 64 * 1024  # a request line and headers
+MAX_PIPELINED = 4  # requests sent ahead on one connection, queued behind the one served
 PER_CLIENT = 64  # connections of one address (IPv6: one /64) at once
 MAX_CONNECTIONS = 1024  # connections of all clients at once (fewer if files are scarce)
 MAX_REQUESTS = 256  # requests served at once
@@ -33,6 +34,10 @@ def _raw(status: bytes, text: bytes, *headers: bytes) -> bytes:
 _REFUSED = _raw(b"503 Service Unavailable", b"too many connections from here",
                 b"retry-after: 1")
 _TIMED_OUT = _raw(b"408 Request Timeout", b"the request head did not come in time")
+_TOO_LARGE = _raw(b"431 Request Header Fields Too Large", b"the request head is too large")
+_LENGTH_REQUIRED = _raw(b"411 Length Required",
+                        b"send the body with a Content-Length (no Transfer-Encoding)")
+_BAD = _raw(b"400 Bad Request", b"the request is not valid HTTP/1.1")
 
 
 def connection_room() -> int:
@@ -62,7 +67,7 @@ def client_key(client: tuple[str, int] | None) -> str:
 
 class Busy:
     """ASGI: at most ``limit`` HTTP requests served at once; more get 503 with Retry-After
-    (connections waiting for a request do not count, see :func:`guarded_h11`)."""
+    (connections waiting for a request do not count, see :func:`guarded_protocol`)."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit, self.active = app, limit, 0
@@ -138,24 +143,32 @@ class Room:
                 del self.waiting_of[key]
 
 
-def guarded_h11(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol with the bounds of the module docstring (uvicorn's own
+def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with the bounds of the module docstring (uvicorn's own
     ``limit_concurrency`` counts idle connections, and it has no deadline on a request head:
-    a few hundred silent connections denied every request). Not httptools: it parses every
-    pipelined request and trailer as it arrives, so one connection could make the server hold
-    any amount of memory; h11 takes one request at a time and bounds what it buffers."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    a few hundred silent connections denied every request), and with what its parser lacks:
+    a request head (and whatever precedes it) of at most :data:`MAX_HEAD_BYTES` (431), at most
+    :data:`MAX_PIPELINED` requests queued behind the one being served (more: the connection is
+    closed), and no ``Transfer-Encoding`` request bodies (411; a chunked body's trailers would
+    be held whole, unbounded). llhttp parses a quarter of what h11 costs per request."""
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     room = Room(PER_CLIENT, max_connections)
 
-    class Guarded(H11Protocol):
+    class Refused(Exception):
+        """Stops the parser: ``answer`` (if any) is written and the connection closed."""
+
+        def __init__(self, answer: bytes) -> None:
+            self.answer = answer
+
+    class Guarded(HttpToolsProtocol):
         key = ""
         _counted = False  # in ``room``
         _timer: asyncio.TimerHandle | None = None  # set while it waits for a request head
-        _cycle: object = None  # the request cycle when the wait began
         _heard = False  # bytes of the awaited head came
-        _ahead = 0  # bytes that came after the request being served (a pipelined one)
+        _in_head = True  # the parser is before a request's headers' end
+        _head = 0  # bytes fed to the parser since it was last in a body (counted at each read)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -171,38 +184,63 @@ def guarded_h11(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protocol
             self._await_head()
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            self._unset_keepalive_if_required()
             self._heard = self._heard or self._timer is not None
-            if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
-                # their request is all in: this is a next one, held until the response is
-                # out (a long poll reads on to see a disconnect): no more than one head's worth
-                self._ahead += len(data)
-                if self._ahead > MAX_HEAD_BYTES:
-                    self.transport.close()
-                    return
-            super().data_received(data)
-            self._head_done_if_parsed()
+            if self._in_head:
+                self._head += len(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                pass  # served as a plain request (no upgrades here); the rest is dropped
+            except httptools.HttpParserError as e:
+                refused = e.__context__
+                self._close(refused.answer if isinstance(refused, Refused) else
+                            _BAD if self._quiet() else b"")
+                return
+            if self._in_head and self._head > MAX_HEAD_BYTES:
+                self._close(_TOO_LARGE if self._quiet() else b"")
+
+        def on_headers_complete(self) -> None:
+            self._in_head, self._head = False, 0
+            self._stop_waiting()
+            if any(name == b"transfer-encoding" for name, _ in self.headers):
+                raise Refused(_LENGTH_REQUIRED if self._quiet() else b"")
+            if len(self.pipeline) >= MAX_PIPELINED:
+                raise Refused(b"")
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_head = True
+            super().on_message_complete()
 
         def on_response_complete(self) -> None:
-            self._ahead = 0
-            if not self.transport.is_closing():
-                self._await_head()  # the next one's (a pipelined one may be parsed at once)
+            waits = not self.pipeline  # (a queued request's head has come whole)
             super().on_response_complete()
-            self._head_done_if_parsed()
+            if waits and not self.transport.is_closing():
+                self._await_head()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_waiting()
             self._leave()
             super().connection_lost(exc)
 
+        def _quiet(self) -> bool:
+            """No response is under way (one may be written)."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def _close(self, answer: bytes) -> None:
+            self._stop_waiting()
+            if answer:
+                self.transport.write(answer)
+            self.transport.close()
+
         def _await_head(self) -> None:
             self._stop_waiting()
-            self._cycle, self._heard = self.cycle, False
+            self._heard = False
             self._timer = self.loop.call_later(HEAD_TIMEOUT_S, self.close_waiting)
             room.wait(self, self.key)
-
-        def _head_done_if_parsed(self) -> None:
-            if self._timer is not None and self.cycle is not self._cycle:
-                self._stop_waiting()  # a new request cycle: its head is complete
 
         def _stop_waiting(self) -> None:
             if self._timer is not None:
@@ -220,10 +258,7 @@ def guarded_h11(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protocol
             came and no response is under way)."""
             self._stop_waiting()
             self._leave()
-            if self.transport.is_closing():
-                return
-            if self._heard and self.conn.our_state is h11.IDLE:
-                self.transport.write(_TIMED_OUT)
-            self.transport.close()
+            if not self.transport.is_closing():
+                self._close(_TIMED_OUT if self._heard and self._quiet() else b"")
 
     return Guarded

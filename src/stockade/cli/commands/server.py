@@ -57,11 +57,10 @@ def main(args: argparse.Namespace) -> int:
     from stockade.api.connections import (
         BACKLOG,
         KEEP_ALIVE_S,
-        MAX_HEAD_BYTES,
         MAX_REQUESTS,
         Busy,
         connection_room,
-        guarded_h11,
+        guarded_protocol,
     )
     from stockade.api.server import create_app
     from stockade.cli.context import fleet_service, open_control
@@ -104,8 +103,8 @@ def main(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(Busy(app, MAX_REQUESTS),
-                            http=guarded_h11(connection_room()), loop="uvloop",
-                            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                            http=guarded_protocol(connection_room()), loop="uvloop",
+                            ws="none",  # (an upgrade would leave the protocol's bounds)
                             log_level="error",  # (a warning per odd request: log spam)
                             access_log=False, server_header=False, limit_concurrency=None,
                             timeout_keep_alive=KEEP_ALIVE_S,
