@@ -555,7 +555,7 @@ CATEGORIES = (  # (name, substrings of "file:line(function)"), the first that ma
     ("audit chain (hash, head file, flock)", ("stockade/audit/", "fcntl.flock")),
     ("stockade store (SQL strings, rows, tx)", ("stockade/store/",)),
     ("stockade api/control/fleet code", ("stockade/",)),
-    ("HTTP/1.1 parsing (h11, uvicorn)", ("/h11/", "/uvicorn/")),
+    ("HTTP/1.1 parsing (httptools, uvicorn)", ("httptools", "/uvicorn/")),
     ("FastAPI/pydantic (routing, params, validation, JSON)", ("/fastapi/", "/pydantic",
                                                               "pydantic_core")),
     ("Starlette/anyio (middleware, Request, thread-pool hops)", ("/starlette/", "/anyio/",

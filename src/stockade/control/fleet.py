@@ -310,8 +310,8 @@ class FleetService:
 
     def serve(self, works: list[ClaimWork | CompleteWork]) -> list[Any]:
         """Serve runners' claims and completions together, in one transaction when the
-        caller runs a batch: every completion in one ``finish_attempts``, then every claim
-        (the completions' next jobs first) in one ``claim_attempts``. Each work's result in
+        caller runs a batch: every completion, then every claim (the completions' next jobs
+        first), in one ``finish_and_claim``. Each work's result in
         order: an :class:`~stockade.api.protocol.Assignment` or None for a
         :class:`ClaimWork`, a :class:`Completed` for a :class:`CompleteWork`."""
         out: list[Any] = [None] * len(works)
@@ -323,28 +323,35 @@ class FleetService:
                     out[i] = Completed(refusal=why)
                 else:
                     finishing.append((i, work))
-        held = self.store.finish_attempts([self.control.finish_request(w.completion)
-                                           for _, w in finishing])
         claims: list[tuple[int, ClaimRequest]] = []
-        fenced: list[tuple[int, CompleteWork]] = []
-        for (i, work), ok in zip(finishing, held, strict=True):
-            c = work.completion
-            if not ok:
-                fenced.append((i, work))
-            elif work.take_next and not work.gone():
+        after: list[int | None] = []  # the completion a claim comes with
+        for k, (i, work) in enumerate(finishing):
+            if work.take_next and not work.gone():
+                c = work.completion
                 claims.append((i, self._claim_request(work.caller, (c.job_id, c.attempt))))
-            else:
+                after.append(k)
+        for i, w in enumerate(works):
+            if isinstance(w, ClaimWork):
+                claims.append((i, self._claim_request(w.caller, None)))
+                after.append(None)
+        held, jobs = self.store.finish_and_claim(
+            [self.control.finish_request(w.completion) for _, w in finishing],
+            [request for _, request in claims], after)
+        for (i, _), ok in zip(finishing, held, strict=True):
+            if ok:
                 out[i] = Completed(held=True)
-        claims += [(i, self._claim_request(w.caller, None)) for i, w in enumerate(works)
-                   if isinstance(w, ClaimWork)]
-        jobs = self.store.claim_attempts([request for _, request in claims])
         for (i, _), job in zip(claims, jobs, strict=True):
             a = None if job is None else self.control.assignment(job)
-            out[i] = Completed(held=True, next=a) if isinstance(works[i], CompleteWork) else a
+            if isinstance(works[i], ClaimWork):
+                out[i] = a
+            elif a is not None:
+                out[i] = Completed(held=True, next=a)
         # fenced, unless it is a completion recorded before, sent again (its answer was lost):
         # looked at after the claims, so that a copy sent again while the first was in this
         # very batch gets the job the first claimed
-        for i, work in fenced:
+        for (i, work), ok in zip(finishing, held, strict=True):
+            if ok:
+                continue
             c = work.completion
             replayed, a = self.replayed(work.caller, c.job_id, c.attempt, c.status.value)
             out[i] = Completed(replayed=replayed, next=a)

@@ -126,6 +126,18 @@ class FleetQueries:
         """Several attempts' ends, in order."""
         return [self.finish_attempt(*r) for r in requests]
 
+    def finish_and_claim(self, finishes: list[FinishRequest], claims: list[ClaimRequest],
+                         after: list[int | None]) -> tuple[list[bool], list[JobRow | None]]:
+        """The attempts' ends, then the claims whose completion was recorded (here one
+        after the other)."""
+        held = self.finish_attempts(finishes)
+        usable = [j for j, a in enumerate(after) if a is None or held[a]]
+        jobs: list[JobRow | None] = [None] * len(claims)
+        for j, job in zip(usable, self.claim_attempts([claims[j] for j in usable]),
+                          strict=True):
+            jobs[j] = job
+        return held, jobs
+
     @staticmethod
     def _take(db: Any, job_id: str, changes: dict[str, Any],
               after: tuple[str, int] | None) -> None:

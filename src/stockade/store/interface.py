@@ -218,6 +218,13 @@ class Store(Protocol):
         """Several attempts' ends in one go: whether each was recorded."""
         ...
 
+    def finish_and_claim(self, finishes: list[FinishRequest], claims: list[ClaimRequest],
+                         after: list[int | None]) -> tuple[list[bool], list[JobRow | None]]:
+        """``finish_attempts(finishes)``, then ``claim_attempts(claims)`` for the claims
+        whose ``after`` (an index into ``finishes``) is None or was recorded: the others take
+        nothing (a completion that asks for the next job, refused by fencing)."""
+        ...
+
     def extend_lease(self, job_id: str, attempt: int, runner_id: str,
                      until: float) -> tuple[bool, bool]:
         """A heartbeat: ``(held, cancel_requested)``."""

@@ -4,6 +4,11 @@ completions end their attempts in one. Each statement passes its rows as arrays 
 so that its text and its number of parameters stay the same whatever the batch's size and
 psycopg keeps it prepared; one claim or one completion alone is a set of one.
 
+A batch's completions and the claims they bring go in one transaction
+(:meth:`SetQueries.finish_and_claim`): the completions' statements and the claims' first page
+of candidates are sent together, so that the audit head, locked with them, is held for two
+round trips (then the take, the events and the commit).
+
 A mixin of :class:`~stockade.store.postgres.PostgresStore`, before ``FleetQueries`` (whose
 one-by-one versions these replace); the batch's transaction has locked the audit head first,
 as every write transaction does, so the rows of runners and jobs these lock in no set order
@@ -103,29 +108,48 @@ class SetQueries:
         if not requests or (not self._writing() and not self._read(_ANY_QUEUED, (ids,))):
             return [None] * len(requests)  # nothing to take: no write transaction
         with self._tx() as db:
-            now = time.time()
-            pages = _pages(db, ids, len(requests), now,
-                           sorted({r.runner_id for r in requests if r.agent}),
-                           sorted({r.runner_id for r in requests if not r.agent}))
-            seen, first = next(pages)
-            out = _assign(requests, [i for i, r in enumerate(requests)
-                                     if not r.agent or r.runner_id in seen],
-                          chain([first], (rows for _, rows in pages)))
-            claimed = [(i, self._claimed(requests[i], job, now))
-                       for i, job in enumerate(out) if job is not None]
-            if not claimed:
-                return out
-            rows = [(job.id, job.attempt, job.runner_id, _float(job.lease_expires_at),
-                     _float(job.started_at), *(requests[i].after or (None, None)))
-                    for i, job in claimed]
-            # not read (sent with the commit): it takes them all, locked since the page (or
-            # an attempt already there is a key violation, and the transaction is undone)
-            columns = [list(c) for c in zip(*rows, strict=True)]
-            db.execute(_TAKE, [*columns, columns[0]])
-            for i, job in claimed:
-                out[i] = job
-            self._append_all(db, [requests[i].event_for(job) for i, job in claimed])
+            return self._claim(db, requests, _pages(db, requests, time.time()),
+                               [True] * len(requests))
+
+    def finish_and_claim(self, finishes: list[FinishRequest], claims: list[ClaimRequest],
+                         after: list[int | None]) -> tuple[list[bool], list[JobRow | None]]:
+        """``Store.finish_and_claim`` in one transaction and two round trips while it holds
+        the audit head: the completions' statements and the claims' first page of candidates
+        travel together (a claim whose completion turns out fenced then takes nothing), then
+        the takes, the events and the commit."""
+        if not finishes or not claims:
+            return self.finish_attempts(finishes), self.claim_attempts(claims)
+        with self._tx() as db:
+            sent = _send_finishes(db, finishes)
+            pages = _pages(db, claims, time.time())
+            held = self._finish_sent(db, finishes, sent)
+            return held, self._claim(db, claims, pages,
+                                     [a is None or held[a] for a in after])
+
+    def _claim(self, db: Any, requests: list[ClaimRequest],
+               pages: Iterator[tuple[set[str], list[JobRow]]], usable: list[bool]
+               ) -> list[JobRow | None]:
+        """The claims of ``requests`` that are ``usable``, from ``pages`` of candidates."""
+        now = time.time()
+        seen, first = next(pages)
+        out = _assign(requests, [i for i, r in enumerate(requests)
+                                 if usable[i] and (not r.agent or r.runner_id in seen)],
+                      chain([first], (rows for _, rows in pages)))
+        claimed = [(i, self._claimed(requests[i], job, now))
+                   for i, job in enumerate(out) if job is not None]
+        if not claimed:
             return out
+        rows = [(job.id, job.attempt, job.runner_id, _float(job.lease_expires_at),
+                 _float(job.started_at), *(requests[i].after or (None, None)))
+                for i, job in claimed]
+        # not read (sent with the commit): it takes them all, locked since the page (or an
+        # attempt already there is a key violation, and the transaction is undone)
+        columns = [list(c) for c in zip(*rows, strict=True)]
+        db.execute(_TAKE, [*columns, columns[0]])
+        for i, job in claimed:
+            out[i] = job
+        self._append_all(db, [requests[i].event_for(job) for i, job in claimed])
+        return out
 
     @staticmethod
     def _claimed(request: ClaimRequest, job: JobRow, now: float) -> JobRow:
@@ -147,37 +171,50 @@ class SetQueries:
         and their leases (one for each kind of ``changes``, and another round for a job
         named twice), one for all the steps, one for all the artifacts; the audit events in
         the requests' order, each request's own then its leases' revocations."""
-        held: list[list[LeaseRow] | None] = [None] * len(requests)
         if not requests:
             return []
         with self._tx() as db:
-            for group in _rounds(requests):
-                keys = tuple(requests[group[0]].changes)
-                rows = db.execute(_finish_sql(keys), _finish_columns(
-                    [requests[i] for i in group], keys)).fetchall()
-                revoked = {job_id: [_lease(x) for x in (leases or ())]
-                           for job_id, leases in rows}
-                for i in group:
-                    held[i] = revoked.get(requests[i].job_id)
-            done = [(r, leases) for r, leases in zip(requests, held, strict=True)
-                    if leases is not None]
-            again = [r.job_id for r, _ in done if r.attempt > 1]
-            if again:  # what a lost attempt may have left
-                db.execute("DELETE FROM steps WHERE job_id = ANY(?)", (again,))
-                db.execute("DELETE FROM artifacts WHERE job_id = ANY(?)", (again,))
-            steps = [(r.job_id, *s) for r, _ in done for s in r.steps]
-            if steps:
-                db.execute(_STEPS, [list(c) for c in zip(*steps, strict=True)])
-            artifacts = [(r.job_id, *a) for r, _ in done for a in r.artifacts]
-            if artifacts:
-                db.execute(_ARTIFACTS, [list(c) for c in zip(*artifacts, strict=True)])
-            events: list[AuditEvent] = []
-            for r, leases in done:
-                events += r.events
-                if r.revoke is not None:
-                    events += [r.revoke.event_for(lease) for lease in leases]
-            self._append_all(db, events)
+            return self._finish_sent(db, requests, _send_finishes(db, requests))
+
+    def _finish_sent(self, db: Any, requests: list[FinishRequest],
+                sent: list[tuple[list[int], Any]]) -> list[bool]:
+        """The rest of :meth:`finish_attempts` once its statements are ``sent``."""
+        held: list[list[LeaseRow] | None] = [None] * len(requests)
+        for group, result in sent:
+            revoked = {job_id: [_lease(x) for x in (leases or ())]
+                       for job_id, leases in result.fetchall()}
+            for i in group:
+                held[i] = revoked.get(requests[i].job_id)
+        done = [(r, leases) for r, leases in zip(requests, held, strict=True)
+                if leases is not None]
+        again = [r.job_id for r, _ in done if r.attempt > 1]
+        if again:  # what a lost attempt may have left
+            db.execute("DELETE FROM steps WHERE job_id = ANY(?)", (again,))
+            db.execute("DELETE FROM artifacts WHERE job_id = ANY(?)", (again,))
+        steps = [(r.job_id, *s) for r, _ in done for s in r.steps]
+        if steps:
+            db.execute(_STEPS, [list(c) for c in zip(*steps, strict=True)])
+        artifacts = [(r.job_id, *a) for r, _ in done for a in r.artifacts]
+        if artifacts:
+            db.execute(_ARTIFACTS, [list(c) for c in zip(*artifacts, strict=True)])
+        events: list[AuditEvent] = []
+        for r, leases in done:
+            events += r.events
+            if r.revoke is not None:
+                events += [r.revoke.event_for(lease) for lease in leases]
+        self._append_all(db, events)
         return [leases is not None for leases in held]
+
+
+def _send_finishes(db: Any, requests: list[FinishRequest]) -> list[tuple[list[int], Any]]:
+    """The statements that end the attempts of ``requests``, sent (not read): the indexes
+    of the requests of each, and its result."""
+    sent = []
+    for group in _rounds(requests):
+        keys = tuple(requests[group[0]].changes)
+        sent.append((group, db.execute(_finish_sql(keys), _finish_columns(
+            [requests[i] for i in group], keys))))
+    return sent
 
 
 def _assign(requests: list[ClaimRequest], waiting: list[int], pages: Iterable[list[JobRow]]
@@ -203,29 +240,42 @@ def _assign(requests: list[ClaimRequest], waiting: list[int], pages: Iterable[li
     return out
 
 
-def _pages(db: Any, runner_ids: list[str], wanted: int, now: float, agents: list[str],
-           others: list[str]) -> Iterator[tuple[set[str], list[JobRow]]]:
-    """Pages of the queued jobs these runners may take, oldest first, locked (skipping those
-    another transaction is taking): twice as many as ``wanted`` first, then as a claim's
-    (``CLAIM_BATCHES``), until the queue ends; with the first, those of the ``agents`` that
-    are active, and every runner seen ``now`` (:data:`_SEEN`; none known if the queue is
-    empty). Its ``LIMIT`` is written out (a planner that knows it reads the head of the queue
-    index): a statement for each size of the first page (one per batch size)."""
-    seen, after = _SEEN, ""
-    before: tuple[Any, ...] = (agents, now, agents, others, now - SEEN_EVERY_S)
-    position: tuple[Any, ...] = ()
-    for size in (max(2, 2 * wanted), *CLAIM_BATCHES[1:]):
-        rows = db.execute(
-            f"{seen}SELECT {_ACTIVE if seen else 'NULL'}, "
-            f"{_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND (runner_id IS NULL OR "
-            f"runner_id = ANY(?)){after} ORDER BY created_at, id LIMIT {size} FOR UPDATE OF "
-            "jobs SKIP LOCKED", (*before, runner_ids, *position)).fetchall()
-        yield set(rows[0][0] or ()) if rows else set(), [JobRow(*r[1:]) for r in rows]
+def _pages(db: Any, requests: list[ClaimRequest], now: float
+           ) -> Iterator[tuple[set[str], list[JobRow]]]:
+    """Pages of the queued jobs the runners of ``requests`` may take, oldest first, locked
+    (skipping those another transaction is taking): twice as many as the requests first,
+    then as a claim's (``CLAIM_BATCHES``), until the queue ends; with the first, those of
+    the runners that are active agents, and every runner seen ``now`` (:data:`_SEEN`; none
+    known if the queue is empty). The first page's statement is sent at once, and read when
+    the first page is. Its ``LIMIT`` is written out (a planner that knows it reads the head of
+    the queue index): a statement for each size of the first page (one per batch size)."""
+    ids = sorted({r.runner_id for r in requests})
+    agents = sorted({r.runner_id for r in requests if r.agent})
+    others = sorted({r.runner_id for r in requests if not r.agent})
+    size = max(2, 2 * len(requests))
+    first = db.execute(
+        f"{_SEEN}SELECT {_ACTIVE}, {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
+        f"(runner_id IS NULL OR runner_id = ANY(?)) ORDER BY created_at, id LIMIT {size} "
+        "FOR UPDATE OF jobs SKIP LOCKED", (agents, now, agents, others, now - SEEN_EVERY_S, ids))
+    return _read_pages(db, ids, first, size)
+
+
+def _read_pages(db: Any, ids: list[str], result: Any, size: int
+                ) -> Iterator[tuple[set[str], list[JobRow]]]:
+    """The pages of :func:`_pages`, the first one's statement sent (its ``result``)."""
+    rows = result.fetchall()
+    yield set(rows[0][0] or ()) if rows else set(), [JobRow(*r[1:]) for r in rows]
+    for more in CLAIM_BATCHES[1:]:
         if len(rows) < size:
-            return
+            return  # the queue ended
+        size = more
         # the position as one row comparison: an index range that stops after ``size`` rows
-        seen, before, after = "", (), " AND (created_at, id) > (?, ?)"
-        position = (rows[-1][1 + _CREATED], rows[-1][1])
+        rows = db.execute(
+            f"SELECT NULL, {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND (runner_id IS "
+            f"NULL OR runner_id = ANY(?)) AND (created_at, id) > (?, ?) ORDER BY created_at, "
+            f"id LIMIT {size} FOR UPDATE OF jobs SKIP LOCKED",
+            (ids, rows[-1][1 + _CREATED], rows[-1][1])).fetchall()
+        yield set(), [JobRow(*r[1:]) for r in rows]
 
 
 def _rounds(requests: list[FinishRequest]) -> list[list[int]]:

@@ -374,3 +374,45 @@ def test_completions_in_one_go_are_fenced_each_and_keep_their_order(store_url: s
     assert store.finish_attempts([]) == []
     assert verify_chain(store.audit_records()) is None
     store.close()
+
+
+def test_completions_and_the_claims_they_bring_in_one_go(store_url: str) -> None:
+    """finish_and_claim (on PostgreSQL the completions and the claims' first page travel
+    together): a recorded completion's claim takes the oldest job and is remembered by its
+    attempt; a fenced completion's claim takes nothing and leaves the queue as it was; a
+    plain claim takes the next job; the events come completions first, then claims."""
+    from stockade.store.interface import ClaimRequest, FinishRequest
+
+    store = open_store(store_url)
+    enrolled(store)
+    for n in range(2):
+        store.insert_job(job(f"run{n}", float(n)), ev("job.admitted", f"run{n}"))
+    for n in range(2):
+        assert store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
+                                   lambda j: True, agent=True) is not None
+    for n in range(3):
+        store.insert_job(job(f"q{n}", 10.0 + n), ev("job.admitted", f"q{n}"))
+
+    def claim(after: tuple[str, int] | None) -> ClaimRequest:
+        return ClaimRequest("r1", lambda j: 200.0, lambda j: ev("job.claimed", j.id),
+                            lambda j: True, True, after)
+
+    def done(job_id: str, runner_id: str) -> FinishRequest:
+        return FinishRequest(job_id, 1, runner_id, {"status": "succeeded"}, [], [],
+                             [ev("job.succeeded", job_id)])
+
+    held, jobs = store.finish_and_claim(
+        [done("run0", "r1"), done("run1", "r9")],  # the second: another runner's, fenced
+        [claim(("run1", 1)), claim(("run0", 1)), claim(None)], [1, 0, None])
+    assert held == [True, False]
+    assert [None if j is None else j.id for j in jobs] == [None, "q0", "q1"]
+    assert store.ended_attempt("run0", 1, "r1") == ("succeeded", "q0", 1)
+    assert store.get_job("run1").status == "running"  # type: ignore[union-attr]
+    assert store.get_job("q2").status == "queued"  # type: ignore[union-attr]
+    actions = [(e.action, e.job_id) for e, _, _ in store.audit_records()][-3:]
+    assert actions == [("job.succeeded", "run0"), ("job.claimed", "q0"),
+                       ("job.claimed", "q1")]
+    assert store.finish_and_claim([], [claim(None)], [None])[1][0].id == "q2"  # type: ignore[union-attr]
+    assert store.finish_and_claim([done("q0", "r1")], [], []) == ([True], [])
+    assert verify_chain(store.audit_records()) is None
+    store.close()
