@@ -4,6 +4,7 @@ send that errors must not repeat; the live log client against a hostile chunk.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -100,9 +101,11 @@ def _still_open(socks: list[socket.socket]) -> int:
     return sum(not _closed(s) for s in socks)
 
 
-def _served_under_attack(fleet: Fleet) -> float:
-    """The time a runner's heartbeat and a viewer's request take on new connections."""
-    runner, a = fleet.runner_with_a_job()
+def _served_under_attack(fleet: Fleet, held: tuple[FakeRunner, dict[str, object]] | None = None
+                         ) -> float:
+    """The time a runner's heartbeat and a viewer's request take on new connections (the
+    runner enrolled and holding a job now, or ``held``)."""
+    runner, a = held or fleet.runner_with_a_job()
     started = time.monotonic()
     with fleet.fresh(fleet.viewer) as viewer, httpx.Client(
             base_url=fleet.url, timeout=30, headers=dict(runner.http.headers)) as session:
@@ -187,6 +190,18 @@ def test_a_request_head_must_come_within_ten_seconds_however_it_trickles(
         assert (b" 408 " in said) == (name != "silent"), (name, said)  # it heard something
 
 
+@pytest.mark.parametrize("head", [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n",  # in one go
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"A: b\r\n" * 101 + b"\r\n"])
+def test_a_whole_head_too_large_or_with_too_many_headers_gets_431(fleet: Fleet, head: bytes
+                                                                    ) -> None:
+    sock = _connect(fleet.server.port, "127.0.0.5", head)
+    try:
+        assert _answers(sock) == [b"HTTP/1.1 431 Request Header Fields Too Large"]
+    finally:
+        sock.close()
+
+
 ENDLESS_HEADS = {  # how a head starts, and what it goes on with
     "header lines": (b"GET /healthz HTTP/1.1\r\n", b"X-Filler: " + b"a" * 1000 + b"\r\n"),
     "one header value": (b"GET /healthz HTTP/1.1\r\nX-Filler: ", b"a" * 1012),
@@ -261,16 +276,107 @@ def test_request_bodies_need_a_content_length(fleet: Fleet, framing: bytes, stat
     assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout
 
 
-def test_an_upgrade_request_is_served_as_a_plain_one(fleet: Fleet) -> None:
-    """``curl --http2`` over plain HTTP asks to upgrade to h2c: it is answered over HTTP/1.1."""
-    sock = _connect(fleet.server.port, "127.0.0.9", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
-                    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-                    b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
+UPGRADE = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+           b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
+
+
+def test_an_upgrade_request_is_served_as_a_plain_one_then_the_connection_ends(
+        fleet: Fleet) -> None:
+    """``curl --http2`` over plain HTTP asks to upgrade to h2c: it is answered over HTTP/1.1,
+    and nothing sent after it on that connection is taken for a request, in the same write or
+    a later one (llhttp would have parsed on after the upgrade)."""
+    sock = _connect(fleet.server.port, "127.0.0.9", UPGRADE + HEALTHZ)
+    later = _connect(fleet.server.port, "127.0.0.9", UPGRADE)
     try:
-        sock.settimeout(10)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        time.sleep(0.5)
+        later.sendall(HEALTHZ)
+        assert _answers(sock) == [b"HTTP/1.1 200 OK"]
+        assert _answers(later) == [b"HTTP/1.1 200 OK"]
+    finally:
+        _close_all([sock, later])
+
+
+def test_an_upgrade_request_with_a_body_is_refused(fleet: Fleet) -> None:
+    """llhttp takes an upgrade request's body for what follows the upgrade: a body behind an
+    upgrade could smuggle requests past a proxy that keeps HTTP framing, so it gets 400."""
+    smuggled = b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock = _connect(fleet.server.port, "127.0.0.9", (
+        b"POST /api/v1/enrol HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n"
+        b"Upgrade: websocket\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"\r\n" % len(smuggled)))
+    try:
+        time.sleep(0.3)
+        with contextlib.suppress(OSError):
+            sock.sendall(smuggled)
+        assert _answers(sock) == [b"HTTP/1.1 400 Bad Request"]
     finally:
         sock.close()
+
+
+def test_requests_without_credentials_take_a_share_of_the_server_at_most(fleet: Fleet) -> None:
+    """Enrolments whose bodies never come (no credentials needed) hold at most 32 of the
+    requests a server serves at once, each for 5 s: the rest get 503 at once, and runners and
+    people are served meanwhile."""
+    head = (b"POST /api/v1/enrol HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n")
+    runner = fleet.runner_with_a_job()  # (enrolling needs no credentials: before)
+    held = [_connect(fleet.server.port, f"127.0.1.{n % 5 + 1}", head) for n in range(60)]
+    try:
+        time.sleep(1.0)
+        assert _served_under_attack(fleet, runner) < 3
+        said = [_answers(sock, 15) for sock in held]
+        assert sum(a == [b"HTTP/1.1 503 Service Unavailable"] for a in said) >= 60 - 32, said
+        assert sum(a == [b"HTTP/1.1 408 Request Timeout"] for a in said) <= 32, said
+    finally:
+        _close_all(held)
+
+
+def _server_side_open(server_port: int, client: socket.socket) -> bool:
+    """Whether the server still holds its end of ``client``'s connection (/proc/net/tcp)."""
+    port = client.getsockname()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if int(local.split(":")[1], 16) == server_port and \
+                int(remote.split(":")[1], 16) == port and state != "07":  # 07: CLOSE
+            return True
+    return False
+
+
+def test_a_client_that_reads_no_response_is_dropped(fleet: Fleet) -> None:
+    """A client that asks for responses and reads none held its connection (and the request
+    being served) for ever: once it has read nothing for 30 s the server drops it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.bind(("127.0.0.10", 0))
+    sock.connect(("127.0.0.1", fleet.server.port))
+    started = time.monotonic()
+    try:
+        for _ in range(40):  # 40 schemas of 30 kB: more than the socket buffers hold
+            with contextlib.suppress(OSError):
+                sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.03)
+        time.sleep(5)
+        assert _server_side_open(fleet.server.port, sock)  # stalled, not gone
+        while _server_side_open(fleet.server.port, sock) and time.monotonic() - started < 45:
+            time.sleep(0.5)
+        assert not _server_side_open(fleet.server.port, sock)
+        assert time.monotonic() - started < 45
+    finally:
+        sock.close()
+
+
+def test_a_closed_pipelined_connection_ends_every_request_quietly(fleet: Fleet) -> None:
+    """Requests queued behind another on a connection closed by a pipeline flood end with
+    it: the one being served writes nothing to the closed connection (no traceback for each
+    in the server's log, which a client could fill)."""
+    for _ in range(30):
+        sock = _connect(fleet.server.port, "127.0.0.11", HEALTHZ * 6)
+        sock.close()
+    assert _served_under_attack(fleet) < 3
+    fleet.server.stop()
+    assert fleet.server.proc.stderr is not None
+    log = fleet.server.proc.stderr.read()
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
 
 
 def _stream(port: int, source: str, job: str, token: str) -> tuple[socket.socket, bytes]:
@@ -326,8 +432,9 @@ def _trickling_body(port: int, source: str, head: bytes) -> tuple[socket.socket,
 
 
 def test_slow_bodies_neither_block_uploads_nor_last(fleet: Fleet, tmp_path: Path) -> None:
-    """Four unauthenticated enrolments whose bodies trickle take no upload's turn; four
-    trickled uploads take all four turns for 30 s at most (then 408), and meanwhile another
+    """Four unauthenticated enrolments whose bodies trickle take no upload's turn (and end
+    after 5 s); four trickled uploads take all four turns for 30 s at most (then 408), and
+    meanwhile another
     upload gets 503 with Retry-After after waiting 10 s for a turn."""
     data = _workspace(tmp_path, 2 << 20)
     port, stop = fleet.server.port, threading.Event()
@@ -359,8 +466,10 @@ def test_slow_bodies_neither_block_uploads_nor_last(fleet: Fleet, tmp_path: Path
         one_more.close()
         assert b" 503 " in said and b"retry-after: 5" in said.lower(), said
         assert 9 < took < 12, took
-        ends = [_closed_after(s, since, 40) for s, since in enrols + uploads]
+        ends = [_closed_after(s, since, 40) for s, since in uploads]
         assert all(27 < after < 34 and b" 408 " in said for after, said in ends), ends
+        ends = [_closed_after(s, since, 10) for s, since in enrols]  # (no credentials)
+        assert all(b" 408 " in said and b"within 5 s" in said for _, said in ends), ends
         answer, took = _upload(fleet, data)
         assert answer.status_code == 201 and took < 5, (answer.status_code, took)
     finally:

@@ -12,12 +12,19 @@ request. Requests being served at once are bounded too
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import socket
 from typing import Any
 
 HEAD_TIMEOUT_S = 10.0  # from a connection (or a response) to the next request's whole head
 MAX_HEAD_BYTES = 64 * 1024  # a request line and headers
+MAX_HEADERS = 100  # in one request head
 MAX_PIPELINED = 4  # requests sent ahead on one connection, queued behind the one served
+WRITE_STALL_S = 30.0  # a response the client reads nothing of for this long: dropped
+CLOSE_STALL_S = 10.0  # what a closed connection has left to send waits this long for the client
+WATCH_EVERY_S = 2.0  # how often stalled connections are looked for
+SEND_BUFFER = 256 * 1024  # unsent bytes the kernel holds for a connection (it doubles this)
 PER_CLIENT = 64  # connections of one address (IPv6: one /64) at once
 MAX_CONNECTIONS = 1024  # connections of all clients at once (fewer if files are scarce)
 MAX_REQUESTS = 256  # requests served at once
@@ -146,21 +153,46 @@ class Room:
 def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with the bounds of the module docstring (uvicorn's own
     ``limit_concurrency`` counts idle connections, and it has no deadline on a request head:
-    a few hundred silent connections denied every request), and with what its parser lacks:
-    a request head (and whatever precedes it) of at most :data:`MAX_HEAD_BYTES` (431), at most
-    :data:`MAX_PIPELINED` requests queued behind the one being served (more: the connection is
-    closed), and no ``Transfer-Encoding`` request bodies (411; a chunked body's trailers would
-    be held whole, unbounded). llhttp parses a quarter of what h11 costs per request."""
+    a few hundred silent connections denied every request), and with what its parser and
+    uvicorn lack:
+
+    - a request head of at most :data:`MAX_HEAD_BYTES` and :data:`MAX_HEADERS` headers
+      (431), counted as the parser reports them and as bytes arrive (llhttp keeps a header's
+      pieces until it ends, however long);
+    - at most :data:`MAX_PIPELINED` requests queued behind the one being served (more: the
+      connection is closed);
+    - no ``Transfer-Encoding`` request bodies (411: a chunked body's trailers would be held
+      whole, unbounded);
+    - an upgrade request (``curl --http2``'s h2c) is served as a plain one without a body
+      (400 if it declares one: llhttp would take the body for the next requests), and then
+      the connection closes, whatever else came;
+    - a response the client does not read for :data:`WRITE_STALL_S`, or the unsent rest of a
+      closed connection after :data:`CLOSE_STALL_S`, drops the connection (uvicorn waits for
+      the client forever: a few hundred unread responses held every slot), and the kernel
+      holds at most about :data:`SEND_BUFFER` unsent bytes of each;
+    - a closed connection ends every request it had (the one served and those queued), not
+      only the last one parsed.
+
+    llhttp parses a request for a quarter of what h11 costs."""
     import httptools
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
     room = Room(PER_CLIENT, max_connections)
+    live: set[Guarded] = set()
+    watching: list[asyncio.TimerHandle] = []
 
     class Refused(Exception):
         """Stops the parser: ``answer`` (if any) is written and the connection closed."""
 
         def __init__(self, answer: bytes) -> None:
             self.answer = answer
+
+    def watch(loop: asyncio.AbstractEventLoop) -> None:
+        """Every :data:`WATCH_EVERY_S`: drop the connections whose writes stalled."""
+        now = loop.time()
+        for conn in list(live):
+            conn.check_stall(now)
+        watching[:] = [loop.call_later(WATCH_EVERY_S, watch, loop)]
 
     class Guarded(HttpToolsProtocol):
         key = ""
@@ -169,6 +201,12 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
         _heard = False  # bytes of the awaited head came
         _in_head = True  # the parser is before a request's headers' end
         _head = 0  # bytes fed to the parser since it was last in a body (counted at each read)
+        _parsed = 0  # bytes of the head being parsed that the parser reported (URL, headers)
+        _headers = 0  # headers of the head being parsed
+        _upgraded = False  # an upgrade request came: nothing after it is read
+        _running: RequestResponseCycle | None = None  # the request being served
+        _paused_at: float | None = None  # when writing was paused (the client reads no more)
+        _closing_at: float | None = None  # when the connection was seen closing
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -179,12 +217,19 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
                 transport.close()
                 return
             self._counted = True
+            live.add(self)
+            if not watching:
+                watch(self.loop)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             for victim in victims:
                 victim.close_waiting()
             self._await_head()
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():
+            if self.transport.is_closing() or self._upgraded:
                 return
             self._unset_keepalive_if_required()
             self._heard = self._heard or self._timer is not None
@@ -193,7 +238,7 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade:
-                pass  # served as a plain request (no upgrades here); the rest is dropped
+                pass  # the upgrade request is served; nothing after it is read
             except httptools.HttpParserError as e:
                 refused = e.__context__
                 self._close(refused.answer if isinstance(refused, Refused) else
@@ -202,6 +247,24 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
             if self._in_head and self._head > MAX_HEAD_BYTES:
                 self._close(_TOO_LARGE if self._quiet() else b"")
 
+        def on_message_begin(self) -> None:
+            self._parsed = self._headers = 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url), 0)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value), 1)
+            super().on_header(name, value)
+
+        def _count(self, size: int, headers: int) -> None:
+            self._parsed += size
+            self._headers += headers
+            if self._parsed > MAX_HEAD_BYTES or self._headers > MAX_HEADERS:
+                raise Refused(_TOO_LARGE if self._quiet() else b"")
+
         def on_headers_complete(self) -> None:
             self._in_head, self._head = False, 0
             self._stop_waiting()
@@ -209,11 +272,22 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
                 raise Refused(_LENGTH_REQUIRED if self._quiet() else b"")
             if len(self.pipeline) >= MAX_PIPELINED:
                 raise Refused(b"")
+            upgrade = self.parser.should_upgrade()
+            if upgrade and any(name == b"content-length" and value.strip(b" \t") != b"0"
+                               for name, value in self.headers):
+                raise Refused(_BAD if self._quiet() else b"")
             super().on_headers_complete()
+            if upgrade:
+                self._upgraded = True
+                self.cycle.keep_alive = False  # (closed once answered)
 
         def on_message_complete(self) -> None:
             self._in_head = True
             super().on_message_complete()
+
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
 
         def on_response_complete(self) -> None:
             waits = not self.pipeline  # (a queued request's head has come whole)
@@ -221,9 +295,33 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
             if waits and not self.transport.is_closing():
                 self._await_head()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._paused_at is None:
+                self._paused_at = self.loop.time()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._paused_at = None
+
+        def check_stall(self, now: float) -> None:
+            """Drop the connection if the client has read nothing for too long."""
+            if self.transport.is_closing():
+                self._closing_at = self._closing_at or now
+                if now - self._closing_at > CLOSE_STALL_S:
+                    self.transport.abort()
+            elif self._paused_at is not None and now - self._paused_at > WRITE_STALL_S:
+                self.transport.abort()
+
         def connection_lost(self, exc: Exception | None) -> None:
+            live.discard(self)
             self._stop_waiting()
             self._leave()
+            for cycle in (self._running, *(c for c, _ in self.pipeline)):
+                if cycle is not None:  # (uvicorn ends only the last one parsed)
+                    cycle.disconnected = not cycle.response_complete
+                    cycle.message_event.set()
+            self.pipeline.clear()
             super().connection_lost(exc)
 
         def _quiet(self) -> bool:

@@ -42,6 +42,8 @@ BIG_BODIES_AT_ONCE = 4  # ... are read this many at a time per server process
 BIG_BODY_WAIT_S = 10.0  # a big body waits this long for its turn, then gets 503
 BODY_GRACE_S = 30.0  # a body may take this long to arrive, ...
 BODY_BYTES_PER_S = 1024 * 1024  # ... or as long as it takes at this rate; then 408
+OPEN_BODY_GRACE_S = 5.0  # an enrolment's body (no credentials: one is small) within this
+OPEN_REQUESTS = 32  # requests that need no credentials served at once (of MAX_REQUESTS)
 
 
 class Refusals:
@@ -86,13 +88,35 @@ class Gate:
         self.refusals, self.limit_for, self.store_calls = refusals, limit_for, ctx.store_calls
         self.fast = FastPath(ctx, app)  # a runner's well-formed hot requests
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
+        self._open = 0  # requests without credentials being served
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Check, then pass the request on with its body counted."""
-        if scope["type"] != "http" or not (scope["path"].startswith("/api/")
-                                           or scope["path"] == "/metrics"):
+        """Check, then pass the request on with its body counted; at most
+        ``OPEN_REQUESTS`` of those that need no credentials at once (enrolments, health,
+        the OpenAPI schema: more get 503), so that clients without any cannot take every
+        request the server serves at once (``connections.Busy``)."""
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        if (path.startswith("/api/") or path == "/metrics") and not _enrolment(path):
+            await self._checked(scope, receive, send)
+            return
+        if self._open >= OPEN_REQUESTS:
+            await JSONResponse({"detail": "the server is busy; try again"}, 503,
+                               headers={"Retry-After": "1", "Connection": "close"}
+                               )(scope, receive, send)
+            return
+        self._open += 1
+        try:
+            if _enrolment(path):
+                await self._checked(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            self._open -= 1
+
+    async def _checked(self, scope: Any, receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers") or ())
         bearer = headers.get(b"authorization", b"").decode("latin-1")
         bearer = bearer[7:].strip() if bearer.startswith("Bearer ") else ""
@@ -100,11 +124,11 @@ class Gate:
         state: dict[str, Any] = {}
         if path.startswith("/api/v1/runner/"):
             status, why, claimed = await self._runner(bearer, state)
-        elif path == "/api/v1/enrol" or path.startswith("/api/v1/enrol/"):
+        elif _enrolment(path):
             status, why, claimed = 0, "", None
         else:
             status, why, claimed = await self._token(scope, bearer, state)
-        declared = headers.get(b"content-length", b"0")
+        declared = headers.get(b"content-length", b"0").strip(b" \t")
         if not status and (not declared.isdigit() or int(declared) > limit):
             status, why = 413, f"the body is larger than {limit} bytes"
         if status:
@@ -120,7 +144,8 @@ class Gate:
         chunked = b"transfer-encoding" in headers
         if limit <= BIG_BODY_BYTES or not (chunked or int(declared) > BIG_BODY_BYTES):
             app = self.fast if "runner" in state else self.app
-            await app(scope, Body(receive, limit, int(declared), chunked), send)
+            grace = OPEN_BODY_GRACE_S if _enrolment(path) else BODY_GRACE_S
+            await app(scope, Body(receive, limit, int(declared), chunked, grace), send)
             return
         try:  # uploads are held in memory: a few at a time
             async with asyncio.timeout(BIG_BODY_WAIT_S):
@@ -159,14 +184,20 @@ class Gate:
         return 0, "", None
 
 
+def _enrolment(path: str) -> bool:
+    """Whether ``path`` is an enrolment's (authenticated by its body, not its headers)."""
+    return path == "/api/v1/enrol" or path.startswith("/api/v1/enrol/")
+
+
 class Body:
     """The ``receive`` an endpoint reads a request through: the body is counted against
     ``limit`` (413) and must arrive within ``BODY_GRACE_S`` or at ``BODY_BYTES_PER_S`` of its
     declared or received size, whichever is longer (408; the connection is closed). Once the
     body is complete, ``receive`` is the server's (which then waits for a disconnect)."""
 
-    def __init__(self, receive: Any, limit: int, declared: int, chunked: bool) -> None:
-        self.receive, self.limit, self.declared = receive, limit, declared
+    def __init__(self, receive: Any, limit: int, declared: int, chunked: bool,
+                 grace: float = BODY_GRACE_S) -> None:
+        self.receive, self.limit, self.declared, self.grace = receive, limit, declared, grace
         self.seen, self.done = 0, not (chunked or declared)
         self.started = time.monotonic()
 
@@ -174,7 +205,7 @@ class Body:
         """The next message of the request."""
         if self.done:
             return await self.receive()
-        allowed = max(BODY_GRACE_S, max(self.declared, self.seen) / BODY_BYTES_PER_S)
+        allowed = max(self.grace, max(self.declared, self.seen) / BODY_BYTES_PER_S)
         try:
             async with asyncio.timeout(self.started + allowed - time.monotonic()):
                 message = await self.receive()

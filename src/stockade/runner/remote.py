@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from stockade.runner.attest import Identity
 
 RETRY_FOR_S = 600.0  # keep trying an unreachable server this long (a restart, a failover)
+BUSY_FOR_S = 30.0  # an enrolment the server is too busy for is tried again this long
 
 
 class Refused(Exception):
@@ -65,12 +66,19 @@ class Session:
         return client
 
     def _post_plain(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST without a session (enrolment); a server busy with others (503, which it
+        answers before any work) is asked again for up to :data:`BUSY_FOR_S`."""
         import httpx
 
-        try:
-            response = self.client().post(path, json=body)
-        except httpx.HTTPError as e:
-            raise Unreachable(str(e)) from e
+        deadline = time.monotonic() + BUSY_FOR_S
+        while True:
+            try:
+                response = self.client().post(path, json=body)
+            except httpx.HTTPError as e:
+                raise Unreachable(str(e)) from e
+            if response.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(random.uniform(0.2, 1.0))
         if response.status_code >= 500:
             raise Unreachable(f"{response.status_code} from {path}")
         if response.status_code >= 400:
