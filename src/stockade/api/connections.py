@@ -21,8 +21,8 @@ HEAD_TIMEOUT_S = 10.0  # from a connection (or a response) to the next request's
 MAX_HEAD_BYTES = 64 * 1024  # a request line and headers
 MAX_HEADERS = 100  # in one request head
 MAX_PIPELINED = 4  # requests sent ahead on one connection, queued behind the one served
-WRITE_STALL_S = 30.0  # a response the client reads nothing of for this long: dropped
-CLOSE_STALL_S = 10.0  # what a closed connection has left to send waits this long for the client
+WRITE_STALL_S = 30.0  # unsent bytes of a response that do not move for this long: dropped
+CLOSE_STALL_S = 10.0  # ... once the connection is closing
 WATCH_EVERY_S = 2.0  # how often stalled connections are looked for
 SEND_BUFFER = 256 * 1024  # unsent bytes the kernel holds for a connection (it doubles this)
 PER_CLIENT = 64  # connections of one address (IPv6: one /64) at once
@@ -163,13 +163,14 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
       connection is closed);
     - no ``Transfer-Encoding`` request bodies (411: a chunked body's trailers would be held
       whole, unbounded);
-    - an upgrade request (``curl --http2``'s h2c) is served as a plain one without a body
-      (400 if it declares one: llhttp would take the body for the next requests), and then
-      the connection closes, whatever else came;
-    - a response the client does not read for :data:`WRITE_STALL_S`, or the unsent rest of a
-      closed connection after :data:`CLOSE_STALL_S`, drops the connection (uvicorn waits for
-      the client forever: a few hundred unread responses held every slot), and the kernel
-      holds at most about :data:`SEND_BUFFER` unsent bytes of each;
+    - an upgrade request (``curl --http2``'s h2c) is served as a plain one, its body
+      included (llhttp leaves it unparsed: taken for the next requests, it smuggled them),
+      and then the connection closes, whatever else came;
+    - a response whose unsent bytes do not move for :data:`WRITE_STALL_S` (the client reads
+      nothing), or :data:`CLOSE_STALL_S` once the connection is closing, drops the connection
+      (uvicorn waits for the client forever: a few hundred unread responses held every slot;
+      a slow download moves), and the kernel holds at most about :data:`SEND_BUFFER` unsent
+      bytes of each;
     - a closed connection ends every request it had (the one served and those queued), not
       only the last one parsed.
 
@@ -205,8 +206,9 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
         _headers = 0  # headers of the head being parsed
         _upgraded = False  # an upgrade request came: nothing after it is read
         _running: RequestResponseCycle | None = None  # the request being served
-        _paused_at: float | None = None  # when writing was paused (the client reads no more)
-        _closing_at: float | None = None  # when the connection was seen closing
+        _unsent = 0  # bytes waiting to be sent at the last look
+        _progress_at = 0.0  # when the client last took some (or nothing waited)
+        _body_left = 0  # bytes of an upgrade request's body still to come
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -217,6 +219,7 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
                 transport.close()
                 return
             self._counted = True
+            self._progress_at = self.loop.time()
             live.add(self)
             if not watching:
                 watch(self.loop)
@@ -229,7 +232,10 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
             self._await_head()
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing() or self._upgraded:
+            if self.transport.is_closing():
+                return
+            if self._upgraded:
+                self._upgrade_body(data)
                 return
             self._unset_keepalive_if_required()
             self._heard = self._heard or self._timer is not None
@@ -237,8 +243,8 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
                 self._head += len(data)
             try:
                 self.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                pass  # the upgrade request is served; nothing after it is read
+            except httptools.HttpParserUpgrade as e:  # the parser stops at the upgrade
+                self._upgrade_body(data[e.args[0]:])
             except httptools.HttpParserError as e:
                 refused = e.__context__
                 self._close(refused.answer if isinstance(refused, Refused) else
@@ -272,18 +278,28 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
                 raise Refused(_LENGTH_REQUIRED if self._quiet() else b"")
             if len(self.pipeline) >= MAX_PIPELINED:
                 raise Refused(b"")
-            upgrade = self.parser.should_upgrade()
-            if upgrade and any(name == b"content-length" and value.strip(b" \t") != b"0"
-                               for name, value in self.headers):
-                raise Refused(_BAD if self._quiet() else b"")
             super().on_headers_complete()
-            if upgrade:
+            if self.parser.should_upgrade():  # (llhttp parses nothing after its head)
                 self._upgraded = True
-                self.cycle.keep_alive = False  # (closed once answered)
+                self.cycle.keep_alive = False  # closed once answered
+                length = [v for k, v in self.headers if k == b"content-length"]
+                self._body_left = int(length[0]) if length else 0  # (llhttp checked it)
 
         def on_message_complete(self) -> None:
             self._in_head = True
-            super().on_message_complete()
+            if not self._body_left:  # (an upgrade's body comes after: see _upgrade_body)
+                super().on_message_complete()
+
+        def _upgrade_body(self, data: bytes) -> None:
+            """What came after an upgrade request's head: its body (as llhttp would have
+            passed it), then nothing more is read."""
+            if self._body_left:
+                piece = data[:self._body_left]
+                self._body_left -= len(piece)
+                if piece:
+                    self.on_body(piece)
+                if not self._body_left:
+                    super().on_message_complete()
 
         def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
             self._running = cycle
@@ -295,22 +311,15 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
             if waits and not self.transport.is_closing():
                 self._await_head()
 
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            if self._paused_at is None:
-                self._paused_at = self.loop.time()
-
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            self._paused_at = None
-
         def check_stall(self, now: float) -> None:
-            """Drop the connection if the client has read nothing for too long."""
-            if self.transport.is_closing():
-                self._closing_at = self._closing_at or now
-                if now - self._closing_at > CLOSE_STALL_S:
-                    self.transport.abort()
-            elif self._paused_at is not None and now - self._paused_at > WRITE_STALL_S:
+            """Drop the connection if what it has to send has not moved for too long (the
+            client reads nothing of it: a download read slowly moves)."""
+            unsent = self.transport.get_write_buffer_size()
+            if not unsent or unsent < self._unsent:
+                self._progress_at = now
+            self._unsent = unsent
+            stalled = now - self._progress_at
+            if stalled > (CLOSE_STALL_S if self.transport.is_closing() else WRITE_STALL_S):
                 self.transport.abort()
 
         def connection_lost(self, exc: Exception | None) -> None:

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
 from stockade.api.common import ApiContext, StoreCalls, Waker
+from stockade.api.connections import client_key
 from stockade.audit import AuditEvent
 from stockade.config import Settings
 from stockade.control import ControlService
@@ -44,6 +45,7 @@ BODY_GRACE_S = 30.0  # a body may take this long to arrive, ...
 BODY_BYTES_PER_S = 1024 * 1024  # ... or as long as it takes at this rate; then 408
 OPEN_BODY_GRACE_S = 5.0  # an enrolment's body (no credentials: one is small) within this
 OPEN_REQUESTS = 32  # requests that need no credentials served at once (of MAX_REQUESTS)
+OPEN_PER_CLIENT = 4  # ... of one client address (an IPv6 /64)
 
 
 class Refusals:
@@ -89,12 +91,15 @@ class Gate:
         self.fast = FastPath(ctx, app)  # a runner's well-formed hot requests
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
         self._open = 0  # requests without credentials being served
+        self._open_of: dict[str, int] = {}  # ... of each client address (connections.client_key)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Check, then pass the request on with its body counted; at most
-        ``OPEN_REQUESTS`` of those that need no credentials at once (enrolments, health,
-        the OpenAPI schema: more get 503), so that clients without any cannot take every
-        request the server serves at once (``connections.Busy``)."""
+        ``OPEN_REQUESTS`` of those that need no credentials at once (enrolments, the OpenAPI
+        schema; not the health checks, which hold nothing), ``OPEN_PER_CLIENT`` of one
+        client address (more get 503), so that clients without any cannot take every
+        request the server serves at once (``connections.Busy``), nor one client the
+        enrolments of all."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -102,12 +107,17 @@ class Gate:
         if (path.startswith("/api/") or path == "/metrics") and not _enrolment(path):
             await self._checked(scope, receive, send)
             return
-        if self._open >= OPEN_REQUESTS:
+        if path in ("/healthz", "/readyz"):  # (small answers, no body: nothing to hold)
+            await self.app(scope, receive, send)
+            return
+        key = client_key(scope.get("client"))
+        if self._open >= OPEN_REQUESTS or self._open_of.get(key, 0) >= OPEN_PER_CLIENT:
             await JSONResponse({"detail": "the server is busy; try again"}, 503,
                                headers={"Retry-After": "1", "Connection": "close"}
                                )(scope, receive, send)
             return
         self._open += 1
+        self._open_of[key] = self._open_of.get(key, 0) + 1
         try:
             if _enrolment(path):
                 await self._checked(scope, receive, send)
@@ -115,6 +125,9 @@ class Gate:
                 await self.app(scope, receive, send)
         finally:
             self._open -= 1
+            self._open_of[key] -= 1
+            if not self._open_of[key]:
+                del self._open_of[key]
 
     async def _checked(self, scope: Any, receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers") or ())

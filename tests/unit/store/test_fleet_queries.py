@@ -387,7 +387,7 @@ def test_completions_and_the_claims_they_bring_in_one_go(store_url: str) -> None
     enrolled(store)
     for n in range(2):
         store.insert_job(job(f"run{n}", float(n)), ev("job.admitted", f"run{n}"))
-    for n in range(2):
+    for _ in range(2):
         assert store.claim_attempt("r1", lambda j: 100.0, lambda j: ev("job.claimed", j.id),
                                    lambda j: True, agent=True) is not None
     for n in range(3):
