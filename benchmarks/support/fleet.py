@@ -182,8 +182,11 @@ def measurements(env: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def enrol_one(url: str, enrol_token: str, name: str, m: dict[str, Any]) -> Runner:
-    """Enrol for real: an Ed25519 key, a server nonce, the measurements ``m`` signed."""
+def enrol_one(url: str, enrol_token: str, name: str, m: dict[str, Any],
+              source: str | None = None) -> Runner:
+    """Enrol for real: an Ed25519 key, a server nonce, the measurements ``m`` signed; from
+    the address ``source`` (a runner's host: the server serves few enrolments of one at
+    once)."""
     import httpx
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -193,7 +196,8 @@ def enrol_one(url: str, enrol_token: str, name: str, m: dict[str, Any]) -> Runne
     key = Ed25519PrivateKey.generate()
     public = base64.b64encode(key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
-    with httpx.Client(base_url=url, timeout=30) as client:
+    transport = httpx.HTTPTransport(local_address=source) if source else None
+    with httpx.Client(base_url=url, timeout=30, transport=transport) as client:
         nonce = client.post("/api/v1/enrol/nonce").raise_for_status().json()["nonce"]
         token_id = enrol_token.removeprefix("stke_").split("_")[0]
         signature = base64.b64encode(key.sign(signed_bytes(nonce, token_id, public, m))).decode()
@@ -211,7 +215,8 @@ def enrol_all(urls: list[str], enrol_tokens: list[str], m: dict[str, Any]) -> li
     enrolled), each attesting with the measurements ``m``."""
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(lambda i: enrol_one(urls[i % len(urls)], enrol_tokens[i],
-                                                 f"bench-{i}", m), range(len(enrol_tokens))))
+                                                 f"bench-{i}", m, host_address(i)),
+                             range(len(enrol_tokens))))
 
 
 def host_address(i: int) -> str:
