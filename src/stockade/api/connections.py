@@ -174,7 +174,8 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
     - a closed connection ends every request it had (the one served and those queued), not
       only the last one parsed.
 
-    llhttp parses a request for a quarter of what h11 costs."""
+    With llhttp the event loop spends far less per request than with h11 (the dispatch
+    benchmark's event-loop CPU per job: 0.71 to 0.85 ms with h11, 0.41 to 0.56 ms now)."""
     import httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 

@@ -204,9 +204,10 @@ def _enrolment(path: str) -> bool:
 
 class Body:
     """The ``receive`` an endpoint reads a request through: the body is counted against
-    ``limit`` (413) and must arrive within ``BODY_GRACE_S`` or at ``BODY_BYTES_PER_S`` of its
-    declared or received size, whichever is longer (408; the connection is closed). Once the
-    body is complete, ``receive`` is the server's (which then waits for a disconnect)."""
+    ``limit`` (413) and must arrive within ``grace`` (``BODY_GRACE_S`` unless given) or at
+    ``BODY_BYTES_PER_S`` of its declared or received size, whichever is longer (408; the
+    connection is closed). Once the body is complete, ``receive`` is the server's (which then
+    waits for a disconnect)."""
 
     def __init__(self, receive: Any, limit: int, declared: int, chunked: bool,
                  grace: float = BODY_GRACE_S) -> None:

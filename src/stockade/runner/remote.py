@@ -70,15 +70,14 @@ class Session:
         answers before any work) is asked again for up to :data:`BUSY_FOR_S`."""
         import httpx
 
-        deadline = time.monotonic() + BUSY_FOR_S
+        pauses = _pauses(BUSY_FOR_S)
         while True:
             try:
                 response = self.client().post(path, json=body)
             except httpx.HTTPError as e:
                 raise Unreachable(str(e)) from e
-            if response.status_code != 503 or time.monotonic() > deadline:
+            if response.status_code != 503 or not next(pauses, False):
                 break
-            time.sleep(random.uniform(0.2, 1.0))
         if response.status_code >= 500:
             raise Unreachable(f"{response.status_code} from {path}")
         if response.status_code >= 400:
@@ -122,7 +121,7 @@ class Session:
         Refused for other 4xx."""
         import httpx
 
-        deadline, delay, renewed = time.monotonic() + retry_for, 0.2, False
+        pauses, renewed = _pauses(retry_for), False
         extra = kwargs.pop("headers", {})
         while True:
             try:
@@ -141,10 +140,18 @@ class Session:
                         raise Refused(response.status_code, _detail(response))
                     return response
                 problem = f"{response.status_code} from the server"
-            if time.monotonic() + delay > deadline:
+            if not next(pauses, False):
                 raise Unreachable(problem)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+
+
+def _pauses(retry_for: float) -> Iterator[bool]:
+    """A pause before each try again (jittered, doubling from 0.2 s to 5 s), True after it,
+    while ``retry_for`` seconds from now are not up."""
+    deadline, delay = time.monotonic() + retry_for, 0.2
+    while time.monotonic() + delay <= deadline:
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 5.0)
+        yield True
 
 
 def _detail(response: httpx.Response) -> str:

@@ -423,6 +423,8 @@ class _Result:
 _INSERT_EVENTS = (f"INSERT INTO audit_events ({AUDIT_COLUMNS}) SELECT {AUDIT_COLUMNS} FROM "
                   "unnest(?::float8[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], "
                   f"?::text[]) WITH ORDINALITY AS e ({AUDIT_COLUMNS}, n) ORDER BY n")
+
+
 @lru_cache(maxsize=1024)
 def _pg(sql: str) -> str:
     """``sql`` with psycopg's placeholders: ``?`` outside string literals becomes ``%s``, and
