@@ -46,15 +46,16 @@ _CHANGED = {"status": "text", "failure_reason": "text", "exit_code": "int",
 # in the queue's order: the queue index, whatever the planner thinks of the queue's length
 # (a queue that drained looked long: a scan of the whole table for each claim)
 _ANY_QUEUED = ("SELECT 1 FROM jobs WHERE status = 'queued' AND (runner_id IS NULL OR "
-               "runner_id = ANY(?)) ORDER BY created_at, id LIMIT 1")
+               "runner_id = ANY(?::text[])) ORDER BY created_at, id LIMIT 1")
 # the runners that may claim (agents while active; the control plane's own, which have no
 # row, in any case), in the statement of the first page of candidates (one round trip less):
 # read, not locked (every write transaction holds the audit head first, so none changes them
 # while a claim runs), and marked seen once a second at most (each mark is a row version: at
 # a fleet's rate of claims, a table of dead rows that every claim scanned)
-_SEEN = ("WITH seen AS (SELECT id FROM runners WHERE id = ANY(?) AND status = 'active'), "
-         "touch AS (UPDATE runners SET last_seen_at = ? WHERE ((id = ANY(?) AND status = "
-         "'active') OR id = ANY(?)) AND (last_seen_at IS NULL OR last_seen_at < ?) RETURNING 1) ")
+_SEEN = ("WITH seen AS (SELECT id FROM runners WHERE id = ANY(?::text[]) AND status = "
+         "'active'), touch AS (UPDATE runners SET last_seen_at = ? WHERE ((id = ANY(?::text[]) "
+         "AND status = 'active') OR id = ANY(?::text[])) AND (last_seen_at IS NULL OR "
+         "last_seen_at < ?) RETURNING 1) ")
 _ACTIVE = "(SELECT array_agg(id) FROM seen)"  # agents that may claim
 SEEN_EVERY_S = 1.0  # how often a runner's last_seen_at moves at most
 _TAKE = (
@@ -189,8 +190,8 @@ class SetQueries:
                 if leases is not None]
         again = [r.job_id for r, _ in done if r.attempt > 1]
         if again:  # what a lost attempt may have left
-            db.execute("DELETE FROM steps WHERE job_id = ANY(?)", (again,))
-            db.execute("DELETE FROM artifacts WHERE job_id = ANY(?)", (again,))
+            db.execute("DELETE FROM steps WHERE job_id = ANY(?::text[])", (again,))
+            db.execute("DELETE FROM artifacts WHERE job_id = ANY(?::text[])", (again,))
         steps = [(r.job_id, *s) for r, _ in done for s in r.steps]
         if steps:
             db.execute(_STEPS, [list(c) for c in zip(*steps, strict=True)])
@@ -255,7 +256,7 @@ def _pages(db: Any, requests: list[ClaimRequest], now: float
     size = max(2, 2 * len(requests))
     first = db.execute(
         f"{_SEEN}SELECT {_ACTIVE}, {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
-        f"(runner_id IS NULL OR runner_id = ANY(?)) ORDER BY created_at, id LIMIT {size} "
+        f"(runner_id IS NULL OR runner_id = ANY(?::text[])) ORDER BY created_at, id LIMIT {size} "
         "FOR UPDATE OF jobs SKIP LOCKED", (agents, now, agents, others, now - SEEN_EVERY_S, ids))
     return _read_pages(db, ids, first, size)
 
@@ -272,8 +273,8 @@ def _read_pages(db: Any, ids: list[str], result: Any, size: int
         # the position as one row comparison: an index range that stops after ``size`` rows
         rows = db.execute(
             f"SELECT NULL, {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND (runner_id IS "
-            f"NULL OR runner_id = ANY(?)) AND (created_at, id) > (?, ?) ORDER BY created_at, "
-            f"id LIMIT {size} FOR UPDATE OF jobs SKIP LOCKED",
+            f"NULL OR runner_id = ANY(?::text[])) AND (created_at, id) > (?, ?) ORDER BY "
+            f"created_at, id LIMIT {size} FOR UPDATE OF jobs SKIP LOCKED",
             (ids, rows[-1][1 + _CREATED], rows[-1][1])).fetchall()
         yield set(), [JobRow(*r[1:]) for r in rows]
 
