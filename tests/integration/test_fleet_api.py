@@ -414,6 +414,31 @@ def test_secrets_go_in_and_never_come_out(api: Api) -> None:
     assert api.call("GET", "/api/v1/secrets/DEPLOY_KEY", api.admin).status_code == 404
 
 
+def test_submissions_admitted_on_the_loop_or_in_a_thread_are_answered_alike(api: Api) -> None:
+    # a small spec that needs no store or registry is admitted on the event loop; a big one,
+    # one with secrets and one naming an image by tag in a worker thread
+    from stockade.api.jobs import INLINE_SPEC_CHARS
+
+    padding = "\n".join(f"# {'x' * 70}" for _ in range(INLINE_SPEC_CHARS // 70))
+    big = f"{SPEC}{padding}\n"
+    assert len(big) > INLINE_SPEC_CHARS
+    for spec in (SPEC, big):
+        answer = api.call("POST", "/api/v1/jobs", api.submitter, json={"spec": spec})
+        assert answer.status_code == 201 and answer.json()["status"] == "queued", answer.text
+        bad = api.call("POST", "/api/v1/jobs", api.submitter,
+                       json={"spec": spec.replace("steps:", "stepz:")})
+        assert bad.status_code == 422 and "stepz" in bad.text, bad.text
+    secret = SPEC + "secrets: [{name: NO_SUCH_SECRET, as: env}]\n"
+    denied = api.call("POST", "/api/v1/jobs", api.submitter, json={"spec": secret}).json()
+    assert (denied["status"], denied["failure_reason"]) == ("denied", "secret_unavailable")
+    records = api.call("GET", "/api/v1/audit", api.admin,
+                       params={"job": denied["job_id"]}).json()
+    assert [r["action"] for r in records] == ["job.denied", "secret.refused"]
+    tagged = api.call("POST", "/api/v1/jobs", api.submitter,
+                      json={"spec": SPEC + "image: 127.0.0.1:1/none:latest\n"}).json()
+    assert (tagged["status"], tagged["failure_reason"]) == ("denied", "policy_denied")
+
+
 def test_a_submission_names_an_existing_workspace(api: Api) -> None:
     answer = api.call("POST", "/api/v1/jobs", api.submitter,
                       json={"spec": SPEC, "workspace_sha256": "f" * 64})

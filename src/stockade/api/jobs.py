@@ -9,24 +9,25 @@ them up; no error repeats what the request sent.
 (No postponed annotations here: FastAPI reads the endpoints' annotations at run time.)
 """
 
+import functools
 import hashlib
 import io
 import re
 from typing import Any, Literal
 
-import anyio.from_thread
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
 from stockade.api.common import ApiContext, needs, refuse, token_of
-from stockade.audit import AuditEvent
 from stockade.config import Settings
 from stockade.errors import PolicyDenied, SpecError, UsageError
+from stockade.spec import Job
 from stockade.store.interface import JobRow
 
 MAX_SPEC_BYTES = 256 * 1024
+INLINE_SPEC_CHARS = 4096  # a spec parsed on the event loop, at most (about 1 ms of work)
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # a workspace archive, at most (held in memory)
 JOB_PATTERN = r"^[A-Za-z0-9]{1,64}$"
 SHA_PATTERN = r"^[0-9a-f]{64}$"
@@ -48,6 +49,12 @@ class SubmitRequest(BaseModel):
     trust: Literal["untrusted", "trusted", "protected"] = "trusted"
     ref: str = Field(default="local", max_length=200)
     workspace_sha256: str | None = Field(default=None, pattern=SHA_PATTERN)
+
+
+def _parse(text: str) -> Job:
+    from stockade.spec.parse import parse_spec
+
+    return parse_spec(text, source="the spec").to_job()
 
 
 def _job_id(job_id: str) -> str | None:
@@ -114,34 +121,40 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         key = signing_key(control.store)
         return {"keyid": key.keyid, "public_key": key.public_pem()}
 
-    def queued(job: JobRow, event: AuditEvent) -> None:
-        """Insert the job on the store threads, in turn with the runners' calls (this thread
-        would wait for the store's lock, which a busy store thread takes again and again)."""
-        anyio.from_thread.run(ctx.store_calls, control.store.insert_job, job, event)
-
     @app.post("/api/v1/jobs", status_code=201)
-    def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
+    async def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
+        """Parse and admit the spec on the event loop when that is short work (a spec of at
+        most ``INLINE_SPEC_CHARS`` that needs neither the store nor a registry to admit),
+        else in a worker thread; store the job on the store threads, in turn with the
+        runners' calls (each hop between threads costs more than a small spec's parsing)."""
         from stockade.spec import ceilings
-        from stockade.spec.parse import parse_spec
 
         caller = token_of(request)
         if not auth.ref_allowed(caller, body.ref):
             raise HTTPException(403, f"this token may submit jobs for refs matching "
                                      f"{caller.refs!r} only")
-        if body.workspace_sha256 and fleet.store.has_blob(body.workspace_sha256) is None:
+        if body.workspace_sha256 and await ctx.store_calls(
+                fleet.store.has_blob, body.workspace_sha256) is None:
             raise HTTPException(422, "workspace_sha256 names no uploaded workspace archive: "
                                      "upload it first (POST /api/v1/workspaces)")
         try:
-            spec = parse_spec(body.spec, source="the spec").to_job()
+            spec = _parse(body.spec) if len(body.spec) <= INLINE_SPEC_CHARS \
+                else await run_in_threadpool(_parse, body.spec)
             ceilings.check(spec, settings, source="the spec")
-            job = control.submit(spec, trust=auth.capped_trust(body.trust, caller.max_trust),
-                                 ref=body.ref, actor=f"api:{caller.id}",
-                                 max_attempts=fleet.policy.max_attempts,
-                                 workspace_sha256=body.workspace_sha256, insert=queued)
+            admit = functools.partial(
+                control.admit, spec, trust=auth.capped_trust(body.trust, caller.max_trust),
+                ref=body.ref, actor=f"api:{caller.id}", max_attempts=fleet.policy.max_attempts,
+                workspace_sha256=body.workspace_sha256)
+            admitted = admit() if control.admits_offline(spec) \
+                else await run_in_threadpool(admit)
         except SpecError as e:
             raise HTTPException(422, e.diagnostics()) from e
         except (UsageError, PolicyDenied) as e:
             raise HTTPException(400, e.diagnostics()) from e
+        job = admitted.job
+        await ctx.store_calls(control.store.insert_job, job, admitted.event)
+        if admitted.refusals:
+            await ctx.store_calls(control.refused, admitted)
         if job.status == "queued":
             ctx.waker.notify()
         return {"job_id": job.id, "status": job.status, "trust": job.trust,

@@ -138,6 +138,14 @@ class JobView(NamedTuple):
         } | {k: v for k, v in extra.items() if k not in _RESULT_KEYS}  # never overriding
 
 
+class Admitted(NamedTuple):
+    """A submitted job before it is stored (:meth:`ControlService.admit`)."""
+
+    job: JobRow
+    event: AuditEvent  # job.admitted or job.denied
+    refusals: tuple[tuple[str, str], ...]  # (secret, why) refused at admission
+
+
 class ControlService:
     """The control plane over a :class:`~stockade.store.interface.Store`."""
 
@@ -201,9 +209,20 @@ class ControlService:
 
     def submit(self, spec: Job, trust: str = "trusted", ref: str = "local",
                runner_id: str | None = None, actor: str | None = None,
-               max_attempts: int = 1, workspace_sha256: str | None = None,
-               insert: Callable[[JobRow, AuditEvent], None] | None = None) -> JobRow:
-        """Admit ``spec`` (queued) or deny it (denied, with the reason); return the job.
+               max_attempts: int = 1, workspace_sha256: str | None = None) -> JobRow:
+        """Admit ``spec`` (queued) or deny it (denied, with the reason), store it; return the
+        job (:meth:`admit`, then the store's ``insert_job`` and :meth:`refused`)."""
+        admitted = self.admit(spec, trust, ref, runner_id, actor, max_attempts,
+                              workspace_sha256)
+        self.store.insert_job(admitted.job, admitted.event)
+        self.refused(admitted)
+        return admitted.job
+
+    def admit(self, spec: Job, trust: str = "trusted", ref: str = "local",
+              runner_id: str | None = None, actor: str | None = None,
+              max_attempts: int = 1, workspace_sha256: str | None = None) -> Admitted:
+        """The job ``spec`` makes, admitted (queued) or denied (with the reason), and its
+        audit event, to store; the secrets it was refused, to audit once it is stored.
 
         ``trust`` says how far the job's origin is trusted (``untrusted`` for fork pull
         requests, ``trusted``, ``protected``); ``ref`` is the source reference it runs;
@@ -211,8 +230,8 @@ class ControlService:
         claim the job, and if it dies before, the job is lost at once instead of queued.
         A job whose attempt is lost (its runner agent stopped heartbeating) is queued again
         until ``max_attempts`` ran; ``workspace_sha256`` names its uploaded workspace.
-        ``insert`` stores the job (``store.insert_job`` unless given: a server queues it on
-        its store threads with the runners' calls)."""
+        Reads the store (secrets) and a registry (an image's tag) unless
+        :meth:`admits_offline` says the spec needs neither."""
         check_submission(trust, ref)
         now = self.clock()
         job_id = new_job_id()
@@ -233,12 +252,20 @@ class ControlService:
         action = "job.denied" if reason else "job.admitted"
         detail = {"name": spec.name, **({"reason": reason.value, "message": message}
                                         if reason else {})}
-        (insert or self.store.insert_job)(job, self._event(action, job_id, actor=actor,
-                                                            **detail))
+        return Admitted(job, self._event(action, job_id, actor=actor, **detail),
+                        tuple(refusals))
+
+    @staticmethod
+    def admits_offline(spec: Job) -> bool:
+        """Whether :meth:`admit` needs neither the store nor a registry for ``spec``: it asks
+        for no secret and names no image by tag."""
+        return not spec.secrets and (spec.image == "host" or "@sha256:" in spec.image)
+
+    def refused(self, admitted: Admitted) -> None:
+        """Audit the secrets a stored job was refused at admission."""
         if self.broker is not None:
-            for name, why in refusals:
-                self.broker.refuse(job_id, name, why)
-        return job
+            for name, why in admitted.refusals:
+                self.broker.refuse(admitted.job.id, name, why)
 
     def _pin_image(self, spec: Job) -> tuple[Job, FailureReason | None, str]:
         """``spec`` with its image's tag resolved to the digest it names now (recorded: every

@@ -12,6 +12,7 @@ may also never take more than half of the host's process ids (``kernel.pid_max``
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,8 +78,19 @@ def _pid_ceiling(max_pids: int) -> tuple[int, str]:
 
 
 def host_pid_max() -> int | None:
-    """The host's ``kernel.pid_max``, or ``None`` where it cannot be read."""
+    """The host's ``kernel.pid_max``, or ``None`` where it cannot be read; read again after
+    :data:`PID_MAX_TTL_S` (a server checks every submission: three system calls each)."""
+    global _pid_max
+    now = time.monotonic()
+    if _pid_max is not None and _pid_max[0] == PID_MAX_FILE and now < _pid_max[1]:
+        return _pid_max[2]
     try:
-        return int(PID_MAX_FILE.read_text()[:32])
+        value: int | None = int(PID_MAX_FILE.read_text()[:32])
     except (OSError, ValueError):
-        return None
+        value = None
+    _pid_max = (PID_MAX_FILE, now + PID_MAX_TTL_S, value)
+    return value
+
+
+PID_MAX_TTL_S = 10.0
+_pid_max: tuple[Path, float, int | None] | None = None  # (file, read again after, value)
