@@ -439,6 +439,28 @@ def test_submissions_admitted_on_the_loop_or_in_a_thread_are_answered_alike(api:
     assert (tagged["status"], tagged["failure_reason"]) == ("denied", "policy_denied")
 
 
+def test_a_submission_on_the_fast_path_is_answered_as_by_its_route(api: Api) -> None:
+    # no query and a JSON body: api/fastpath.py; a query: the FastAPI route
+    json_type = {"content-type": "application/json"}
+    answers = {}
+    for path in ("/api/v1/jobs", "/api/v1/jobs?via=route"):
+        ok = api.call("POST", path, api.submitter, json={"spec": SPEC, "trust": "untrusted"})
+        assert ok.status_code == 201, ok.text
+        answers[path] = {k: v for k, v in ok.json().items() if k != "job_id"}
+        for bad in ('{"spec": 1}', '{"spec": "x", "extra": 1}', '{"spec": "x", "trust": "root"}',
+                    "[]", "{", '{"spec": "name: t\\u0000"}'):
+            got = api.call("POST", path, api.submitter, content=bad, headers=json_type)
+            assert got.status_code == 422 and "Traceback" not in got.text, (path, bad, got.text)
+        got = api.call("POST", path, api.submitter, content=json.dumps({"spec": SPEC}),
+                       headers={"content-type": "text/plain"})
+        assert got.status_code == 422, got.text
+        for token, status in ((api.viewer, 403), ("stk_bad_token", 401), (None, 401)):
+            got = api.call("POST", path, token, json={"spec": SPEC})
+            assert got.status_code == status, (path, token, got.text)
+    assert answers["/api/v1/jobs"] == answers["/api/v1/jobs?via=route"] == {
+        "status": "queued", "trust": "untrusted", "failure_reason": None}
+
+
 def test_a_submission_names_an_existing_workspace(api: Api) -> None:
     answer = api.call("POST", "/api/v1/jobs", api.submitter,
                       json={"spec": SPEC, "workspace_sha256": "f" * 64})

@@ -1,12 +1,14 @@
-"""The runner routes every job goes through (claim, heartbeat, log chunk, completion), served
-without the framework when the request is well formed: the same work as their routes in
-``api/runners.py`` (the same functions do it), minus FastAPI's routing, parameter solving and
-response validation, which cost more than the work itself at a fleet's rate of claims.
+"""The runner routes every job goes through (claim, heartbeat, log chunk, completion) and the
+submission of a job, served without the framework when the request is well formed: the same
+work as their routes in ``api/runners.py`` and ``api/jobs.py`` (the same functions do it),
+minus FastAPI's routing, parameter solving and response validation, which cost more than the
+work itself at a fleet's rate of claims (a submission: a fifth of its CPU).
 
-The gate (``api/server.py``) authenticates the runner from the headers first, as for every
-route. A request this module does not take as it is (another method, a path or query it does
-not parse, a completion body that does not validate) goes on to FastAPI with its body, whose
-route answers it: the errors, the status codes and the OpenAPI schema are the framework's.
+The gate (``api/server.py``) authenticates the runner or the API token from the headers first
+(and checks the token's role), as for every route. A request this module does not take as it
+is (another method, a path or query it does not parse, a body that does not validate) goes on
+to FastAPI with its body, whose route answers it: the errors, the status codes and the
+OpenAPI schema are the framework's.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi import HTTPException
 from pydantic import ValidationError
 
-from stockade.api import runners
+from stockade.api import jobs, runners
+from stockade.api.jobs import SubmitRequest
 from stockade.api.wire import CompletionIn
 
 if TYPE_CHECKING:
     from stockade.api.common import ApiContext
     from stockade.control.fleet import Caller
+    from stockade.store.interface import TokenRow
 
 _JOB_PATH = re.compile(r"/api/v1/runner/jobs/([A-Za-z0-9]{1,64})/([1-9][0-9]{0,3})/"
                        r"(heartbeat|complete|log/(0|[1-9][0-9]{0,9}))")
@@ -45,10 +49,15 @@ class FastPath:
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         """Serve the request, or pass it on to FastAPI."""
-        caller: Caller = scope["state"]["runner"]
         path, method, query = scope["path"], scope["method"], scope["query_string"]
+        caller: Caller | None = scope["state"].get("runner")
         try:
-            if path == "/api/v1/runner/claim" and method == "POST":
+            if caller is None:
+                if path == "/api/v1/jobs" and method == "POST" and not query \
+                        and _json_body(scope):
+                    await self._submit(scope["state"]["token"], scope, receive, send)
+                    return
+            elif path == "/api/v1/runner/claim" and method == "POST":
                 w = _WAIT.fullmatch(query)
                 if w is not None and float(w.group(1) or 0) <= runners.MAX_WAIT_S:
                     await self._claim(caller, float(w.group(1) or 0), receive, send)
@@ -72,6 +81,16 @@ class FastPath:
             await _answer(send, e.status_code, {"detail": e.detail}, e.headers)
             return
         await self.app(scope, receive, send)
+
+    async def _submit(self, token: TokenRow, scope: Any, receive: Receive, send: Send
+                      ) -> None:
+        data = await _body(receive)
+        try:
+            body = SubmitRequest.model_validate_json(data)
+        except ValidationError:  # FastAPI's route says what is wrong, in its words
+            await self.app(scope, _replay(data, receive), send)
+            return
+        await _answer(send, 201, await jobs.submit_job(self.ctx, token, body))
 
     async def _claim(self, caller: Caller, wait: float, receive: Receive, send: Send) -> None:
         await _body(receive)

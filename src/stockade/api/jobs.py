@@ -24,7 +24,7 @@ from stockade.api.common import ApiContext, needs, refuse, token_of
 from stockade.config import Settings
 from stockade.errors import PolicyDenied, SpecError, UsageError
 from stockade.spec import Job
-from stockade.store.interface import JobRow
+from stockade.store.interface import JobRow, TokenRow
 
 MAX_SPEC_BYTES = 256 * 1024
 INLINE_SPEC_CHARS = 4096  # a spec parsed on the event loop, at most (about 1 ms of work)
@@ -49,6 +49,46 @@ class SubmitRequest(BaseModel):
     trust: Literal["untrusted", "trusted", "protected"] = "trusted"
     ref: str = Field(default="local", max_length=200)
     workspace_sha256: str | None = Field(default=None, pattern=SHA_PATTERN)
+
+
+async def submit_job(ctx: ApiContext, caller: TokenRow, body: SubmitRequest) -> dict[str, Any]:
+    """Queue (or deny) the job ``body`` asks for in ``caller``'s name (its route, and
+    ``api/fastpath.py`` for a well-formed request). The spec is parsed and admitted on the
+    event loop when that is short work (at most ``INLINE_SPEC_CHARS``, needing neither the
+    store nor a registry to admit), else in a worker thread; the job is stored on the store
+    threads, in turn with the runners' calls (each hop between threads costs more than a
+    small spec's parsing)."""
+    from stockade.spec import ceilings
+
+    control, fleet = ctx.control, ctx.fleet
+    if not auth.ref_allowed(caller, body.ref):
+        raise HTTPException(403, f"this token may submit jobs for refs matching "
+                                 f"{caller.refs!r} only")
+    if body.workspace_sha256 and await ctx.store_calls(
+            fleet.store.has_blob, body.workspace_sha256) is None:
+        raise HTTPException(422, "workspace_sha256 names no uploaded workspace archive: "
+                                 "upload it first (POST /api/v1/workspaces)")
+    try:
+        spec = _parse(body.spec) if len(body.spec) <= INLINE_SPEC_CHARS \
+            else await run_in_threadpool(_parse, body.spec)
+        ceilings.check(spec, ctx.settings, source="the spec")
+        admit = functools.partial(
+            control.admit, spec, trust=auth.capped_trust(body.trust, caller.max_trust),
+            ref=body.ref, actor=f"api:{caller.id}", max_attempts=fleet.policy.max_attempts,
+            workspace_sha256=body.workspace_sha256)
+        admitted = admit() if control.admits_offline(spec) else await run_in_threadpool(admit)
+    except SpecError as e:
+        raise HTTPException(422, e.diagnostics()) from e
+    except (UsageError, PolicyDenied) as e:
+        raise HTTPException(400, e.diagnostics()) from e
+    job = admitted.job
+    await ctx.store_calls(control.store.insert_job, job, admitted.event)
+    if admitted.refusals:
+        await ctx.store_calls(control.refused, admitted)
+    if job.status == "queued":
+        ctx.waker.notify()
+    return {"job_id": job.id, "status": job.status, "trust": job.trust,
+            "failure_reason": job.failure_reason}
 
 
 def _parse(text: str) -> Job:
@@ -123,42 +163,7 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.post("/api/v1/jobs", status_code=201)
     async def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
-        """Parse and admit the spec on the event loop when that is short work (a spec of at
-        most ``INLINE_SPEC_CHARS`` that needs neither the store nor a registry to admit),
-        else in a worker thread; store the job on the store threads, in turn with the
-        runners' calls (each hop between threads costs more than a small spec's parsing)."""
-        from stockade.spec import ceilings
-
-        caller = token_of(request)
-        if not auth.ref_allowed(caller, body.ref):
-            raise HTTPException(403, f"this token may submit jobs for refs matching "
-                                     f"{caller.refs!r} only")
-        if body.workspace_sha256 and await ctx.store_calls(
-                fleet.store.has_blob, body.workspace_sha256) is None:
-            raise HTTPException(422, "workspace_sha256 names no uploaded workspace archive: "
-                                     "upload it first (POST /api/v1/workspaces)")
-        try:
-            spec = _parse(body.spec) if len(body.spec) <= INLINE_SPEC_CHARS \
-                else await run_in_threadpool(_parse, body.spec)
-            ceilings.check(spec, settings, source="the spec")
-            admit = functools.partial(
-                control.admit, spec, trust=auth.capped_trust(body.trust, caller.max_trust),
-                ref=body.ref, actor=f"api:{caller.id}", max_attempts=fleet.policy.max_attempts,
-                workspace_sha256=body.workspace_sha256)
-            admitted = admit() if control.admits_offline(spec) \
-                else await run_in_threadpool(admit)
-        except SpecError as e:
-            raise HTTPException(422, e.diagnostics()) from e
-        except (UsageError, PolicyDenied) as e:
-            raise HTTPException(400, e.diagnostics()) from e
-        job = admitted.job
-        await ctx.store_calls(control.store.insert_job, job, admitted.event)
-        if admitted.refusals:
-            await ctx.store_calls(control.refused, admitted)
-        if job.status == "queued":
-            ctx.waker.notify()
-        return {"job_id": job.id, "status": job.status, "trust": job.trust,
-                "failure_reason": job.failure_reason}
+        return await submit_job(ctx, token_of(request), body)
 
     @app.post("/api/v1/workspaces", status_code=201, dependencies=[submitter])
     async def upload(request: Request, sha256: str = Header(

@@ -156,7 +156,7 @@ class Gate:
         scope.setdefault("state", {}).update(state)
         chunked = b"transfer-encoding" in headers
         if limit <= BIG_BODY_BYTES or not (chunked or int(declared) > BIG_BODY_BYTES):
-            app = self.fast if "runner" in state else self.app
+            app = self.fast if "runner" in state or path == "/api/v1/jobs" else self.app
             grace = OPEN_BODY_GRACE_S if _enrolment(path) else BODY_GRACE_S
             await app(scope, Body(receive, limit, int(declared), chunked, grace), send)
             return
