@@ -100,7 +100,7 @@ def test_copied_name_and_labels_do_not_unlock_a_ref_bound_secret(tmp_path: Path)
 def test_a_forged_ref_is_refused(stockade_home: Path, tmp_path: Path) -> None:
     """The ref ends ``sub``; it is plain text or the submission is refused (exit 2)."""
     run = submit(stockade_home, tmp_path, "", "--ref", "refs/heads/main\n==> forged")
-    assert run.rc == 2 and "is not a ref" in run.stderr
+    assert run.rc == 2 and "the ref is not one" in run.stderr and "forged" not in run.stderr
 
 
 EGRESS = "egress: {mode: block, allow: [example.test:443]}\n"

@@ -461,6 +461,24 @@ def test_a_submission_on_the_fast_path_is_answered_as_by_its_route(api: Api) -> 
         "status": "queued", "trust": "untrusted", "failure_reason": None}
 
 
+def test_a_ref_the_token_may_not_speak_for_is_refused_audited_and_not_echoed(api: Api) -> None:
+    made = run_cli(api.home, "token", "create", "t-fork", "--role", "submitter", "--refs",
+                   "refs/pull/*")
+    assert made.returncode == 0, made.stderr
+    fork = made.stdout.strip()
+    token_id = fork.split("_")[1]
+    for path in ("/api/v1/jobs", "/api/v1/jobs?via=route"):  # fast path, route
+        got = api.call("POST", path, fork, json={"spec": SPEC, "ref": "refs/heads/main"})
+        assert got.status_code == 403 and "refs/pull/*" in got.text, got.text
+        assert "refs/heads/main" not in got.text
+        odd = api.call("POST", path, fork, json={"spec": SPEC, "ref": "refs/pull/1\u0000x"})
+        assert odd.status_code == 400 and "x00" not in odd.text and "pull/1" not in odd.text
+    records = api.call("GET", "/api/v1/audit", api.admin).json()
+    refused = [r for r in records if r["action"] == "api.refused"
+               and r["detail"].get("claimed_token") == token_id]
+    assert [r["detail"]["path"] for r in refused] == ["/api/v1/jobs"] * 2, refused
+
+
 def test_a_submission_names_an_existing_workspace(api: Api) -> None:
     answer = api.call("POST", "/api/v1/jobs", api.submitter,
                       json={"spec": SPEC, "workspace_sha256": "f" * 64})

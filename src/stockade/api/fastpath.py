@@ -28,6 +28,7 @@ from stockade.api.wire import CompletionIn
 
 if TYPE_CHECKING:
     from stockade.api.common import ApiContext
+    from stockade.api.server import Refusals
     from stockade.control.fleet import Caller
     from stockade.store.interface import TokenRow
 
@@ -44,8 +45,8 @@ Receive = Any
 class FastPath:
     """Serves the well-formed hot runner requests (see the module docstring)."""
 
-    def __init__(self, ctx: ApiContext, app: Any) -> None:
-        self.ctx, self.app = ctx, app
+    def __init__(self, ctx: ApiContext, app: Any, refusals: Refusals) -> None:
+        self.ctx, self.app, self.refusals = ctx, app, refusals
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         """Serve the request, or pass it on to FastAPI."""
@@ -90,7 +91,10 @@ class FastPath:
         except ValidationError:  # FastAPI's route says what is wrong, in its words
             await self.app(scope, _replay(data, receive), send)
             return
-        await _answer(send, 201, await jobs.submit_job(self.ctx, token, body))
+        client = str((scope.get("client") or ("?",))[0])
+        out = await jobs.submit_job(self.ctx, token, body, lambda why: self.refusals.events(
+            scope["path"], why, client, token.id))
+        await _answer(send, 201, out)
 
     async def _claim(self, caller: Caller, wait: float, receive: Receive, send: Send) -> None:
         await _body(receive)

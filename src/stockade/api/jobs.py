@@ -13,6 +13,7 @@ import functools
 import hashlib
 import io
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
@@ -21,13 +22,15 @@ from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
 from stockade.api.common import ApiContext, needs, refuse, token_of
+from stockade.audit import AuditEvent
 from stockade.config import Settings
 from stockade.errors import PolicyDenied, SpecError, UsageError
 from stockade.spec import Job
 from stockade.store.interface import JobRow, TokenRow
 
 MAX_SPEC_BYTES = 256 * 1024
-INLINE_SPEC_CHARS = 4096  # a spec parsed on the event loop, at most (about 1 ms of work)
+INLINE_SPEC_CHARS = 4096  # a spec parsed on the event loop, at most: so many characters ...
+INLINE_SPEC_NODES = 200  # ... and YAML values (building 200 takes about 1.5 ms)
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # a workspace archive, at most (held in memory)
 JOB_PATTERN = r"^[A-Za-z0-9]{1,64}$"
 SHA_PATTERN = r"^[0-9a-f]{64}$"
@@ -51,25 +54,33 @@ class SubmitRequest(BaseModel):
     workspace_sha256: str | None = Field(default=None, pattern=SHA_PATTERN)
 
 
-async def submit_job(ctx: ApiContext, caller: TokenRow, body: SubmitRequest) -> dict[str, Any]:
+async def submit_job(ctx: ApiContext, caller: TokenRow, body: SubmitRequest,
+                     refused: Callable[[str], list[AuditEvent]]) -> dict[str, Any]:
     """Queue (or deny) the job ``body`` asks for in ``caller``'s name (its route, and
-    ``api/fastpath.py`` for a well-formed request). The spec is parsed and admitted on the
-    event loop when that is short work (at most ``INLINE_SPEC_CHARS``, needing neither the
-    store nor a registry to admit), else in a worker thread; the job is stored on the store
-    threads, in turn with the runners' calls (each hop between threads costs more than a
-    small spec's parsing)."""
+    ``api/fastpath.py`` for a well-formed request); ``refused(why)``: the audit events of a
+    refusal (the gate's budget). A valid spec of at most ``INLINE_SPEC_CHARS`` and
+    ``INLINE_SPEC_NODES`` values that needs neither the store nor a registry to admit is
+    parsed and admitted on the event loop (a few milliseconds at most, whatever the text);
+    any other in a worker thread (each hop between threads costs more than a small spec's
+    parsing). The job and its events are stored in one store call, on the store threads."""
     from stockade.spec import ceilings
+    from stockade.spec.parse import parse_small
 
     control, fleet = ctx.control, ctx.fleet
     if not auth.ref_allowed(caller, body.ref):
-        raise HTTPException(403, f"this token may submit jobs for refs matching "
-                                 f"{caller.refs!r} only")
+        why = f"this token may submit jobs for refs matching {caller.refs!r} only"
+        events = refused(why)
+        if events:
+            await ctx.store_calls(control.store.record, events)
+        raise HTTPException(403, why)
     if body.workspace_sha256 and await ctx.store_calls(
             fleet.store.has_blob, body.workspace_sha256) is None:
         raise HTTPException(422, "workspace_sha256 names no uploaded workspace archive: "
                                  "upload it first (POST /api/v1/workspaces)")
     try:
-        spec = _parse(body.spec) if len(body.spec) <= INLINE_SPEC_CHARS \
+        small = parse_small(body.spec, INLINE_SPEC_NODES) \
+            if len(body.spec) <= INLINE_SPEC_CHARS else None
+        spec = small.to_job() if small is not None \
             else await run_in_threadpool(_parse, body.spec)
         ceilings.check(spec, ctx.settings, source="the spec")
         admit = functools.partial(
@@ -82,9 +93,7 @@ async def submit_job(ctx: ApiContext, caller: TokenRow, body: SubmitRequest) -> 
     except (UsageError, PolicyDenied) as e:
         raise HTTPException(400, e.diagnostics()) from e
     job = admitted.job
-    await ctx.store_calls(control.store.insert_job, job, admitted.event)
-    if admitted.refusals:
-        await ctx.store_calls(control.refused, admitted)
+    await ctx.store_calls(control.store_admitted, admitted)
     if job.status == "queued":
         ctx.waker.notify()
     return {"job_id": job.id, "status": job.status, "trust": job.trust,
@@ -163,7 +172,10 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.post("/api/v1/jobs", status_code=201)
     async def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
-        return await submit_job(ctx, token_of(request), body)
+        caller = token_of(request)
+        client = str((request.scope.get("client") or ("?",))[0])
+        return await submit_job(ctx, caller, body, lambda why: request.app.state.refusals.events(
+            request.url.path, why, client, caller.id))
 
     @app.post("/api/v1/workspaces", status_code=201, dependencies=[submitter])
     async def upload(request: Request, sha256: str = Header(

@@ -88,7 +88,7 @@ class Gate:
 
         self.app, self.control, self.fleet = app, ctx.control, ctx.fleet
         self.refusals, self.limit_for, self.store_calls = refusals, limit_for, ctx.store_calls
-        self.fast = FastPath(ctx, app)  # a runner's well-formed hot requests
+        self.fast = FastPath(ctx, app, refusals)  # well-formed hot requests
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
         self._open = 0  # requests without credentials being served
         self._open_of: dict[str, int] = {}  # ... of each client address (connections.client_key)

@@ -211,11 +211,10 @@ class ControlService:
                runner_id: str | None = None, actor: str | None = None,
                max_attempts: int = 1, workspace_sha256: str | None = None) -> JobRow:
         """Admit ``spec`` (queued) or deny it (denied, with the reason), store it; return the
-        job (:meth:`admit`, then the store's ``insert_job`` and :meth:`refused`)."""
+        job (:meth:`admit`, then :meth:`store_admitted`)."""
         admitted = self.admit(spec, trust, ref, runner_id, actor, max_attempts,
                               workspace_sha256)
-        self.store.insert_job(admitted.job, admitted.event)
-        self.refused(admitted)
+        self.store_admitted(admitted)
         return admitted.job
 
     def admit(self, spec: Job, trust: str = "trusted", ref: str = "local",
@@ -231,7 +230,8 @@ class ControlService:
         A job whose attempt is lost (its runner agent stopped heartbeating) is queued again
         until ``max_attempts`` ran; ``workspace_sha256`` names its uploaded workspace.
         Reads the store (secrets) and a registry (an image's tag) unless
-        :meth:`admits_offline` says the spec needs neither."""
+        :meth:`admits_offline` says the spec needs neither; :meth:`store_admitted` stores
+        the outcome."""
         check_submission(trust, ref)
         now = self.clock()
         job_id = new_job_id()
@@ -261,8 +261,10 @@ class ControlService:
         for no secret and names no image by tag."""
         return not spec.secrets and (spec.image == "host" or "@sha256:" in spec.image)
 
-    def refused(self, admitted: Admitted) -> None:
-        """Audit the secrets a stored job was refused at admission."""
+    def store_admitted(self, admitted: Admitted) -> None:
+        """Store the job :meth:`admit` made, and audit the secrets it was refused (in one
+        transaction when the caller runs this in a store batch, as a server does)."""
+        self.store.insert_job(admitted.job, admitted.event)
         if self.broker is not None:
             for name, why in admitted.refusals:
                 self.broker.refuse(admitted.job.id, name, why)
@@ -466,9 +468,9 @@ def check_submission(trust: str, ref: str) -> None:
                          hint=f"use one of {', '.join(TRUST_LEVELS)}")
     if not ref or len(ref) > MAX_REF_LENGTH or not ref.isprintable() \
             or any(c.isspace() for c in ref):
-        raise UsageError(f"{ref[:MAX_REF_LENGTH]!r} is not a ref",
-                         hint="pass e.g. --ref refs/heads/main: printable, no spaces, at most "
-                              f"{MAX_REF_LENGTH} characters")
+        raise UsageError("the ref is not one: a ref is printable text without spaces, at "
+                         f"most {MAX_REF_LENGTH} characters",  # (not repeated: a request's)
+                         hint="pass e.g. --ref refs/heads/main")
 
 
 def claim_labels(spec: Job) -> list[str]:

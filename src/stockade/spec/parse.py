@@ -10,8 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from stockade.spec.model import EgressSpec, IdTokenSpec, JobSpec, Resources, SecretRef, Step
-from stockade.spec.problems import excerpt, spec_error
-from stockade.spec.yamldoc import RefusedYaml, load_document
+from stockade.spec.problems import MAX_PROBLEMS, excerpt, spec_error
+from stockade.spec.yamldoc import RefusedYaml, TooManyNodes, load_document
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -50,8 +50,32 @@ def parse_spec(data: bytes | str, *, source: str = "<spec>") -> JobSpec:
     try:
         return JobSpec.model_validate(doc)
     except ValidationError as e:
-        problems = [_problem(err) for err in e.errors(include_url=False)]
-        raise spec_error(source, [p for p in problems if p]) from e
+        raise spec_error(source, *_problems(e)) from e
+
+
+def _problems(e: ValidationError) -> tuple[list[str], int]:
+    """The problems to show (each costs a search for the closest key: only those shown are
+    written, however many thousands a spec has) and how many more there are."""
+    errors = e.errors(include_url=False)
+    problems: list[str] = []
+    for i, err in enumerate(errors):
+        if len(problems) == MAX_PROBLEMS:
+            return problems, len(errors) - i
+        problem = _problem(err)
+        if problem:
+            problems.append(problem)
+    return problems, 0
+
+
+def parse_small(data: str, nodes: int) -> JobSpec | None:
+    """``data`` as a job spec if it is a valid one of at most ``nodes`` YAML values, else
+    None (:func:`parse_spec` then says what is wrong): the work stays a few milliseconds
+    whatever the text, so that a server may do it on its event loop."""
+    try:
+        doc = load_document(data, limit=nodes)
+        return JobSpec.model_validate(doc) if isinstance(doc, dict) else None
+    except (TooManyNodes, yaml.YAMLError, ValidationError):
+        return None
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:

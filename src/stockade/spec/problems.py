@@ -51,11 +51,13 @@ def _escape(c: str) -> str:
         else f"\\U{code:08x}"
 
 
-def spec_error(source: str, problems: list[str]) -> SpecError:
-    """A :class:`SpecError` whose text is bounded, whatever ``problems`` holds."""
+def spec_error(source: str, problems: list[str], more: int = 0) -> SpecError:
+    """A :class:`SpecError` whose text is bounded, whatever ``problems`` holds (and ``more``
+    problems not written out)."""
     shown = [_line(p) for p in problems[:MAX_PROBLEMS]]
-    if len(problems) > MAX_PROBLEMS:
-        shown.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
+    more += max(0, len(problems) - MAX_PROBLEMS)
+    if more:
+        shown.append(f"... and {more} more problems")
     return SpecError(printable(source)[:MAX_LINE], shown)
 
 

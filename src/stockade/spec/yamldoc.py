@@ -62,16 +62,21 @@ class _Open:
     seen: set[Any] = field(default_factory=set)
 
 
-def load_document(data: bytes | str) -> Any:
-    """The single YAML document in ``data`` as plain Python values (``None`` if empty)."""
+class TooManyNodes(Exception):
+    """The document has more values than the caller's budget (``load_document(limit=)``)."""
+
+
+def load_document(data: bytes | str, limit: int | None = None) -> Any:
+    """The single YAML document in ``data`` as plain Python values (``None`` if empty);
+    :class:`TooManyNodes` past ``limit`` values, before building more."""
     loader = _Loader(data)
     try:
-        return _build(loader)
+        return _build(loader, limit)
     finally:
         loader.dispose()
 
 
-def _build(loader: Any) -> Any:  # CSafeLoader (libyaml) or SafeLoader
+def _build(loader: Any, limit: int | None = None) -> Any:  # CSafeLoader or SafeLoader
     stack: list[_Open] = []
     root: Any = None
     documents = nodes = 0
@@ -83,6 +88,8 @@ def _build(loader: Any) -> Any:  # CSafeLoader (libyaml) or SafeLoader
                 _refuse("a job spec is one YAML document; remove the second '---'", event)
         elif isinstance(event, NodeEvent):
             nodes += 1
+            if limit is not None and nodes > limit:
+                raise TooManyNodes
             value = _node(loader, event, depth=len(stack), count=nodes)
             if stack:
                 _add(stack[-1], value, event)
