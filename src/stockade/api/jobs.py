@@ -62,7 +62,7 @@ async def submit_job(ctx: ApiContext, caller: TokenRow, body: SubmitRequest,
     ``INLINE_SPEC_NODES`` values that needs neither the store nor a registry to admit is
     parsed and admitted on the event loop (a few milliseconds at most, whatever the text);
     any other in a worker thread (each hop between threads costs more than a small spec's
-    parsing). The job and its events are stored in one store call, on the store threads."""
+    parsing). The job and its events are stored in one store call, on the store thread."""
     from stockade.spec import ceilings
     from stockade.spec.parse import parse_small
 

@@ -239,7 +239,7 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
     serialises them). While it runs, a task looks for expired leases (:func:`_sweeper`)."""
     from stockade.api import admin, joblogs, jobs, metrics, runners
 
-    store_calls = StoreCalls(control.store, min(2, control.store.concurrent_calls))
+    store_calls = StoreCalls(control.store)
     ctx = ApiContext(settings, control, fleet, Waker(), metrics.Metrics(control.store),
                      store_calls)
 

@@ -182,8 +182,6 @@ class AttemptRow(NamedTuple):
 class Store(Protocol):
     """Transactions the control plane needs; each call is one transaction with its audit event."""
 
-    concurrent_calls: int  # calls that can run at once in this process (1: one at a time)
-
     def batched(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         """Run ``calls`` (store calls) in one transaction: ``(True, result)`` or
         ``(False, exception)`` each (see ``SqlStore.batched``)."""

@@ -61,7 +61,6 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
 
     def __init__(self, url: str, pool_size: int = POOL_MAX) -> None:
         self._conninfo, self._where = _conninfo(url)
-        self.concurrent_calls = pool_size
         try:
             with psycopg.connect(self._conninfo, autocommit=True) as conn:
                 revision = _revision(conn)

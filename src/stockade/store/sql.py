@@ -133,7 +133,6 @@ class SqlStore:
     _like = "LIKE"  # the prefix match: SQLite's LIKE ignores the case of ASCII letters
     _where = ""  # the database, as errors name it (a path, or a URL without its password)
     _damaged_hint = "restore the database from a backup"
-    concurrent_calls = 1  # calls that can run at once in this process (its connections)
 
     def _begin(self, head: bool = True) -> AbstractContextManager[Db]:
         raise NotImplementedError

@@ -42,7 +42,7 @@ def test_joined_works_are_served_together_and_alone_when_together_fails(
         release.wait(5)
         return "blocked"
 
-    calls = StoreCalls(store, 1)
+    calls = StoreCalls(store)
 
     async def main() -> list[object]:
         first = asyncio.ensure_future(calls(blocker))  # the thread is busy: the rest queue
