@@ -31,8 +31,9 @@ event-loop threads), PostgreSQL and the load generator is reported, and the core
 processes of this shared machine used meanwhile, since CPU bounds what two cores can do.
 
 ``--profile sqlite|postgresql`` (repeatable): the HTTP floor of a server (``GET /healthz``), the
-control-plane core without HTTP (FleetService.serve in batches, one thread), and a run with
-the server under cProfile (CPU time, every thread) summarised by layer.
+server CPU of a submission (``POST /api/v1/jobs`` at 300/s), the control-plane core without
+HTTP (FleetService.serve in batches, one thread), and a run with the server under cProfile
+(CPU time, every thread) summarised by layer.
 ``--profile first-step``: the runner agent's phases stamped (wrapped in the benchmark, not in
 stockade) to show where submit -> first step goes. ``--server-env PYTHONPATH=DIR`` runs the
 servers on another copy of the code or with extra packages (uvloop, httptools), to measure a
@@ -65,6 +66,7 @@ from support import fleet as sf
 COMPLETE = json.dumps({"status": "succeeded", "duration_s": 0.0}).encode()
 JSON = "Content-Type: application/json\r\n"
 TARGET_CLAIMS_PER_S, TARGET_P99_MS, TARGET_FIRST_STEP_P50_MS = 1000.0, 100.0, 150.0
+SUBMIT_RATE = 300.0  # submissions/s whose server CPU --profile measures
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -658,6 +660,12 @@ def profile(db: str, opts: Options, work: Path, procs: sf.Processes,
     print(f"  HTTP floor: GET /healthz (no auth, no database), {opts.runners} connections: "
           f"{rate:.0f} requests/s, server CPU {cpu:.2f} ms/request")
     out.update(healthz_per_s=round(rate), healthz_cpu_ms=round(cpu, 3))
+    before = sf.cpu_seconds(server.pid)
+    ids, achieved = asyncio.run(submitter([url], state["token"], SUBMIT_RATE, 4.0))
+    per_submit = (sf.cpu_seconds(server.pid) - before) * 1000 / max(len(ids), 1)
+    print(f"  submissions: POST /api/v1/jobs (a trivial spec) at {achieved:.0f}/s: server CPU "
+          f"{per_submit:.2f} ms/submission")
+    out.update(submit_cpu_ms=round(per_submit, 3))
     runner = sf.enrol_all([url], state["enrol"], opts.measurements)[0]
     procs.stop(server)
     done = subprocess.run([sf.PYTHON, "-c", _CORE, runner.token, str(CORE_BATCH)], env=env,
