@@ -40,6 +40,8 @@ def _raw(status: bytes, text: bytes, *headers: bytes) -> bytes:
 
 _REFUSED = _raw(b"503 Service Unavailable", b"too many connections from here",
                 b"retry-after: 1")
+_FULL = _raw(b"503 Service Unavailable", b"the server holds as many connections as it can",
+             b"retry-after: 1")
 _TIMED_OUT = _raw(b"408 Request Timeout", b"the request head did not come in time")
 _TOO_LARGE = _raw(b"431 Request Header Fields Too Large", b"the request head is too large")
 _LENGTH_REQUIRED = _raw(b"411 Length Required",
@@ -125,6 +127,10 @@ class Room:
         self.open[key] = self.open.get(key, 0) + 1
         self.count += 1
         return victims
+
+    def mine_full(self, key: str) -> bool:
+        """Whether ``key``'s own connections fill its share (else the server's are full)."""
+        return self.open.get(key, 0) >= self.per_client
 
     def leave(self, conn: Any, key: str) -> None:
         """Count a connection of ``key`` out."""
@@ -216,7 +222,7 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
             self.key = client_key(self.client)
             victims = room.enter(self.key)
             if victims is None:
-                transport.write(_REFUSED)
+                transport.write(_REFUSED if room.mine_full(self.key) else _FULL)
                 transport.close()
                 return
             self._counted = True
