@@ -276,6 +276,18 @@ def test_request_bodies_need_a_content_length(fleet: Fleet, framing: bytes, stat
     assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout
 
 
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.2", b"HTTP/9.9"])
+def test_only_http_1_0_and_1_1_are_served(fleet: Fleet, version: bytes) -> None:
+    sock = _connect(fleet.server.port, "127.0.0.9", b"GET /healthz " + version + b"\r\n"
+                    b"Host: x\r\n\r\n" + HEALTHZ)
+    try:
+        answers = _answers(sock)
+    finally:
+        sock.close()
+    assert answers in ([b"HTTP/1.1 505 HTTP Version Not Supported"],
+                       [b"HTTP/1.1 400 Bad Request"]), answers  # (nothing after it read)
+
+
 UPGRADE = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
 

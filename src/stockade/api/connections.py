@@ -47,6 +47,7 @@ _TOO_LARGE = _raw(b"431 Request Header Fields Too Large", b"the request head is 
 _LENGTH_REQUIRED = _raw(b"411 Length Required",
                         b"send the body with a Content-Length (no Transfer-Encoding)")
 _BAD = _raw(b"400 Bad Request", b"the request is not valid HTTP/1.1")
+_VERSION = _raw(b"505 HTTP Version Not Supported", b"only HTTP/1.0 and HTTP/1.1 are served")
 
 
 def connection_room() -> int:
@@ -281,6 +282,8 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
         def on_headers_complete(self) -> None:
             self._in_head, self._head = False, 0
             self._stop_waiting()
+            if self.parser.get_http_version() not in ("1.0", "1.1"):  # (llhttp takes 0.9-9.9)
+                raise Refused(_VERSION if self._quiet() else b"")
             if any(name == b"transfer-encoding" for name, _ in self.headers):
                 raise Refused(_LENGTH_REQUIRED if self._quiet() else b"")
             if len(self.pipeline) >= MAX_PIPELINED:
