@@ -17,10 +17,10 @@ import asyncio
 import json
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import HTTPException
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from stockade.api import jobs, runners
 from stockade.api.jobs import SubmitRequest
@@ -40,6 +40,7 @@ _JSON = [(b"content-type", b"application/json")]
 
 Send = Any
 Receive = Any
+M = TypeVar("M", bound=BaseModel)
 
 
 class FastPath:
@@ -83,13 +84,21 @@ class FastPath:
             return
         await self.app(scope, receive, send)
 
-    async def _submit(self, token: TokenRow, scope: Any, receive: Receive, send: Send
-                      ) -> None:
+    async def _validated(self, model: type[M], scope: Any, receive: Receive, send: Send
+                         ) -> M | None:
+        """The request's body as ``model``; None once FastAPI's route answered a body that
+        does not validate (it says what is wrong, in its words)."""
         data = await _body(receive)
         try:
-            body = SubmitRequest.model_validate_json(data)
-        except ValidationError:  # FastAPI's route says what is wrong, in its words
+            return model.model_validate_json(data)
+        except ValidationError:
             await self.app(scope, _replay(data, receive), send)
+            return None
+
+    async def _submit(self, token: TokenRow, scope: Any, receive: Receive, send: Send
+                      ) -> None:
+        body = await self._validated(SubmitRequest, scope, receive, send)
+        if body is None:
             return
         client = str((scope.get("client") or ("?",))[0])
         out = await jobs.submit_job(self.ctx, token, body, lambda why: self.refusals.events(
@@ -113,11 +122,8 @@ class FastPath:
 
     async def _complete(self, caller: Caller, job_id: str, attempt: int, take_next: bool,
                         scope: Any, receive: Receive, send: Send) -> None:
-        data = await _body(receive)
-        try:
-            body = CompletionIn.model_validate_json(data)
-        except ValidationError:  # FastAPI's route says what is wrong, in its words
-            await self.app(scope, _replay(data, receive), send)
+        body = await self._validated(CompletionIn, scope, receive, send)
+        if body is None:
             return
         gone = asyncio.ensure_future(runners.disconnected(receive))
         try:
