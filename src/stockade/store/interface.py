@@ -356,8 +356,8 @@ class Store(Protocol):
         """Add an API token and its audit event."""
         ...
 
-    def get_token(self, token_id: str) -> TokenRow | None:
-        """An API token by id."""
+    def get_tokens(self, token_ids: list[str]) -> dict[str, TokenRow]:
+        """API tokens by id (those that exist), in one read."""
         ...
 
     def tokens(self) -> list[TokenRow]:

@@ -74,6 +74,19 @@ def claim(store: Store, runner: str, eligible: object = None) -> JobRow | None:
                                eligible or (lambda j: True))  # type: ignore[arg-type]
 
 
+def test_tokens_are_read_by_id_many_at_once(store_url: str) -> None:
+    from stockade.api.auth import new_token
+
+    store = open_store(store_url)
+    rows = [new_token(f"t{i}", "viewer", "trusted", None)[0] for i in range(3)]
+    for row in rows:
+        store.insert_token(row, ev("token.created", None))
+    found = store.get_tokens([rows[0].id, rows[2].id, "tnosuch"])
+    assert found == {rows[0].id: rows[0], rows[2].id: rows[2]}
+    assert store.get_tokens([]) == {}
+    store.close()
+
+
 def test_claim_takes_the_oldest_eligible_job_once(store_url: str) -> None:
     store = open_store(store_url)
     store.insert_job(job("j2", 2.0), ev("job.admitted", "j2"))
