@@ -222,11 +222,23 @@ def require(request: Request, role: str) -> TokenRow:
     return row
 
 
+def client_of(scope: Any) -> str:
+    """The address of the request's client, as refusals record it."""
+    return str((scope.get("client") or ("?",))[0])
+
+
 def refuse(request: Request, why: str, token_id: str | None) -> NoReturn:
-    """Audit (within the gate's budget) and answer 403 ``why``."""
-    refusals = request.app.state.refusals
-    client = (request.scope.get("client") or ("?",))[0]
-    refusals(request.url.path, why, str(client), token_id)
+    """Audit (within the gate's budget) and answer 403 ``why`` (from a worker thread)."""
+    request.app.state.refusals(request.url.path, why, client_of(request.scope), token_id)
+    raise HTTPException(403, why)
+
+
+async def refuse_async(ctx: "ApiContext", scope: Any, why: str, token_id: str | None
+                       ) -> NoReturn:
+    """:func:`refuse` on the event loop: the audit event is recorded on the store thread."""
+    events = scope["app"].state.refusals.events(scope["path"], why, client_of(scope), token_id)
+    if events:
+        await ctx.store_calls(ctx.control.store.record, events)
     raise HTTPException(403, why)
 
 

@@ -28,7 +28,6 @@ from stockade.api.wire import CompletionIn
 
 if TYPE_CHECKING:
     from stockade.api.common import ApiContext
-    from stockade.api.server import Refusals
     from stockade.control.fleet import Caller
     from stockade.store.interface import TokenRow
 
@@ -44,10 +43,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class FastPath:
-    """Serves the well-formed hot runner requests (see the module docstring)."""
+    """Serves the well-formed hot requests, and passes every other on to FastAPI (see the
+    module docstring)."""
 
-    def __init__(self, ctx: ApiContext, app: Any, refusals: Refusals) -> None:
-        self.ctx, self.app, self.refusals = ctx, app, refusals
+    def __init__(self, ctx: ApiContext, app: Any) -> None:
+        self.ctx, self.app = ctx, app
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         """Serve the request, or pass it on to FastAPI."""
@@ -100,10 +100,7 @@ class FastPath:
         body = await self._validated(SubmitRequest, scope, receive, send)
         if body is None:
             return
-        client = str((scope.get("client") or ("?",))[0])
-        out = await jobs.submit_job(self.ctx, token, body, lambda why: self.refusals.events(
-            scope["path"], why, client, token.id))
-        await _answer(send, 201, out)
+        await _answer(send, 201, await jobs.submit_job(self.ctx, token, body, scope))
 
     async def _claim(self, caller: Caller, wait: float, receive: Receive, send: Send) -> None:
         await _body(receive)

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import io
 import re
-from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
@@ -21,8 +20,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
-from stockade.api.common import ApiContext, needs, refuse, token_of
-from stockade.audit import AuditEvent
+from stockade.api.common import ApiContext, needs, refuse, refuse_async, token_of
 from stockade.config import Settings
 from stockade.errors import PolicyDenied, SpecError, UsageError
 from stockade.spec import Job
@@ -54,25 +52,22 @@ class SubmitRequest(BaseModel):
     workspace_sha256: str | None = Field(default=None, pattern=SHA_PATTERN)
 
 
-async def submit_job(ctx: ApiContext, caller: TokenRow, body: SubmitRequest,
-                     refused: Callable[[str], list[AuditEvent]]) -> dict[str, Any]:
-    """Queue (or deny) the job ``body`` asks for in ``caller``'s name (its route, and
-    ``api/fastpath.py`` for a well-formed request); ``refused(why)``: the audit events of a
-    refusal (the gate's budget). A valid spec of at most ``INLINE_SPEC_CHARS`` and
-    ``INLINE_SPEC_NODES`` values that needs neither the store nor a registry to admit is
-    parsed and admitted on the event loop (a few milliseconds at most, whatever the text);
-    any other in a worker thread (each hop between threads costs more than a small spec's
-    parsing). The job and its events are stored in one store call, on the store thread."""
+async def submit_job(ctx: ApiContext, caller: TokenRow, body: SubmitRequest, scope: Any
+                     ) -> dict[str, Any]:
+    """Queue (or deny) the job ``body`` asks for in ``caller``'s name, for the request of
+    ASGI ``scope`` (its route, and ``api/fastpath.py`` for a well-formed request). A valid
+    spec of at most ``INLINE_SPEC_CHARS`` and ``INLINE_SPEC_NODES`` values that needs neither
+    the store nor a registry to admit is parsed and admitted on the event loop (a few
+    milliseconds at most, whatever the text); any other in a worker thread (each hop between
+    threads costs more than a small spec's parsing). The job and its events are stored in one
+    store call, on the store thread."""
     from stockade.spec import ceilings
     from stockade.spec.parse import parse_small
 
     control, fleet = ctx.control, ctx.fleet
     if not auth.ref_allowed(caller, body.ref):
-        why = f"this token may submit jobs for refs matching {caller.refs!r} only"
-        events = refused(why)
-        if events:
-            await ctx.store_calls(control.store.record, events)
-        raise HTTPException(403, why)
+        await refuse_async(ctx, scope, f"this token may submit jobs for refs matching "
+                                       f"{caller.refs!r} only", caller.id)
     if body.workspace_sha256 and await ctx.store_calls(
             fleet.store.has_blob, body.workspace_sha256) is None:
         raise HTTPException(422, "workspace_sha256 names no uploaded workspace archive: "
@@ -172,10 +167,7 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.post("/api/v1/jobs", status_code=201)
     async def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
-        caller = token_of(request)
-        client = str((request.scope.get("client") or ("?",))[0])
-        return await submit_job(ctx, caller, body, lambda why: request.app.state.refusals.events(
-            request.url.path, why, client, caller.id))
+        return await submit_job(ctx, token_of(request), body, request.scope)
 
     @app.post("/api/v1/workspaces", status_code=201, dependencies=[submitter])
     async def upload(request: Request, sha256: str = Header(

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
-from stockade.api.common import ApiContext, StoreCalls, Waker
+from stockade.api.common import ApiContext, StoreCalls, Waker, client_of
 from stockade.api.connections import client_key
 from stockade.audit import AuditEvent
 from stockade.config import Settings
@@ -89,7 +89,7 @@ class Gate:
 
         self.app, self.control, self.fleet = app, ctx.control, ctx.fleet
         self.refusals, self.limit_for, self.store_calls = refusals, limit_for, ctx.store_calls
-        self.fast = FastPath(ctx, app, refusals)  # well-formed hot requests
+        self.fast = FastPath(ctx, app)  # well-formed hot requests (it passes on the others)
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
         self._open = 0  # requests without credentials being served
         self._open_of: dict[str, int] = {}  # ... of each client address (connections.client_key)
@@ -146,8 +146,7 @@ class Gate:
         if not status and (not declared.isdigit() or int(declared) > limit):
             status, why = 413, f"the body is larger than {limit} bytes"
         if status:
-            client = (scope.get("client") or ("?",))[0]
-            events = self.refusals.events(path, why, str(client), claimed) \
+            events = self.refusals.events(path, why, client_of(scope), claimed) \
                 if status != 413 else []
             if events:  # (counted here: a store call may run twice, see Store.batched)
                 await self.store_calls(self.control.store.record, events)
@@ -157,9 +156,8 @@ class Gate:
         scope.setdefault("state", {}).update(state)
         chunked = b"transfer-encoding" in headers
         if limit <= BIG_BODY_BYTES or not (chunked or int(declared) > BIG_BODY_BYTES):
-            app = self.fast if "runner" in state or path == "/api/v1/jobs" else self.app
             grace = OPEN_BODY_GRACE_S if _enrolment(path) else BODY_GRACE_S
-            await app(scope, Body(receive, limit, int(declared), chunked, grace), send)
+            await self.fast(scope, Body(receive, limit, int(declared), chunked, grace), send)
             return
         try:  # uploads are held in memory: a few at a time
             async with asyncio.timeout(BIG_BODY_WAIT_S):
