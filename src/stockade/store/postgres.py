@@ -249,29 +249,40 @@ def _transaction(conn: psycopg.Connection[Any], error: Callable[[Exception], Sto
     said why (nothing of the transaction stands), also when the block caught a statement's
     error and went on (the server then answers COMMIT by undoing it all); a lost connection
     stays a plain error (the commit may have happened). The connection is left outside any
-    transaction whenever it is still up."""
-    committing = False
+    transaction whenever it is still up, and closed (the pool replaces it) when a statement
+    of the transaction failed: the database then skipped the rest of the pipeline, also the
+    preparation of a statement psycopg (3.3) prepares there and takes for prepared all the
+    same ('prepared statement "_pg3_N" does not exist' in every later transaction that ran
+    it on that connection)."""
+    committing = failed = False
+    db: _Db | None = None
     try:
         with conn.pipeline() as pipeline:
             db = _Db(conn, pipeline, error)
             try:
                 yield db
             except BaseException:
-                with suppress(psycopg.Error):  # out of an aborted pipeline (its error is known)
+                try:  # out of an aborted pipeline (its error is known)
                     pipeline.sync()
+                except psycopg.Error:
+                    failed = True
                 with suppress(psycopg.Error):  # sent at the pipeline's end (a lost connection)
                     conn.execute("ROLLBACK")
                 raise
             committing = True
             commit = db.commit()
     except psycopg.Error as e:
+        failed = True
         if not committing:
             raise
         _leave(conn)  # what the failed statement left: COMMIT did not run
         if conn.broken or not getattr(e, "sqlstate", None):
             raise
-        failed = error(e)
-        raise Undone(failed.message, hint=failed.hint) from e
+        undone = error(e)
+        raise Undone(undone.message, hint=undone.hint) from e
+    finally:
+        if failed or (db is not None and db.failed):
+            conn.close()
     if commit.statusmessage != "COMMIT":
         raise Undone(f"the database undid a transaction ({commit.statusmessage}): one of its "
                      "statements failed, and the code that ran it went on",
@@ -294,11 +305,12 @@ class _Db:
     sent while the last result is unread gets a new one. An error of a statement not read is
     raised by a later read or by the commit: the transaction fails whole either way."""
 
-    __slots__ = ("_conn", "_cur", "_head", "_last", "error", "pipeline")
+    __slots__ = ("_conn", "_cur", "_error", "_head", "_last", "failed", "pipeline")
 
     def __init__(self, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline,
                  error: Callable[[Exception], StoreError]) -> None:
-        self._conn, self.pipeline, self.error = conn, pipeline, error
+        self._conn, self.pipeline, self._error = conn, pipeline, error
+        self.failed = False  # whether a statement failed (the pipeline was aborted)
         self._cur = conn.cursor()
         self._cur.execute("BEGIN")  # (nobody reads its result: the next statement replaces it)
         self._last: _Result | None = None
@@ -323,6 +335,11 @@ class _Db:
             raise self.error(e) from e
         self._last = _Result(self, cur, many=True)
         return self._last
+
+    def error(self, e: psycopg.Error) -> StoreError:
+        """``e`` for a person; the transaction failed."""
+        self.failed = True
+        return self._error(e)
 
     def _cursor(self) -> psycopg.Cursor[Any]:
         """The cursor of the next statement: the last one's, unless its result was not read

@@ -6,6 +6,7 @@ outside any transaction, and keeps the audit chain whole with two replicas writi
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -14,6 +15,7 @@ from stockade.audit import verify_chain
 from stockade.errors import StoreError
 from stockade.store.interface import SessionRow
 from stockade.store.postgres import PostgresStore
+from stockade.store.sql import Db
 from tests.unit.store.test_batches import claim
 from tests.unit.store.test_fleet_queries import enrolled, ev, job
 
@@ -143,3 +145,33 @@ def test_two_replicas_with_refused_statements_keep_one_chain(database_url: str) 
     assert actions.count("dup") == 0 and actions.count("job.claimed") == len(claimed)
     for s in stores:
         s.close()
+
+
+def test_a_statement_prepared_in_an_aborted_pipeline_is_not_taken_for_prepared(
+        database_url: str) -> None:
+    """A statement run for the sixth time is prepared by psycopg (past its threshold) in the
+    pipeline of a transaction whose earlier statement the database refused: the server skips
+    that preparation, and psycopg 3.3 takes the statement for prepared all the same (its
+    ROLLBACK clears what it knows of prepared statements only now and then). The transactions
+    after it on that connection must not fail with 'prepared statement does not exist'."""
+    store = PostgresStore(database_url, pool_size=1)  # one connection: the same one again
+    enrolled(store)
+    look = "SELECT count(*) FROM jobs WHERE id = ?"
+
+    def refused(then: Callable[[Db], object] = lambda db: None) -> None:
+        with pytest.raises(StoreError, match="duplicate key"), store._tx() as db:
+            db.execute(f"INSERT INTO runner_sessions ({', '.join(SessionRow._fields)}) "
+                       "VALUES ('s1', 'r1', 'x', 1.0, 2.0)")  # refused (not read)
+            then(db)
+
+    refused()
+    refused()  # with nothing prepared: psycopg counts its ROLLBACK, and clears no more
+    for _ in range(5):
+        with store._tx() as db:
+            assert db.execute(look, ("j0",)).fetchone() == (0,)
+    refused(lambda db: db.execute(look, ("j0",)).fetchone())  # the sixth: prepared, skipped
+    for _ in range(2):
+        with store._tx() as db:
+            assert db.execute(look, ("j0",)).fetchone() == (0,)
+        assert store.get_runner("r1") is not None
+    store.close()
