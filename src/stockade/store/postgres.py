@@ -14,6 +14,9 @@ Imported only when ``database_url`` names PostgreSQL: the embedded path never lo
 
 import json
 import re
+import select
+import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from functools import lru_cache
@@ -71,10 +74,11 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         if revision != HEAD_REVISION:
             self._migrate()
         options = _options(self._conninfo)
+        live = _Liveness()
         self._pool = ConnectionPool(self._conninfo, min_size=1, max_size=pool_size,
                                     kwargs={"autocommit": True, "options": options},
-                                    timeout=POOL_WAIT_S,
-                                    check=ConnectionPool.check_connection,
+                                    timeout=POOL_WAIT_S, check=live.check,
+                                    configure=live.used, reset=live.used,
                                     name="stockade", open=True)
 
     def _connect(self) -> psycopg.Connection[Any]:
@@ -237,6 +241,34 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
     def close(self) -> None:
         """Close the pool's connections."""
         self._pool.close()
+
+
+class _Liveness:
+    """The pool's check of a connection it lends, which replaces a dead one: a round trip
+    (``ConnectionPool.check_connection``) only when the connection was idle longer than
+    :data:`IDLE_CHECK_S` (a middlebox may have dropped it silently) or its socket has
+    something to read (the server closed it: a restart, ``pg_terminate_backend``; or a
+    notice). A round trip on every lend was one more in each store batch, on the store
+    thread that all of a replica's requests wait for."""
+
+    def __init__(self) -> None:
+        self._since: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = \
+            weakref.WeakKeyDictionary()
+
+    def used(self, conn: psycopg.Connection[Any]) -> None:
+        """``conn`` was made or came back to the pool: idle from now."""
+        self._since[conn] = time.monotonic()
+
+    def check(self, conn: psycopg.Connection[Any]) -> None:
+        """Raise if ``conn`` is no longer usable (the pool then makes another)."""
+        idle = time.monotonic() - self._since.get(conn, 0.0)
+        poll = select.poll()
+        poll.register(conn.fileno(), select.POLLIN)
+        if idle > IDLE_CHECK_S or poll.poll(0):
+            ConnectionPool.check_connection(conn)
+
+
+IDLE_CHECK_S = 5.0
 
 
 @contextmanager

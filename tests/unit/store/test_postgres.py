@@ -250,3 +250,17 @@ def test_the_factory_picks_the_backend_by_scheme(database_url: str) -> None:
     for url in ("mysql://u@h/db", "sqlite:///relative.db", "relative.db"):
         with pytest.raises(UsageError):
             open_store(url)
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_when_lent(database_url: str
+                                                                      ) -> None:
+    """The pool lends a connection without a round trip to check it, unless its socket says
+    the server closed it (here pg_terminate_backend; a restart alike) or it was idle long:
+    the call after a killed connection still succeeds, on a new one."""
+    store = PostgresStore(database_url, pool_size=1)
+    pid = store._fetch("SELECT pg_backend_pid()")[0][0]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+    assert store.get_runner("r1") is None
+    assert store._fetch("SELECT pg_backend_pid()")[0][0] != pid
+    store.close()
