@@ -254,11 +254,17 @@ def _pages(db: Any, requests: list[ClaimRequest], now: float
     agents = sorted({r.runner_id for r in requests if r.agent})
     others = sorted({r.runner_id for r in requests if not r.agent})
     size = max(2, 2 * len(requests))
-    first = db.execute(
-        f"{_SEEN}SELECT {_ACTIVE}, {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
-        f"(runner_id IS NULL OR runner_id = ANY(?::text[])) ORDER BY created_at, id LIMIT {size} "
-        "FOR UPDATE OF jobs SKIP LOCKED", (agents, now, agents, others, now - SEEN_EVERY_S, ids))
+    first = db.execute(first_page_sql(size), (agents, now, agents, others, now - SEEN_EVERY_S,
+                                              ids))
     return _read_pages(db, ids, first, size)
+
+
+@lru_cache(maxsize=128)
+def first_page_sql(size: int) -> str:
+    """The statement of :func:`_pages`' first page of ``size`` candidates."""
+    return (f"{_SEEN}SELECT {_ACTIVE}, {_JOB_COLUMNS} FROM jobs WHERE status = 'queued' AND "
+            f"(runner_id IS NULL OR runner_id = ANY(?::text[])) ORDER BY created_at, id LIMIT "
+            f"{size} FOR UPDATE OF jobs SKIP LOCKED")
 
 
 def _read_pages(db: Any, ids: list[str], result: Any, size: int

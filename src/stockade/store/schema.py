@@ -25,7 +25,7 @@ jobs = Table(
     Column("name", String(100), nullable=False),
     Column("spec_json", Text, nullable=False),
     Column("labels_json", Text, nullable=False, server_default="[]"),
-    Column("status", String(16), nullable=False, index=True),
+    Column("status", String(16), nullable=False),  # indexed by ix_jobs_queue (0010)
     Column("failure_reason", String(32)),
     Column("exit_code", Integer),
     Column("attempt", Integer, nullable=False, server_default="0"),

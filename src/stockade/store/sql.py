@@ -40,7 +40,7 @@ from stockade.store.interface import (
     TokenRow,
 )
 
-HEAD_REVISION = "0009"  # tests check this equals the newest Alembic migration
+HEAD_REVISION = "0010"  # tests check this equals the newest Alembic migration
 _JOB_COLUMNS = ", ".join(JobRow._fields)
 _SECRET_COLUMNS = ", ".join(SecretRow._fields)
 _LEASE_COLUMNS = ", ".join(LeaseRow._fields)
