@@ -61,6 +61,9 @@ class FleetQueries:
 
         def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]: ...
 
+        @staticmethod
+        def _one_of(column: str, values: list[str]) -> tuple[str, tuple[Any, ...]]: ...
+
         def _append_audit(self, db: Any, event: AuditEvent) -> None: ...
 
         def _writing(self) -> bool: ...
@@ -358,9 +361,9 @@ class FleetQueries:
             return {}
         cols = ", ".join(f"s.{c}" for c in SessionRow._fields) + ", " + \
             ", ".join(f"r.{c}" for c in RunnerRow._fields)
-        marks = ", ".join("?" for _ in session_ids)
+        where, args = self._one_of("s.id", session_ids)
         rows = self._read(f"SELECT {cols} FROM runner_sessions s JOIN runners r ON "
-                          f"r.id = s.runner_id WHERE s.id IN ({marks})", tuple(session_ids))
+                          f"r.id = s.runner_id WHERE {where}", args)
         n = len(SessionRow._fields)
         return {str(row[0]): (SessionRow(*row[:n]), RunnerRow(*row[n:])) for row in rows}
 

@@ -84,6 +84,10 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
                                     configure=live.used, reset=live.used,
                                     name="stockade", open=True)
 
+    @staticmethod
+    def _one_of(column: str, values: list[str]) -> tuple[str, tuple[Any, ...]]:
+        return f"{column} = ANY(?::text[])", (list(values),)
+
     def _connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self._conninfo)
 

@@ -21,6 +21,9 @@ A backend (and a mixin such as ``fleet.FleetQueries``) builds on this contract:
   queries (rows another transaction is taking are passed over, not waited for).
 - ``_for_update``: ``""`` on SQLite, ``" FOR UPDATE"`` on PostgreSQL, for rows read to be
   changed in the same transaction.
+- ``_one_of(column, values)``: the condition that ``column`` is one of ``values`` and its
+  arguments: ``IN (?, ...)`` on SQLite, ``= ANY(?::text[])`` on PostgreSQL (one statement
+  whatever the number of values: prepared once, not planned again for each).
 """
 
 import json
@@ -136,6 +139,10 @@ class SqlStore:
 
     def _begin(self, head: bool = True) -> AbstractContextManager[Db]:
         raise NotImplementedError
+
+    @staticmethod
+    def _one_of(column: str, values: list[str]) -> tuple[str, tuple[Any, ...]]:
+        return f"{column} IN ({', '.join('?' for _ in values)})", tuple(values)
 
     def _fetch(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         raise NotImplementedError
@@ -478,9 +485,8 @@ class SqlStore:
         that carries one)."""
         if not token_ids:
             return {}
-        marks = ", ".join("?" for _ in token_ids)
-        rows = self._read(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE id IN ({marks})",
-                          tuple(token_ids))
+        where, args = self._one_of("id", token_ids)
+        rows = self._read(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE {where}", args)
         return {str(row[0]): TokenRow(*row) for row in rows}
 
     def tokens(self) -> list[TokenRow]:

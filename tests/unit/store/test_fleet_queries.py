@@ -46,6 +46,9 @@ def test_enrolment_sessions_and_runner_status(store_url: str) -> None:
     assert session is not None and session[1].id == "r1" and session[1].concurrency == 2
     assert store.attest("r1", "active", '{"ok": true}', 5.0,
                         SessionRow("s3", "r1", "00" * 32, 5.0, 1e12), ev("runner.attested"))
+    both = store.sessions(["s3", "nosuch", "s1"])  # one read for a batch's requests
+    assert sorted(both) == ["s1", "s3"] and both["s3"][0].secret_sha256 == "00" * 32
+    assert store.sessions([]) == {}
     assert store.set_runner_status("r1", "draining", ("active",), ev("runner.draining"))
     assert store.attest("r1", "active", "{}", 6.0, None, ev("runner.attested"))
     assert store.get_runner("r1").status == "draining"  # type: ignore[union-attr]
