@@ -115,7 +115,10 @@ def test_a_head_file_on_another_or_a_longer_trail_is_never_overwritten(tmp_path:
 def test_a_deleted_head_record_restarts_visibly(store_url: str) -> None:
     store = open_store(store_url)
     store.record([ev(1), ev(2)])
-    for sql in ("DELETE FROM audit_head", "UPDATE audit_head SET count = 5"):
+    moves = ("DELETE FROM audit_head", "UPDATE audit_head SET count = 5")
+    if store_url.startswith("postgresql"):  # moved once per statement, by its trigger only
+        moves += ("UPDATE audit_head SET count = count + 1",)
+    for sql in moves:
         with pytest.raises(Exception, match="audit_head moves only with audit_events"):
             raw_execute(store_url, sql)
     if store_url.startswith("sqlite"):
