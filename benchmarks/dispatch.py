@@ -5,10 +5,12 @@ a raw claim loop on the same database.
     measurements), loop ``POST /api/v1/runner/claim?wait=5`` then at once
     ``POST .../complete?next=true`` (succeeded), whose answer carries the next job if one is
     queued (then no claim request is needed), as the runner agent does. The queue is fed
-    beforehand: a backlog of trivial jobs queued in bulk through the control plane (one
-    transaction and audit event each, as the API's submit makes them), so that the servers
-    spend their time on claims and completions only. Claims/s over the
-    sustained part of the drain: after a warm-up, until fewer jobs than two per runner remain.
+    beforehand: a backlog of trivial jobs (12,000 by default: 8-20 s of draining, so that a
+    run's figure moves less with what else the machine does in a few seconds) queued in bulk
+    through the control plane (one transaction and audit event each, as the API's submit makes
+    them), so that the servers spend their time on claims and completions only. Claims/s over
+    the sustained part of the drain: after a warm-up, until fewer jobs than two per runner
+    remain.
 (2) Claim latency: a submitter posts trivial jobs (``POST /api/v1/jobs``, admin token) at a
     fixed rate (open loop, half the capacity measured in (1) by default, at most 1000/s) to
     the same idle long-polling runners; latency = the moment the claim response arrives at the
@@ -37,7 +39,7 @@ HTTP (FleetService.serve in batches, one thread), and a run with the server unde
 ``--profile first-step``: the runner agent's phases stamped (wrapped in the benchmark, not in
 stockade) to show where submit -> first step goes. ``--server-env PYTHONPATH=DIR`` runs the
 servers on another copy of the code or with extra packages (uvloop, httptools), to measure a
-change before making it. Prints a table, then ``RESULT {json}`` lines. Run as root; about 4
+change before making it. Prints a table, then ``RESULT {json}`` lines. Run as root; about 5
 minutes without ``--profile``.
 """
 
@@ -67,6 +69,7 @@ COMPLETE = json.dumps({"status": "succeeded", "duration_s": 0.0}).encode()
 JSON = "Content-Type: application/json\r\n"
 TARGET_CLAIMS_PER_S, TARGET_P99_MS, TARGET_FIRST_STEP_P50_MS = 1000.0, 100.0, 150.0
 SUBMIT_RATE = 300.0  # submissions/s whose server CPU --profile measures
+PROFILED_BACKLOG = 4000  # the backlog of the run under cProfile (about 3x slower)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -292,7 +295,7 @@ async def measure(cfg: Config, opts: Options, runners: list[sf.Runner], urls: li
         in_window = sum(1 for t, _ in load.claims[:sustained] if t >= t0)
         rate = in_window / (t1 - t0)
         used = cpu.between(t0, t1)
-        await wait_until(lambda: len(load.claims) >= opts.backlog, 30)
+        await wait_until(lambda: len(load.claims) >= opts.backlog, 60)
         await asyncio.sleep(1.0)  # every runner back in its long poll
         print(f"  backlog drained in {time.time() - start:.1f} s")
         offered = min(TARGET_CLAIMS_PER_S, max(5.0, round(rate * opts.latency_load)))
@@ -679,8 +682,9 @@ def profile(db: str, opts: Options, work: Path, procs: sf.Processes,
           "ms/cycle")
     out.update(core_cycles_per_s=round(core["claims"] / core["wall_s"]),
                core_cpu_ms_per_cycle=round(per, 3))
-    r = fleet_config(Config(db, 1), opts, work, procs, pg,
-                     server_argv=[sf.PYTHON, "-c", _PROFILED, "cpu"], name=f"profiled-{db}")
+    r = fleet_config(Config(db, 1), opts._replace(backlog=min(opts.backlog, PROFILED_BACKLOG)),
+                     work, procs, pg, server_argv=[sf.PYTHON, "-c", _PROFILED, "cpu"],
+                     name=f"profiled-{db}")
     print(f"  under the profiler: {r['claims_per_s']} claims/s, latency p50 {r['p50_ms']} ms "
           f"p99 {r['p99_ms']} ms")
     out["cpu_ms_per_cycle_profiled"] = print_profile(
@@ -706,8 +710,8 @@ def main() -> None:
     """Every configuration, then the runner agent's submit -> first step."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runners", type=int, default=50)
-    parser.add_argument("--backlog", type=int, default=4000,
-                        help="jobs queued beforehand for the capacity drain (default 4000)")
+    parser.add_argument("--backlog", type=int, default=12000,
+                        help="jobs queued beforehand for the capacity drain (default 12000)")
     parser.add_argument("--warm", type=float, default=2.0, help="warm-up seconds excluded")
     parser.add_argument("--latency-seconds", type=float, default=6.0)
     parser.add_argument("--latency-load", type=float, default=0.5,
