@@ -14,9 +14,6 @@ Imported only when ``database_url`` names PostgreSQL: the embedded path never lo
 
 import json
 import re
-import select
-import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from functools import lru_cache
@@ -49,8 +46,9 @@ POOL_MAX = 16  # connections per store (a replica); the server's max_connections
 # of the database's CPU each), or walked the jobs in order of creation (the index of the
 # jobs' list) past every job claimed since the statistics, filtering on the status (4-6 ms
 # each after 12,000 claims, growing with each), instead of reading the first rows of the
-# queue index; the store's queries are small lookups
-_OPTIONS = "-c enable_bitmapscan=off -c enable_incremental_sort=off"
+# queue index; the store's queries are small lookups (PostgreSQL 13 brought incremental sorts,
+# and refuses the setting before)
+_OPTIONS = {0: "-c enable_bitmapscan=off", 130000: "-c enable_incremental_sort=off"}
 POOL_WAIT_S = 30.0
 _URL_HINT = ("write it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE (see the settings "
              "table in README)")
@@ -69,19 +67,18 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         self._conninfo, self._where = _conninfo(url)
         try:
             with psycopg.connect(self._conninfo, autocommit=True) as conn:
-                revision = _revision(conn)
+                revision, version = _revision(conn), conn.info.server_version
         except psycopg.ProgrammingError as e:  # a parameter libpq refuses
             raise _invalid(url, e) from e
         except psycopg.Error as e:
             raise self._error(e) from e
         if revision != HEAD_REVISION:
             self._migrate()
-        options = _options(self._conninfo)
-        live = _Liveness()
+        options = _options(self._conninfo, version)
         self._pool = ConnectionPool(self._conninfo, min_size=1, max_size=pool_size,
                                     kwargs={"autocommit": True, "options": options},
-                                    timeout=POOL_WAIT_S, check=live.check,
-                                    configure=live.used, reset=live.used,
+                                    timeout=POOL_WAIT_S,
+                                    check=ConnectionPool.check_connection,
                                     name="stockade", open=True)
 
     @staticmethod
@@ -250,34 +247,6 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         self._pool.close()
 
 
-class _Liveness:
-    """The pool's check of a connection it lends, which replaces a dead one: a round trip
-    (``ConnectionPool.check_connection``) only when the connection was idle longer than
-    :data:`IDLE_CHECK_S` (a middlebox may have dropped it silently) or its socket has
-    something to read (the server closed it: a restart, ``pg_terminate_backend``; or a
-    notice). A round trip on every lend was one more in each store batch, on the store
-    thread that all of a replica's requests wait for."""
-
-    def __init__(self) -> None:
-        self._since: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = \
-            weakref.WeakKeyDictionary()
-
-    def used(self, conn: psycopg.Connection[Any]) -> None:
-        """``conn`` was made or came back to the pool: idle from now."""
-        self._since[conn] = time.monotonic()
-
-    def check(self, conn: psycopg.Connection[Any]) -> None:
-        """Raise if ``conn`` is no longer usable (the pool then makes another)."""
-        idle = time.monotonic() - self._since.get(conn, 0.0)
-        poll = select.poll()
-        poll.register(conn.fileno(), select.POLLIN)
-        if idle > IDLE_CHECK_S or poll.poll(0):
-            ConnectionPool.check_connection(conn)
-
-
-IDLE_CHECK_S = 5.0
-
-
 @contextmanager
 def _transaction(conn: psycopg.Connection[Any], error: Callable[[Exception], StoreError]
                  ) -> Iterator["_Db"]:
@@ -288,11 +257,9 @@ def _transaction(conn: psycopg.Connection[Any], error: Callable[[Exception], Sto
     said why (nothing of the transaction stands), also when the block caught a statement's
     error and went on (the server then answers COMMIT by undoing it all); a lost connection
     stays a plain error (the commit may have happened). The connection is left outside any
-    transaction whenever it is still up, and closed (the pool replaces it) when a statement
-    of the transaction failed: the database then skipped the rest of the pipeline, also the
-    preparation of a statement psycopg (3.3) prepares there and takes for prepared all the
-    same ('prepared statement "_pg3_N" does not exist' in every later transaction that ran
-    it on that connection)."""
+    transaction whenever it is still up; when a statement of the transaction failed, what
+    psycopg knows of the connection's prepared statements is forgotten (see
+    :func:`_forget_prepared`)."""
     committing = failed = False
     db: _Db | None = None
     try:
@@ -321,11 +288,26 @@ def _transaction(conn: psycopg.Connection[Any], error: Callable[[Exception], Sto
         raise Undone(undone.message, hint=undone.hint) from e
     finally:
         if failed or (db is not None and db.failed):
-            conn.close()
+            _forget_prepared(conn)
     if commit.statusmessage != "COMMIT":
         raise Undone(f"the database undid a transaction ({commit.statusmessage}): one of its "
                      "statements failed, and the code that ran it went on",
                      hint="nothing of it was saved: repeat it")
+
+
+def _forget_prepared(conn: psycopg.Connection[Any]) -> None:
+    """After a transaction whose pipeline a failed statement aborted: the database skipped
+    the rest of it, also the preparation of a statement psycopg (3.3) prepares there (past its
+    threshold) and takes for prepared all the same, so that every later transaction running
+    it on the connection would fail ('prepared statement "_pg3_N" does not exist'). psycopg's
+    record of prepared statements is cleared (with its next statement it deallocates them all
+    on the server, as after a DISCARD ALL); a psycopg without that record: the connection is
+    closed, and the pool replaces it."""
+    prepared = getattr(conn, "_prepared", None)
+    if callable(getattr(prepared, "clear", None)):
+        prepared.clear()  # type: ignore[union-attr]
+    else:
+        conn.close()
 
 
 def _leave(conn: psycopg.Connection[Any]) -> None:
@@ -509,10 +491,12 @@ def _revision(conn: psycopg.Connection[Any]) -> str | None:
     return str(row[0]) if row and row[0] is not None else None
 
 
-def _options(conninfo: str) -> str:
-    """The server options of the pool's connections: the URL's own, then :data:`_OPTIONS`."""
+def _options(conninfo: str, version: int) -> str:
+    """The server options of the pool's connections: the URL's own, then those of
+    :data:`_OPTIONS` a server of ``version`` (``server_version``: 150004) takes."""
     own = conninfo_to_dict(conninfo).get("options")
-    return f"{own} {_OPTIONS}" if own else _OPTIONS
+    return " ".join([*([str(own)] if own else []),
+                     *(option for since, option in _OPTIONS.items() if version >= since)])
 
 
 def _conninfo(url: str) -> tuple[str, str]:

@@ -6,6 +6,7 @@ outside any transaction, and keeps the audit chain whole with two replicas writi
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -174,4 +175,28 @@ def test_a_statement_prepared_in_an_aborted_pipeline_is_not_taken_for_prepared(
         with store._tx() as db:
             assert db.execute(look, ("j0",)).fetchone() == (0,)
         assert store.get_runner("r1") is not None
+    store.close()
+
+
+def test_a_refused_call_costs_its_batch_neither_its_connection_nor_the_others(
+        database_url: str) -> None:
+    """One connection in the pool: a batch with a call the database refuses runs its other
+    calls again on that same connection (still the same backend: not closed and replaced,
+    which with one connection left the batch waiting for the pool)."""
+    store = PostgresStore(database_url, pool_size=1)
+    enrolled(store)
+    pid = store._fetch("SELECT pg_backend_pid()")[0][0]
+
+    def refused() -> None:
+        with store._tx() as db:
+            db.execute(f"INSERT INTO runner_sessions ({', '.join(SessionRow._fields)}) "
+                       "VALUES ('s1', 'r1', 'x', 1.0, 2.0)")  # refused at the commit
+
+    t = time.monotonic()
+    out = store.batched([lambda: store.record([ev("before")]), refused,
+                         lambda: store.record([ev("after")])])
+    assert time.monotonic() - t < 5.0
+    assert out[0] == (True, None) and out[2] == (True, None), out
+    assert not out[1][0] and "duplicate key" in str(out[1][1])
+    assert store._fetch("SELECT pg_backend_pid()")[0][0] == pid
     store.close()

@@ -23,7 +23,7 @@ from stockade.store.interface import JobRow
 from stockade.store.migrate import MIGRATION_LOCK
 from stockade.store.open import open_store
 from stockade.store.pgsets import first_page_sql
-from stockade.store.postgres import PostgresStore, _pg
+from stockade.store.postgres import PostgresStore, _options, _pg
 from stockade.store.schema import metadata
 from stockade.store.sql import HEAD_REVISION
 from tests.support.postgres import PostgresServer, raw_execute, sqlalchemy_url
@@ -283,9 +283,9 @@ def test_the_factory_picks_the_backend_by_scheme(database_url: str) -> None:
 
 def test_a_pooled_connection_the_server_closed_is_replaced_when_lent(database_url: str
                                                                       ) -> None:
-    """The pool lends a connection without a round trip to check it, unless its socket says
-    the server closed it (here pg_terminate_backend; a restart alike) or it was idle long:
-    the call after a killed connection still succeeds, on a new one."""
+    """A connection the server closed (here pg_terminate_backend; a restart alike) is not
+    lent again: the pool checks each before lending it; the call after it succeeds, on a new
+    one."""
     store = PostgresStore(database_url, pool_size=1)
     pid = store._fetch("SELECT pg_backend_pid()")[0][0]
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -293,3 +293,12 @@ def test_a_pooled_connection_the_server_closed_is_replaced_when_lent(database_ur
     assert store.get_runner("r1") is None
     assert store._fetch("SELECT pg_backend_pid()")[0][0] != pid
     store.close()
+
+
+def test_the_pool_s_options_are_those_the_server_takes() -> None:
+    """The URL's own options first; no incremental sorts only where PostgreSQL has them (13+:
+    an older server refuses a connection that names the setting)."""
+    assert _options("host=h", 150004) == \
+        "-c enable_bitmapscan=off -c enable_incremental_sort=off"
+    assert _options("host=h options='-c work_mem=8MB'", 120010) == \
+        "-c work_mem=8MB -c enable_bitmapscan=off"
