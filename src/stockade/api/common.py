@@ -233,12 +233,19 @@ def refuse(request: Request, why: str, token_id: str | None) -> NoReturn:
     raise HTTPException(403, why)
 
 
+async def record_refusal(ctx: "ApiContext", refusals: Any, scope: Any, why: str,
+                         claimed: str | None) -> None:
+    """Audit a refusal of the request of ``scope`` (within ``refusals``' budget, the gate's),
+    from the event loop: the events are recorded on the store thread."""
+    events = refusals.events(scope["path"], why, client_of(scope), claimed)
+    if events:  # (counted here: a store call may run twice, see Store.batched)
+        await ctx.store_calls(ctx.control.store.record, events)
+
+
 async def refuse_async(ctx: "ApiContext", scope: Any, why: str, token_id: str | None
                        ) -> NoReturn:
-    """:func:`refuse` on the event loop: the audit event is recorded on the store thread."""
-    events = scope["app"].state.refusals.events(scope["path"], why, client_of(scope), token_id)
-    if events:
-        await ctx.store_calls(ctx.control.store.record, events)
+    """:func:`refuse` on the event loop."""
+    await record_refusal(ctx, scope["app"].state.refusals, scope, why, token_id)
     raise HTTPException(403, why)
 
 

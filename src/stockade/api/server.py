@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
-from stockade.api.common import ApiContext, StoreCalls, Waker, client_of
+from stockade.api.common import ApiContext, StoreCalls, Waker, record_refusal
 from stockade.api.connections import client_key
 from stockade.audit import AuditEvent
 from stockade.config import Settings
@@ -87,7 +87,7 @@ class Gate:
                  limit_for: Callable[[str, str], int]) -> None:
         from stockade.api.fastpath import FastPath
 
-        self.app, self.control, self.fleet = app, ctx.control, ctx.fleet
+        self.app, self.ctx, self.control, self.fleet = app, ctx, ctx.control, ctx.fleet
         self.refusals, self.limit_for, self.store_calls = refusals, limit_for, ctx.store_calls
         self.fast = FastPath(ctx, app)  # well-formed hot requests (it passes on the others)
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
@@ -146,10 +146,8 @@ class Gate:
         if not status and (not declared.isdigit() or int(declared) > limit):
             status, why = 413, f"the body is larger than {limit} bytes"
         if status:
-            events = self.refusals.events(path, why, client_of(scope), claimed) \
-                if status != 413 else []
-            if events:  # (counted here: a store call may run twice, see Store.batched)
-                await self.store_calls(self.control.store.record, events)
+            if status != 413:
+                await record_refusal(self.ctx, self.refusals, scope, why, claimed)
             extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             await JSONResponse({"detail": why}, status, headers=extra)(scope, receive, send)
             return

@@ -44,10 +44,10 @@ POOL_MAX = 16  # connections per store (a replica); the server's max_connections
 # no bitmap scans, no incremental sorts: with a queue that grew faster than the statistics (a
 # burst of submissions), the planner read and sorted every queued job for each claim (2-3 ms
 # of the database's CPU each), or walked the jobs in order of creation (the index of the
-# jobs' list) past every job claimed since the statistics, filtering on the status (4-6 ms
-# each after 12,000 claims, growing with each), instead of reading the first rows of the
-# queue index; the store's queries are small lookups (PostgreSQL 13 brought incremental sorts,
-# and refuses the setting before)
+# jobs' list) past every job claimed since the statistics, filtering on the status (a cost
+# growing with each claim), instead of reading the first rows of the queue index; the store's
+# queries are small lookups (PostgreSQL 13 brought incremental sorts, and refuses the setting
+# before)
 _OPTIONS = {0: "-c enable_bitmapscan=off", 130000: "-c enable_incremental_sort=off"}
 POOL_WAIT_S = 30.0
 _URL_HINT = ("write it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE (see the settings "

@@ -167,7 +167,7 @@ def test_a_claim_reads_the_head_of_the_queue_index_whatever_the_statistics_say(
         database_url: str, history: tuple[str, ...]) -> None:
     """The statistics are stale either way: a claim's first page reads the queue index from
     its head, not the jobs in order of creation past every one claimed (filtering on the
-    status: a cost growing with each claim, 4-6 ms after 12,000), nor every queued job
+    status: a cost growing with each claim), nor every queued job
     through an index of the status alone, sorted (15-25 ms with 6,000)."""
     store = PostgresStore(database_url)
     for sql in history:
