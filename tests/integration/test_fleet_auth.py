@@ -239,6 +239,53 @@ def test_a_quarantined_runner_is_refused_everywhere(setup: Setup) -> None:
                              viewer)[0] == 403
 
 
+def _refusals(setup: Setup) -> float:
+    status, text = setup.server.call("GET", "/metrics", setup.admin)
+    assert status == 200, text
+    return sum(float(line.split()[-1]) for line in str(text).splitlines()
+               if line.startswith("stockade_api_refusals_total"))
+
+
+def test_a_claim_or_completion_without_a_valid_session_is_401_whatever_its_body(
+        setup: Setup) -> None:
+    """A claim or a small completion is read before its session is checked, which is read
+    with its work in one store turn (api/server.py ``Gate._at_once``): a session token that
+    authenticates no runner still gets 401, counted and audited, whatever the body (not
+    422 for one that does not validate), and changes nothing; so does a large completion,
+    whose session is checked first."""
+    holder, banned = setup.runner(), setup.runner()
+    job_id = submit(setup.server, setup.admin, SPEC)
+    status, claimed = holder.call("POST", "/api/v1/runner/claim?wait=5")
+    assert status == 200 and claimed["job_id"] == job_id
+    assert setup.server.call("POST", f"/api/v1/runners/{banned.runner_id}/quarantine",
+                             setup.admin)[0] == 200
+    base = f"/api/v1/runner/jobs/{job_id}/{claimed['attempt']}"
+    done = {"status": "succeeded", "duration_s": 0.1}
+    big = {**done, "steps": [{"name": f"step {n:04d}", "status": "succeeded",
+                              "duration_s": 0.1} for n in range(400)]}
+    bodies = [json.dumps(done).encode(), b"{not json", json.dumps({"status": "odd"}).encode(),
+              json.dumps(big).encode()]
+    assert len(bodies[-1]) > 16 * 1024
+    bearers = ["stks_nope_nope", holder.token[:-2] + ("xx" if holder.token[-2:] != "xx"
+                                                     else "yy"), banned.token]
+    before = _refusals(setup)
+    for bearer in bearers:
+        assert call(setup.server.url, "POST", "/api/v1/runner/claim", bearer)[0] == 401
+        for query in ("", "?next=true"):
+            for body in bodies:
+                status, answer = call(setup.server.url, "POST", f"{base}/complete{query}",
+                                      bearer, raw=body)
+                assert status == 401, (bearer, query, body[:20], answer)
+    assert _refusals(setup) - before == len(bearers) * (1 + 2 * len(bodies))
+    refused = [e for e in setup.audit()[-60:] if e["action"] == "api.refused"]
+    assert any(e["detail"]["reason"] == "unknown runner session"  # (its sessions are gone)
+               and e["detail"].get("claimed_token") == banned.token.split("_")[1]
+               and e["detail"]["path"] == f"{base}/complete" for e in refused)
+    assert holder.call("POST", f"{base}/heartbeat") == (200, {"held": True, "cancel": False})
+    assert holder.call("POST", f"{base}/complete", big) == (200, {"recorded": True,
+                                                                  "next": None})
+
+
 def test_a_runner_failing_attestation_is_refused_and_audited(tmp_path: Path) -> None:
     home = tmp_path / "strict"
     assert run_cli(home, "jobs").returncode == 0

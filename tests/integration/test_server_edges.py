@@ -353,6 +353,34 @@ def test_requests_without_credentials_take_a_share_of_the_server_at_most(fleet: 
         _close_all(held)
 
 
+def test_a_runners_completion_is_held_as_a_request_without_credentials_until_its_body_is_in(
+        fleet: Fleet) -> None:
+    """A small completion is read whole before its session is checked (``Gate._at_once``):
+    one whose body never comes holds a slot of the requests without credentials, 4 of one
+    address at most, for 5 s (then 408); past those, such a request is authenticated first
+    (a bad session: 401 at once); runners and people are served meanwhile."""
+    head = (b"POST /api/v1/runner/jobs/j1/1/complete HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer stks_nope_nope\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n")
+    runner = fleet.runner_with_a_job()
+    started = time.monotonic()
+    held = [_connect(fleet.server.port, "127.0.1.3", head) for _ in range(6)]
+    said: dict[socket.socket, tuple[float, bytes]] = {}
+    try:
+        time.sleep(0.5)
+        assert _served_under_attack(fleet, runner) < 3
+        while len(said) < len(held) and time.monotonic() - started < 15:
+            ready, _, _ = select.select([s for s in held if s not in said], [], [], 0.2)
+            for sock in ready:
+                said[sock] = (time.monotonic() - started, sock.recv(65536))
+    finally:
+        _close_all(held)
+    answers = sorted((re.findall(rb"HTTP/1\.1 [0-9]{3}", text)[0], at)
+                     for at, text in said.values())
+    assert [status for status, _ in answers] == [b"HTTP/1.1 401"] * 2 + [b"HTTP/1.1 408"] * 4
+    assert all(at < 3 for _, at in answers[:2]) and all(4.5 < at < 9 for _, at in answers[2:])
+
+
 def _server_side_open(server_port: int, client: socket.socket) -> bool:
     """Whether the server still holds its end of ``client``'s connection (/proc/net/tcp)."""
     port = client.getsockname()[1]

@@ -93,8 +93,8 @@ class StoreCalls:
     was 126-157 ms, with one 64-80 ms, and two replicas served 693-761 claims/s, with one
     thread each 817-887)."""
 
-    def __init__(self, store: Any) -> None:
-        self._store = store
+    def __init__(self, store: Any, authenticate: Callable[[list[str]], list[Any]]) -> None:
+        self._store, self._authenticate = store, authenticate
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="store", daemon=True)
         self._thread.start()
@@ -118,6 +118,21 @@ class StoreCalls:
         done: asyncio.Future[T] = loop.create_future()
         self._queue.put((_Joined(serve, work, reads), done, loop))
         return await done
+
+    async def as_runner(self, serve: Callable[[list[Any]], list[T]], bearer: str,
+                        make: Callable[[Caller], Any]) -> tuple[Caller, T]:
+        """``(caller, serve([make(caller)])[0])`` for the runner whose session token is
+        ``bearer``, served as :meth:`joined`; its session is read with the others of its
+        batch before the batch's writes: one turn of the store thread for both (the gate
+        otherwise authenticates a runner's request in a batch of reads first). Raises
+        :class:`Unauthenticated` if the token authenticates no runner (nothing is served)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((_Joined(serve, make, False, bearer), done, loop))
+        out = await done
+        if isinstance(out, str):
+            raise Unauthenticated(out)
+        return out  # type: ignore[no-any-return]
 
     def _work(self) -> None:
         while True:
@@ -145,30 +160,66 @@ class StoreCalls:
 
     def _run(self, calls: list[Any]) -> list[tuple[bool, Any]]:
         """The outcome of each call (a callable or a :class:`_Joined`), all in one batch:
-        the groups that read, the plain calls, the other groups."""
+        the sessions of the works sent with one (:meth:`as_runner`), the groups that read,
+        the plain calls, the other groups."""
         groups: dict[Any, list[int]] = {}
         for n, call in enumerate(calls):
             if isinstance(call, _Joined):
                 groups.setdefault(call.serve, []).append(n)
+        callers: dict[str, Any] = {}  # session token -> its Caller, or why none
+        bearers = sorted({c.bearer for c in calls
+                          if isinstance(c, _Joined) and c.bearer is not None})
         units: list[tuple[Any, list[int]]] = [  # (serve or None, its calls' indexes)
+            *(((_SESSIONS, []),) if bearers else ()),
             *((serve, ns) for serve, ns in groups.items() if calls[ns[0]].reads),
             *((None, [n]) for n, call in enumerate(calls) if not isinstance(call, _Joined)),
             *((serve, ns) for serve, ns in groups.items() if not calls[ns[0]].reads)]
         outcomes = self._store.batched(
-            [calls[ns[0]] if serve is None else
-             functools.partial(serve, [calls[n].work for n in ns]) for serve, ns in units])
+            [functools.partial(self._sessions, callers, bearers) if serve is _SESSIONS else
+             calls[ns[0]] if serve is None else
+             functools.partial(self._serve, serve, [calls[n] for n in ns], callers)
+             for serve, ns in units])
         out: list[tuple[bool, Any]] = [(False, None)] * len(calls)
         for (serve, ns), (ok, value) in zip(units, outcomes, strict=True):
+            if serve is _SESSIONS:  # (if the read failed, each group reads its own)
+                continue
             if serve is None or (not ok and len(ns) == 1):  # a plain call, a lone work's error
                 out[ns[0]] = (ok, value)
             elif ok:
                 for n, result in zip(ns, value, strict=True):
                     out[n] = (True, result)
             else:  # together they failed: each alone (the store isolates the one that fails)
-                alone = self._store.batched([functools.partial(serve, [calls[n].work])
-                                             for n in ns])
+                alone = self._store.batched([
+                    functools.partial(self._serve, serve, [calls[n]], callers) for n in ns])
                 for n, (ok, value) in zip(ns, alone, strict=True):
                     out[n] = (True, value[0]) if ok else (False, value)
+        return out
+
+    def _sessions(self, callers: dict[str, Any], bearers: list[str]) -> None:
+        """Authenticate ``bearers`` into ``callers`` (one read)."""
+        callers.update(zip(bearers, self._authenticate(bearers), strict=True))
+
+    def _serve(self, serve: Callable[[list[Any]], list[Any]], joined: list["_Joined"],
+               callers: dict[str, Any]) -> list[Any]:
+        """``serve`` of the works of ``joined``. A work sent with a session token
+        (:meth:`as_runner`) is made for the runner the token authenticates and answered as
+        ``(caller, result)``; if the token authenticates none, why (and it is not served)."""
+        missing = sorted({j.bearer for j in joined
+                          if j.bearer is not None and j.bearer not in callers})
+        if missing:
+            self._sessions(callers, missing)
+        works, served = [], []
+        out: list[Any] = [None] * len(joined)
+        for k, j in enumerate(joined):
+            who = None if j.bearer is None else callers[j.bearer]
+            if isinstance(who, str):
+                out[k] = who
+            else:
+                works.append(j.work if who is None else j.work(who))
+                served.append(k)
+        for k, result in zip(served, serve(works) if works else [], strict=True):
+            bearer = joined[k].bearer
+            out[k] = result if bearer is None else (callers[bearer], result)
         return out
 
     def close(self) -> None:
@@ -180,8 +231,20 @@ class _Joined(NamedTuple):
     """A work queued for ``serve`` with the others of its batch (``StoreCalls.joined``)."""
 
     serve: Callable[[list[Any]], list[Any]]
-    work: Any
+    work: Any  # or, sent with ``bearer``: what makes the work for the runner it authenticates
     reads: bool
+    bearer: str | None = None
+
+
+_SESSIONS = object()  # the unit of a batch that reads the sessions of its works' tokens
+
+
+class Unauthenticated(Exception):
+    """A runner's session token authenticates no runner (``why``; see ``StoreCalls.as_runner``)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
@@ -247,6 +310,15 @@ async def refuse_async(ctx: "ApiContext", scope: Any, why: str, token_id: str | 
     """:func:`refuse` on the event loop."""
     await record_refusal(ctx, scope["app"].state.refusals, scope, why, token_id)
     raise HTTPException(403, why)
+
+
+async def authenticated(ctx: "ApiContext", bearer: str) -> Caller:
+    """The runner whose session token is ``bearer``, read in a batch of reads (raises
+    :class:`Unauthenticated`)."""
+    found = await ctx.store_calls.joined(ctx.fleet.authenticate_all, bearer, reads=True)
+    if isinstance(found, str):
+        raise Unauthenticated(found)
+    return found
 
 
 def runner_of(request: Request) -> Caller:

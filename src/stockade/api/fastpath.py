@@ -5,10 +5,12 @@ minus FastAPI's routing, parameter solving and response validation, which cost m
 work itself at a fleet's rate of claims (a submission: a fifth of its CPU).
 
 The gate (``api/server.py``) authenticates the runner or the API token from the headers first
-(and checks the token's role), as for every route. A request this module does not take as it
-is (another method, a path or query it does not parse, a body that does not validate) goes on
-to FastAPI with its body, whose route answers it: the errors, the status codes and the
-OpenAPI schema are the framework's.
+(and checks the token's role), as for every route; but a runner's claim or completion that
+:meth:`FastPath.at_once` takes comes with its session token unchecked, read with its work in
+one turn of the store thread (``StoreCalls.as_runner``). A request this module does not take
+as it is (another method, a path or query it does not parse, a body that does not validate)
+goes on to FastAPI with its body, authenticated first, whose route answers it: the errors,
+the status codes and the OpenAPI schema are the framework's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ValidationError
 
 from stockade.api import jobs, runners
+from stockade.api.common import authenticated
 from stockade.api.jobs import SubmitRequest
 from stockade.api.wire import CompletionIn
 
@@ -36,6 +39,7 @@ _JOB_PATH = re.compile(r"/api/v1/runner/jobs/([A-Za-z0-9]{1,64})/([1-9][0-9]{0,3
 _WAIT = re.compile(rb"(?:wait=([0-9]{1,2}(?:\.[0-9]{1,6})?))?")
 _NEXT = re.compile(rb"(?:next=(true|false))?")
 _JSON = [(b"content-type", b"application/json")]
+AT_ONCE_COMPLETION_BYTES = 16 * 1024  # a completion read before its session is checked
 
 Send = Any
 Receive = Any
@@ -49,50 +53,79 @@ class FastPath:
     def __init__(self, ctx: ApiContext, app: Any) -> None:
         self.ctx, self.app = ctx, app
 
-    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
-        """Serve the request, or pass it on to FastAPI."""
+    @staticmethod
+    def at_once(scope: Any) -> int | None:
+        """If this runner request is one served here with its session token checked in the
+        same store turn as its work (a claim or a completion this module parses), the
+        largest body it may have to be (its body is read before the token is checked: a
+        claim has none); None if not."""
         path, method, query = scope["path"], scope["method"], scope["query_string"]
-        caller: Caller | None = scope["state"].get("runner")
+        if method != "POST":
+            return None
+        if path == "/api/v1/runner/claim":
+            return 0 if _wait(query) is not None else None
+        m = _JOB_PATH.fullmatch(path)
+        if m is not None and int(m.group(2)) <= 1000 and m.group(3) == "complete" \
+                and _NEXT.fullmatch(query) is not None and _json_body(scope):
+            return AT_ONCE_COMPLETION_BYTES
+        return None
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        """Serve the request, or pass it on to FastAPI. A runner's request comes with its
+        caller (``state["runner"]``) or, if :meth:`at_once` takes it, its session token
+        (``state["bearer"]``: ``Unauthenticated`` if it authenticates no runner)."""
+        path, method, query = scope["path"], scope["method"], scope["query_string"]
+        state = scope["state"]
+        who: Caller | str | None = state.get("runner", state.get("bearer"))
         try:
-            if caller is None:
+            if who is None:
                 if path == "/api/v1/jobs" and method == "POST" and not query \
                         and _json_body(scope):
-                    await self._submit(scope["state"]["token"], scope, receive, send)
+                    await self._submit(state["token"], scope, receive, send)
                     return
             elif path == "/api/v1/runner/claim" and method == "POST":
-                w = _WAIT.fullmatch(query)
-                if w is not None and float(w.group(1) or 0) <= runners.MAX_WAIT_S:
-                    await self._claim(caller, float(w.group(1) or 0), receive, send)
+                wait = _wait(query)
+                if wait is not None:
+                    await self._claim(who, wait, receive, send)
                     return
             elif (m := _JOB_PATH.fullmatch(path)) is not None and int(m.group(2)) <= 1000:
                 job_id, attempt, what = m.group(1), int(m.group(2)), m.group(3)
-                if what == "heartbeat" and method == "POST" and not query:
-                    await self._heartbeat(caller, job_id, attempt, send)
+                if what == "heartbeat" and method == "POST" and not query \
+                        and not isinstance(who, str):
+                    await self._heartbeat(who, job_id, attempt, send)
                     return
                 if what == "complete" and method == "POST":
                     n = _NEXT.fullmatch(query)
                     if n is not None and _json_body(scope):
-                        await self._complete(caller, job_id, attempt, n.group(1) == b"true",
+                        await self._complete(who, job_id, attempt, n.group(1) == b"true",
                                              scope, receive, send)
                         return
                 elif m.group(4) is not None and method == "PUT" and not query \
-                        and int(m.group(4)) <= 10**9:
-                    await self._log(caller, job_id, attempt, int(m.group(4)), receive, send)
+                        and int(m.group(4)) <= 10**9 and not isinstance(who, str):
+                    await self._log(who, job_id, attempt, int(m.group(4)), receive, send)
                     return
         except HTTPException as e:  # the body's size or deadline (see server.Body)
             await _answer(send, e.status_code, {"detail": e.detail}, e.headers)
             return
+        await self._pass(scope, receive, send)
+
+    async def _pass(self, scope: Any, receive: Receive, send: Send) -> None:
+        """On to FastAPI; a runner's request that came with its session token unchecked is
+        authenticated first, as the gate does the others."""
+        state = scope["state"]
+        if "bearer" in state:
+            state["runner"] = await authenticated(self.ctx, state.pop("bearer"))
         await self.app(scope, receive, send)
 
     async def _validated(self, model: type[M], scope: Any, receive: Receive, send: Send
                          ) -> M | None:
         """The request's body as ``model``; None once FastAPI's route answered a body that
         does not validate (it says what is wrong, in its words)."""
-        data = await _body(receive)
+        data = await read_body(receive)
         try:
             return model.model_validate_json(data)
         except ValidationError:
-            await self.app(scope, _replay(data, receive), send)
+            await self._pass(scope, replay(data, receive), send)
             return None
 
     async def _submit(self, token: TokenRow, scope: Any, receive: Receive, send: Send
@@ -102,9 +135,10 @@ class FastPath:
             return
         await _answer(send, 201, await jobs.submit_job(self.ctx, token, body, scope))
 
-    async def _claim(self, caller: Caller, wait: float, receive: Receive, send: Send) -> None:
-        await _body(receive)
-        out = await runners.claim(self.ctx, caller, wait, receive)
+    async def _claim(self, who: Caller | str, wait: float, receive: Receive, send: Send
+                     ) -> None:
+        await read_body(receive)
+        out = await runners.claim(self.ctx, who, wait, receive)
         await _raw(send, 204 if out is None else 200, out or b"")
 
     async def _heartbeat(self, caller: Caller, job_id: str, attempt: int, send: Send) -> None:
@@ -113,18 +147,18 @@ class FastPath:
 
     async def _log(self, caller: Caller, job_id: str, attempt: int, seq: int,
                    receive: Receive, send: Send) -> None:
-        data = await _body(receive)
+        data = await read_body(receive)
         status, out = await runners.log_chunk(self.ctx, caller, job_id, attempt, seq, data)
         await _answer(send, status, out)
 
-    async def _complete(self, caller: Caller, job_id: str, attempt: int, take_next: bool,
+    async def _complete(self, who: Caller | str, job_id: str, attempt: int, take_next: bool,
                         scope: Any, receive: Receive, send: Send) -> None:
         body = await self._validated(CompletionIn, scope, receive, send)
         if body is None:
             return
         gone = asyncio.ensure_future(runners.disconnected(receive))
         try:
-            status, out = await runners.complete(self.ctx, caller, job_id, attempt, body,
+            status, out = await runners.complete(self.ctx, who, job_id, attempt, body,
                                                  take_next, gone.done)
         finally:
             gone.cancel()
@@ -132,6 +166,14 @@ class FastPath:
             await _raw(send, status, out)
         else:
             await _answer(send, status, out)
+
+
+def _wait(query: bytes) -> float | None:
+    """A claim's ``wait`` (0 if not given), if its query is one this module parses."""
+    w = _WAIT.fullmatch(query)
+    if w is None or float(w.group(1) or 0) > runners.MAX_WAIT_S:
+        return None
+    return float(w.group(1) or 0)
 
 
 def _json_body(scope: Any) -> bool:
@@ -146,7 +188,7 @@ def _json_body(scope: Any) -> bool:
                                            and media.endswith(b"+json"))
 
 
-async def _body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     """The whole request body."""
     parts = []
     while True:
@@ -158,7 +200,7 @@ async def _body(receive: Receive) -> bytes:
             return b"".join(parts)
 
 
-def _replay(data: bytes, receive: Receive) -> Receive:
+def replay(data: bytes, receive: Receive) -> Receive:
     """A ``receive`` that gives ``data`` as the whole body, then the server's."""
     sent = False
 

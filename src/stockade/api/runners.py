@@ -62,15 +62,27 @@ def assignment_json(a: Assignment) -> bytes:
 
 # What the hot routes do, shared by their FastAPI routes here and by api/fastpath.py.
 
-async def claim(ctx: ApiContext, caller: Caller, wait: float, receive: Any) -> bytes | None:
+async def _served(ctx: ApiContext, who: Caller | str, make: Callable[[Caller], Any]
+                  ) -> tuple[Caller, Any]:
+    """``(caller, result)`` of ``fleet.serve`` for the work ``make`` makes for the runner
+    ``who`` is: the caller the gate authenticated, or its session token, authenticated in
+    the same turn of the store thread (``StoreCalls.as_runner``: raises ``Unauthenticated``)."""
+    if isinstance(who, Caller):
+        return who, await ctx.store_calls.joined(ctx.fleet.serve, make(who))
+    return await ctx.store_calls.as_runner(ctx.fleet.serve, who, make)
+
+
+async def claim(ctx: ApiContext, who: Caller | str, wait: float, receive: Any
+                ) -> bytes | None:
     """The runner's next job (an ``AssignmentOut``, serialised), waiting up to ``wait``
     seconds for one, or None. The poll ends early when the client goes away (``receive``:
-    the request's, after its body, tells that), and when the server is stopping."""
+    the request's, after its body, tells that), and when the server is stopping. ``who``:
+    see :func:`_served`."""
     gone = asyncio.ensure_future(disconnected(receive))
     try:
         deadline = time.monotonic() + wait
         while True:
-            a = await ctx.store_calls.joined(ctx.fleet.serve, ClaimWork(caller))
+            who, a = await _served(ctx, who, ClaimWork)
             if a is not None:
                 ctx.metrics.claims.inc()
                 return assignment_json(a)
@@ -110,14 +122,18 @@ async def log_chunk(ctx: ApiContext, caller: Caller, job_id: str, attempt: int, 
     return 201, {"state": state}
 
 
-async def complete(ctx: ApiContext, caller: Caller, job_id: str, attempt: int,
+async def complete(ctx: ApiContext, who: Caller | str, job_id: str, attempt: int,
                    body: CompletionIn, take_next: bool, gone: Callable[[], bool]
                    ) -> tuple[int, Any]:
     """Record the attempt's outcome and, with ``take_next`` (unless the client is ``gone``),
-    claim the runner's next job, in one store call (a transaction, or a batch's)."""
-    work = CompleteWork(caller, body.completion(job_id, attempt, caller.runner.id), take_next,
-                        gone)
-    done: Completed = await ctx.store_calls.joined(ctx.fleet.serve, work)
+    claim the runner's next job, in one store call (a transaction, or a batch's). ``who``:
+    see :func:`_served`."""
+
+    def work(caller: Caller) -> CompleteWork:
+        return CompleteWork(caller, body.completion(job_id, attempt, caller.runner.id),
+                            take_next, gone)
+
+    done: Completed = (await _served(ctx, who, work))[1]
     if done.refusal is not None:
         return 422, {"detail": done.refusal}
     if not done.held and not done.replayed:

@@ -10,14 +10,17 @@ any body is read (:class:`Gate`), which also holds every body to a size and a de
 events, at most ``REFUSALS_PER_MINUTE`` of them a minute (the rest are counted into one event).
 Runner agents use ``/api/v1/enrol`` (authenticated by their enrolment token and attestation,
 in the body) and then ``/api/v1/runner/`` with their session token (``api/runners.py``,
-docs/fleet.md). The routes for people and their tools are in ``api/jobs.py``.
+docs/fleet.md); their claims and completions are read whole first when their bodies are
+small (as a request without credentials, in one of their slots), and their session is
+checked in the same store turn as their work (``Gate._at_once``). The routes for people and
+their tools are in ``api/jobs.py``.
 """
 
 import asyncio
 import contextlib
 import time
 import typing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -28,7 +31,14 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from stockade.api import auth
-from stockade.api.common import ApiContext, StoreCalls, Waker, record_refusal
+from stockade.api.common import (
+    ApiContext,
+    StoreCalls,
+    Unauthenticated,
+    Waker,
+    authenticated,
+    record_refusal,
+)
 from stockade.api.connections import client_key
 from stockade.audit import AuditEvent
 from stockade.config import Settings
@@ -87,7 +97,7 @@ class Gate:
                  limit_for: Callable[[str, str], int]) -> None:
         from stockade.api.fastpath import FastPath
 
-        self.app, self.ctx, self.control, self.fleet = app, ctx, ctx.control, ctx.fleet
+        self.app, self.ctx, self.control = app, ctx, ctx.control
         self.refusals, self.limit_for, self.store_calls = refusals, limit_for, ctx.store_calls
         self.fast = FastPath(ctx, app)  # well-formed hot requests (it passes on the others)
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
@@ -111,19 +121,28 @@ class Gate:
         if path in ("/healthz", "/readyz"):  # (small answers, no body: nothing to hold)
             await self.app(scope, receive, send)
             return
+        with self._open_slot(scope) as free:
+            if not free:
+                await JSONResponse({"detail": "the server is busy; try again"}, 503,
+                                   headers={"Retry-After": "1", "Connection": "close"}
+                                   )(scope, receive, send)
+            elif _enrolment(path):
+                await self._checked(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+
+    @contextlib.contextmanager
+    def _open_slot(self, scope: Any) -> Iterator[bool]:
+        """One of the ``OPEN_REQUESTS`` (``OPEN_PER_CLIENT`` per client address) served
+        without credentials, if one is free: whether it is."""
         key = client_key(scope.get("client"))
         if self._open >= OPEN_REQUESTS or self._open_of.get(key, 0) >= OPEN_PER_CLIENT:
-            await JSONResponse({"detail": "the server is busy; try again"}, 503,
-                               headers={"Retry-After": "1", "Connection": "close"}
-                               )(scope, receive, send)
+            yield False
             return
         self._open += 1
         self._open_of[key] = self._open_of.get(key, 0) + 1
         try:
-            if _enrolment(path):
-                await self._checked(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
+            yield True
         finally:
             self._open -= 1
             self._open_of[key] -= 1
@@ -137,6 +156,8 @@ class Gate:
         path, limit = scope["path"], self.limit_for(scope["method"], scope["path"])
         state: dict[str, Any] = {}
         if path.startswith("/api/v1/runner/"):
+            if await self._at_once(scope, receive, send, bearer, headers):
+                return
             status, why, claimed = await self._runner(bearer, state)
         elif _enrolment(path):
             status, why, claimed = 0, "", None
@@ -146,10 +167,7 @@ class Gate:
         if not status and (not declared.isdigit() or int(declared) > limit):
             status, why = 413, f"the body is larger than {limit} bytes"
         if status:
-            if status != 413:
-                await record_refusal(self.ctx, self.refusals, scope, why, claimed)
-            extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            await JSONResponse({"detail": why}, status, headers=extra)(scope, receive, send)
+            await self._refuse(scope, receive, send, status, why, claimed)
             return
         scope.setdefault("state", {}).update(state)
         chunked = b"transfer-encoding" in headers
@@ -169,6 +187,46 @@ class Gate:
             await self.app(scope, Body(receive, limit, int(declared), chunked), send)
         finally:
             self._big.release()
+
+    async def _refuse(self, scope: Any, receive: Any, send: Any, status: int, why: str,
+                      claimed: str | None) -> None:
+        """Answer ``status`` (why), audited unless it is a 413."""
+        if status != 413:
+            await record_refusal(self.ctx, self.refusals, scope, why, claimed)
+        extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        await JSONResponse({"detail": why}, status, headers=extra)(scope, receive, send)
+
+    async def _at_once(self, scope: Any, receive: Any, send: Any, bearer: str,
+                       headers: dict[bytes, bytes]) -> bool:
+        """Serve a runner's claim or completion (those ``FastPath.at_once`` takes, with a
+        small body) with its session read in the same turn of the store thread as its work,
+        not in a turn of its own first. Its body is read before the session is checked, as
+        if it had no credentials: within ``OPEN_BODY_GRACE_S``, holding one of their slots
+        (only until the body is in: one that came with the headers holds none). False: not
+        such a request, or no slot is free (then it is authenticated first, as any other)."""
+        from stockade.api.fastpath import read_body, replay
+
+        declared = headers.get(b"content-length", b"0").strip(b" \t")
+        largest = self.fast.at_once(scope)
+        if largest is None or b"transfer-encoding" in headers or not declared.isdigit() \
+                or int(declared) > largest or auth.split(bearer, SESSION_PREFIX) is None:
+            return False
+        with self._open_slot(scope) as free:
+            if not free:
+                return False
+            try:
+                data = await read_body(Body(receive, largest, int(declared), False,
+                                            OPEN_BODY_GRACE_S))
+            except HTTPException as e:
+                await JSONResponse({"detail": e.detail}, e.status_code, headers=e.headers
+                                   )(scope, receive, send)
+                return True
+        scope.setdefault("state", {})["bearer"] = bearer
+        try:
+            await self.fast(scope, replay(data, receive), send)
+        except Unauthenticated as e:
+            await self._refuse(scope, receive, send, 401, e.why, _claimed(bearer))
+        return True
 
     async def _token(self, scope: Any, bearer: str, state: dict[str, Any]
                      ) -> tuple[int, str, str | None]:
@@ -193,12 +251,16 @@ class Gate:
         return [found.get(i) for i in token_ids]
 
     async def _runner(self, bearer: str, state: dict[str, Any]) -> tuple[int, str, str | None]:
-        found = await self.store_calls.joined(self.fleet.authenticate_all, bearer, reads=True)
-        claimed = bearer.removeprefix(SESSION_PREFIX).split("_")[0][:40] or None
-        if isinstance(found, str):
-            return 401, found, claimed
-        state["runner"] = found
+        try:
+            state["runner"] = await authenticated(self.ctx, bearer)
+        except Unauthenticated as e:
+            return 401, e.why, _claimed(bearer)
         return 0, "", None
+
+
+def _claimed(bearer: str) -> str | None:
+    """The runner session a refused token says it is (as refusals record it)."""
+    return bearer.removeprefix(SESSION_PREFIX).split("_")[0][:40] or None
 
 
 def _enrolment(path: str) -> bool:
@@ -243,7 +305,7 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
     serialises them). While it runs, a task looks for expired leases (:func:`_sweeper`)."""
     from stockade.api import admin, joblogs, jobs, metrics, runners
 
-    store_calls = StoreCalls(control.store)
+    store_calls = StoreCalls(control.store, fleet.authenticate_all)
     ctx = ApiContext(settings, control, fleet, Waker(), metrics.Metrics(control.store),
                      store_calls)
 
