@@ -255,12 +255,17 @@ def test_a_claim_or_completion_without_a_valid_session_is_401_whatever_its_body(
     whose session is checked first."""
     holder, banned = setup.runner(), setup.runner()
     job_id = submit(setup.server, setup.admin, SPEC)
-    status, claimed = holder.call("POST", "/api/v1/runner/claim?wait=5")
-    assert status == 200 and claimed["job_id"] == job_id
+    done = {"status": "succeeded", "duration_s": 0.1}
+    while True:  # (what earlier tests of the module left queued comes first)
+        status, claimed = holder.call("POST", "/api/v1/runner/claim?wait=5")
+        assert status == 200, claimed
+        if claimed["job_id"] == job_id:
+            break
+        base = f"/api/v1/runner/jobs/{claimed['job_id']}/{claimed['attempt']}"
+        assert holder.call("POST", f"{base}/complete", done)[0] == 200
     assert setup.server.call("POST", f"/api/v1/runners/{banned.runner_id}/quarantine",
                              setup.admin)[0] == 200
     base = f"/api/v1/runner/jobs/{job_id}/{claimed['attempt']}"
-    done = {"status": "succeeded", "duration_s": 0.1}
     big = {**done, "steps": [{"name": f"step {n:04d}", "status": "succeeded",
                               "duration_s": 0.1} for n in range(400)]}
     bodies = [json.dumps(done).encode(), b"{not json", json.dumps({"status": "odd"}).encode(),

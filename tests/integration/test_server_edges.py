@@ -356,29 +356,44 @@ def test_requests_without_credentials_take_a_share_of_the_server_at_most(fleet: 
 def test_a_runners_completion_is_held_as_a_request_without_credentials_until_its_body_is_in(
         fleet: Fleet) -> None:
     """A small completion is read whole before its session is checked (``Gate._at_once``):
-    one whose body never comes holds a slot of the requests without credentials, 4 of one
-    address at most, for 5 s (then 408); past those, such a request is authenticated first
-    (a bad session: 401 at once); runners and people are served meanwhile."""
+    one whose body has not come holds a slot of the requests without credentials, 4 of one
+    address at most, for 5 s at most; then, or if no slot is free, its session is checked
+    first (a bad one: 401). Runners and people are served meanwhile; a runner's completion
+    that trickles in over a slow link for longer than that is recorded."""
     head = (b"POST /api/v1/runner/jobs/j1/1/complete HTTP/1.1\r\nHost: x\r\n"
             b"Authorization: Bearer stks_nope_nope\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100\r\n\r\n")
-    runner = fleet.runner_with_a_job()
+    runner, a = fleet.runner_with_a_job()
     started = time.monotonic()
     held = [_connect(fleet.server.port, "127.0.1.3", head) for _ in range(6)]
     said: dict[socket.socket, tuple[float, bytes]] = {}
     try:
         time.sleep(0.5)
-        assert _served_under_attack(fleet, runner) < 3
+        assert _served_under_attack(fleet, (runner, a)) < 3
         while len(said) < len(held) and time.monotonic() - started < 15:
             ready, _, _ = select.select([s for s in held if s not in said], [], [], 0.2)
             for sock in ready:
                 said[sock] = (time.monotonic() - started, sock.recv(65536))
     finally:
         _close_all(held)
-    answers = sorted((re.findall(rb"HTTP/1\.1 [0-9]{3}", text)[0], at)
-                     for at, text in said.values())
-    assert [status for status, _ in answers] == [b"HTTP/1.1 401"] * 2 + [b"HTTP/1.1 408"] * 4
-    assert all(at < 3 for _, at in answers[:2]) and all(4.5 < at < 9 for _, at in answers[2:])
+    answers = sorted((at, re.findall(rb"HTTP/1\.1 [0-9]{3}", text)) for at, text in said.values())
+    assert [status for _, status in answers] == [[b"HTTP/1.1 401"]] * 6, answers
+    assert all(at < 3 for at, _ in answers[:2]) and all(4.5 < at < 9 for at, _ in answers[2:])
+    # a completion trickling in over 6 s, from the runner holding the job
+    body = json.dumps({"status": "succeeded", "duration_s": 0.1}).encode()
+    slow = _connect(fleet.server.port, "127.0.1.4", (
+        f"POST /api/v1/runner/jobs/{a['job_id']}/{a['attempt']}/complete HTTP/1.1\r\n"
+        f"Host: x\r\nAuthorization: {runner.http.headers['Authorization']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode())
+    try:
+        for n in range(len(body)):
+            slow.sendall(body[n:n + 1])
+            time.sleep(6 / len(body))
+        answer = _closed_after(slow, time.monotonic(), 3)[1]
+    finally:
+        slow.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert b'"recorded":true' in answer
 
 
 def _server_side_open(server_port: int, client: socket.socket) -> bool:

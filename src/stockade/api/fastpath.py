@@ -121,7 +121,7 @@ class FastPath:
                          ) -> M | None:
         """The request's body as ``model``; None once FastAPI's route answered a body that
         does not validate (it says what is wrong, in its words)."""
-        data = await read_body(receive)
+        data = await _body(receive)
         try:
             return model.model_validate_json(data)
         except ValidationError:
@@ -137,7 +137,7 @@ class FastPath:
 
     async def _claim(self, who: Caller | str, wait: float, receive: Receive, send: Send
                      ) -> None:
-        await read_body(receive)
+        await _body(receive)
         out = await runners.claim(self.ctx, who, wait, receive)
         await _raw(send, 204 if out is None else 200, out or b"")
 
@@ -147,7 +147,7 @@ class FastPath:
 
     async def _log(self, caller: Caller, job_id: str, attempt: int, seq: int,
                    receive: Receive, send: Send) -> None:
-        data = await read_body(receive)
+        data = await _body(receive)
         status, out = await runners.log_chunk(self.ctx, caller, job_id, attempt, seq, data)
         await _answer(send, status, out)
 
@@ -188,7 +188,7 @@ def _json_body(scope: Any) -> bool:
                                            and media.endswith(b"+json"))
 
 
-async def read_body(receive: Receive) -> bytes:
+async def _body(receive: Receive) -> bytes:
     """The whole request body."""
     parts = []
     while True:

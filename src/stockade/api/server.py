@@ -201,29 +201,43 @@ class Gate:
         """Serve a runner's claim or completion (those ``FastPath.at_once`` takes, with a
         small body) with its session read in the same turn of the store thread as its work,
         not in a turn of its own first. Its body is read before the session is checked, as
-        if it had no credentials: within ``OPEN_BODY_GRACE_S``, holding one of their slots
-        (only until the body is in: one that came with the headers holds none). False: not
-        such a request, or no slot is free (then it is authenticated first, as any other)."""
-        from stockade.api.fastpath import read_body, replay
+        if it had no credentials: holding one of their slots (only until the body is in: one
+        that came with the headers holds none), for ``OPEN_BODY_GRACE_S`` at most; a body
+        slower than that (a slow link) gets its session checked first, then the rest of its
+        time as any body. False: not such a request (also one that expects ``100 Continue``,
+        which would tell a client without a session to send its body), or no slot is free
+        (then it is authenticated first, as any other)."""
+        from stockade.api.fastpath import replay
 
         declared = headers.get(b"content-length", b"0").strip(b" \t")
         largest = self.fast.at_once(scope)
-        if largest is None or b"transfer-encoding" in headers or not declared.isdigit() \
-                or int(declared) > largest or auth.split(bearer, SESSION_PREFIX) is None:
+        if largest is None or b"transfer-encoding" in headers or b"expect" in headers \
+                or not declared.isdigit() or int(declared) > largest \
+                or auth.split(bearer, SESSION_PREFIX) is None:
             return False
-        with self._open_slot(scope) as free:
-            if not free:
-                return False
-            try:
-                data = await read_body(Body(receive, largest, int(declared), False,
-                                            OPEN_BODY_GRACE_S))
-            except HTTPException as e:
-                await JSONResponse({"detail": e.detail}, e.status_code, headers=e.headers
-                                   )(scope, receive, send)
-                return True
-        scope.setdefault("state", {})["bearer"] = bearer
+        body, data = Body(receive, largest, int(declared), False), bytearray()
+        state = scope.setdefault("state", {})
         try:
-            await self.fast(scope, replay(data, receive), send)
+            with self._open_slot(scope) as free:
+                if not free:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(OPEN_BODY_GRACE_S):
+                        await body.read_into(data)
+            if body.done:
+                state["bearer"] = bearer
+            else:
+                status, why, claimed = await self._runner(bearer, state)
+                if status:
+                    await self._refuse(scope, receive, send, status, why, claimed)
+                    return True
+                await body.read_into(data)
+        except HTTPException as e:
+            await JSONResponse({"detail": e.detail}, e.status_code, headers=e.headers
+                               )(scope, receive, send)
+            return True
+        try:
+            await self.fast(scope, replay(bytes(data), receive), send)
         except Unauthenticated as e:
             await self._refuse(scope, receive, send, 401, e.why, _claimed(bearer))
         return True
@@ -298,6 +312,15 @@ class Body:
             raise HTTPException(413, f"the body is larger than {self.limit} bytes",
                                 headers={"Connection": "close"})
         return message
+
+    async def read_into(self, data: bytearray) -> None:
+        """Read the rest of the body onto ``data`` (what came stays there if this is
+        cancelled: a message is taken whole or not at all)."""
+        while not self.done:
+            message = await self()
+            if message["type"] != "http.request":
+                raise HTTPException(400, "the client went away")
+            data += message.get("body", b"")
 
 
 def create_app(settings: Settings, control: ControlService, fleet: FleetService) -> FastAPI:

@@ -117,8 +117,9 @@ class Session:
     def call(self, method: str, path: str, retry_for: float = RETRY_FOR_S,
              **kwargs: Any) -> httpx.Response:
         """A runner request with the session token: retried while the server is unreachable
-        or answers 5xx (for up to ``retry_for`` seconds), attested again once on 401; a
-        Refused for other 4xx."""
+        or answers 5xx or 408 (the request did not arrive in time: a slow link) for up to
+        ``retry_for`` seconds, attested again once on 401; a Refused for other 4xx. (Every
+        runner request may be sent again: a completion sent again is answered as the first.)"""
         import httpx
 
         pauses, renewed = _pauses(retry_for), False
@@ -135,7 +136,7 @@ class Session:
                     renewed = True
                     self.attest()
                     continue
-                if response.status_code < 500:
+                if response.status_code < 500 and response.status_code != 408:
                     if response.status_code >= 400:
                         raise Refused(response.status_code, _detail(response))
                     return response
