@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import socket
 from typing import Any
@@ -62,12 +63,15 @@ def connection_room() -> int:
 def client_key(client: tuple[str, int] | None) -> str:
     """The address a connection counts against: the IPv4 address, or the IPv6 /64 (one host
     usually has a whole /64 to pick addresses from)."""
-    if not client:
-        return "local"
+    return _key_of(client[0]) if client else "local"
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_of(host: str) -> str:
     try:
-        address = ipaddress.ip_address(client[0].split("%")[0])
+        address = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
-        return client[0]
+        return host
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)

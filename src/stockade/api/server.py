@@ -154,7 +154,7 @@ class Gate:
         headers = dict(scope.get("headers") or ())
         bearer = headers.get(b"authorization", b"").decode("latin-1")
         bearer = bearer[7:].strip() if bearer.startswith("Bearer ") else ""
-        path, limit = scope["path"], self.limit_for(scope["method"], scope["path"])
+        path = scope["path"]
         state: dict[str, Any] = {}
         if path.startswith("/api/v1/runner/"):
             if await self._at_once(scope, receive, send, bearer, headers):
@@ -165,6 +165,7 @@ class Gate:
         else:
             status, why, claimed = await self._token(scope, bearer, state)
         declared = headers.get(b"content-length", b"0").strip(b" \t")
+        limit = self.limit_for(scope["method"], path)
         if not status and (not declared.isdigit() or int(declared) > limit):
             status, why = 413, f"the body is larger than {limit} bytes"
         if status:
@@ -222,9 +223,10 @@ class Gate:
             with self._open_slot(scope) as free:
                 if not free:
                     return False
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(OPEN_BODY_GRACE_S):
-                        await body.read_into(data)
+                if not body.done:  # (a claim has no body)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(OPEN_BODY_GRACE_S):
+                            await body.read_into(data)
             if body.done:
                 state["bearer"] = bearer
             else:
@@ -348,7 +350,7 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
     app.state.refusals = refusals = Refusals(control, ctx.metrics.refusals.inc)
     app.state.ctx = ctx
     app.add_middleware(Gate, ctx=ctx, refusals=refusals,
-                       limit_for=lambda method, path: _limit(settings, method, path))
+                       limit_for=_limits(settings))
 
     names: set[str] = set()
 
@@ -431,19 +433,24 @@ def field_names(app: FastAPI) -> set[str]:
     return names
 
 
-def _limit(settings: Settings, method: str, path: str) -> int:
-    """The largest body a request to ``path`` may send."""
+def _limits(settings: Settings) -> Callable[[str, str], int]:
+    """``limit_for(method, path)``: the largest body a request to ``path`` may send."""
     from stockade.api.jobs import upload_limit
     from stockade.api.runners import LOG_CHUNK_MAX
 
-    if method in ("PUT", "POST"):
-        if path.startswith("/api/v1/runner/jobs/") and "/artifacts/" in path:
-            return settings.artifact_max_file_bytes
-        if path.startswith("/api/v1/runner/jobs/") and "/log/" in path:
-            return LOG_CHUNK_MAX
-        if path == "/api/v1/workspaces":
-            return upload_limit(settings)
-    return MAX_BODY_BYTES
+    artifact, upload = settings.artifact_max_file_bytes, upload_limit(settings)
+
+    def limit_for(method: str, path: str) -> int:
+        if method in ("PUT", "POST"):
+            if path.startswith("/api/v1/runner/jobs/") and "/artifacts/" in path:
+                return artifact
+            if path.startswith("/api/v1/runner/jobs/") and "/log/" in path:
+                return LOG_CHUNK_MAX
+            if path == "/api/v1/workspaces":
+                return upload
+        return MAX_BODY_BYTES
+
+    return limit_for
 
 
 def settle_heap() -> None:
