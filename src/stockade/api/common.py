@@ -123,9 +123,9 @@ class StoreCalls:
                         make: Callable[[Caller], Any]) -> tuple[Caller, T]:
         """``(caller, serve([make(caller)])[0])`` for the runner whose session token is
         ``bearer``, served as :meth:`joined`; its session is read with the others of its
-        batch before the batch's writes: one turn of the store thread for both (the gate
-        otherwise authenticates a runner's request in a batch of reads first). Raises
-        :class:`Unauthenticated` if the token authenticates no runner (nothing is served)."""
+        batch (one query) before the batch's writes: one turn of the store thread for both.
+        Raises :class:`Unauthenticated` if the token authenticates no runner (nothing is
+        served)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
         self._queue.put((_Joined(serve, make, False, bearer), done, loop))
@@ -313,12 +313,18 @@ async def refuse_async(ctx: "ApiContext", scope: Any, why: str, token_id: str | 
 
 
 async def authenticated(ctx: "ApiContext", bearer: str) -> Caller:
-    """The runner whose session token is ``bearer``, read in a batch of reads (raises
-    :class:`Unauthenticated`)."""
-    found = await ctx.store_calls.joined(ctx.fleet.authenticate_all, bearer, reads=True)
-    if isinstance(found, str):
-        raise Unauthenticated(found)
-    return found
+    """The runner whose session token is ``bearer``, its session read with the others of its
+    batch (``StoreCalls.as_runner``, with no work; raises :class:`Unauthenticated`)."""
+    caller, _ = await ctx.store_calls.as_runner(_no_work, bearer, _nothing)
+    return caller
+
+
+def _no_work(works: list[None]) -> list[None]:
+    return works
+
+
+def _nothing(caller: Caller) -> None:
+    return None
 
 
 def runner_of(request: Request) -> Caller:

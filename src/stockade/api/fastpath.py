@@ -190,14 +190,21 @@ def _json_body(scope: Any) -> bool:
 
 async def _body(receive: Receive) -> bytes:
     """The whole request body."""
-    parts = []
+    data = bytearray()
+    await read_into(receive, data)
+    return bytes(data)
+
+
+async def read_into(receive: Receive, data: bytearray) -> None:
+    """Read the rest of the request body onto ``data`` (what came stays there if this is
+    cancelled: a message is taken whole or not at all)."""
     while True:
         message = await receive()
         if message["type"] != "http.request":
             raise HTTPException(400, "the client went away")
-        parts.append(message.get("body", b""))
+        data += message.get("body", b"")
         if not message.get("more_body"):
-            return b"".join(parts)
+            return
 
 
 def replay(data: bytes, receive: Receive) -> Receive:

@@ -209,7 +209,7 @@ class Gate:
         time as any body. False: not such a request (also one that expects ``100 Continue``,
         which would tell a client without a session to send its body), or no slot is free
         (then it is authenticated first, as any other)."""
-        from stockade.api.fastpath import replay
+        from stockade.api.fastpath import read_into, replay
 
         declared = headers.get(b"content-length", b"0").strip(b" \t")
         largest = self.fast.at_once(scope)
@@ -226,7 +226,7 @@ class Gate:
                 if not body.done:  # (a claim has no body)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(OPEN_BODY_GRACE_S):
-                            await body.read_into(data)
+                            await read_into(body, data)
             if body.done:
                 state["bearer"] = bearer
             else:
@@ -234,7 +234,7 @@ class Gate:
                 if status:
                     await self._refuse(scope, receive, send, status, why, claimed)
                     return True
-                await body.read_into(data)
+                await read_into(body, data)
         except HTTPException as e:
             await JSONResponse({"detail": e.detail}, e.status_code, headers=e.headers
                                )(scope, receive, send)
@@ -315,15 +315,6 @@ class Body:
             raise HTTPException(413, f"the body is larger than {self.limit} bytes",
                                 headers={"Connection": "close"})
         return message
-
-    async def read_into(self, data: bytearray) -> None:
-        """Read the rest of the body onto ``data`` (what came stays there if this is
-        cancelled: a message is taken whole or not at all)."""
-        while not self.done:
-            message = await self()
-            if message["type"] != "http.request":
-                raise HTTPException(400, "the client went away")
-            data += message.get("body", b"")
 
 
 def create_app(settings: Settings, control: ControlService, fleet: FleetService) -> FastAPI:
