@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 1024  # connections of all clients at once (fewer if files are
 MAX_REQUESTS = 256  # requests served at once
 KEEP_ALIVE_S = 5  # an idle connection after a response
 BACKLOG = 1024  # connections the kernel holds until the server takes them (bursts)
+BODY_IN = "stockade.body_in"  # in a request's state: its whole body has come
 
 
 def _raw(status: bytes, text: bytes, *headers: bytes) -> bytes:
@@ -302,7 +303,14 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
         def on_message_complete(self) -> None:
             self._in_head = True
             if not self._body_left:  # (an upgrade's body comes after: see _upgrade_body)
-                super().on_message_complete()
+                self._body_in()
+
+        def _body_in(self) -> None:
+            """The request's whole body has come: the app's next ``receive`` returns it at
+            once (its ``state`` says so: :data:`BODY_IN`)."""
+            super().on_message_complete()
+            if self.cycle is not None:
+                self.cycle.scope["state"][BODY_IN] = True
 
         def _upgrade_body(self, data: bytes) -> None:
             """What came after an upgrade request's head: its body (as llhttp would have
@@ -313,7 +321,7 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS) -> type[asyncio.Pro
                 if piece:
                     self.on_body(piece)
                 if not self._body_left:
-                    super().on_message_complete()
+                    self._body_in()
 
         def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
             self._running = cycle

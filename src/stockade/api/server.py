@@ -40,7 +40,7 @@ from stockade.api.common import (
     authenticated,
     record_refusal,
 )
-from stockade.api.connections import client_key
+from stockade.api.connections import BODY_IN, client_key
 from stockade.audit import AuditEvent
 from stockade.config import Settings
 from stockade.control import ControlService
@@ -203,12 +203,13 @@ class Gate:
         """Serve a runner's claim or completion (those ``FastPath.at_once`` takes, with a
         small body) with its session read in the same turn of the store thread as its work,
         not in a turn of its own first. Its body is read before the session is checked, as
-        if it had no credentials: holding one of their slots (only until the body is in: one
-        that came with the headers holds none), for ``OPEN_BODY_GRACE_S`` at most; a body
-        slower than that (a slow link) gets its session checked first, then the rest of its
-        time as any body. False: not such a request (also one that expects ``100 Continue``,
-        which would tell a client without a session to send its body), or no slot is free
-        (then it is authenticated first, as any other)."""
+        if it had no credentials: holding one of their slots until the body is in (one that
+        came with the head, ``connections.BODY_IN``, holds none and waits for nothing), for
+        ``OPEN_BODY_GRACE_S`` at most; a body slower than that (a slow link) gets its session
+        checked first, then the rest of its time as any body. False: not such a request
+        (also one that expects ``100 Continue``, which would tell a client without a session
+        to send its body), or no slot is free (then it is authenticated first, as any
+        other)."""
         from stockade.api.fastpath import read_into, replay
 
         declared = headers.get(b"content-length", b"0").strip(b" \t")
@@ -220,13 +221,17 @@ class Gate:
         body, data = Body(receive, largest, int(declared), False), bytearray()
         state = scope.setdefault("state", {})
         try:
-            with self._open_slot(scope) as free:
-                if not free:
-                    return False
-                if not body.done:  # (a claim has no body)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(OPEN_BODY_GRACE_S):
-                            await read_into(body, data)
+            if state.get(BODY_IN):  # it came with the head: no slot to hold, no wait
+                await read_into(receive, data)
+                body.done = True
+            else:
+                with self._open_slot(scope) as free:
+                    if not free:
+                        return False
+                    if not body.done:  # (a claim has no body)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(OPEN_BODY_GRACE_S):
+                                await read_into(body, data)
             if body.done:
                 state["bearer"] = bearer
             else:

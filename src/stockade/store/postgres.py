@@ -14,6 +14,7 @@ Imported only when ``database_url`` names PostgreSQL: the embedded path never lo
 
 import json
 import re
+import select
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from functools import lru_cache
@@ -77,9 +78,25 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         options = _options(self._conninfo, version)
         self._pool = ConnectionPool(self._conninfo, min_size=1, max_size=pool_size,
                                     kwargs={"autocommit": True, "options": options},
-                                    timeout=POOL_WAIT_S,
-                                    check=ConnectionPool.check_connection,
+                                    timeout=POOL_WAIT_S, check=self._check,
                                     name="stockade", open=True)
+
+    def _check(self, conn: psycopg.Connection[Any]) -> None:
+        """The pool's check of a connection before it lends it (raises if it is dead).
+        An idle connection the server closed (a restart, ``pg_terminate_backend``) has its
+        goodbye waiting on the socket: only then does it cost a round trip (one for every
+        batch halved the store's rate of claims); then also every other idle connection is
+        checked at once, since a restart closed them all (else the pool found them dead one
+        at a time, waiting longer after each: 1, 2, 4 ... s, until its 30 s ran out)."""
+        if conn.closed:
+            raise psycopg.OperationalError("the connection is closed")
+        if not select.select((conn.fileno(),), (), (), 0)[0]:
+            return
+        try:
+            ConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            self._pool.check()
+            raise
 
     @staticmethod
     def _one_of(column: str, values: list[str]) -> tuple[str, tuple[Any, ...]]:
