@@ -20,7 +20,7 @@ def test_the_started_server_freezes_what_it_holds(tmp_path: Path,
     app = create_app(settings, control, fleet_service(settings, control))
 
     async def started() -> int:
-        async with app.router.lifespan_context(app):
+        async with app.app.router.lifespan_context(app.app):
             return gc.get_freeze_count()
 
     gc.unfreeze()

@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
     where = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
     # bounded as the module docstring says; idle keep-alive connections closed after 5 s
     app = create_app(settings, control, fleet)
-    waker = app.state.ctx.waker
+    waker = app.ctx.waker
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
