@@ -90,13 +90,24 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         at a time, waiting longer after each: 1, 2, 4 ... s, until its 30 s ran out)."""
         if conn.closed:
             raise psycopg.OperationalError("the connection is closed")
-        if not select.select((conn.fileno(),), (), (), 0)[0]:
+        try:
+            said = _readable(conn.fileno())
+        except (OSError, ValueError):
+            said = True  # (when in doubt, the full check)
+        if not said:
             return
         try:
             ConnectionPool.check_connection(conn)
         except psycopg.Error:
             self._pool.check()
             raise
+
+    def _lost(self, conn: psycopg.Connection[Any]) -> None:
+        """After a call on ``conn``: if the connection was lost (a failover or a reboot of
+        the database's host says no goodbye), the pool's idle connections are checked at
+        once, so that only the calls under way fail, not one after another."""
+        if conn.broken:
+            self._pool.check()
 
     @staticmethod
     def _one_of(column: str, values: list[str]) -> tuple[str, tuple[Any, ...]]:
@@ -204,6 +215,7 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
                     return super().batched(calls)
                 finally:
                     local.conn = None
+                    self._lost(conn)
         except psycopg.Error as e:
             raise self._error(e) from e
 
@@ -216,17 +228,24 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         in pipeline mode (see :class:`_Db`): while a writer holds the head, its round trips
         are every other writer's wait."""
         try:
-            with self._connection() as conn, _transaction(conn, self._error) as db:
-                if head:
-                    db.lock_head()
-                yield db
+            with self._connection() as conn:
+                try:
+                    with _transaction(conn, self._error) as db:
+                        if head:
+                            db.lock_head()
+                        yield db
+                finally:
+                    self._lost(conn)
         except psycopg.Error as e:
             raise self._error(e) from e
 
     def _fetch(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
             with self._connection() as conn:
-                return conn.execute(_pg(sql), args).fetchall()
+                try:
+                    return conn.execute(_pg(sql), args).fetchall()
+                finally:
+                    self._lost(conn)
         except psycopg.Error as e:
             raise self._error(e) from e
 
@@ -307,6 +326,14 @@ def _transaction(conn: psycopg.Connection[Any], error: Callable[[Exception], Sto
         raise Undone(f"the database undid a transaction ({commit.statusmessage}): one of its "
                      "statements failed, and the code that ran it went on",
                      hint="nothing of it was saved: repeat it")
+
+
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` has something to read (or its peer closed it), without waiting (poll,
+    not select: a descriptor may be above select's 1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _forget_prepared(conn: psycopg.Connection[Any]) -> None:

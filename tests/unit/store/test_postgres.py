@@ -3,6 +3,9 @@ and errors a person can act on."""
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -20,6 +23,7 @@ from sqlalchemy import create_engine
 from stockade.audit import AuditEvent, verify_chain
 from stockade.audit.head import head_of
 from stockade.errors import StoreError, UsageError
+from stockade.rlimits import raise_open_files
 from stockade.store.interface import JobRow
 from stockade.store.migrate import MIGRATION_LOCK
 from stockade.store.open import open_store
@@ -344,6 +348,109 @@ def test_after_a_restart_the_pool_lends_a_live_connection_at_once(
     assert checked
     assert store._fetch("SELECT pg_backend_pid()")[0][0] not in pids
     store.close()
+
+
+def test_connections_on_descriptors_past_1024_are_lent_and_checked(database_url: str) -> None:
+    """A server holds a thousand client connections: the pool's connections then have
+    descriptors past 1024, which select() refuses (every lend of one failed its check, for 30
+    s each); they are lent, and checked after a restart, as any other."""
+    if raise_open_files(1400) < 1400:
+        pytest.skip("this process may not open 1400 files")
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        store = PostgresStore(database_url, pool_size=2)
+        assert store.get_runner("r1") is None
+        pid = store._fetch("SELECT pg_backend_pid()")[0][0]
+        assert all(conn.fileno() > 1024 for conn in store._pool._pool)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+        started = time.monotonic()
+        assert store.get_runner("r1") is None
+        assert time.monotonic() - started < 10
+        store.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+
+
+def test_a_failover_without_goodbye_fails_only_the_calls_under_way(database_url: str) -> None:
+    """The database's host rebooted or failed over: its connections are gone without a word
+    (nothing to read on them; the first statement sent gets a reset). The call that finds
+    its connection lost fails (it may have been committed: not repeated), and the pool's
+    other idle connections are checked at once: the next calls succeed, not one failure per
+    dead connection."""
+    proxy = Cutter(database_url)
+    url = database_url.replace(f":{proxy.target[1]}/", f":{proxy.port}/")
+    store = PostgresStore(url, pool_size=6)
+    held = [store._pool.getconn() for _ in range(6)]
+    for conn in held:
+        store._pool.putconn(conn)
+    proxy.cut()
+    outcomes = []
+    for _ in range(4):
+        try:
+            outcomes.append(store.get_runner("r1") is None)
+        except StoreError:
+            outcomes.append(False)
+    assert outcomes.count(False) <= 1 and outcomes[-1]
+    store.close()
+    proxy.close()
+
+
+class Cutter:
+    """A TCP relay on loopback to a PostgreSQL server; :meth:`cut` makes every connection
+    relayed so far answer its next bytes with a reset (as after a failover: no FIN first)."""
+
+    def __init__(self, database_url: str) -> None:
+        info = psycopg.conninfo.conninfo_to_dict(database_url)
+        self.target = (str(info.get("host", "127.0.0.1")), int(info.get("port", 5432)))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.cut_before = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            n = len(self.pairs)
+            self.pairs.append((client, server))
+            threading.Thread(target=self._pump, args=(client, server, n), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, n: int | None) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if n is not None and n < self.cut_before:  # the client spoke to a dead host
+                src.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                src.close()
+                dst.close()
+                return
+            if not data:
+                dst.close()
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def cut(self) -> None:
+        self.cut_before = len(self.pairs)
+
+    def close(self) -> None:
+        self.listener.close()
+        for a, b in self.pairs:
+            a.close()
+            b.close()
 
 
 def test_the_pool_s_options_are_those_the_server_takes() -> None:
