@@ -1,13 +1,11 @@
 """Claims and completions on PostgreSQL as sets: all the claims of a batch (a server's
 concurrent requests, see ``SqlStore.batched``) take their jobs in one statement, all its
-completions end their attempts in one. Each statement passes its rows as arrays (``unnest``),
-so that its text and its number of parameters stay the same whatever the batch's size and
-psycopg keeps it prepared; one claim or one completion alone is a set of one.
-
-The rows of a set travel as one JSON parameter, an array of arrays read back with
-``json_array_elements`` (:func:`rows_sql`, :func:`rows_json`): an array parameter per column,
-which psycopg writes element by element, cost the server about twice the client CPU and
-PostgreSQL twice the CPU per statement.
+completions end their attempts in one. Each statement passes its rows as one JSON parameter,
+an array of arrays read back with ``json_array_elements`` (:func:`rows_sql`,
+:func:`rows_json`), so that its text and its number of parameters stay the same whatever the
+batch's size and psycopg keeps it prepared; one claim or one completion alone is a set of one.
+(An array parameter per column, which psycopg writes element by element, cost the server
+about twice the client CPU and PostgreSQL twice its CPU per statement.)
 
 A batch's completions and the claims they bring go in one transaction
 (:meth:`SetQueries.finish_and_claim`): the completions' statements and the claims' first page

@@ -84,8 +84,8 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
     def _check(self, conn: psycopg.Connection[Any]) -> None:
         """The pool's check of a connection before it lends it (raises if it is dead).
         An idle connection the server closed (a restart, ``pg_terminate_backend``) has its
-        goodbye waiting on the socket: only then does it cost a round trip (one for every
-        batch halved the store's rate of claims); then also every other idle connection is
+        goodbye waiting on the socket: only then does it cost a round trip (not one for every
+        batch, a wait for the database each time); then also every other idle connection is
         checked at once, since a restart closed them all (else the pool found them dead one
         at a time, waiting longer after each: 1, 2, 4 ... s, until its 30 s ran out)."""
         if conn.closed:
