@@ -1,11 +1,8 @@
 """Claims and completions on PostgreSQL as sets: all the claims of a batch (a server's
 concurrent requests, see ``SqlStore.batched``) take their jobs in one statement, all its
-completions end their attempts in one. Each statement passes its rows as one JSON parameter,
-an array of arrays read back with ``json_array_elements`` (:func:`rows_sql`,
-:func:`rows_json`), so that its text and its number of parameters stay the same whatever the
-batch's size and psycopg keeps it prepared; one claim or one completion alone is a set of one.
-(An array parameter per column, which psycopg writes element by element, cost the server
-about twice the client CPU and PostgreSQL twice its CPU per statement.)
+completions end their attempts in one. Each statement passes its rows as arrays (``unnest``),
+so that its text and its number of parameters stay the same whatever the batch's size and
+psycopg keeps it prepared; one claim or one completion alone is a set of one.
 
 A batch's completions and the claims they bring go in one transaction
 (:meth:`SetQueries.finish_and_claim`): the completions' statements and the claims' first page
@@ -20,7 +17,6 @@ cannot deadlock.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -62,26 +58,10 @@ _SEEN = ("WITH seen AS (SELECT id FROM runners WHERE id = ANY(?::text[]) AND sta
          "last_seen_at < ?) RETURNING 1) ")
 _ACTIVE = "(SELECT array_agg(id) FROM seen)"  # agents that may claim
 SEEN_EVERY_S = 1.0  # how often a runner's last_seen_at moves at most
-
-
-def rows_sql(columns: tuple[tuple[str, str], ...], ordinal: bool = False) -> str:
-    """A query of the rows of a JSON parameter (:func:`rows_json`): each column (name, type)
-    read from its place in each row; ``ordinal``: with ``n``, each row's place from 1."""
-    read = ", ".join(f"(e.r->>{i})::{kind} AS {name}" for i, (name, kind) in enumerate(columns))
-    return (f"SELECT {read}{', e.n' if ordinal else ''} FROM json_array_elements(?::json) "
-            "WITH ORDINALITY AS e (r, n)")
-
-
-def rows_json(rows: Iterable[Iterable[Any]]) -> str:
-    """The parameter of :func:`rows_sql`'s query: the rows as one JSON array of arrays (a
-    float as its shortest exact decimal; no NaN or infinity, which JSON has not)."""
-    return json.dumps([list(r) for r in rows], separators=(",", ":"), allow_nan=False)
-
-
 _TAKE = (
-    "WITH v AS (" + rows_sql((("id", "text"), ("attempt", "int"), ("runner_id", "text"),
-                              ("lease", "float8"), ("started", "float8"),
-                              ("after_job", "text"), ("after_attempt", "int"))) + "), "
+    "WITH v AS (SELECT * FROM unnest(?::text[], ?::int[], ?::text[], ?::float8[], ?::float8[], "
+    "?::text[], ?::int[]) AS v (id, attempt, runner_id, lease, started, after_job, "
+    "after_attempt)), "
     # by id: the jobs are queued and locked by this transaction since its page (the queue
     # index's estimate of queued jobs lags a burst of submissions: a plan that read them all)
     "j AS (UPDATE jobs SET status = 'running', runner_id = v.runner_id, attempt = v.attempt, "
@@ -160,12 +140,13 @@ class SetQueries:
                    for i, job in enumerate(out) if job is not None]
         if not claimed:
             return out
-        rows = [(job.id, job.attempt, job.runner_id, job.lease_expires_at, job.started_at,
-                 *(requests[i].after or (None, None)))
+        rows = [(job.id, job.attempt, job.runner_id, _float(job.lease_expires_at),
+                 _float(job.started_at), *(requests[i].after or (None, None)))
                 for i, job in claimed]
         # not read (sent with the commit): it takes them all, locked since the page (or an
         # attempt already there is a key violation, and the transaction is undone)
-        db.execute(_TAKE, (rows_json(rows), [row[0] for row in rows]))
+        columns = [list(c) for c in zip(*rows, strict=True)]
+        db.execute(_TAKE, [*columns, columns[0]])
         for i, job in claimed:
             out[i] = job
         self._append_all(db, [requests[i].event_for(job) for i, job in claimed])
@@ -325,11 +306,12 @@ def _finish_sql(keys: tuple[str, ...]) -> str:
     unknown = [k for k in keys if k not in _CHANGED]
     if unknown:
         raise ValueError(f"a completion does not change {unknown}")
-    columns = (("id", "text"), ("attempt", "int"), ("runner_id", "text"), ("outcome", "text"),
-               ("revoke_at", "float8"), *((k, _CHANGED[k]) for k in keys))
+    names = ("id", "attempt", "runner_id", "outcome", "revoke_at", *keys)
+    types = ("text", "int", "text", "text", "float8", *(_CHANGED[k] for k in keys))
     sets = ", ".join(f"{k} = v.{k}" for k in keys)
     return (
-        f"WITH v AS ({rows_sql(columns)}), "
+        f"WITH v AS (SELECT * FROM unnest({', '.join(f'?::{t}[]' for t in types)}) AS v "
+        f"({', '.join(names)})), "
         # by id: the status compared as an expression, which no index has (the queue index's
         # estimate of running jobs lags: a plan that read them all, for each request)
         f"j AS (UPDATE jobs SET {sets} FROM v WHERE jobs.id = ANY(?::text[]) AND jobs.id = v.id "
@@ -347,12 +329,16 @@ def _finish_sql(keys: tuple[str, ...]) -> str:
 
 
 def _finish_columns(requests: list[FinishRequest], keys: tuple[str, ...]) -> list[Any]:
-    """The parameters of :func:`_finish_sql`'s statement: its rows, the jobs' ids, then the
-    attempts' end time."""
+    """The arrays of :func:`_finish_sql`'s statement, the jobs' ids again, then the attempts'
+    end time."""
+    floats = [_CHANGED[k] == "float8" for k in keys]
     rows = [(r.job_id, r.attempt, r.runner_id, r.changes.get("status", "finished"),
-             None if r.revoke is None else r.revoke.at, *(r.changes[k] for k in keys))
+             None if r.revoke is None else _float(r.revoke.at),
+             *(_float(r.changes[k]) if f else r.changes[k] for k, f in zip(keys, floats,
+                                                                           strict=True)))
             for r in requests]
-    return [rows_json(rows), [r.job_id for r in requests], time.time()]
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    return [*columns, columns[0], time.time()]
 
 
 def _lease(row: dict[str, Any]) -> LeaseRow:
@@ -363,5 +349,5 @@ def _lease(row: dict[str, Any]) -> LeaseRow:
 
 
 def _float(value: Any) -> Any:
-    """``value`` as a float, None as it is."""
+    """``value`` as a float (psycopg refuses a list of ints and floats), None as it is."""
     return None if value is None else float(value)

@@ -27,7 +27,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from stockade.audit import AuditEvent, AuditHead, AuditSnapshot, chain_hash
 from stockade.errors import StoreError
 from stockade.store.fleet import FleetQueries
-from stockade.store.pgsets import SetQueries, rows_json, rows_sql
+from stockade.store.pgsets import SetQueries
 from stockade.store.sql import (
     AUDIT_COLUMNS,
     HEAD_REVISION,
@@ -195,13 +195,16 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
             super()._append_events(db, events)
             db.forget_head()
             return
-        rows = []
+        columns: list[list[Any]] = [[] for _ in range(7)]
         count, digest = head
         for event in events:
             prev, digest = digest, chain_hash(digest, event)
-            rows.append((event.at, event.actor, event.action, event.job_id,
-                         json.dumps(event.detail, sort_keys=True), prev, digest))
-        db.execute(_INSERT_EVENTS, (rows_json(rows),))
+            for column, value in zip(columns, (float(event.at), event.actor, event.action,
+                                               event.job_id,
+                                               json.dumps(event.detail, sort_keys=True),
+                                               prev, digest), strict=True):
+                column.append(value)
+        db.execute(_INSERT_EVENTS, columns)
         db.moved((count + len(events), digest))
 
     def batched(self, calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
@@ -498,11 +501,10 @@ class _Result:
         return iter(self.fetchall())
 
 
-# in the rows' order (a trigger moves audit_head for each row, in order: migration 0004)
-_INSERT_EVENTS = (f"INSERT INTO audit_events ({AUDIT_COLUMNS}) SELECT {AUDIT_COLUMNS} FROM (" +
-                  rows_sql((("at", "float8"), ("actor", "text"), ("action", "text"),
-                            ("job_id", "text"), ("detail_json", "text"), ("prev_hash", "text"),
-                            ("hash", "text")), ordinal=True) + ") AS x ORDER BY n")
+# in the arrays' order (a trigger moves audit_head for each row, in order: migration 0004)
+_INSERT_EVENTS = (f"INSERT INTO audit_events ({AUDIT_COLUMNS}) SELECT {AUDIT_COLUMNS} FROM "
+                  "unnest(?::float8[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], "
+                  f"?::text[]) WITH ORDINALITY AS e ({AUDIT_COLUMNS}, n) ORDER BY n")
 
 
 @lru_cache(maxsize=1024)

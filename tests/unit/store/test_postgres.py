@@ -27,7 +27,7 @@ from stockade.rlimits import raise_open_files
 from stockade.store.interface import JobRow
 from stockade.store.migrate import MIGRATION_LOCK
 from stockade.store.open import open_store
-from stockade.store.pgsets import first_page_sql, rows_json, rows_sql
+from stockade.store.pgsets import first_page_sql
 from stockade.store.postgres import PostgresStore, _options, _pg
 from stockade.store.schema import metadata
 from stockade.store.sql import HEAD_REVISION
@@ -212,24 +212,6 @@ def test_array_parameters_travel_in_binary_and_come_back_whole(
     assert store._read(f"SELECT ?::{kind}[], cardinality(?::{kind}[])", (values, values)) == \
         [(values, len(values))]
     store.close()
-
-
-def test_rows_of_a_set_travel_as_json_and_come_back_exactly(database_url: str) -> None:
-    """Every value a set's rows carry comes back as sent: quotes, backslashes, escapes and
-    characters beyond the BMP in text, NULLs, floats to the last bit, 64-bit counts; a row's
-    place with ``ordinal``; NaN is refused before it is sent (JSON has none)."""
-    rows = [("x", 1, 0.1 + 0.2, 2**40), ('q"\\{,}\n\'\u00e9\U0001f600', None, 1e-300, None),
-            (None, -7, 1764530000.123456, 0), ("", 2**31 - 1, None, -(2**62))]
-    store = PostgresStore(database_url)
-    query = rows_sql((("t", "text"), ("i", "int"), ("f", "float8"), ("b", "int8")),
-                     ordinal=True)
-    assert store._read(f"SELECT t, i, f, b, n FROM ({query}) AS x ORDER BY n",
-                       (rows_json(rows),)) == [(*r, n) for n, r in enumerate(rows, 1)]
-    assert store._read(f"SELECT count(*) FROM ({rows_sql((('t', 'text'),))}) AS x",
-                       (rows_json([]),)) == [(0,)]
-    store.close()
-    with pytest.raises(ValueError):
-        rows_json([(float("nan"),)])
 
 
 def failure(url: str) -> StoreError:
