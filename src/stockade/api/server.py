@@ -11,8 +11,9 @@ events, at most ``REFUSALS_PER_MINUTE`` of them a minute (the rest are counted i
 Runner agents use ``/api/v1/enrol`` (authenticated by their enrolment token and attestation,
 in the body) and then ``/api/v1/runner/`` with their session token (``api/runners.py``,
 docs/fleet.md); their claims and completions are read whole first when their bodies are
-small (as a request without credentials, in one of their slots), and their session is
-checked in the same store turn as their work (``Gate._at_once``). The routes for people and
+small (as a request without credentials: in one of their slots, unless the body came with
+the head), and their session is checked in the same store turn as their work
+(``Gate._at_once``). The routes for people and
 their tools are in ``api/jobs.py``.
 """
 
@@ -224,16 +225,14 @@ class Gate:
         try:
             if state.get(BODY_IN):  # it came with the head: no slot to hold, no wait
                 await read_into(receive, data)
-                body.done = True
-            else:
+            elif not body.done:  # (a claim has no body)
                 with self._open_slot(scope) as free:
                     if not free:
                         return False
-                    if not body.done:  # (a claim has no body)
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(OPEN_BODY_GRACE_S):
-                                await read_into(body, data)
-            if body.done:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(OPEN_BODY_GRACE_S):
+                            await read_into(body, data)
+            if state.get(BODY_IN) or body.done:
                 state["bearer"] = bearer
             else:
                 status, why, claimed = await self._runner(bearer, state)

@@ -102,12 +102,18 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
             self._pool.check()
             raise
 
-    def _lost(self, conn: psycopg.Connection[Any]) -> None:
-        """After a call on ``conn``: if the connection was lost (a failover or a reboot of
-        the database's host says no goodbye), the pool's idle connections are checked at
-        once, so that only the calls under way fail, not one after another."""
-        if conn.broken:
-            self._pool.check()
+    @contextmanager
+    def _lent(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of the pool for a call or a batch. If it was lost meanwhile (a
+        failover or a reboot of the database's host says no goodbye), the pool's idle
+        connections are checked at once: only the calls under way fail, not one after
+        another on each dead connection lent."""
+        with self._pool.connection() as conn:
+            try:
+                yield conn
+            finally:
+                if conn.broken:
+                    self._pool.check()
 
     @staticmethod
     def _one_of(column: str, values: list[str]) -> tuple[str, tuple[Any, ...]]:
@@ -212,13 +218,12 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         transaction begins run there too (one borrow, one liveness check, per batch)."""
         local = self._local()
         try:
-            with self._pool.connection() as conn:
+            with self._lent() as conn:
                 local.conn = conn
                 try:
                     return super().batched(calls)
                 finally:
                     local.conn = None
-                    self._lost(conn)
         except psycopg.Error as e:
             raise self._error(e) from e
 
@@ -231,24 +236,17 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         in pipeline mode (see :class:`_Db`): while a writer holds the head, its round trips
         are every other writer's wait."""
         try:
-            with self._connection() as conn:
-                try:
-                    with _transaction(conn, self._error) as db:
-                        if head:
-                            db.lock_head()
-                        yield db
-                finally:
-                    self._lost(conn)
+            with self._connection() as conn, _transaction(conn, self._error) as db:
+                if head:
+                    db.lock_head()
+                yield db
         except psycopg.Error as e:
             raise self._error(e) from e
 
     def _fetch(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
             with self._connection() as conn:
-                try:
-                    return conn.execute(_pg(sql), args).fetchall()
-                finally:
-                    self._lost(conn)
+                return conn.execute(_pg(sql), args).fetchall()
         except psycopg.Error as e:
             raise self._error(e) from e
 
@@ -261,13 +259,13 @@ class PostgresStore(SqlStore, SetQueries, FleetQueries):
         if conn is not None and not conn.closed and conn.info.transaction_status not in _FAILED:
             return nullcontext(conn)
         local.conn = None
-        return self._pool.connection()
+        return self._lent()
 
     def audit_snapshot(self) -> AuditSnapshot:
         """The whole trail and its head record, read in one snapshot (no file: the head row
         is the anchor on PostgreSQL, so ``file_head`` is None and ``file_problem`` empty)."""
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._lent() as conn, conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 records = audit_records(conn.execute(
                     f"SELECT {AUDIT_COLUMNS} FROM audit_events ORDER BY seq").fetchall())
