@@ -51,6 +51,16 @@ POOL_MAX = 16  # connections per store (a replica); the server's max_connections
 # before)
 _OPTIONS = {0: "-c enable_bitmapscan=off", 130000: "-c enable_incremental_sort=off"}
 POOL_WAIT_S = 30.0
+# libpq's parameters unless the URL sets them: a connection to a database host that vanished
+# without a goodbye (a failover, a reboot, a cut network) fails within seconds instead of
+# holding the store's thread, and every request of its server with it: an idle one by TCP
+# keepalives (20 s quiet, then 4 probes 5 s apart), one whose statement is not acknowledged
+# within 20 s (the kernel's retransmissions would go on for about 15 minutes); a live server
+# answers both however long its statement runs (see docs/fleet.md)
+_CONNECTION_DEFAULTS = {"connect_timeout": "10", "application_name": "stockade",
+                        "keepalives": "1", "keepalives_idle": "20",
+                        "keepalives_interval": "5", "keepalives_count": "4",
+                        "tcp_user_timeout": "20000"}
 _URL_HINT = ("write it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE (see the settings "
              "table in README)")
 
@@ -542,8 +552,9 @@ def _options(conninfo: str, version: int) -> str:
 
 
 def _conninfo(url: str) -> tuple[str, str]:
-    """libpq's connection string for ``url`` (with a connect timeout unless it has one), and
-    the URL as errors show it: without its password."""
+    """libpq's connection string for ``url`` (with those of :data:`_CONNECTION_DEFAULTS` it
+    does not set: timeouts, keepalives), and the URL as errors show it: without its
+    password."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in SCHEMES:
         raise StoreError(f"{_redacted(url)} is not a PostgreSQL URL", hint=_URL_HINT)
@@ -551,8 +562,7 @@ def _conninfo(url: str) -> tuple[str, str]:
         params = conninfo_to_dict("postgresql://" + rest)
     except psycopg.Error as e:
         raise _invalid(url, e) from e
-    extra = {k: v for k, v in (("connect_timeout", "10"), ("application_name", "stockade"))
-             if k not in params}
+    extra = {k: v for k, v in _CONNECTION_DEFAULTS.items() if k not in params}
     user = f"{params['user']}@" if params.get("user") else ""
     where = f"postgresql://{user}{params.get('host') or 'localhost'}:" \
             f"{params.get('port') or 5432}/{params.get('dbname') or ''}"

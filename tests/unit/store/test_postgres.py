@@ -442,3 +442,33 @@ def test_the_pool_s_options_are_those_the_server_takes() -> None:
         "-c enable_bitmapscan=off -c enable_incremental_sort=off"
     assert _options("host=h options='-c work_mem=8MB'", 120010) == \
         "-c work_mem=8MB -c enable_bitmapscan=off"
+
+
+def test_pooled_connections_give_up_on_a_vanished_host_within_seconds(database_url: str
+                                                                       ) -> None:
+    """A database host that vanishes without a goodbye leaves a half-open connection; the
+    store's connections carry TCP keepalives and a user timeout (seen on the socket itself),
+    so neither an idle one nor one waiting on an unacknowledged statement waits for the
+    kernel's ~15 minutes of retransmissions with the store's thread. The URL's own values
+    win."""
+
+    def options(url: str) -> tuple[int, int, int, int, int]:
+        store = PostgresStore(url, pool_size=1)
+        try:
+            with store._lent() as conn:
+                sock = socket.socket(fileno=os.dup(conn.fileno()))
+                try:
+                    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+                finally:
+                    sock.close()
+        finally:
+            store.close()
+
+    assert options(database_url) == (1, 20, 5, 4, 20000)
+    sep = "&" if "?" in database_url else "?"
+    assert options(f"{database_url}{sep}keepalives_idle=300&tcp_user_timeout=60000") == \
+        (1, 300, 5, 4, 60000)
