@@ -66,3 +66,23 @@ def test_killed_runner_is_reaped_by_the_next_run(stockade_home: Path, tmp_path: 
     assert (shown["status"], shown["failure_reason"]) == ("failed", "runner_lost")
     audit = run_cli(stockade_home, "show", lost_id).stdout
     assert "job.runner_lost" in audit
+
+
+def test_stockade_cancel_stops_a_local_run_within_a_heartbeat(stockade_home: Path,
+                                                               tmp_path: Path) -> None:
+    """``stockade cancel`` from another terminal stops a ``stockade run`` in progress (it
+    said "cancel requested" and the job ran on to its end)."""
+    proc = start(stockade_home, tmp_path)
+    jobs = json.loads(run_cli(stockade_home, "jobs", "--json").stdout)
+    job_id = next(j["job_id"] for j in jobs if j["status"] == "running")
+    asked = time.monotonic()
+    done = run_cli(stockade_home, "cancel", job_id)
+    assert done.returncode == 0 and "cancel requested" in done.stdout, done.stderr
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - asked < 30  # a heartbeat is 2 s; the step sleeps 300
+    result = json.loads(out)
+    assert proc.returncode == 1
+    assert (result["status"], result["failure_reason"]) == ("failed", "canceled")
+    log = (stockade_home / "logs" / f"{job_id}.log").read_text()
+    assert "canceled on request (stockade cancel) during step a" in log
+    nothing_left(stockade_home, job_id)

@@ -17,7 +17,8 @@ canceled (exit 2).
 
 With --server (or $STOCKADE_SERVER) the job is a server's: a submitter token in
 $STOCKADE_TOKEN cancels the jobs it submitted, an admin token any job. Without, the job is
-this host's (a stockade run in progress is stopped with Ctrl-C in its terminal)."""
+this host's: a stockade run in progress sees the request within runner_heartbeat_s as an
+agent does (or stop it with Ctrl-C in its terminal)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

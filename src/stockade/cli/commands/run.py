@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stockade.control import ControlService
 
 HELP = "run one job locally in a hardened sandbox"
 DESCRIPTION = """\
@@ -39,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "request; never receives secrets). Default: trusted")
     p.add_argument("--ref", default="local", metavar="REF",
                    help="the source reference the job runs (in its identity token's sub)")
+
+
+def _cancel_asked(control: ControlService, job_id: str) -> bool:
+    """Whether ``stockade cancel`` asked the job to stop."""
+    job = control.job(job_id)
+    return job is not None and job.cancel_requested_at is not None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -77,7 +88,8 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # cancel, then tear down
             signal.signal(signal.SIGHUP, signal.default_int_handler)
             live = sys.stderr.buffer if sys.stderr is not None else None  # None: stderr closed
-            runner = Runner(settings, backend, control, runner_id, live=live)
+            runner = Runner(settings, backend, control, runner_id, live=live,
+                            canceled=functools.partial(_cancel_asked, control))
             runner.run_one(workspace, job_id=job.id)
         recorded = True
     finally:
