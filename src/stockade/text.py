@@ -142,3 +142,9 @@ def _escape_utf8(data: bytes, keep: bytes) -> bytes | None:
         char = bytes((byte,))
         data = data.replace(char, _UTF8[char])
     return data
+
+
+def digits(text: str) -> bool:
+    """Whether ``text`` is one or more ASCII digits (``str.isdigit`` also takes "²", which
+    ``int`` refuses)."""
+    return text.isascii() and text.isdigit()

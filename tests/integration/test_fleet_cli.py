@@ -86,6 +86,26 @@ def test_a_refused_token_or_role_is_exit_2_naming_the_role(fleet: Fleet) -> None
     assert fleet.cli("cancel", job[1]["job_id"]).returncode == 0  # no job left queued
 
 
+def test_a_refusal_that_is_not_the_role_s_says_what_it_is(fleet: Fleet,
+                                                          tmp_path: Path) -> None:
+    """A submitter's token that may submit some refs only: a job of another ref is refused
+    for its ref (it said the token needs the submitter role); a server's reason of several
+    lines (a spec over the server's ceilings) is shown as lines, not with a literal \\n."""
+    made = fleet.cli("token", "create", "ci-main", "--role", "submitter", "--refs",
+                     "refs/heads/*")
+    assert made.returncode == 0, made.stderr
+    spec = tmp_path / "job.yaml"
+    spec.write_text(SPEC)
+    done = fleet.cli("submit", str(spec), "--workspace", str(tmp_path), role="submitter",
+                     STOCKADE_TOKEN=made.stdout.strip())
+    assert done.returncode == 2 and "refs matching" in done.stderr, done.stderr
+    assert "submitter role" not in done.stderr and "hint: pass --ref" in done.stderr
+    spec.write_text(SPEC + "resources: {memory: 1Ti}\n")
+    done = fleet.cli("submit", str(spec), "--workspace", str(tmp_path), role="submitter")
+    assert done.returncode == 2 and "\n  resources.memory" in done.stderr, done.stderr
+    assert "\\n" not in done.stderr
+
+
 def test_no_server_there_is_exit_4(fleet: Fleet) -> None:
     done = fleet.cli("jobs", STOCKADE_SERVER=f"http://127.0.0.1:{_free_port()}")
     assert done.returncode == 4 and "cannot reach the stockade server" in done.stderr
@@ -93,10 +113,20 @@ def test_no_server_there_is_exit_4(fleet: Fleet) -> None:
 
 
 @pytest.mark.parametrize("url", ["http://example.com:8377", "ftp://127.0.0.1/", "not a url",
-                                 "http://user@127.0.0.1:1"])
+                                 "http://user@127.0.0.1:1", "http://127.0.0.1:abc",
+                                 "http://[::1", "http://127.0.0.1:99999"])
 def test_a_url_the_token_must_not_go_to_is_refused(fleet: Fleet, url: str) -> None:
     done = fleet.cli("jobs", STOCKADE_SERVER=url)
     assert done.returncode == 2 and done.stdout == ""
+    assert "not a server URL" in done.stderr or "in the clear" in done.stderr
+
+
+@pytest.mark.parametrize("token", ["stk_\u00e9", "stk_a\nb", "stk_a b", "stk_a\x1bb"])
+def test_a_token_no_server_gave_is_refused_without_being_shown(fleet: Fleet,
+                                                                token: str) -> None:
+    done = fleet.cli("jobs", STOCKADE_TOKEN=token)
+    assert done.returncode == 2 and "not an API token" in done.stderr
+    assert token.strip() not in done.stderr
 
 
 class _Canned(http.server.BaseHTTPRequestHandler):
@@ -109,7 +139,9 @@ class _Canned(http.server.BaseHTTPRequestHandler):
             return
         data = body.encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "text/html" if body.startswith("<") else
+                         "application/json")
+        self.send_header("Retry-After", "\u00b2")  # (a digit to str.isdigit only)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -135,6 +167,14 @@ def test_a_failing_server_is_exit_4_and_its_words_are_escaped(
     done = fleet.cli("jobs", STOCKADE_SERVER=url)
     assert done.returncode == 4 and "server failed (500)" in done.stderr
     assert "\x1b" not in done.stderr and "boom\\x1b[2J" in done.stderr
+
+
+def test_a_web_server_that_is_not_stockade_is_named_as_such(
+        fleet: Fleet, canned: http.server.ThreadingHTTPServer) -> None:
+    canned.canned = (200, "<html>welcome</html>")  # type: ignore[attr-defined]
+    done = fleet.cli("jobs", STOCKADE_SERVER=f"http://127.0.0.1:{canned.server_address[1]}")
+    assert done.returncode == 4 and "not JSON (text/html)" in done.stderr
+    assert "is STOCKADE_SERVER" in done.stderr
 
 
 def test_a_server_that_does_not_answer_times_out(
@@ -338,7 +378,8 @@ def test_secrets_through_the_server(fleet: Fleet) -> None:
     assert short.returncode == 2 and "shorter than 4" in short.stderr
     assert fleet.cli("secret", "list", role="submitter").returncode == 2
     assert fleet.cli("secret", "rm", "API_KEY").stdout == "secret API_KEY removed\n"
-    assert fleet.cli("secret", "rm", "API_KEY").returncode == 2
+    gone = fleet.cli("secret", "rm", "API_KEY")
+    assert gone.returncode == 2 and "hint: list secrets with: stockade secret list" in gone.stderr
     assert fleet.cli("secret", "rm", "../jobs").returncode == 2
 
 
@@ -366,7 +407,8 @@ def test_runners_are_enrolled_and_managed_from_the_cli(fleet: Fleet) -> None:
     assert fleet.cli("runner", "drain", runner.runner_id).stdout.endswith("draining\n")
     assert run_cli(fleet.home, "runner", "resume", runner.runner_id).stdout.endswith(
         "active\n")
-    assert fleet.cli("runner", "drain", "r-nobody").returncode == 2
+    nobody = fleet.cli("runner", "drain", "r-nobody")
+    assert nobody.returncode == 2 and "hint: list runners with: stockade runner" in nobody.stderr
     assert fleet.cli("runner", "resume", runner.runner_id).returncode == 2  # not draining
     done = fleet.cli("runner", "quarantine", runner.runner_id)
     assert done.returncode == 0 and "quarantined" in done.stdout

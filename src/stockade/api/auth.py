@@ -22,6 +22,9 @@ from stockade.secrets.broker import check_refs
 from stockade.store.interface import TokenRow
 
 ROLES = ("viewer", "submitter", "admin")
+# in the server's 403 answers, for the client to tell them apart (cli/remote.py)
+ROLE_REFUSED = "role may not do this"
+REFS_REFUSED = "may submit jobs for refs matching"
 PREFIX = "stk_"
 
 

@@ -281,7 +281,7 @@ def require(request: Request, role: str) -> TokenRow:
     refusals)."""
     row = token_of(request)
     if not auth.allows(row.role, role):
-        refuse(request, f"the {row.role} role may not do this ({role} needed)", row.id)
+        refuse(request, f"the {row.role} {auth.ROLE_REFUSED} ({role} needed)", row.id)
     return row
 
 

@@ -41,11 +41,13 @@ _FILE_BLOCK = 1024 * 1024
 
 def parse_event_id(value: str | None) -> tuple[int, int] | None:
     """``(attempt, seq)`` of a ``Last-Event-ID`` like ``2.17``; ``(0, -1)`` for none; None if
-    malformed."""
+    malformed: each part 1 to 9 ASCII digits (``isdigit`` takes "²", which ``int`` refuses,
+    and a 20-digit number overflowed the database's integers)."""
     if not value:
         return (0, -1)
     attempt, sep, seq = value.partition(".")
-    if not sep or not attempt.isdigit() or not seq.isdigit() or len(value) > 24:
+    if not sep or not all(0 < len(x) <= 9 and x.isascii() and x.isdigit()
+                          for x in (attempt, seq)):
         return None
     return int(attempt), int(seq)
 

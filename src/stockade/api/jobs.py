@@ -66,8 +66,8 @@ async def submit_job(ctx: ApiContext, caller: TokenRow, body: SubmitRequest, sco
 
     control, fleet = ctx.control, ctx.fleet
     if not auth.ref_allowed(caller, body.ref):
-        await refuse_async(ctx, scope, f"this token may submit jobs for refs matching "
-                                       f"{caller.refs!r} only", caller.id)
+        await refuse_async(ctx, scope, f"this token {auth.REFS_REFUSED} {caller.refs!r} only",
+                           caller.id)
     if body.workspace_sha256 and await ctx.store_calls(
             fleet.store.has_blob, body.workspace_sha256) is None:
         raise HTTPException(422, "workspace_sha256 names no uploaded workspace archive: "

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stockade.errors import InfrastructureError, UsageError
-from stockade.text import escape_controls
+from stockade.text import digits, escape_controls
 
 if TYPE_CHECKING:
     import httpx
@@ -39,11 +39,13 @@ MAX_LINE_BYTES = 8 * 1024 * 1024  # an event stream's line (a log chunk is at mo
 TOKEN_HINT = "an admin makes one on the server with: stockade token create NAME --role ROLE"
 
 
-def add_server_argument(p: argparse.ArgumentParser) -> None:
-    """``--server URL`` (default: ``$STOCKADE_SERVER``; neither: the local installation)."""
+def add_server_argument(p: argparse.ArgumentParser, local: bool = True) -> None:
+    """``--server URL`` (default: ``$STOCKADE_SERVER``; neither: the local installation,
+    for a command that has one: ``local``)."""
+    without = "; without either, this host's state directory" if local else ""
     p.add_argument("--server", metavar="URL", default=None,
-                   help="talk to this stockade server (default: $STOCKADE_SERVER; without "
-                   "either, this host's state directory); the API token is $STOCKADE_TOKEN")
+                   help=f"talk to this stockade server (default: $STOCKADE_SERVER{without}); "
+                   "the API token is $STOCKADE_TOKEN")
 
 
 def server_url(args: argparse.Namespace) -> str | None:
@@ -60,12 +62,20 @@ def connect(args: argparse.Namespace) -> Remote | None:
     if not token:
         raise UsageError(f"no API token for the server {shown(url)}: set STOCKADE_TOKEN",
                          hint=TOKEN_HINT)
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise UsageError("STOCKADE_TOKEN is not an API token: it holds characters no token "
+                         "has (spaces, control or non-ASCII characters)",
+                         hint=f"copy the token again as it was shown; {TOKEN_HINT}")
     return Remote(check_url(url), token, os.environ.get("STOCKADE_CA_FILE") or None)
 
 
 def check_url(url: str) -> str:
     """``url`` without a trailing slash, if it is one the client may send a token to."""
-    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:  # (an unclosed IPv6 bracket too)
+        parts = urllib.parse.urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
             or parts.fragment or parts.username:
         raise UsageError(f"{shown(url)} is not a server URL",
@@ -151,7 +161,15 @@ class Remote:
         with self.request(method, path, role, json=body, params=params,
                           missing=missing) as response:
             response.read()
-            return response.json() if response.content else None
+            if not response.content:
+                return None
+            try:
+                return response.json()
+            except ValueError as e:  # (not UTF-8 either)
+                raise InfrastructureError(
+                    f"{self.url} answered {method} {path} with something that is not JSON "
+                    f"({shown(response.headers.get('content-type', 'no content type'), 60)})",
+                    hint="is STOCKADE_SERVER (or --server) the URL of a stockade server?") from e
 
     @contextmanager
     def request(self, method: str, path: str, role: str, missing: str | None = None,
@@ -185,22 +203,29 @@ class Remote:
                                    hint=hint)
 
     def _refused(self, response: httpx.Response, role: str, missing: str | None) -> None:
+        from stockade.api.auth import REFS_REFUSED, ROLE_REFUSED
+
         status, detail = response.status_code, _detail(response)
         if status == 401:
             raise Refused(status, f"the server refused the API token ({detail})",
                           hint=f"set STOCKADE_TOKEN to a valid token; {TOKEN_HINT}")
-        if status == 403:
+        if status == 403 and ROLE_REFUSED in detail:
             article = "an" if role[0] in "aeiou" else "a"
             raise Refused(status, f"the server refused this: it needs a token with the {role} "
                           f"role; it said: {detail}",
                           hint=f"put {article} {role}'s token in STOCKADE_TOKEN")
+        if status == 403:  # the role was enough: something else the token or runner may not
+            hint = "pass --ref with a ref the token allows (stockade token list shows them)" \
+                if REFS_REFUSED in detail else ""
+            raise Refused(status, f"the server refused this: {detail}", hint=hint)
         if status == 404 and missing:
-            raise Refused(status, missing, hint="list jobs with: stockade jobs")
+            kind = response.request.url.path.removeprefix("/api/v1/").split("/", 1)[0]
+            raise Refused(status, missing, hint=_LISTS.get(kind, _LISTS["jobs"]))
         if status >= 500:
             after = response.headers.get("retry-after", "")
             raise ServerFailed(status, f"the server failed ({status}): {detail}",
                                hint="try again; if it persists, see the server's log",
-                               retry_after=min(60.0, float(after)) if after.isdigit() else 0.0)
+                               retry_after=min(60.0, float(after)) if digits(after) else 0.0)
         raise Refused(status, f"the server refused the request ({status}): {detail}")
 
     def job_id(self, id_or_prefix: str) -> str:
@@ -325,12 +350,20 @@ def _parse(lines: Iterator[str]) -> Iterator[Event]:
             event_id = value
 
 
+_LISTS = {"jobs": "list jobs with: stockade jobs",  # what lists the things a 404 is about
+          "runners": "list runners with: stockade runner list",
+          "secrets": "list secrets with: stockade secret list"}
+
+
 def _detail(response: httpx.Response) -> str:
-    """The server's reason, printable."""
+    """The server's reason, printable: its lines (a spec's problems, one a line) kept, each
+    without control characters and cut, at most 25 of them."""
     try:
         detail = response.json().get("detail")
     except (ValueError, AttributeError):
         detail = response.text[:300]
     if isinstance(detail, list):
         detail = "; ".join(str(d) for d in detail[:5])
-    return shown(detail or response.reason_phrase)
+    lines = str(detail or response.reason_phrase).splitlines() or [""]
+    return "\n".join([shown(line) for line in lines[:25]]
+                     + ([f"... ({len(lines) - 25} more lines)"] if len(lines) > 25 else []))

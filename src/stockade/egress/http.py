@@ -14,6 +14,8 @@ import re
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from stockade.text import digits
+
 MAX_HEAD = 16 * 1024
 MAX_HOST = 253  # the longest DNS name
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed in header values
@@ -122,7 +124,7 @@ def _body_length(headers: list[tuple[str, str]]) -> int:
     if len(lengths) > 1:
         raise BadRequest(400, "conflicting Content-Length headers")
     value = lengths.pop()
-    if not value.isdigit() or len(value) > 18:
+    if not digits(value) or len(value) > 18:
         raise BadRequest(400, "malformed Content-Length")
     return int(value)
 
@@ -149,7 +151,7 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int]
         if default_port is None:
             raise BadRequest(400, "CONNECT needs host:port")
         port = default_port
-    elif port_text.isdigit() and 0 < int(port_text) < 65536:
+    elif digits(port_text) and 0 < int(port_text) < 65536:
         port = int(port_text)
     else:
         raise BadRequest(400, f"bad port {port_text!r}")

@@ -59,11 +59,12 @@ def main(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace, layout: Layout, work: Path) -> int:
     from stockade.errors import UsageError
     from stockade.image.build import BuildRequest, build
+    from stockade.text import digits
 
     epoch = args.source_date_epoch
     if epoch is None:
         text = os.environ.get("SOURCE_DATE_EPOCH", "0")
-        if not text.isdigit():
+        if not digits(text):
             raise UsageError(f"SOURCE_DATE_EPOCH {text[:40]!r} is not a number of seconds",
                              hint="unset it or set it to e.g. $(date +%s)")
         epoch = int(text)

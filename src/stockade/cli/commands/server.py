@@ -65,10 +65,11 @@ def main(args: argparse.Namespace) -> int:
     from stockade.api.server import create_app
     from stockade.cli.context import fleet_service, open_control
     from stockade.errors import UsageError
+    from stockade.text import digits
 
     host, sep, port = args.listen.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not digits(port) or int(port) > 65535:
         raise UsageError(f"--listen {args.listen[:80]!r} is not HOST:PORT",
                          hint="e.g. --listen 127.0.0.1:8377")
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -47,12 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the trust asked for; the server caps it at the token's max trust "
                    "(default: trusted)")
     p.add_argument("--ref", default="local", metavar="REF",
-                   help="the source reference the job runs (the token must allow it)")
+                   help="the source reference the job runs, e.g. refs/heads/main (the token "
+                   "must allow it; default: local)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream the live log to stderr and wait for the end")
     p.add_argument("--json", action="store_true",
                    help="wait for the end and print the result as JSON on stdout")
-    add_server_argument(p)
+    add_server_argument(p, local=False)
 
 
 def main(args: argparse.Namespace) -> int:
