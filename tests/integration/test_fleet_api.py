@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import io
 import json
+import os
 import tarfile
 import threading
 import time
@@ -271,6 +272,17 @@ def test_artifacts_are_listed_and_downloaded_as_attachments(api: Api) -> None:
     assert got.headers["content-type"] == "application/octet-stream"
     assert got.headers["content-disposition"] == "attachment; filename*=UTF-8''x%20y.html"
     assert got.headers["x-content-type-options"] == "nosniff"
+    assert got.headers["content-length"] == str(len(page))
+    assert got.headers["x-stockade-sha256"] == digest
+    runner.close()
+    runner = api.runner("big-artist")  # several slices of a download
+    job_id, a = _run_job(api, runner, [b"x\n"], finish=False)
+    big = os.urandom(2 * 1024 * 1024 + 3)
+    digest = runner.artifact(a, big)
+    assert runner.complete(a, artifacts=[{"path": "big.bin", "sha256": digest,
+                                          "size": len(big)}]) == 200
+    got = api.call("GET", f"/api/v1/jobs/{job_id}/artifacts/big.bin", api.viewer)
+    assert got.status_code == 200 and got.content == big
     for missing in ("dist/other", "dist/%2e%2e/dist/x y.html", "x" * 5000):
         assert api.call("GET", f"/api/v1/jobs/{job_id}/artifacts/{missing}",
                         api.viewer).status_code == 404

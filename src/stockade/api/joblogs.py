@@ -37,6 +37,8 @@ MAX_STREAMS = 64
 STREAM_RETRY_S = 5
 MAX_ARTIFACT_PATH = 4096
 _FILE_BLOCK = 1024 * 1024
+DOWNLOAD_SLICE = 1024 * 1024  # bytes of an artifact read and sent at a time
+MAX_DOWNLOADS = 16  # artifacts sent at once by a server process
 
 
 def parse_event_id(value: str | None) -> tuple[int, int] | None:
@@ -61,11 +63,11 @@ def sse_event(data: str, event_id: str | None = None, event: str | None = None) 
 
 
 class Slots:
-    """How many of ``limit`` streams are being sent (taken and given back on the event
-    loop, so a plain count)."""
+    """How many of ``limit`` streams (of ``what``: logs, artifacts) are being sent (taken
+    and given back on the event loop, so a plain count)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.taken = limit, 0
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit, self.what, self.taken = limit, what, 0
 
     def take(self) -> bool:
         """Take one, if one is free."""
@@ -85,19 +87,20 @@ class BoundedStream(Response):
     only while it gets one of ``slots`` (503 otherwise)."""
 
     def __init__(self, parts: AsyncGenerator[bytes, None], media_type: str,
-                 slots: Slots) -> None:
+                 slots: Slots, headers: dict[str, str] | None = None) -> None:
         # not Response.__init__: that declares the length of an empty body
         self.status_code, self.media_type, self.background = 200, media_type, None
         self.init_headers({"Cache-Control": "no-store", "X-Accel-Buffering": "no",
-                           "X-Content-Type-Options": "nosniff"})
+                           "X-Content-Type-Options": "nosniff", **(headers or {})})
         self.parts, self.slots = parts, slots
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Send the events until they end, the client goes or it stops reading."""
         if not self.slots.take():
             await self.parts.aclose()
-            busy = JSONResponse({"detail": f"{self.slots.limit} logs are being sent; try "
-                                 "again"}, 503, headers={"Retry-After": str(STREAM_RETRY_S)})
+            busy = JSONResponse({"detail": f"{self.slots.limit} {self.slots.what} are being "
+                                 "sent; try again"}, 503,
+                                headers={"Retry-After": str(STREAM_RETRY_S)})
             await busy(scope, receive, send)
             return
         try:
@@ -143,7 +146,7 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
     """Add the log and artifact routes to ``app``."""
     control, store, settings = ctx.control, ctx.control.store, ctx.settings
     JobId = Path(pattern=JOB_PATTERN)
-    slots = Slots(MAX_STREAMS)
+    slots, downloads = Slots(MAX_STREAMS, "logs"), Slots(MAX_DOWNLOADS, "artifacts")
 
     def job_or_404(job_id: str) -> JobRow:
         job = control.job(job_id)
@@ -221,11 +224,21 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
             raise HTTPException(404, "no such artifact")
         job_or_404(job_id)
         found = next((a for a in store.job_artifacts(job_id) if a.path == path), None)
-        data = store.get_blob(found.sha256) if found is not None else None
-        if found is None or data is None:
+        size = store.has_blob(found.sha256) if found is not None else None
+        if found is None or size is None:
             raise HTTPException(404, "no such artifact (or it is not stored on the server)")
         name = urllib.parse.quote(path.rsplit("/", 1)[-1], safe="")
-        return Response(data, media_type="application/octet-stream", headers={
+        return BoundedStream(_in_threads(_slices(found.sha256, size)),
+                             "application/octet-stream", downloads, headers={
+            "Content-Length": str(size),
             "Content-Disposition": f"attachment; filename*=UTF-8''{name}",
-            "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox",
-            "X-Stockade-Sha256": found.sha256})
+            "Content-Security-Policy": "sandbox", "X-Stockade-Sha256": found.sha256})
+
+    def _slices(sha256: str, size: int) -> Iterator[bytes]:
+        """The blob a slice at a time, each read when the client took the one before (a
+        whole artifact in memory per download let slow readers hold gigabytes)."""
+        for offset in range(0, size, DOWNLOAD_SLICE):
+            part = store.read_blob(sha256, offset, DOWNLOAD_SLICE)
+            if not part:  # gone meanwhile (pruned): the client sees the body end short
+                raise RuntimeError(f"blob {sha256} went away during a download")
+            yield part

@@ -516,6 +516,13 @@ class FleetQueries:
         rows = self._read("SELECT data FROM blobs WHERE sha256 = ?", (sha256,))
         return bytes(rows[0][0]) if rows else None
 
+    def read_blob(self, sha256: str, offset: int, size: int) -> bytes | None:
+        """Up to ``size`` bytes of a blob from ``offset`` (``substring``: on PostgreSQL it
+        fetches only the slice's chunks of a blob stored out of line, migration 0012)."""
+        rows = self._read("SELECT substr(data, ?, ?) FROM blobs WHERE sha256 = ?",
+                          (offset + 1, size, sha256))
+        return bytes(rows[0][0]) if rows else None
+
     def has_blob(self, sha256: str) -> int | None:
         """A blob's size, None if there is none."""
         rows = self._read("SELECT size FROM blobs WHERE sha256 = ?", (sha256,))

@@ -323,6 +323,11 @@ class Store(Protocol):
         """A blob's size, if there is one."""
         ...
 
+    def read_blob(self, sha256: str, offset: int, size: int) -> bytes | None:
+        """Up to ``size`` bytes of a blob from ``offset`` (a download, a slice at a time);
+        None if there is no such blob."""
+        ...
+
     def put_upload(self, job_id: str, attempt: int, runner_id: str, sha256: str,
                    data: bytes, now: float) -> bool:
         """Keep an attempt's upload (False if the attempt no longer holds the job)."""

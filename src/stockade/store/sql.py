@@ -43,7 +43,7 @@ from stockade.store.interface import (
     TokenRow,
 )
 
-HEAD_REVISION = "0011"  # tests check this equals the newest Alembic migration
+HEAD_REVISION = "0012"  # tests check this equals the newest Alembic migration
 _JOB_COLUMNS = ", ".join(JobRow._fields)
 _SECRET_COLUMNS = ", ".join(SecretRow._fields)
 _LEASE_COLUMNS = ", ".join(LeaseRow._fields)

@@ -197,6 +197,21 @@ class SqliteStore(SqlStore, FleetQueries):
             except sqlite3.Error as e:
                 raise self._error(e) from e
 
+    def read_blob(self, sha256: str, offset: int, size: int) -> bytes | None:
+        """A slice of a blob by SQLite's incremental blob I/O (``substr`` of a blob reads
+        all of it, for each slice)."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT rowid FROM blobs WHERE sha256 = ?",
+                                       (sha256,)).fetchone()
+                if row is None:
+                    return None
+                with self._db.blobopen("blobs", "data", row[0], readonly=True) as blob:
+                    blob.seek(min(offset, len(blob)))
+                    return blob.read(size)
+            except sqlite3.Error as e:
+                raise self._error(e) from e
+
     def audit_snapshot(self) -> AuditSnapshot:
         """The whole trail and both heads, read so that they agree unless someone tampered:
         the file first (it is written after each commit, so it can only be behind what is read

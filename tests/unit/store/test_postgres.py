@@ -472,3 +472,12 @@ def test_pooled_connections_give_up_on_a_vanished_host_within_seconds(database_u
     sep = "&" if "?" in database_url else "?"
     assert options(f"{database_url}{sep}keepalives_idle=300&tcp_user_timeout=60000") == \
         (1, 300, 5, 4, 60000)
+
+
+def test_blobs_are_stored_out_of_line_uncompressed(database_url: str) -> None:
+    """Migration 0012: a download's slice (``substring``) fetches only its chunks; of a
+    compressed value PostgreSQL decompresses all that comes before the slice, each time."""
+    store = PostgresStore(database_url)
+    assert store._fetch("SELECT attstorage FROM pg_attribute WHERE attrelid = "
+                        "'blobs'::regclass AND attname = 'data'") == [("e",)]
+    store.close()
