@@ -432,3 +432,41 @@ def test_the_audit_trail_on_postgresql_verifies_against_its_head_row(
     assert verified.returncode == 0 and "audit trail intact: 1 events" in verified.stdout
     anchored = run_cli(home, "audit", "anchor", **pg_env)
     assert anchored.returncode == 2 and "head row is the anchor" in anchored.stderr
+
+
+def test_a_workspace_the_job_may_not_have_fails_the_job_not_the_runner(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """An archive bigger than the spec's resources.workspace (the server takes it up to its
+    own limit) is refused by the runner: the job fails at once as policy_denied, saying why
+    (it was left to its lease: requeued, then failed runner_lost minutes later)."""
+    import hashlib
+    import io
+    import urllib.request
+
+    from stockade.sandbox.archive import pack
+    from stockade.sandbox.interface import WorkspaceSource
+
+    tree = tmp_path / "big"
+    tree.mkdir()
+    (tree / "noise").write_bytes(os.urandom(2 << 20))
+    out = io.BytesIO()
+    pack(WorkspaceSource(tree, ()), out, 8 << 20)
+    data = out.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    request = urllib.request.Request(f"{fleet.server.url}/api/v1/workspaces", data=data,
+                                     method="POST", headers={
+                                         "Authorization": f"Bearer {fleet.token}",
+                                         "X-Stockade-Sha256": digest})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 201
+    fleet.agent("unpacker")
+    status, job = fleet.server.call("POST", "/api/v1/jobs", fleet.token, {
+        "spec": "name: small\nresources: {workspace: 1Mi}\nsteps:\n  - {name: a, run: 'true'}\n",
+        "workspace_sha256": digest})
+    assert status == 201, job
+    result = wait_for("the job to end", lambda: (r := job_status(
+        fleet.server, fleet.token, job["job_id"]))["status"] not in ("queued", "running") and r,
+        timeout=60)
+    assert (result["status"], result["failure_reason"]) == ("failed", "policy_denied"), result
+    assert "the workspace archive was refused" in result["error"]
+    assert [a["outcome"] for a in fleet.attempts(job["job_id"])] == ["failed"]

@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stockade.api.protocol import Assignment, Completion
+from stockade.api.protocol import Assignment, Completion, FailureReason
 from stockade.errors import InfrastructureError, StockadeError, UsageError
 from stockade.runner.attempt import Attempt
 from stockade.runner.logs import JobLog
 from stockade.runner.remote import Refused, RemoteControl, Session, Unreachable
+from stockade.sandbox.archive import ArchiveRefused
 
 if TYPE_CHECKING:
     from stockade.config import Settings
@@ -245,8 +246,13 @@ class Agent:
         scratch = settings.home / "workspaces" / a.job_id
         following = None
         try:
-            workspace = self._workspace(a, scratch, attempt)
-            completion = attempt.run(workspace)
+            try:
+                workspace = self._workspace(a, scratch, attempt)
+            except ArchiveRefused as e:  # the job's input, not this runner: the job fails
+                completion = attempt.refused(FailureReason.POLICY_DENIED,
+                                             f"the workspace archive was refused: {e.message}")
+            else:
+                completion = attempt.run(workspace)
             shipper.finish()
             completion = self._upload_artifacts(a, completion)
             _, following = self.control.complete_and_claim(
@@ -267,8 +273,9 @@ class Agent:
 
     def _workspace(self, a: Assignment, scratch: Path, attempt: Attempt
                    ) -> WorkspaceSource | None:
-        """The job's workspace archive, downloaded, checked and unpacked (None: empty)."""
-        from stockade.sandbox.archive import ArchiveLimits, ArchiveRefused, unpack
+        """The job's workspace archive, downloaded, checked and unpacked (None: empty;
+        ArchiveRefused if it is not one this job may have)."""
+        from stockade.sandbox.archive import ArchiveLimits, unpack
         from stockade.sandbox.interface import WorkspaceSource
 
         digest = a.workspace_sha256
@@ -285,8 +292,6 @@ class Agent:
             archive.write_bytes(data)
             unpack(archive, scratch / "tree", ArchiveLimits.for_workspace(
                 attempt.spec.resources.workspace), digest)
-        except ArchiveRefused as e:
-            raise InfrastructureError(f"the workspace archive was refused: {e.message}") from e
         finally:
             with contextlib.suppress(OSError):
                 archive.unlink()

@@ -139,6 +139,12 @@ class Attempt:
                 raise
         return self._finish()
 
+    def refused(self, reason: FailureReason, note: str) -> Completion:
+        """The attempt's end when the job's own input is refused before anything runs (a
+        workspace archive the runner will not unpack): failed with ``reason``, saying why."""
+        self._fail(JobStatus.FAILED, reason, note, note)
+        return self._finish()
+
     def _stopped(self, status: str) -> str | None:
         """The step that was running when the job was stopped, recorded with ``status``."""
         if self._running is None:
