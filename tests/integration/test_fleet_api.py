@@ -258,6 +258,31 @@ def test_a_follower_that_stops_reading_does_not_stop_the_server(api: Api) -> Non
     runner.close()
 
 
+def test_one_token_holds_a_quarter_of_a_server_s_log_streams(api: Api) -> None:
+    """16 followers of one token: the 17th gets 503 (one viewer held all 64 a server sends);
+    another token still follows."""
+    import contextlib
+
+    runner = api.runner("followed")
+    job_id, a = _run_job(api, runner, [], finish=False)
+    path = f"/api/v1/jobs/{job_id}/log/stream"
+    with contextlib.ExitStack() as stack:
+        for _ in range(16):
+            client = stack.enter_context(httpx.Client(base_url=api.url, timeout=30))
+            held = stack.enter_context(client.stream(
+                "GET", path, headers={"Authorization": f"Bearer {api.viewer}"}))
+            assert held.status_code == 200
+        refused = api.call("GET", path, api.viewer)
+        assert refused.status_code == 503 and "this token has 16 logs" in refused.text
+        assert refused.headers["retry-after"]
+        other = admin_token(api.home, "viewer")
+        with httpx.Client(base_url=api.url, timeout=30) as client, client.stream(
+                "GET", path, headers={"Authorization": f"Bearer {other}"}) as followed:
+            assert followed.status_code == 200
+    assert runner.complete(a) == 200
+    runner.close()
+
+
 def test_artifacts_are_listed_and_downloaded_as_attachments(api: Api) -> None:
     runner = api.runner("artist")
     job_id, a = _run_job(api, runner, [b"x\n"], finish=False)

@@ -525,10 +525,12 @@ def _trickling_body(port: int, source: str, head: bytes) -> tuple[socket.socket,
 
 def test_slow_bodies_neither_block_uploads_nor_last(fleet: Fleet, tmp_path: Path) -> None:
     """Four unauthenticated enrolments whose bodies trickle take no upload's turn (and end
-    after 5 s); four trickled uploads take all four turns for 30 s at most (then 408), and
-    meanwhile another
-    upload gets 503 with Retry-After after waiting 10 s for a turn."""
+    after 5 s); four trickled uploads, two of each of two tokens, take all four turns for 30 s
+    at most, whatever size they declare (then 408: a body keeps pace with 1 MiB/s past the
+    grace; one declaring 256 MiB held its turn 256 s), and meanwhile another upload gets 503
+    with Retry-After after waiting 10 s for a turn, and a third of one token at once."""
     data = _workspace(tmp_path, 2 << 20)
+    other = admin_token(fleet.home, "submitter")
     port, stop = fleet.server.port, threading.Event()
     uploads: list[tuple[socket.socket, float]] = []
     enrols = [_trickling_body(port, "127.0.0.5", b"POST /api/v1/enrol HTTP/1.1\r\nHost: x\r\n"
@@ -544,20 +546,26 @@ def test_slow_bodies_neither_block_uploads_nor_last(fleet: Fleet, tmp_path: Path
         answer, took = _upload(fleet, data)
         assert answer.status_code == 201 and took < 5, (answer.status_code, took)
         uploads += [_trickling_body(port, "127.0.0.6", (
-            f"POST /api/v1/workspaces HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
-            f"Authorization: Bearer {fleet.submitter}\r\nX-Stockade-Sha256: {'0' * 64}\r\n"
-            "\r\n").encode() + data[:1000]) for _ in range(4)]
+            f"POST /api/v1/workspaces HTTP/1.1\r\nHost: x\r\nContent-Length: {256 << 20}\r\n"
+            f"Authorization: Bearer {token}\r\nX-Stockade-Sha256: {'0' * 64}\r\n"
+            "\r\n").encode() + data[:1000]) for token in (fleet.submitter, other) * 2]
         threads += [threading.Thread(target=_trickle, args=(s, 1.0, stop)) for s, _ in uploads]
         for t in threads[4:]:
             t.start()
         time.sleep(0.5)
         one_more, since = _trickling_body(port, "127.0.0.7", (
             f"POST /api/v1/workspaces HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
-            f"Authorization: Bearer {fleet.submitter}\r\n\r\n").encode() + data[:1000])
+            f"Authorization: Bearer {fleet.admin}\r\n\r\n").encode() + data[:1000])
         took, said = _closed_after(one_more, since, 20)
         one_more.close()
         assert b" 503 " in said and b"retry-after: 5" in said.lower(), said
         assert 9 < took < 12, took
+        third, since = _trickling_body(port, "127.0.0.7", (
+            f"POST /api/v1/workspaces HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            f"Authorization: Bearer {other}\r\n\r\n").encode() + data[:1000])
+        took, said = _closed_after(third, since, 20)
+        third.close()
+        assert b" 503 " in said and b"2 uploads under way" in said and took < 2, (took, said)
         ends = [_closed_after(s, since, 40) for s, since in uploads]
         assert all(27 < after < 34 and b" 408 " in said for after, said in ends), ends
         ends = [_closed_after(s, since, 10) for s, since in enrols]  # (no credentials)

@@ -34,11 +34,13 @@ KEEPALIVE_S = 15.0  # a comment line this often while nothing happens
 STALL_S = 60.0  # a client that takes nothing for this long is dropped
 STREAM_MAX_S = 3600.0  # then the client reconnects with Last-Event-ID
 MAX_STREAMS = 64
+STREAMS_PER_TOKEN = 16  # of them for one token
 STREAM_RETRY_S = 5
 MAX_ARTIFACT_PATH = 4096
 _FILE_BLOCK = 1024 * 1024
 DOWNLOAD_SLICE = 1024 * 1024  # bytes of an artifact read and sent at a time
-MAX_DOWNLOADS = 16  # artifacts sent at once by a server process
+MAX_DOWNLOADS = 16  # artifacts sent at once by a server process,
+DOWNLOADS_PER_TOKEN = 4  # ... this many to one token
 
 
 def parse_event_id(value: str | None) -> tuple[int, int] | None:
@@ -63,22 +65,30 @@ def sse_event(data: str, event_id: str | None = None, event: str | None = None) 
 
 
 class Slots:
-    """How many of ``limit`` streams (of ``what``: logs, artifacts) are being sent (taken
-    and given back on the event loop, so a plain count)."""
+    """How many of ``limit`` streams (of ``what``: logs, artifacts) are being sent, at most
+    ``per_caller`` of them to one token (taken and given back on the event loop, so plain
+    counts): one viewer could hold every stream of a server."""
 
-    def __init__(self, limit: int, what: str) -> None:
-        self.limit, self.what, self.taken = limit, what, 0
+    def __init__(self, limit: int, what: str, per_caller: int) -> None:
+        self.limit, self.what, self.per_caller, self.taken = limit, what, per_caller, 0
+        self._of: dict[str, int] = {}
 
-    def take(self) -> bool:
-        """Take one, if one is free."""
+    def take(self, caller: str) -> str | None:
+        """Take one for ``caller``; why not, if none is free."""
         if self.taken >= self.limit:
-            return False
+            return f"{self.limit} {self.what} are being sent; try again"
+        if self._of.get(caller, 0) >= self.per_caller:
+            return f"this token has {self.per_caller} {self.what} being sent; try again"
         self.taken += 1
-        return True
+        self._of[caller] = self._of.get(caller, 0) + 1
+        return None
 
-    def give_back(self) -> None:
-        """Give one back."""
+    def give_back(self, caller: str) -> None:
+        """Give ``caller``'s one back."""
         self.taken -= 1
+        self._of[caller] -= 1
+        if not self._of[caller]:
+            del self._of[caller]
 
 
 class BoundedStream(Response):
@@ -96,17 +106,18 @@ class BoundedStream(Response):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Send the events until they end, the client goes or it stops reading."""
-        if not self.slots.take():
+        token = (scope.get("state") or {}).get("token")
+        caller = token.id if token is not None else ""
+        if why := self.slots.take(caller):
             await self.parts.aclose()
-            busy = JSONResponse({"detail": f"{self.slots.limit} {self.slots.what} are being "
-                                 "sent; try again"}, 503,
+            busy = JSONResponse({"detail": why}, 503,
                                 headers={"Retry-After": str(STREAM_RETRY_S)})
             await busy(scope, receive, send)
             return
         try:
             await self._send_all(receive, send)
         finally:
-            self.slots.give_back()
+            self.slots.give_back(caller)
 
     async def _send_all(self, receive: Any, send: Any) -> None:
         gone = asyncio.Event()
@@ -146,7 +157,8 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
     """Add the log and artifact routes to ``app``."""
     control, store, settings = ctx.control, ctx.control.store, ctx.settings
     JobId = Path(pattern=JOB_PATTERN)
-    slots, downloads = Slots(MAX_STREAMS, "logs"), Slots(MAX_DOWNLOADS, "artifacts")
+    slots = Slots(MAX_STREAMS, "logs", STREAMS_PER_TOKEN)
+    downloads = Slots(MAX_DOWNLOADS, "artifacts", DOWNLOADS_PER_TOKEN)
 
     def job_or_404(job_id: str) -> JobRow:
         job = control.job(job_id)

@@ -52,10 +52,13 @@ from stockade.text import escape_controls
 MAX_BODY_BYTES = 512 * 1024  # a JSON body: e.g. a spec, escaped, and a few fields
 REFUSALS_PER_MINUTE = 60
 BIG_BODY_BYTES = 1024 * 1024  # bodies larger than this (workspaces, artifacts) ...
-BIG_BODIES_AT_ONCE = 4  # ... are read this many at a time per server process
+BIG_BODIES_AT_ONCE = 4  # ... are read this many at a time per server process,
+BIG_BODIES_PER_CALLER = 2  # ... this many of them for one token or runner
 BIG_BODY_WAIT_S = 10.0  # a big body waits this long for its turn, then gets 503
 BODY_GRACE_S = 30.0  # a body may take this long to arrive, ...
-BODY_BYTES_PER_S = 1024 * 1024  # ... or as long as it takes at this rate; then 408
+BODY_BYTES_PER_S = 1024 * 1024  # ... or as long as it takes at this rate, keeping pace
+# with it past the grace (a 256 MiB upload trickled at a byte a second held an upload slot
+# for 256 s); then 408
 OPEN_BODY_GRACE_S = 5.0  # an enrolment's body (no credentials: one is small) within this
 OPEN_REQUESTS = 32  # requests that need no credentials served at once (of MAX_REQUESTS)
 OPEN_PER_CLIENT = 4  # ... of one client address (an IPv6 /64)
@@ -103,6 +106,7 @@ class Gate:
         self.refusals, self.limit_for, self.store_calls = refusals, limit_for, ctx.store_calls
         self.fast = FastPath(ctx, app)  # well-formed hot requests (it passes on the others)
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
+        self._big_of: dict[str, int] = {}  # big bodies being read, of each token or runner
         self._open = 0  # requests without credentials being served
         self._open_of: dict[str, int] = {}  # ... of each client address (connections.client_key)
 
@@ -179,18 +183,32 @@ class Gate:
             grace = OPEN_BODY_GRACE_S if _enrolment(path) else BODY_GRACE_S
             await self.fast(scope, Body(receive, limit, int(declared), chunked, grace), send)
             return
-        try:  # uploads are held in memory: a few at a time
-            async with asyncio.timeout(BIG_BODY_WAIT_S):
-                await self._big.acquire()
-        except TimeoutError:
-            await JSONResponse({"detail": "the server is busy with other uploads; try again"},
-                               503, headers={"Retry-After": "5", "Connection": "close"}
+        caller = _caller_key(state)
+        if self._big_of.get(caller, 0) >= BIG_BODIES_PER_CALLER:
+            await JSONResponse({"detail": f"this caller has {BIG_BODIES_PER_CALLER} uploads "
+                                "under way; send one when another ended"}, 503,
+                               headers={"Retry-After": "5", "Connection": "close"}
                                )(scope, receive, send)
             return
-        try:
-            await self.app(scope, Body(receive, limit, int(declared), chunked), send)
+        self._big_of[caller] = self._big_of.get(caller, 0) + 1
+        try:  # uploads are held in memory: a few at a time
+            try:
+                async with asyncio.timeout(BIG_BODY_WAIT_S):
+                    await self._big.acquire()
+            except TimeoutError:
+                await JSONResponse({"detail": "the server is busy with other uploads; try "
+                                    "again"}, 503, headers={"Retry-After": "5",
+                                                            "Connection": "close"}
+                                   )(scope, receive, send)
+                return
+            try:
+                await self.app(scope, Body(receive, limit, int(declared), chunked), send)
+            finally:
+                self._big.release()
         finally:
-            self._big.release()
+            self._big_of[caller] -= 1
+            if not self._big_of[caller]:
+                del self._big_of[caller]
 
     async def _refuse(self, scope: Any, receive: Any, send: Any, status: int, why: str,
                       claimed: str | None) -> None:
@@ -280,6 +298,14 @@ class Gate:
         return 0, "", None
 
 
+def _caller_key(state: dict[str, Any]) -> str:
+    """Whose request it is, as the gate authenticated it: a token's id or a runner's."""
+    if (token := state.get("token")) is not None:
+        return f"token:{token.id}"
+    runner = state.get("runner")
+    return f"runner:{runner.runner.id}" if runner is not None else ""
+
+
 def _claimed(bearer: str) -> str | None:
     """The runner session a refused token says it is (as refusals record it)."""
     return bearer.removeprefix(SESSION_PREFIX).split("_")[0][:40] or None
@@ -293,9 +319,10 @@ def _enrolment(path: str) -> bool:
 class Body:
     """The ``receive`` an endpoint reads a request through: the body is counted against
     ``limit`` (413) and must arrive within ``grace`` (``BODY_GRACE_S`` unless given) or at
-    ``BODY_BYTES_PER_S`` of its declared or received size, whichever is longer (408; the
-    connection is closed). Once the body is complete, ``receive`` is the server's (which then
-    waits for a disconnect)."""
+    ``BODY_BYTES_PER_S`` of its declared or received size, whichever is longer, keeping pace
+    with that rate past the grace (what came by time t at least (t - grace) x the rate), else
+    408 (the connection is closed). Once the body is complete, ``receive`` is the server's
+    (which then waits for a disconnect)."""
 
     def __init__(self, receive: Any, limit: int, declared: int, chunked: bool,
                  grace: float = BODY_GRACE_S) -> None:
@@ -307,7 +334,8 @@ class Body:
         """The next message of the request."""
         if self.done:
             return await self.receive()
-        allowed = max(self.grace, max(self.declared, self.seen) / BODY_BYTES_PER_S)
+        allowed = min(max(self.grace, max(self.declared, self.seen) / BODY_BYTES_PER_S),
+                      self.grace + self.seen / BODY_BYTES_PER_S)
         try:
             async with asyncio.timeout(self.started + allowed - time.monotonic()):
                 message = await self.receive()
