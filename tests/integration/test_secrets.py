@@ -75,6 +75,10 @@ def test_values_never_come_from_argv_and_short_ones_are_refused(home: Path) -> N
                            capture_output=True, env=cli_env(home))
     assert short.returncode == 2 and "shorter than 4 characters" in short.stderr
     assert "cannot be masked" in short.stderr
+    empty = subprocess.run([STOCKADE, "secret", "set", "EMPTY"], input="", text=True,
+                           capture_output=True, env=cli_env(home))
+    assert empty.returncode == 2 and "the value of EMPTY is empty" in empty.stderr
+    assert "standard input" in empty.stderr
 
 
 def test_delivery_masking_and_file_permissions(home: Path, tmp_path: Path) -> None:

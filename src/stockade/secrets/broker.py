@@ -58,6 +58,10 @@ def check_value(name: str, value: bytes) -> None:
     if not _NAME.match(name):
         raise UsageError(f"{name!r} is not a valid secret name",
                          hint="use letters, digits and _ (it becomes an environment variable)")
+    if not value:
+        raise UsageError(f"the value of {name} is empty (nothing came on standard input?)",
+                         hint=f"pass the value on standard input: printf %s VALUE | stockade "
+                              f"secret set {name}")
     if len(value) < MIN_LENGTH:
         raise UsageError(
             f"the value of {name} is shorter than {MIN_LENGTH} characters",

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from stockade.config import Settings
     from stockade.image.cache import CachedImage, ImageCache
 
-HELP = "pull, list, inspect or prune the image cache"
+HELP = "job images: pull, list, inspect, prune, build, push, sign, verify, sbom, scan"
 PULL_S = 3600.0  # one pull, all of it
 # actions kept in modules of their own: each has add_actions(sub) and main(args), and
 # ACTIONS, the names it adds

@@ -129,7 +129,8 @@ def _upload_workspace(remote: Remote, directory: Path, excludes: tuple[str, ...]
     with tempfile.TemporaryFile(prefix="stockade-workspace-") as f:
         info = pack(source, f, limit)
         f.seek(0)
-        sys.stderr.write(f"stockade: workspace: {info.files} files ({info.bytes} bytes), "
+        files = f"{info.files} file{'' if info.files == 1 else 's'}"
+        sys.stderr.write(f"stockade: workspace: {files} ({info.bytes} bytes), "
                          f"{info.size} bytes packed\n")
         remote.upload("/api/v1/workspaces", "submitter", f, {
             "X-Stockade-Sha256": info.sha256, "Content-Length": str(info.size),
