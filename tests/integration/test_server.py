@@ -126,6 +126,9 @@ def test_a_huge_body_is_refused_unread(server: Server) -> None:
     ({"spec": "x" * (256 * 1024 + 1)}, None),
     ({"spec": SPEC, "trust": "root"}, None),
     ({"spec": SPEC, "ref": "a b"}, "is not"),
+    # (a path a relying party may tidy into another ref; a glob; git takes neither)
+    ({"spec": SPEC, "ref": "refs/heads/../../refs/tags/v1"}, "git would take"),
+    ({"spec": SPEC, "ref": "refs/heads/*"}, "git would take"),
     ("[" * 5000 + "]" * 5000, None),
 ])
 def test_bad_bodies_are_refused_and_change_nothing(server: Server, body: Any,

@@ -461,16 +461,27 @@ class ControlService:
 def check_submission(trust: str, ref: str) -> None:
     """Refuse a trust level or ref that is not one (UsageError, exit 2).
 
-    The ref ends the ID token's ``sub`` and is matched by secret scopes, so it must be plain
-    text: printable, no spaces, at most 200 characters."""
+    The ref ends the ID token's ``sub`` and is matched by secret scopes and tokens' ref
+    globs, so it must be plain text: printable, no spaces, at most 200 characters, and a name
+    git would take (``git check-ref-format``: no ``..``, ``//``, ``@{``, glob or special
+    characters, no part starting with a dot or ending in ``.lock``): a token for
+    ``refs/heads/*`` submitted ``refs/heads/../../refs/tags/v1``, which a relying party that
+    tidies paths reads as a tag."""
     if trust not in TRUST_LEVELS:
         raise UsageError(f"{trust!r} is not a trust level",
                          hint=f"use one of {', '.join(TRUST_LEVELS)}")
+    parts = ref.split("/")
     if not ref or len(ref) > MAX_REF_LENGTH or not ref.isprintable() \
-            or any(c.isspace() for c in ref):
+            or any(c.isspace() or c in _NOT_IN_REFS for c in ref) or ".." in ref \
+            or "@{" in ref or ref.endswith(".") \
+            or any(not p or p.startswith(".") or p.endswith(".lock") for p in parts):
         raise UsageError("the ref is not one: a ref is printable text without spaces, at "
-                         f"most {MAX_REF_LENGTH} characters",  # (not repeated: a request's)
+                         f"most {MAX_REF_LENGTH} characters, that git would take as a ref "
+                         "name",  # (not repeated: a request's)
                          hint="pass e.g. --ref refs/heads/main")
+
+
+_NOT_IN_REFS = frozenset("~^:?*[\\")  # (git check-ref-format)
 
 
 def claim_labels(spec: Job) -> list[str]:
