@@ -479,22 +479,24 @@ def _stream(port: int, source: str, job: str, token: str) -> tuple[socket.socket
 
 
 def test_live_log_streams_are_bounded(fleet: Fleet) -> None:
-    """64 at once per server process; the next gets 503 with Retry-After until one ends."""
+    """64 at once per server process (16 of one token: four viewers here); the next gets 503
+    with Retry-After until one ends."""
     job = httpx.post(f"{fleet.url}/api/v1/jobs", json={"spec": SPEC}, timeout=30,
                      headers={"Authorization": f"Bearer {fleet.submitter}"}).json()["job_id"]
     port, streams = fleet.server.port, []
+    viewers = [fleet.viewer, *(admin_token(fleet.home, "viewer") for _ in range(4))]
     try:
         for i in range(64):  # from four hosts: one host may hold only 64 connections
-            streams.append(_stream(port, f"127.0.0.{10 + i % 4}", job, fleet.viewer))
+            streams.append(_stream(port, f"127.0.0.{10 + i % 4}", job, viewers[i % 4]))
         assert all(b" 200 " in head for _, head in streams), [h for _, h in streams][:3]
-        extra, head = _stream(port, "127.0.0.20", job, fleet.viewer)
+        extra, head = _stream(port, "127.0.0.20", job, viewers[4])
         extra.close()
         assert b" 503 " in head and b"retry-after: 5" in head.lower(), head
         with fleet.fresh(fleet.viewer) as viewer:  # other requests are served meanwhile
             assert viewer.get(f"/api/v1/jobs/{job}").status_code == 200
-        streams.pop()[0].close()
+        streams.pop()[0].close()  # (the 64th: the fourth viewer's)
         time.sleep(0.5)  # the server notices the client went at its next look
-        again, head = _stream(port, "127.0.0.20", job, fleet.viewer)
+        again, head = _stream(port, "127.0.0.20", job, viewers[3])
         streams.append((again, head))
         assert b" 200 " in head, head
     finally:

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from stockade.api.protocol import ArtifactReport
 from stockade.runner.globs import glob_match
+from stockade.text import escape_controls
 
 RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 1, 2, 4, 8
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
@@ -204,11 +205,11 @@ def _take(run: _Run, rel: str, fd: int) -> None:
     st = os.fstat(fd)
     size = st.st_size
     try:
-        text_ok = rel.encode() and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in rel)
+        text_ok = rel.encode() and escape_controls(rel) == rel
     except UnicodeEncodeError:
         return run.refuse(rel, "the file name is not valid UTF-8")
-    if not text_ok:
-        return run.refuse(rel, "the file name contains control characters")
+    if not text_ok:  # (a bidi override showed x\u202etxt.exe as xexe.txt in a download)
+        return run.refuse(rel, "the file name contains control or bidi characters")
     if names := run.secret_names(rel):
         run.leaks.append((run.show(rel), names))
         return run.refuse(rel, f"withheld, its name contains the secret(s) {', '.join(names)}")
