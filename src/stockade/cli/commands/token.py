@@ -9,6 +9,7 @@ import time
 HELP = "create, list or revoke API tokens of stockade server"
 DESCRIPTION = """\
 stockade token create NAME --role viewer|submitter|admin [--max-trust T] [--ttl DURATION]
+                           [--refs GLOB]
 stockade token list
 stockade token revoke ID
 
@@ -24,11 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub.required = True
     create = sub.add_parser("create", help="make a token (printed once)")
     create.add_argument("name", metavar="NAME", help="what the token is for")
-    create.add_argument("--role", required=True, choices=("viewer", "submitter", "admin"))
+    create.add_argument("--role", required=True, choices=("viewer", "submitter", "admin"),
+                        help="viewer reads jobs, submitter also submits, admin also "
+                        "administers")
     create.add_argument("--max-trust", default="untrusted",
                         choices=("untrusted", "trusted", "protected"),
                         help="the highest trust of jobs it submits (default untrusted)")
-    create.add_argument("--ttl", metavar="DURATION", help="expire after, e.g. 720h or 90m")
+    create.add_argument("--ttl", metavar="DURATION",
+                        help="expire after, e.g. 720h or 90m (default: never)")
     create.add_argument("--refs", default="*", metavar="GLOB",
                         help="the refs its jobs may say they run, e.g. 'refs/pull/*' "
                         "(default '*')")
