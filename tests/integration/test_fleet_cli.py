@@ -415,3 +415,57 @@ def test_runners_are_enrolled_and_managed_from_the_cli(fleet: Fleet) -> None:
     local = run_cli(fleet.home, "runner", "enrol-token", "--ttl", "200h")
     assert local.returncode == 2 and "7 days" in local.stderr
     runner.close()
+
+
+class _BusyThenServed(http.server.BaseHTTPRequestHandler):
+    """503 with Retry-After: 1 for the first ``busy`` requests, then the answer."""
+
+    def _answer(self) -> None:
+        server = self.server
+        server.seen += 1  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        if server.seen <= server.busy:  # type: ignore[attr-defined]
+            body = b'{"detail": "this token has 16 logs being sent; try again"}'
+            self.send_response(503)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Type", "application/json")
+        elif self.command == "GET":
+            body = b"event: end\ndata: {}\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+        else:
+            body = b'{"sha256": "x"}'
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_busy_server_is_asked_again_as_it_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 503 (the server's streams or uploads taken, some by this very token: a CI system's
+    parallel jobs) is asked again after its Retry-After for up to an hour, not given up after
+    a minute's reconnects (a follower) or four tries (an upload)."""
+    import stockade.cli.remote as remote_module
+
+    monkeypatch.setattr(remote_module, "RECONNECT_FOR_S", 0.5)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BusyThenServed)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = Remote(f"http://127.0.0.1:{server.server_address[1]}", "stk_t_x")
+        server.seen, server.busy = 0, 3  # type: ignore[attr-defined]
+        assert [e.kind for e in remote.events("/api/v1/jobs/j/log/stream", "viewer")] == ["end"]
+        server.seen, server.busy = 0, 6  # type: ignore[attr-defined]
+        started = time.monotonic()
+        assert remote.upload("/api/v1/workspaces", "submitter", b"x", {}) == {"sha256": "x"}
+        assert 5 < time.monotonic() - started < 30
+    finally:
+        server.shutdown()
+        server.server_close()

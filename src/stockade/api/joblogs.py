@@ -15,6 +15,7 @@ import asyncio
 import codecs
 import contextlib
 import json
+import logging
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Iterator
@@ -62,6 +63,10 @@ def sse_event(data: str, event_id: str | None = None, event: str | None = None) 
     # a CR would end an SSE line: escaped logs hold none, anything else gets it spelled out
     lines = data.replace("\r", "\\r").split("\n")
     return (head + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+
+
+class Truncated(Exception):
+    """What a stream sends ends before its end (an artifact pruned during its download)."""
 
 
 class Slots:
@@ -141,6 +146,9 @@ class BoundedStream(Response):
             await asyncio.wait_for(send({"type": "http.response.body", "body": b""}), STALL_S)
         except TimeoutError:
             return  # the server closes the connection of a client that stopped reading
+        except Truncated as e:  # (one line in the server's log, the connection closed)
+            logging.getLogger("stockade.server").warning("%s", e)
+            return
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -252,5 +260,5 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
         for offset in range(0, size, DOWNLOAD_SLICE):
             part = store.read_blob(sha256, offset, DOWNLOAD_SLICE)
             if not part:  # gone meanwhile (pruned): the client sees the body end short
-                raise RuntimeError(f"blob {sha256} went away during a download")
+                raise Truncated(f"artifact {sha256} went away during its download")
             yield part

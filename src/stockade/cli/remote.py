@@ -35,6 +35,8 @@ TIMEOUT_S = 30.0
 UPLOAD_TIMEOUT_S = 600.0
 STREAM_READ_S = 60.0  # the server sends a keep-alive line every 15 s
 RECONNECT_FOR_S = 60.0  # a follower keeps reconnecting this long (a replica restarts)
+BUSY_FOR_S = 3600.0  # ... and asking this long while the server is busy (503: its streams or
+# uploads are taken, some by this very token: a CI system's parallel jobs)
 MAX_LINE_BYTES = 8 * 1024 * 1024  # an event stream's line (a log chunk is at most 1 MiB)
 TOKEN_HINT = "an admin makes one on the server with: stockade token create NAME --role ROLE"
 
@@ -161,15 +163,18 @@ class Remote:
         with self.request(method, path, role, json=body, params=params,
                           missing=missing) as response:
             response.read()
-            if not response.content:
-                return None
-            try:
-                return response.json()
-            except ValueError as e:  # (not UTF-8 either)
-                raise InfrastructureError(
-                    f"{self.url} answered {method} {path} with something that is not JSON "
-                    f"({shown(response.headers.get('content-type', 'no content type'), 60)})",
-                    hint="is STOCKADE_SERVER (or --server) the URL of a stockade server?") from e
+            return self._parsed(response, method, path) if response.content else None
+
+    def _parsed(self, response: httpx.Response, method: str, path: str) -> Any:
+        """The JSON of a successful answer (InfrastructureError if it is none: another web
+        server than stockade's answered)."""
+        try:
+            return response.json()
+        except ValueError as e:  # (not UTF-8 either)
+            raise InfrastructureError(
+                f"{self.url} answered {method} {path} with something that is not JSON "
+                f"({shown(response.headers.get('content-type', 'no content type'), 60)})",
+                hint="is STOCKADE_SERVER (or --server) the URL of a stockade server?") from e
 
     @contextmanager
     def request(self, method: str, path: str, role: str, missing: str | None = None,
@@ -246,27 +251,30 @@ class Remote:
         return check_job_arg(ids[0])
 
     def upload(self, path: str, role: str, data: Any, headers: dict[str, str]) -> Any:
-        """POST a (large) body, retrying while the server says it is busy (503)."""
-        for wait in (1.0, 2.0, 4.0, 8.0, 0.0):
+        """POST a (large) body, asking again while the server says it is busy (503: its
+        uploads are taken, perhaps by this token's other uploads) for up to ``BUSY_FOR_S``,
+        as soon as it says (``Retry-After``) or after 1, 2, 4 ... 30 s."""
+        busy_since, wait = time.monotonic(), 1.0
+        while True:
             try:
                 with self.request("POST", path, role, content=data, headers=headers,
                                   timeout=UPLOAD_TIMEOUT_S) as response:
                     response.read()
-                    return response.json()
+                    return self._parsed(response, "POST", path)
             except ServerFailed as e:
-                if e.status != 503 or not wait:
+                if e.status != 503 or time.monotonic() - busy_since > BUSY_FOR_S:
                     raise
                 if hasattr(data, "seek"):
                     data.seek(0)
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+                time.sleep(e.retry_after or wait)
+                wait = min(30.0, wait * 2)
 
     def events(self, path: str, role: str, missing: str | None = None) -> Iterator[Event]:
         """The events of a server-sent event stream, reconnecting (with ``Last-Event-ID``)
         when the connection drops, until an ``end`` event."""
         import httpx
 
-        last, failing_since = "", None
+        last, failing_since, busy_since = "", None, None
         while True:
             try:
                 headers = {"Last-Event-ID": last} if last else {}
@@ -280,12 +288,17 @@ class Remote:
                         if event.kind == "end":
                             return
             except (InfrastructureError, httpx.HTTPError) as e:
+                if isinstance(e, ServerFailed) and e.status == 503:  # busy (its streams are
+                    busy_since = busy_since or time.monotonic()  # taken): ask while it is
+                    if time.monotonic() - busy_since > BUSY_FOR_S:
+                        raise
+                    time.sleep(max(1.0, e.retry_after))
+                    continue
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > RECONNECT_FOR_S:
                     if isinstance(e, InfrastructureError):
                         raise
                     raise self._unreachable(e) from e
-                time.sleep(getattr(e, "retry_after", 0.0))  # e.g. busy with other streams
             else:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > RECONNECT_FOR_S:

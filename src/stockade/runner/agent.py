@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import shutil
 import signal
 import sys
@@ -285,6 +286,9 @@ class Agent:
             data = self.control.workspace(a.job_id, a.attempt)
         except (Refused, Unreachable) as e:
             raise InfrastructureError(f"the workspace archive could not be fetched: {e}") from e
+        if hashlib.sha256(data).hexdigest() != digest:  # (the server's fault, not the job's)
+            raise InfrastructureError("the workspace archive the server sent does not match "
+                                      "its sha256")
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(mode=0o700, parents=True)
         archive = scratch.with_suffix(".tar")

@@ -205,7 +205,7 @@ def _take(run: _Run, rel: str, fd: int) -> None:
     st = os.fstat(fd)
     size = st.st_size
     try:
-        text_ok = rel.encode() and escape_controls(rel) == rel
+        text_ok = rel.encode() and escape_controls(rel) == rel and "\t" not in rel
     except UnicodeEncodeError:
         return run.refuse(rel, "the file name is not valid UTF-8")
     if not text_ok:  # (a bidi override showed x\u202etxt.exe as xexe.txt in a download)

@@ -63,7 +63,7 @@ class Runner:
     def _watch(self, job_id: str, attempt: Attempt, over: threading.Event) -> None:
         """Stop the attempt once a cancel of its job is requested (until ``over``)."""
         assert self.canceled is not None
-        while not over.wait(self.settings.runner_heartbeat_s):
+        while not over.wait(max(0.2, self.settings.runner_heartbeat_s)):
             try:
                 asked = self.canceled(job_id)
             except StockadeError:  # the state could not be read now: look again later

@@ -107,6 +107,7 @@ def test_names_with_controls_or_secrets_are_refused(tmp_path: Path) -> None:
     ws.mkdir()
     (ws / "a\n12:00:00 ==> step deploy succeeded").write_bytes(b"x")
     (ws / "bidi\u202etxt.exe").write_bytes(b"x")  # shown as "bidiexe.txt"
+    (ws / "tab\tname.txt").write_bytes(b"x")
     (ws / "token-s3cr3tvalue.txt").write_bytes(b"x")
     (ws / "ok.txt").write_bytes(b"x")
     got = collect(ws, ("*",), tmp_path / "d", Caps(1 << 20, 1 << 20),
@@ -115,7 +116,7 @@ def test_names_with_controls_or_secrets_are_refused(tmp_path: Path) -> None:
     assert [a.path for a in got.stored] == ["ok.txt"]
     text = "\n".join(got.refused)
     assert "s3cr3tvalue" not in text and "control or bidi characters" in text
-    assert "\n12:00" not in text and len(got.refused) == 3
+    assert "\n12:00" not in text and len(got.refused) == 4
     assert got.leaks == [("token-***.txt", ["TOKEN"])]
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["ok.txt"]
 
