@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import STOCKADE, cli_env, run_cli
@@ -150,6 +151,10 @@ def test_the_token_is_checked_before_the_body_is_read(server: Server) -> None:
     assert server.call("GET", "/api/v1/jobs/", None)[0] == 401
     viewer = token(server.home, "slash", "--role", "viewer")
     assert server.call("GET", "/api/v1/jobs/", viewer)[0] == 404  # no redirect to any Host
+    for scheme in ("bearer", "BEARER", "Bearer"):  # (a scheme's name is case-insensitive)
+        answer = httpx.get(server.url + "/api/v1/jobs", timeout=30,
+                           headers={"Authorization": f"{scheme} {viewer}"})
+        assert answer.status_code == 200, (scheme, answer.text)
 
 
 def test_a_token_speaks_only_for_its_refs(server: Server) -> None:

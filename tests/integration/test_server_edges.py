@@ -619,3 +619,23 @@ def test_event_stream_lines_end_at_crlf_lf_or_cr_only() -> None:
 
     chunks = [b"a\r", b"", b"\nb\rc\n", b"d\xe2\x80", b"\xa8e\x85\x0b\n\n", b"tail"]
     assert list(_lines(chunks)) == ["a", "b", "c", "d\u2028e\ufffd\x0b", ""]
+
+
+def test_an_upload_dropped_midway_leaves_no_traceback(fleet: Fleet, tmp_path: Path) -> None:
+    """A client that closes its connection during an upload's body: nothing in the server's
+    log (a 64-line traceback each time, which any submitter could repeat)."""
+    data = _workspace(tmp_path, 2 << 20)
+    for _ in range(3):
+        sock = _connect(fleet.server.port, "127.0.0.12", (
+            f"POST /api/v1/workspaces HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            f"Authorization: Bearer {fleet.submitter}\r\nX-Stockade-Sha256: {'0' * 64}\r\n"
+            "\r\n").encode() + data[:len(data) // 2])
+        time.sleep(0.3)
+        sock.close()
+    time.sleep(0.5)
+    answer, _ = _upload(fleet, data)  # and the server goes on
+    assert answer.status_code == 201
+    fleet.server.stop()
+    assert fleet.server.proc.stderr is not None
+    log = fleet.server.proc.stderr.read()
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log[-3000:]

@@ -27,10 +27,11 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from stockade.api import auth
 from stockade.api.common import (
@@ -159,7 +160,8 @@ class Gate:
     async def _checked(self, scope: Any, receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers") or ())
         bearer = headers.get(b"authorization", b"").decode("latin-1")
-        bearer = bearer[7:].strip() if bearer.startswith("Bearer ") else ""
+        # (the scheme's name is case-insensitive: RFC 9110, 11.1)
+        bearer = bearer[7:].strip() if bearer[:7].lower() == "bearer " else ""
         path = scope["path"]
         state: dict[str, Any] = {}
         if path.startswith("/api/v1/runner/"):
@@ -384,6 +386,12 @@ def create_app(settings: Settings, control: ControlService, fleet: FleetService)
             names.update(field_names(app))
         problems = [problem(e, names) for e in exc.errors()[:10]]
         return JSONResponse({"detail": problems}, 422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect) -> Response:
+        """A client that went during its body (an upload it dropped): nothing to answer,
+        and nothing for the server's log (a traceback each time, which clients could fill)."""
+        return Response(status_code=400)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
