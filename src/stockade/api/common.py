@@ -10,7 +10,7 @@ import contextlib
 import functools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 from fastapi import Depends, HTTPException, Request
@@ -78,6 +78,33 @@ T = TypeVar("T")
 
 
 MAX_BATCH = 32  # store calls at most in one transaction
+
+
+class Slots:
+    """At most ``limit`` of something (of ``what``: requests, logs, uploads) at once,
+    ``per_key`` of them for one key (a client address, a token): taken and given back on the
+    event loop, so plain counts."""
+
+    def __init__(self, limit: int, per_key: int, what: str = "") -> None:
+        self.limit, self.per_key, self.what, self.taken = limit, per_key, what, 0
+        self._of: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def held(self, key: str) -> Iterator[str | None]:
+        """One for ``key`` while the block runs, if one is free: None; else which limit is
+        met, ``"all"`` or ``"key"``."""
+        if self.taken >= self.limit or self._of.get(key, 0) >= self.per_key:
+            yield "all" if self.taken >= self.limit else "key"
+            return
+        self.taken += 1
+        self._of[key] = self._of.get(key, 0) + 1
+        try:
+            yield None
+        finally:
+            self.taken -= 1
+            self._of[key] -= 1
+            if not self._of[key]:
+                del self._of[key]
 
 
 class StoreCalls:

@@ -25,9 +25,10 @@ from fastapi import FastAPI, Header, HTTPException, Path
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from stockade.api.common import ApiContext
+from stockade.api.common import ApiContext, Slots
 from stockade.api.jobs import FINISHED, JOB_PATTERN
 from stockade.store.interface import JobRow
+from stockade.text import digits
 
 PAGE = 4  # chunks read at once (each at most 1 MiB)
 POLL_S = 0.2
@@ -51,8 +52,7 @@ def parse_event_id(value: str | None) -> tuple[int, int] | None:
     if not value:
         return (0, -1)
     attempt, sep, seq = value.partition(".")
-    if not sep or not all(0 < len(x) <= 9 and x.isascii() and x.isdigit()
-                          for x in (attempt, seq)):
+    if not sep or not all(len(x) <= 9 and digits(x) for x in (attempt, seq)):
         return None
     return int(attempt), int(seq)
 
@@ -69,37 +69,11 @@ class Truncated(Exception):
     """What a stream sends ends before its end (an artifact pruned during its download)."""
 
 
-class Slots:
-    """How many of ``limit`` streams (of ``what``: logs, artifacts) are being sent, at most
-    ``per_caller`` of them to one token (taken and given back on the event loop, so plain
-    counts): one viewer could hold every stream of a server."""
-
-    def __init__(self, limit: int, what: str, per_caller: int) -> None:
-        self.limit, self.what, self.per_caller, self.taken = limit, what, per_caller, 0
-        self._of: dict[str, int] = {}
-
-    def take(self, caller: str) -> str | None:
-        """Take one for ``caller``; why not, if none is free."""
-        if self.taken >= self.limit:
-            return f"{self.limit} {self.what} are being sent; try again"
-        if self._of.get(caller, 0) >= self.per_caller:
-            return f"this token has {self.per_caller} {self.what} being sent; try again"
-        self.taken += 1
-        self._of[caller] = self._of.get(caller, 0) + 1
-        return None
-
-    def give_back(self, caller: str) -> None:
-        """Give ``caller``'s one back."""
-        self.taken -= 1
-        self._of[caller] -= 1
-        if not self._of[caller]:
-            del self._of[caller]
-
-
 class BoundedStream(Response):
     """A streamed response whose every write must be taken by the client within
     :data:`STALL_S`; a stalled or gone client ends it (the connection is closed). It is sent
-    only while it gets one of ``slots`` (503 otherwise)."""
+    only while it gets one of ``slots`` (503 otherwise; a token at most ``slots.per_key``
+    of them: one viewer could hold every stream of a server)."""
 
     def __init__(self, parts: AsyncGenerator[bytes, None], media_type: str,
                  slots: Slots, headers: dict[str, str] | None = None) -> None:
@@ -112,17 +86,17 @@ class BoundedStream(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Send the events until they end, the client goes or it stops reading."""
         token = (scope.get("state") or {}).get("token")
-        caller = token.id if token is not None else ""
-        if why := self.slots.take(caller):
-            await self.parts.aclose()
-            busy = JSONResponse({"detail": why}, 503,
-                                headers={"Retry-After": str(STREAM_RETRY_S)})
-            await busy(scope, receive, send)
-            return
-        try:
+        slots = self.slots
+        with slots.held(token.id if token is not None else "") as full:
+            if full:
+                await self.parts.aclose()
+                why = f"{slots.limit} {slots.what} are being sent" if full == "all" else \
+                    f"this token has {slots.per_key} {slots.what} being sent"
+                await JSONResponse({"detail": f"{why}; try again"}, 503,
+                                   headers={"Retry-After": str(STREAM_RETRY_S)}
+                                   )(scope, receive, send)
+                return
             await self._send_all(receive, send)
-        finally:
-            self.slots.give_back(caller)
 
     async def _send_all(self, receive: Any, send: Any) -> None:
         gone = asyncio.Event()
@@ -165,8 +139,8 @@ def add_routes(app: FastAPI, ctx: ApiContext) -> None:
     """Add the log and artifact routes to ``app``."""
     control, store, settings = ctx.control, ctx.control.store, ctx.settings
     JobId = Path(pattern=JOB_PATTERN)
-    slots = Slots(MAX_STREAMS, "logs", STREAMS_PER_TOKEN)
-    downloads = Slots(MAX_DOWNLOADS, "artifacts", DOWNLOADS_PER_TOKEN)
+    slots = Slots(MAX_STREAMS, STREAMS_PER_TOKEN, "logs")
+    downloads = Slots(MAX_DOWNLOADS, DOWNLOADS_PER_TOKEN, "artifacts")
 
     def job_or_404(job_id: str) -> JobRow:
         job = control.job(job_id)

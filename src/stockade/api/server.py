@@ -20,9 +20,10 @@ their tools are in ``api/jobs.py``.
 import asyncio
 import contextlib
 import gc
+import sys
 import time
 import typing
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -36,6 +37,7 @@ from starlette.requests import ClientDisconnect
 from stockade.api import auth
 from stockade.api.common import (
     ApiContext,
+    Slots,
     StoreCalls,
     Unauthenticated,
     Waker,
@@ -107,9 +109,10 @@ class Gate:
         self.refusals, self.limit_for, self.store_calls = refusals, limit_for, ctx.store_calls
         self.fast = FastPath(ctx, app)  # well-formed hot requests (it passes on the others)
         self._big = asyncio.Semaphore(BIG_BODIES_AT_ONCE)
-        self._big_of: dict[str, int] = {}  # big bodies being read, of each token or runner
-        self._open = 0  # requests without credentials being served
-        self._open_of: dict[str, int] = {}  # ... of each client address (connections.client_key)
+        # big bodies being read, of each token or runner (the semaphore bounds them all)
+        self._big_of = Slots(sys.maxsize, BIG_BODIES_PER_CALLER)
+        # requests without credentials being served, of each client address
+        self._open = Slots(OPEN_REQUESTS, OPEN_PER_CLIENT)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Check, then pass the request on with its body counted; at most
@@ -129,8 +132,8 @@ class Gate:
         if path in ("/healthz", "/readyz"):  # (small answers, no body: nothing to hold)
             await self.app(scope, receive, send)
             return
-        with self._open_slot(scope) as free:
-            if not free:
+        with self._open.held(client_key(scope.get("client"))) as full:
+            if full:
                 await JSONResponse({"detail": "the server is busy; try again"}, 503,
                                    headers={"Retry-After": "1", "Connection": "close"}
                                    )(scope, receive, send)
@@ -138,24 +141,6 @@ class Gate:
                 await self._checked(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
-
-    @contextlib.contextmanager
-    def _open_slot(self, scope: Any) -> Iterator[bool]:
-        """One of the ``OPEN_REQUESTS`` (``OPEN_PER_CLIENT`` per client address) served
-        without credentials, if one is free: whether it is."""
-        key = client_key(scope.get("client"))
-        if self._open >= OPEN_REQUESTS or self._open_of.get(key, 0) >= OPEN_PER_CLIENT:
-            yield False
-            return
-        self._open += 1
-        self._open_of[key] = self._open_of.get(key, 0) + 1
-        try:
-            yield True
-        finally:
-            self._open -= 1
-            self._open_of[key] -= 1
-            if not self._open_of[key]:
-                del self._open_of[key]
 
     async def _checked(self, scope: Any, receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers") or ())
@@ -185,32 +170,22 @@ class Gate:
             grace = OPEN_BODY_GRACE_S if _enrolment(path) else BODY_GRACE_S
             await self.fast(scope, Body(receive, limit, int(declared), chunked, grace), send)
             return
-        caller = _caller_key(state)
-        if self._big_of.get(caller, 0) >= BIG_BODIES_PER_CALLER:
-            await JSONResponse({"detail": f"this caller has {BIG_BODIES_PER_CALLER} uploads "
-                                "under way; send one when another ended"}, 503,
-                               headers={"Retry-After": "5", "Connection": "close"}
-                               )(scope, receive, send)
-            return
-        self._big_of[caller] = self._big_of.get(caller, 0) + 1
-        try:  # uploads are held in memory: a few at a time
-            try:
+        with self._big_of.held(_caller_key(state)) as full:
+            if full:
+                await _busy(f"this caller has {BIG_BODIES_PER_CALLER} uploads under way; send "
+                            "one when another ended", scope, receive, send)
+                return
+            try:  # uploads are held in memory: a few at a time
                 async with asyncio.timeout(BIG_BODY_WAIT_S):
                     await self._big.acquire()
             except TimeoutError:
-                await JSONResponse({"detail": "the server is busy with other uploads; try "
-                                    "again"}, 503, headers={"Retry-After": "5",
-                                                            "Connection": "close"}
-                                   )(scope, receive, send)
+                await _busy("the server is busy with other uploads; try again", scope,
+                            receive, send)
                 return
             try:
                 await self.app(scope, Body(receive, limit, int(declared), chunked), send)
             finally:
                 self._big.release()
-        finally:
-            self._big_of[caller] -= 1
-            if not self._big_of[caller]:
-                del self._big_of[caller]
 
     async def _refuse(self, scope: Any, receive: Any, send: Any, status: int, why: str,
                       claimed: str | None) -> None:
@@ -246,8 +221,8 @@ class Gate:
             if state.get(BODY_IN):  # it came with the head: no slot to hold, no wait
                 await read_into(receive, data)
             elif not body.done:  # (a claim has no body)
-                with self._open_slot(scope) as free:
-                    if not free:
+                with self._open.held(client_key(scope.get("client"))) as full:
+                    if full:
                         return False
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(OPEN_BODY_GRACE_S):
@@ -298,6 +273,13 @@ class Gate:
         except Unauthenticated as e:
             return 401, e.why, _claimed(bearer)
         return 0, "", None
+
+
+async def _busy(why: str, scope: Any, receive: Any, send: Any) -> None:
+    """503 for an upload that cannot be read now (the client asks again in 5 s)."""
+    await JSONResponse({"detail": why}, 503, headers={"Retry-After": "5",
+                                                      "Connection": "close"}
+                       )(scope, receive, send)
 
 
 def _caller_key(state: dict[str, Any]) -> str:
